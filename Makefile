@@ -1,0 +1,61 @@
+# DeepTrace build: system packages, the virtualenv, the BPF object, tests, demo.
+# Everything here runs as root on Debian 12 (the agent loads eBPF programs).
+
+PYTHON    ?= python3
+VENV      := .venv
+VPY       := $(VENV)/bin/python
+BPF_DIR   := src/deeptrace/agent/bpf
+BPF_OBJ   := $(BPF_DIR)/deeptrace.bpf.o
+VMLINUX   := build/vmlinux.h
+ARCH      := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
+
+# Build tools, libbpf, and the real servers and clients the tests trace.
+APT_PACKAGES := clang llvm libbpf1 libbpf-dev bpftool gcc libc6-dev make \
+                nginx-light redis-server redis-tools curl iproute2 procps
+
+.PHONY: all setup deps venv bpf test demo bench clean
+
+all: setup
+
+setup: deps venv bpf
+
+# apt only when something is missing, so repeated runs are fast.
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	touch $@
+
+bpf: $(BPF_OBJ)
+
+# The header is generated from the running kernel's BTF, never committed.
+$(VMLINUX):
+	mkdir -p build
+	bpftool btf dump file /sys/kernel/btf/vmlinux format c > $@.tmp && mv $@.tmp $@
+
+# -g emits BTF (needed for CO-RE relocations); llvm-strip -g then drops only the DWARF.
+$(BPF_OBJ): $(BPF_DIR)/deeptrace.bpf.c $(BPF_DIR)/deeptrace.h $(VMLINUX)
+	clang -O2 -g -Wall -Werror -target bpf -D__TARGET_ARCH_$(ARCH) -I build -c $< -o $@
+	llvm-strip -g $@
+
+test: setup
+	DEEPTRACE_REQUIRE_BPF=1 $(VPY) -m pytest -v
+
+demo: setup
+	bash scripts/demo.sh
+
+bench: setup
+	$(VPY) bench/overhead/run.py
+	$(VPY) bench/throughput/run.py
+
+clean:
+	rm -rf build $(BPF_OBJ) .pytest_cache

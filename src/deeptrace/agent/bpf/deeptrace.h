@@ -1,0 +1,97 @@
+/* The one header shared by the kernel programs and mirrored by agent/records.py.
+ * Any change here must be made in records.py too; tests/test_layout.py checks the
+ * two against the BTF of the compiled object. */
+#ifndef DEEPTRACE_H
+#define DEEPTRACE_H
+
+#define DT_MAX_CAPTURE 16384 /* largest payload head one record can carry; power of 2 */
+#define DT_MAX_IOV 16        /* iovecs gathered per message; bytes past them are not captured */
+#define DT_MAX_MMSG 8        /* messages reported per sendmmsg/recvmmsg call */
+#define DT_TASK_COMM_LEN 16
+
+enum dt_syscall {
+	DT_SYS_READ = 1,
+	DT_SYS_READV,
+	DT_SYS_RECVFROM,
+	DT_SYS_RECVMSG,
+	DT_SYS_RECVMMSG,
+	DT_SYS_WRITE,
+	DT_SYS_WRITEV,
+	DT_SYS_SENDTO,
+	DT_SYS_SENDMSG,
+	DT_SYS_SENDMMSG,
+	DT_SYS_CONNECT,
+	DT_SYS_ACCEPT,
+	DT_SYS_CLOSE,
+};
+
+enum dt_direction {
+	DT_DIR_NONE = 0, /* connection life-cycle records */
+	DT_DIR_INGRESS = 1,
+	DT_DIR_EGRESS = 2,
+};
+
+enum dt_role {
+	DT_ROLE_UNKNOWN = 0, /* connection existed before tracing began */
+	DT_ROLE_CLIENT = 1,  /* this side called connect() */
+	DT_ROLE_SERVER = 2,  /* this side accepted */
+};
+
+enum dt_flags {
+	DT_FLAG_TRUNCATED = 1,     /* captured < size */
+	DT_FLAG_PAYLOAD_FAULT = 2, /* user memory could not be read; captured bytes are zero */
+	DT_FLAG_ADDR_FROM_CALL = 4 /* peer address came from the syscall's sockaddr (unconnected UDP) */
+};
+
+/* Every counter is a per-CPU u64 in the COUNTERS map, indexed by this enum. */
+enum dt_counter {
+	DT_CNT_SUBMITTED = 0,       /* records written to the ring buffer */
+	DT_CNT_DROP_RINGBUF_FULL,   /* record lost: ring buffer had no room */
+	DT_CNT_DROP_ARGS_MAP_FULL,  /* syscall lost: INGRESS/EGRESS had no room for its enter args */
+	DT_CNT_DROP_CONN_MAP_FULL,  /* connection not tracked: CONNS had no room */
+	DT_CNT_DROP_MMSG_OVERFLOW,  /* messages of a *mmsg call past DT_MAX_MMSG */
+	DT_CNT_DROP_PIDS_MAP_FULL,  /* forked or exec'd process not traced: PIDS had no room */
+	DT_CNT_SKIP_NOT_SOCKET,     /* traced I/O on a file, pipe, ...: not reported by design */
+	DT_CNT_SKIP_NOT_INET,       /* socket that is not TCP/UDP over IPv4/IPv6 */
+	DT_CNT_TRUNCATED,           /* records whose payload was cut at the capture limit */
+	DT_CNT_PAYLOAD_FAULT,       /* records whose payload could not be read */
+	DT_CNT_MAX,
+};
+
+/* Written once by user space before the programs run (CONFIG map, key 0). */
+struct dt_config {
+	__u32 capture_bytes; /* payload head per record, 0..DT_MAX_CAPTURE */
+	__u32 trace_all;     /* 1: every process but agent_tgid */
+	__u32 agent_tgid;
+	__u32 follow_forks;  /* 1: children of traced processes are traced */
+	__u64 wakeup_bytes;  /* wake the reader once this much data is waiting */
+};
+
+/* Fixed header of every ring-buffer record; `captured` payload bytes follow it. */
+struct dt_record {
+	__u64 enter_ns; /* CLOCK_MONOTONIC (bpf_ktime_get_ns) */
+	__u64 exit_ns;
+	__u64 conn_id;  /* per-connection id, unique while the agent runs */
+	__s64 ret;      /* syscall return: true byte count, or the fd for accept, or -errno */
+	__u32 tgid;
+	__u32 tid;
+	__u32 enter_seq; /* TCP copied_seq (reads) or write_seq (writes) at enter */
+	__u32 exit_seq;  /* ... and at exit: [enter_seq, exit_seq) are this call's bytes */
+	__u32 size;      /* bytes this message carried (== ret except for *mmsg) */
+	__u32 captured;  /* payload bytes following this header */
+	__u32 fd;
+	__u16 lport;     /* host byte order */
+	__u16 rport;
+	__u8 laddr[16];  /* IPv4 in the first 4 bytes */
+	__u8 raddr[16];
+	__u8 syscall;    /* enum dt_syscall */
+	__u8 direction;  /* enum dt_direction */
+	__u8 family;     /* AF_INET 2, AF_INET6 10 */
+	__u8 l4;         /* IPPROTO_TCP 6, IPPROTO_UDP 17 */
+	__u8 role;       /* enum dt_role */
+	__u8 flags;      /* enum dt_flags */
+	__u16 msg_index; /* position in a sendmmsg/recvmmsg batch, else 0 */
+	char comm[DT_TASK_COMM_LEN];
+};
+
+#endif

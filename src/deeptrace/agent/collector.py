@@ -1,0 +1,197 @@
+"""The collector: load and attach the kernel programs, keep the traced set current,
+and turn the ring buffer into Records in batches."""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deeptrace.agent import records, selection
+from deeptrace.agent.libbpf import BpfError, BpfObject
+from deeptrace.agent.records import CONFIG, COUNTERS, MAX_CAPTURE, Record, RecordDecoder
+from deeptrace.agent.ringbuf import RingReader
+from deeptrace.agent.selection import Selection
+from deeptrace.agent.system import preflight
+from deeptrace.errors import DeepTraceError
+
+DEFAULT_OBJECT = Path(__file__).parent / "bpf" / "deeptrace.bpf.o"
+SCRATCH_VALUE_SIZE = records.HEADER_SIZE + 2 * MAX_CAPTURE
+
+_U32 = struct.Struct("<I")
+_ONE = _U32.pack(1)
+
+
+def bpf_object_path() -> Path:
+    override = os.environ.get("DEEPTRACE_BPF_OBJECT")
+    return Path(override) if override else DEFAULT_OBJECT
+
+
+@dataclass
+class CollectorConfig:
+    selection: Selection
+    capture_bytes: int = 1024
+    ring_bytes: int = 16 << 20  # power of two, >= one page
+    # Wake the reader when this much is waiting; it also polls every poll_interval_s.
+    wakeup_bytes: int = 256 << 10
+    follow_forks: bool = True
+    refresh_interval_s: float = 1.0
+    bpf_object: Path = field(default_factory=bpf_object_path)
+
+    def validate(self) -> None:
+        self.selection.validate()
+        if not 0 <= self.capture_bytes <= MAX_CAPTURE:
+            raise DeepTraceError(f"capture size must be between 0 and {MAX_CAPTURE} bytes")
+        page = os.sysconf("SC_PAGE_SIZE")
+        if self.ring_bytes < page or self.ring_bytes & (self.ring_bytes - 1):
+            raise DeepTraceError(f"ring buffer size must be a power of two of at least {page} bytes")
+
+
+class Collector:
+    """Kernel programs attached and the traced set maintained until close()."""
+
+    def __init__(self, config: CollectorConfig):
+        config.validate()
+        self.config = config
+        self._obj: BpfObject | None = None
+        self._ring: RingReader | None = None
+        self._decoder = RecordDecoder()
+        self._next_refresh = 0.0
+        self.received = 0
+        self.traced: set[int] = set()
+
+    # ---- life cycle ----
+
+    def start(self) -> Collector:
+        cfg = self.config
+        preflight()
+        path = Path(cfg.bpf_object)
+        if not path.exists():
+            raise DeepTraceError(f"BPF object {path} is not built: run `make bpf` (needs clang and bpftool)")
+        obj = BpfObject(path)
+        self._obj = obj
+        try:
+            from deeptrace.agent.libbpf import libbpf
+
+            obj.set_max_entries("RECORDS", cfg.ring_bytes)
+            obj.set_max_entries("SCRATCH", libbpf().num_possible_cpus())
+            obj.load()
+            self._maps()
+            self._write_config()
+            self._select_initial()
+            obj.attach_all()
+            self._ring = RingReader(self._records.fd, cfg.ring_bytes)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _maps(self) -> None:
+        obj = self._obj
+        self._pids = obj.map("PIDS", 4, 4)
+        self._comms = obj.map("COMMS", 16, 4)
+        self._config_map = obj.map("CONFIG", 4, CONFIG.size)
+        self._counters = obj.map("COUNTERS", 4, 8)
+        self._records = obj.map("RECORDS", 0, 0)
+
+    def _write_config(self) -> None:
+        cfg = self.config
+        value = CONFIG.pack(
+            cfg.capture_bytes,
+            int(cfg.selection.trace_all),
+            os.getpid(),
+            int(cfg.follow_forks),
+            cfg.wakeup_bytes,
+        )
+        self._config_map.update(_U32.pack(0), value)
+
+    def _select_initial(self) -> None:
+        for name in self.config.selection.comms:
+            self._comms.update(name.encode().ljust(16, b"\0"), _ONE)
+        self._sync_traced(selection.initial_tgids(self.config.selection))
+
+    def close(self) -> None:
+        if self._ring:
+            self._ring.close()
+            self._ring = None
+        if self._obj:
+            self._obj.close()
+            self._obj = None
+
+    def __enter__(self) -> Collector:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- traced set ----
+
+    def trace(self, pid: int) -> None:
+        """Trace one more process (a pid or any of its thread ids)."""
+        tgid = selection.tgid_of(pid)
+        if tgid is None:
+            raise DeepTraceError(f"no process with pid {pid}")
+        self._pids.update(_U32.pack(tgid), _ONE)
+        self.traced.add(tgid)
+
+    def untrace(self, pid: int) -> None:
+        self._pids.delete(_U32.pack(pid))
+        self.traced.discard(pid)
+
+    def kernel_traced(self) -> set[int]:
+        """The PIDS map as the kernel sees it (includes children it added on fork)."""
+        return {_U32.unpack(k)[0] for k in self._pids.keys()}
+
+    def _sync_traced(self, wanted: set[int]) -> None:
+        for tgid in wanted:
+            try:
+                self._pids.update(_U32.pack(tgid), _ONE)
+            except BpfError as e:
+                raise DeepTraceError(f"cannot trace pid {tgid}: {e}") from None
+        self.traced = set(wanted)
+
+    def refresh(self) -> None:
+        """Drop processes that exited; in --comm mode, add new name matches."""
+        if self.config.selection.trace_all:
+            return
+        current = self.kernel_traced()
+        live = {t for t in current if selection.alive(t)}
+        for tgid in current - live:
+            self._pids.delete(_U32.pack(tgid))
+        if self.config.selection.comms:
+            wanted = set(self.config.selection.comms)
+            live |= {p for p in selection.all_tgids() if p not in live and selection.comm_of(p) in wanted}
+        self._sync_traced(live)
+
+    # ---- reading ----
+
+    def poll(self, timeout_s: float = 0.05, limit: int = 1 << 30) -> list[Record]:
+        """Records waiting in the ring buffer, after waiting at most timeout_s for some."""
+        ring = self._ring
+        if ring is None:
+            raise DeepTraceError("collector is not started")
+        now = time.monotonic()
+        if now >= self._next_refresh:
+            self._next_refresh = now + self.config.refresh_interval_s
+            self.refresh()
+        if ring.pending_bytes() == 0 and timeout_s > 0:
+            ring.wait(timeout_s)
+        batch = ring.drain(self._decoder.decode, limit)
+        self.received += len(batch)
+        return batch
+
+    def counters(self) -> dict[str, int]:
+        """Kernel-side counters summed over CPUs, by name (see records.COUNTERS)."""
+        from deeptrace.agent.libbpf import libbpf
+
+        ncpu = libbpf().num_possible_cpus()
+        out = {}
+        for i, name in enumerate(COUNTERS):
+            raw = self._counters.lookup(_U32.pack(i), 8 * ncpu) or b""
+            out[name] = sum(struct.unpack(f"<{len(raw) // 8}Q", raw))
+        return out
+
+    def drops(self) -> dict[str, int]:
+        return {k: v for k, v in self.counters().items() if k.startswith("drop_")}

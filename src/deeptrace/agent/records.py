@@ -1,0 +1,221 @@
+"""The record: one socket syscall (or connection event) seen by the kernel side.
+
+`HEADER_FIELDS` mirrors `struct dt_record` in bpf/deeptrace.h, field for field;
+tests/test_layout.py checks it against the BTF of the compiled object. The other
+constants mirror that header's enums.
+"""
+
+from __future__ import annotations
+
+import base64
+import socket
+import struct
+import time
+from dataclasses import dataclass
+
+# (name, struct format) in the order of struct dt_record; little-endian, no padding
+# (the C struct has none: every field is naturally aligned).
+HEADER_FIELDS: tuple[tuple[str, str], ...] = (
+    ("enter_ns", "Q"),
+    ("exit_ns", "Q"),
+    ("conn_id", "Q"),
+    ("ret", "q"),
+    ("tgid", "I"),
+    ("tid", "I"),
+    ("enter_seq", "I"),
+    ("exit_seq", "I"),
+    ("size", "I"),
+    ("captured", "I"),
+    ("fd", "I"),
+    ("lport", "H"),
+    ("rport", "H"),
+    ("laddr", "16s"),
+    ("raddr", "16s"),
+    ("syscall", "B"),
+    ("direction", "B"),
+    ("family", "B"),
+    ("l4", "B"),
+    ("role", "B"),
+    ("flags", "B"),
+    ("msg_index", "H"),
+    ("comm", "16s"),
+)
+HEADER = struct.Struct("<" + "".join(fmt for _, fmt in HEADER_FIELDS))
+HEADER_SIZE = HEADER.size  # 120
+
+MAX_CAPTURE = 16384  # DT_MAX_CAPTURE
+MAX_IOV = 16  # DT_MAX_IOV
+MAX_MMSG = 8  # DT_MAX_MMSG
+
+# enum dt_syscall, index = value
+SYSCALLS = (
+    "?", "read", "readv", "recvfrom", "recvmsg", "recvmmsg",
+    "write", "writev", "sendto", "sendmsg", "sendmmsg",
+    "connect", "accept", "close",
+)  # fmt: skip
+DATA_SYSCALLS = SYSCALLS[1:11]
+DIRECTIONS = (None, "ingress", "egress")  # enum dt_direction
+ROLES = ("unknown", "client", "server")  # enum dt_role
+FAMILIES = {2: "ipv4", 10: "ipv6"}
+L4 = {6: "tcp", 17: "udp"}
+
+FLAG_TRUNCATED = 1
+FLAG_PAYLOAD_FAULT = 2
+FLAG_ADDR_FROM_CALL = 4
+
+# enum dt_counter, index = value. Names starting with "drop_" are data lost.
+COUNTERS = (
+    "submitted",
+    "drop_ringbuf_full",
+    "drop_args_map_full",
+    "drop_conn_map_full",
+    "drop_mmsg_overflow",
+    "drop_pids_map_full",
+    "skip_not_socket",
+    "skip_not_inet",
+    "truncated",
+    "payload_fault",
+)
+
+# struct dt_config
+CONFIG = struct.Struct("<IIIIQ")  # capture_bytes, trace_all, agent_tgid, follow_forks, wakeup_bytes
+
+
+@dataclass(slots=True)
+class Record:
+    """One socket syscall (data) or connection event (connect/accept/close)."""
+
+    tgid: int
+    tid: int
+    comm: str
+    syscall: str
+    direction: str | None  # "ingress", "egress", or None for connection events
+    family: str  # "ipv4" | "ipv6"
+    l4: str  # "tcp" | "udp"
+    laddr: str
+    lport: int
+    raddr: str
+    rport: int
+    role: str  # "client", "server" or "unknown" (connection older than the agent)
+    conn_id: int
+    fd: int
+    enter_ns: int  # wall clock, ns since the epoch
+    exit_ns: int
+    enter_seq: int  # TCP only: [enter_seq, exit_seq) are the bytes of this call
+    exit_seq: int
+    ret: int  # the syscall's return value
+    size: int  # bytes the message carried (true size, even when truncated)
+    msg_index: int  # position in a sendmmsg/recvmmsg batch
+    flags: int
+    payload: bytes  # the first `captured` bytes
+
+    @property
+    def captured(self) -> int:
+        return len(self.payload)
+
+    @property
+    def truncated(self) -> bool:
+        return bool(self.flags & FLAG_TRUNCATED)
+
+    def to_json_dict(self) -> dict:
+        return {
+            "tgid": self.tgid,
+            "tid": self.tid,
+            "comm": self.comm,
+            "syscall": self.syscall,
+            "direction": self.direction,
+            "family": self.family,
+            "l4": self.l4,
+            "laddr": self.laddr,
+            "lport": self.lport,
+            "raddr": self.raddr,
+            "rport": self.rport,
+            "role": self.role,
+            "conn_id": self.conn_id,
+            "fd": self.fd,
+            "enter_ns": self.enter_ns,
+            "exit_ns": self.exit_ns,
+            "enter_seq": self.enter_seq,
+            "exit_seq": self.exit_seq,
+            "ret": self.ret,
+            "size": self.size,
+            "captured": self.captured,
+            "truncated": self.truncated,
+            "msg_index": self.msg_index,
+            "payload_b64": base64.b64encode(self.payload).decode(),
+        }
+
+
+def monotonic_to_wall_offset() -> int:
+    """ns to add to a kernel CLOCK_MONOTONIC stamp to get wall-clock time."""
+    return time.time_ns() - time.monotonic_ns()
+
+
+class RecordDecoder:
+    """Decodes ring-buffer samples into Records.
+
+    Addresses and process names repeat across records of a connection, so their
+    text forms are cached (bounded) rather than formatted for every record.
+    """
+
+    _CACHE_LIMIT = 8192
+
+    def __init__(self, wall_offset_ns: int | None = None):
+        self.wall_offset_ns = monotonic_to_wall_offset() if wall_offset_ns is None else wall_offset_ns
+        self._addr_cache: dict[tuple[int, bytes], str] = {}
+        self._comm_cache: dict[bytes, str] = {}
+
+    def _addr(self, family: int, raw: bytes) -> str:
+        key = (family, raw)
+        text = self._addr_cache.get(key)
+        if text is None:
+            if len(self._addr_cache) >= self._CACHE_LIMIT:
+                self._addr_cache.clear()
+            if family == socket.AF_INET6:
+                text = socket.inet_ntop(socket.AF_INET6, raw)
+            else:
+                text = socket.inet_ntop(socket.AF_INET, raw[:4])
+            self._addr_cache[key] = text
+        return text
+
+    def _comm(self, raw: bytes) -> str:
+        text = self._comm_cache.get(raw)
+        if text is None:
+            if len(self._comm_cache) >= self._CACHE_LIMIT:
+                self._comm_cache.clear()
+            text = raw.split(b"\0", 1)[0].decode(errors="replace")
+            self._comm_cache[raw] = text
+        return text
+
+    def decode(self, buf, offset: int = 0) -> Record:
+        """Decode the sample that starts at `offset` of `buf` (bytes, mmap or memoryview)."""
+        (enter_ns, exit_ns, conn_id, ret, tgid, tid, enter_seq, exit_seq, size, captured, fd,
+         lport, rport, laddr, raddr, syscall, direction, family, l4, role, flags, msg_index,
+         comm) = HEADER.unpack_from(buf, offset)  # fmt: skip
+        start = offset + HEADER_SIZE
+        wall = self.wall_offset_ns
+        return Record(
+            tgid,
+            tid,
+            self._comm(comm),
+            SYSCALLS[syscall] if syscall < len(SYSCALLS) else str(syscall),
+            DIRECTIONS[direction] if direction < len(DIRECTIONS) else None,
+            FAMILIES.get(family, str(family)),
+            L4.get(l4, str(l4)),
+            self._addr(family, laddr),
+            lport,
+            self._addr(family, raddr),
+            rport,
+            ROLES[role] if role < len(ROLES) else "unknown",
+            conn_id,
+            fd,
+            enter_ns + wall,
+            exit_ns + wall,
+            enter_seq,
+            exit_seq,
+            ret,
+            size,
+            msg_index,
+            flags,
+            bytes(buf[start : start + captured]),
+        )

@@ -1,0 +1,120 @@
+"""The `deeptrace` command."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from contextlib import contextmanager
+
+import click
+
+from deeptrace import __version__
+from deeptrace.errors import DeepTraceError
+
+
+class _Stop:
+    """Set by SIGINT/SIGTERM so the read loop ends and everything is detached."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum, frame) -> None:
+        self.requested = True
+
+
+@contextmanager
+def _open_out(path: str):
+    if path == "-":
+        yield sys.stdout
+    else:
+        with open(path, "w") as f:
+            yield f
+
+
+def _fail(e: DeepTraceError) -> None:
+    click.echo(f"deeptrace: error: {e}", err=True)
+    sys.exit(2)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="deeptrace")
+def main() -> None:
+    """DeepTrace: non-intrusive distributed tracing with eBPF."""
+
+
+@main.command()
+@click.option("--pid", "pids", type=int, multiple=True, help="Trace this process, its threads and its children (repeatable).")
+@click.option("--comm", "comms", multiple=True, help="Trace processes with this name, now and later (repeatable).")
+@click.option("--all", "trace_all", is_flag=True, help="Trace every process except this agent.")
+@click.option("--duration", type=float, default=None, help="Stop after this many seconds (default: until Ctrl-C).")
+@click.option("--out", "out_path", default="-", show_default=True, help="File for JSON lines, or - for stdout.")
+@click.option("--capture", "capture_bytes", type=int, default=1024, show_default=True,
+              help="Payload bytes kept per record (0-16384).")
+@click.option("--ring-size", "ring_bytes", type=int, default=16 << 20, show_default=True,
+              help="Ring buffer bytes (power of two).")
+@click.option("--no-follow-forks", is_flag=True, help="Do not trace children forked after start.")
+def record(pids, comms, trace_all, duration, out_path, capture_bytes, ring_bytes, no_follow_forks) -> None:
+    """Write one JSON object per socket syscall of the traced processes."""
+    from deeptrace.agent.collector import Collector, CollectorConfig
+    from deeptrace.agent.selection import Selection
+
+    stop = _Stop()
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        config = CollectorConfig(
+            selection=Selection(list(pids), list(comms), trace_all),
+            capture_bytes=capture_bytes,
+            ring_bytes=ring_bytes,
+            follow_forks=not no_follow_forks,
+        )
+        with Collector(config) as collector, _open_out(out_path) as out:
+            click.echo(f"deeptrace: tracing {_describe(config.selection, collector)}; Ctrl-C to stop", err=True)
+            deadline = time.monotonic() + duration if duration is not None else None
+            while not stop.requested and (deadline is None or time.monotonic() < deadline):
+                batch = collector.poll(timeout_s=0.1)
+                for rec in batch:
+                    out.write(json.dumps(rec.to_json_dict()) + "\n")
+                if batch:
+                    out.flush()
+            for rec in collector.poll(timeout_s=0):  # what arrived before the programs were detached
+                out.write(json.dumps(rec.to_json_dict()) + "\n")
+            out.flush()
+            _summary(collector)
+    except DeepTraceError as e:
+        _fail(e)
+    except BrokenPipeError:
+        sys.stderr.close()  # reader went away (e.g. `| head`): not an error
+
+
+def _describe(sel, collector) -> str:
+    if sel.trace_all:
+        return "all processes"
+    parts = []
+    if sel.pids:
+        parts.append("pid " + ",".join(map(str, sel.pids)))
+    if sel.comms:
+        parts.append("name " + ",".join(sel.comms))
+    return " and ".join(parts) + f" ({len(collector.traced)} processes now)"
+
+
+def _summary(collector) -> None:
+    counters = collector.counters()
+    drops = {k[5:]: v for k, v in counters.items() if k.startswith("drop_") and v}
+    skipped = {k[5:]: v for k, v in counters.items() if k.startswith("skip_") and v}
+    line = (
+        f"deeptrace: {collector.received} records "
+        f"(kernel submitted {counters['submitted']}, truncated {counters['truncated']}); "
+        f"drops: {sum(drops.values())}"
+    )
+    if drops:
+        line += " (" + ", ".join(f"{k} {v}" for k, v in drops.items()) + ")"
+    if skipped:
+        line += "; not reported: " + ", ".join(f"{k} {v}" for k, v in skipped.items())
+    click.echo(line, err=True)
+
+
+if __name__ == "__main__":
+    main()
