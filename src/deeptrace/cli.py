@@ -64,8 +64,11 @@ def record(pids, comms, trace_all, duration, out_path, capture_bytes, ring_bytes
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     try:
+        sel = Selection(list(pids), list(comms), trace_all)
+        if sel.empty:
+            raise DeepTraceError("say which processes to trace: --pid PID, --comm NAME or --all")
         config = CollectorConfig(
-            selection=Selection(list(pids), list(comms), trace_all),
+            selection=sel,
             capture_bytes=capture_bytes,
             ring_bytes=ring_bytes,
             follow_forks=not no_follow_forks,

@@ -24,11 +24,14 @@ class Selection:
     comms: list[str] = field(default_factory=list)
     trace_all: bool = False
 
+    @property
+    def empty(self) -> bool:
+        """Nothing selected yet: library users add processes with Collector.trace()."""
+        return not (self.trace_all or self.pids or self.comms)
+
     def validate(self) -> None:
         if self.trace_all and (self.pids or self.comms):
             raise DeepTraceError("--all traces every process; do not combine it with --pid or --comm")
-        if not (self.trace_all or self.pids or self.comms):
-            raise DeepTraceError("say which processes to trace: --pid PID, --comm NAME or --all")
         for name in self.comms:
             if len(name.encode()) > COMM_LEN:
                 raise DeepTraceError(
