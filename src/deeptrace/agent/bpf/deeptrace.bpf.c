@@ -352,11 +352,13 @@ __noinline int copy_iovecs(__u64 uiov, __u64 iovcnt, __u64 total, __u64 cap)
 	return off;
 }
 
-static __always_inline void set_seq(struct dt_record *rec, __u32 enter_seq, __u32 size)
+/* The call's TCP byte range: from the stashed enter value to the socket's value
+ * now. Read, not computed, so a MSG_PEEK shows as an empty range. */
+static __always_inline void set_seq(struct dt_record *rec, struct args *a)
 {
 	if (rec->l4 == IPPROTO_TCP) {
-		rec->enter_seq = enter_seq;
-		rec->exit_seq = enter_seq + size;
+		rec->enter_seq = a->enter_seq;
+		rec->exit_seq = tcp_seq((struct sock *)a->sk, IPPROTO_TCP, rec->direction);
 	}
 }
 
@@ -417,7 +419,7 @@ static __always_inline int exit_flat(void *map, __u8 direction, long ret)
 		return 0;
 	s->rec.ret = ret;
 	s->rec.size = ret;
-	set_seq(&s->rec, a.enter_seq, ret);
+	set_seq(&s->rec, &a);
 	if (a.addr && s->rec.rport == 0)
 		peer_from_sockaddr(&s->rec, a.addr);
 	__u32 cap = capture_limit();
@@ -438,7 +440,7 @@ static __always_inline int exit_vec(void *map, __u8 direction, long ret)
 		return 0;
 	s->rec.ret = ret;
 	s->rec.size = ret;
-	set_seq(&s->rec, a.enter_seq, ret);
+	set_seq(&s->rec, &a);
 	submit(s, copy_iovecs(a.buf, a.count, ret, capture_limit()));
 	return 0;
 }
@@ -471,7 +473,7 @@ static __always_inline int exit_msg(void *map, __u8 direction, long ret)
 	if (!s)
 		return 0;
 	s->rec.ret = ret;
-	set_seq(&s->rec, a.enter_seq, ret);
+	set_seq(&s->rec, &a);
 	emit_msghdr(s, a.buf, ret);
 	return 0;
 }
@@ -480,11 +482,13 @@ static __always_inline int exit_msg(void *map, __u8 direction, long ret)
 static __always_inline int exit_mmsg(void *map, __u8 direction, long ret)
 {
 	struct args a;
-	__u32 seq;
+	__u32 seq, end;
 
 	if (!take_args(map, &a) || ret <= 0)
 		return 0;
+	/* Per message: consecutive slices of the call's range (empty if it was a peek). */
 	seq = a.enter_seq;
+	end = a.l4 == IPPROTO_TCP ? tcp_seq((struct sock *)a.sk, a.l4, direction) : 0;
 	for (int i = 0; i < DT_MAX_MMSG; i++) {
 		__u64 um = a.buf + i * sizeof(struct mmsghdr);
 		unsigned int len = 0;
@@ -497,8 +501,12 @@ static __always_inline int exit_mmsg(void *map, __u8 direction, long ret)
 			return 0;
 		s->rec.ret = ret;
 		s->rec.msg_index = i;
-		set_seq(&s->rec, seq, len);
-		seq += len;
+		if (a.l4 == IPPROTO_TCP) {
+			s->rec.enter_seq = seq;
+			if (seq != end)
+				seq += len;
+			s->rec.exit_seq = seq;
+		}
 		emit_msghdr(s, um, len);
 	}
 	if (ret > DT_MAX_MMSG) {
