@@ -55,10 +55,16 @@ def main() -> None:
 @click.option("--ring-size", "ring_bytes", type=int, default=16 << 20, show_default=True,
               help="Ring buffer bytes (power of two).")
 @click.option("--no-follow-forks", is_flag=True, help="Do not trace children forked after start.")
-def record(pids, comms, trace_all, duration, out_path, capture_bytes, ring_bytes, no_follow_forks) -> None:
+@click.option("--format", "fmt", type=click.Choice(["json", "text"]), default="json", show_default=True,
+              help="JSON lines, or one readable line per record.")
+def record(pids, comms, trace_all, duration, out_path, capture_bytes, ring_bytes, no_follow_forks, fmt) -> None:
     """Write one JSON object per socket syscall of the traced processes."""
     from deeptrace.agent.collector import Collector, CollectorConfig
+    from deeptrace.agent.records import format_text
     from deeptrace.agent.selection import Selection
+
+    def render(rec) -> str:
+        return format_text(rec) if fmt == "text" else json.dumps(rec.to_json_dict())
 
     stop = _Stop()
     signal.signal(signal.SIGINT, stop)
@@ -79,11 +85,11 @@ def record(pids, comms, trace_all, duration, out_path, capture_bytes, ring_bytes
             while not stop.requested and (deadline is None or time.monotonic() < deadline):
                 batch = collector.poll(timeout_s=0.1)
                 for rec in batch:
-                    out.write(json.dumps(rec.to_json_dict()) + "\n")
+                    out.write(render(rec) + "\n")
                 if batch:
                     out.flush()
             for rec in collector.poll(timeout_s=0):  # what arrived before the programs were detached
-                out.write(json.dumps(rec.to_json_dict()) + "\n")
+                out.write(render(rec) + "\n")
             out.flush()
             _summary(collector)
     except DeepTraceError as e:

@@ -128,13 +128,15 @@ class Collector:
 
     # ---- traced set ----
 
-    def trace(self, pid: int) -> None:
-        """Trace one more process (a pid or any of its thread ids)."""
+    def trace(self, pid: int) -> set[int]:
+        """Trace one more process (a pid or any of its thread ids) and its descendants;
+        returns the processes added."""
         tgid = selection.tgid_of(pid)
         if tgid is None:
             raise DeepTraceError(f"no process with pid {pid}")
-        self._pids.update(_U32.pack(tgid), _ONE)
-        self.traced.add(tgid)
+        added = selection.with_descendants({tgid}, selection.parent_map())
+        self._sync_traced(self.traced | added)
+        return added
 
     def untrace(self, pid: int) -> None:
         self._pids.delete(_U32.pack(pid))

@@ -146,6 +146,18 @@ class Record:
         }
 
 
+def format_text(rec: Record, payload_chars: int = 60) -> str:
+    """One human-readable line: when, who, what, where, how much, and the payload head."""
+    clock = time.strftime("%H:%M:%S", time.localtime(rec.exit_ns // 1_000_000_000))
+    arrow = {"ingress": "<-", "egress": "->"}.get(rec.direction, "--")
+    head = repr(rec.payload[:payload_chars])[2:-1]
+    size = f"{rec.size}B" + (f" (captured {rec.captured})" if rec.truncated else "")
+    return (
+        f"{clock}.{rec.exit_ns // 1000 % 1_000_000:06d} {rec.comm}[{rec.tgid}/{rec.tid}] {rec.syscall} "
+        f"{rec.l4} {rec.laddr}:{rec.lport} {arrow} {rec.raddr}:{rec.rport} {rec.role} {size} {head}"
+    ).rstrip()
+
+
 def monotonic_to_wall_offset() -> int:
     """ns to add to a kernel CLOCK_MONOTONIC stamp to get wall-clock time."""
     return time.time_ns() - time.monotonic_ns()

@@ -1,0 +1,88 @@
+"""Real servers from Debian packages, started on free loopback ports for one test."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listens on port {port} after {timeout_s}s")
+
+
+def need(binary: str) -> str:
+    path = shutil.which(binary) or next((p for p in (f"/usr/sbin/{binary}", f"/usr/bin/{binary}") if Path(p).exists()), None)
+    if path is None:
+        pytest.fail(f"{binary} is not installed: run `make setup` (it installs the test servers)", pytrace=False)
+    return path
+
+
+NGINX_CONF = """
+daemon off;
+master_process on;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir};
+    proxy_temp_path {dir};
+    fastcgi_temp_path {dir};
+    uwsgi_temp_path {dir};
+    scgi_temp_path {dir};
+    server {{
+        listen 127.0.0.1:{port};
+        location /hello {{ default_type text/plain; return 200 "hello from nginx\\n"; }}
+    }}
+}}
+"""
+
+
+@contextmanager
+def nginx(tmp_path: Path):
+    port = free_port()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=tmp_path, port=port))
+    proc = subprocess.Popen([need("nginx"), "-c", str(conf), "-e", str(tmp_path / "error.log")])
+    try:
+        wait_port(port)
+        yield proc.pid, port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextmanager
+def redis(tmp_path: Path):
+    port = free_port()
+    proc = subprocess.Popen(
+        [need("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_port(port)
+        yield proc.pid, port
+    finally:
+        proc.terminate()
+        proc.wait(10)
