@@ -59,30 +59,30 @@ http {{
 
 
 @contextmanager
-def nginx(tmp_path: Path):
-    port = free_port()
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=tmp_path, port=port))
-    proc = subprocess.Popen([need("nginx"), "-c", str(conf), "-e", str(tmp_path / "error.log")])
+def serving(argv: list[str], port: int, **popen):
+    """Run a server in the foreground until the test is done; yields its pid."""
+    proc = subprocess.Popen(argv, **popen)
     try:
         wait_port(port)
-        yield proc.pid, port
+        yield proc.pid
     finally:
         proc.terminate()
         proc.wait(10)
 
 
 @contextmanager
+def nginx(tmp_path: Path):
+    port = free_port()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(dir=tmp_path, port=port))
+    with serving([need("nginx"), "-c", str(conf), "-e", str(tmp_path / "error.log")], port) as pid:
+        yield pid, port
+
+
+@contextmanager
 def redis(tmp_path: Path):
     port = free_port()
-    proc = subprocess.Popen(
-        [need("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        wait_port(port)
-        yield proc.pid, port
-    finally:
-        proc.terminate()
-        proc.wait(10)
+    argv = [need("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(tmp_path)]  # fmt: skip
+    with serving(argv, port, stdout=subprocess.DEVNULL) as pid:
+        yield pid, port

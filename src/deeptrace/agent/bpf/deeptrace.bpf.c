@@ -407,44 +407,6 @@ static __always_inline bool take_args(void *map, struct args *out)
 
 /* ---- exit: one record per message ---- */
 
-/* read, write, recvfrom, sendto: one flat buffer. */
-static __always_inline int exit_flat(void *map, __u8 direction, long ret)
-{
-	struct args a;
-
-	if (!take_args(map, &a) || ret <= 0)
-		return 0;
-	struct scratch *s = begin_record(&a, direction, DT_ROLE_UNKNOWN, false);
-	if (!s)
-		return 0;
-	s->rec.ret = ret;
-	s->rec.size = ret;
-	set_seq(&s->rec, &a);
-	if (a.addr && s->rec.rport == 0)
-		peer_from_sockaddr(&s->rec, a.addr);
-	__u32 cap = capture_limit();
-	__u64 want = (__u64)ret < cap ? (__u64)ret : cap;
-	submit(s, copy_user(s, 0, want, a.buf));
-	return 0;
-}
-
-/* readv, writev: an iovec array. */
-static __always_inline int exit_vec(void *map, __u8 direction, long ret)
-{
-	struct args a;
-
-	if (!take_args(map, &a) || ret <= 0)
-		return 0;
-	struct scratch *s = begin_record(&a, direction, DT_ROLE_UNKNOWN, false);
-	if (!s)
-		return 0;
-	s->rec.ret = ret;
-	s->rec.size = ret;
-	set_seq(&s->rec, &a);
-	submit(s, copy_iovecs(a.buf, a.count, ret, capture_limit()));
-	return 0;
-}
-
 /* One message of a msghdr: its iovecs and, on unconnected sockets, its address. */
 static __always_inline void emit_msghdr(struct scratch *s, __u64 umsg, __u64 size)
 {
@@ -462,8 +424,12 @@ static __always_inline void emit_msghdr(struct scratch *s, __u64 umsg, __u64 siz
 	submit(s, copy_iovecs((__u64)msg.msg_iov, msg.msg_iovlen, size, capture_limit()));
 }
 
-/* recvmsg, sendmsg. */
-static __always_inline int exit_msg(void *map, __u8 direction, long ret)
+/* Where a single-message call keeps its bytes; a constant at every call site, so
+ * each program carries only its own branch. */
+enum buf_kind { BUF_FLAT, BUF_IOVEC, BUF_MSGHDR };
+
+/* read/write/recvfrom/sendto (flat), readv/writev (iovec), recvmsg/sendmsg (msghdr). */
+static __always_inline int exit_single(void *map, __u8 direction, long ret, enum buf_kind kind)
 {
 	struct args a;
 
@@ -473,8 +439,18 @@ static __always_inline int exit_msg(void *map, __u8 direction, long ret)
 	if (!s)
 		return 0;
 	s->rec.ret = ret;
+	s->rec.size = ret;
 	set_seq(&s->rec, &a);
-	emit_msghdr(s, a.buf, ret);
+	if (kind == BUF_MSGHDR) {
+		emit_msghdr(s, a.buf, ret);
+	} else if (kind == BUF_IOVEC) {
+		submit(s, copy_iovecs(a.buf, a.count, ret, capture_limit()));
+	} else {
+		if (a.addr && s->rec.rport == 0)
+			peer_from_sockaddr(&s->rec, a.addr);
+		__u32 cap = capture_limit();
+		submit(s, copy_user(s, 0, (__u64)ret < cap ? (__u64)ret : cap, a.buf));
+	}
 	return 0;
 }
 
@@ -526,24 +502,24 @@ static __always_inline int exit_mmsg(void *map, __u8 direction, long ret)
 #define A(i) (ctx->args[i])
 
 ENTER(read) { return enter_io(&INGRESS, DT_SYS_READ, DT_DIR_INGRESS, A(0), A(1), 0, 0); }
-EXIT(read) { return exit_flat(&INGRESS, DT_DIR_INGRESS, ctx->ret); }
+EXIT(read) { return exit_single(&INGRESS, DT_DIR_INGRESS, ctx->ret, BUF_FLAT); }
 ENTER(readv) { return enter_io(&INGRESS, DT_SYS_READV, DT_DIR_INGRESS, A(0), A(1), 0, A(2)); }
-EXIT(readv) { return exit_vec(&INGRESS, DT_DIR_INGRESS, ctx->ret); }
+EXIT(readv) { return exit_single(&INGRESS, DT_DIR_INGRESS, ctx->ret, BUF_IOVEC); }
 ENTER(recvfrom) { return enter_io(&INGRESS, DT_SYS_RECVFROM, DT_DIR_INGRESS, A(0), A(1), A(4), 0); }
-EXIT(recvfrom) { return exit_flat(&INGRESS, DT_DIR_INGRESS, ctx->ret); }
+EXIT(recvfrom) { return exit_single(&INGRESS, DT_DIR_INGRESS, ctx->ret, BUF_FLAT); }
 ENTER(recvmsg) { return enter_io(&INGRESS, DT_SYS_RECVMSG, DT_DIR_INGRESS, A(0), A(1), 0, 0); }
-EXIT(recvmsg) { return exit_msg(&INGRESS, DT_DIR_INGRESS, ctx->ret); }
+EXIT(recvmsg) { return exit_single(&INGRESS, DT_DIR_INGRESS, ctx->ret, BUF_MSGHDR); }
 ENTER(recvmmsg) { return enter_io(&INGRESS, DT_SYS_RECVMMSG, DT_DIR_INGRESS, A(0), A(1), 0, A(2)); }
 EXIT(recvmmsg) { return exit_mmsg(&INGRESS, DT_DIR_INGRESS, ctx->ret); }
 
 ENTER(write) { return enter_io(&EGRESS, DT_SYS_WRITE, DT_DIR_EGRESS, A(0), A(1), 0, 0); }
-EXIT(write) { return exit_flat(&EGRESS, DT_DIR_EGRESS, ctx->ret); }
+EXIT(write) { return exit_single(&EGRESS, DT_DIR_EGRESS, ctx->ret, BUF_FLAT); }
 ENTER(writev) { return enter_io(&EGRESS, DT_SYS_WRITEV, DT_DIR_EGRESS, A(0), A(1), 0, A(2)); }
-EXIT(writev) { return exit_vec(&EGRESS, DT_DIR_EGRESS, ctx->ret); }
+EXIT(writev) { return exit_single(&EGRESS, DT_DIR_EGRESS, ctx->ret, BUF_IOVEC); }
 ENTER(sendto) { return enter_io(&EGRESS, DT_SYS_SENDTO, DT_DIR_EGRESS, A(0), A(1), A(4), 0); }
-EXIT(sendto) { return exit_flat(&EGRESS, DT_DIR_EGRESS, ctx->ret); }
+EXIT(sendto) { return exit_single(&EGRESS, DT_DIR_EGRESS, ctx->ret, BUF_FLAT); }
 ENTER(sendmsg) { return enter_io(&EGRESS, DT_SYS_SENDMSG, DT_DIR_EGRESS, A(0), A(1), 0, 0); }
-EXIT(sendmsg) { return exit_msg(&EGRESS, DT_DIR_EGRESS, ctx->ret); }
+EXIT(sendmsg) { return exit_single(&EGRESS, DT_DIR_EGRESS, ctx->ret, BUF_MSGHDR); }
 ENTER(sendmmsg) { return enter_io(&EGRESS, DT_SYS_SENDMMSG, DT_DIR_EGRESS, A(0), A(1), 0, A(2)); }
 EXIT(sendmmsg) { return exit_mmsg(&EGRESS, DT_DIR_EGRESS, ctx->ret); }
 
