@@ -42,7 +42,7 @@ def test_burst_overflowing_a_small_ring_counts_every_lost_record():
     require_bpf()
     writes = 3000
     # 16 KiB ring holds ~70 of these records; the reader is not reading during the burst.
-    cfg = CollectorConfig(selection=Selection(), ring_bytes=16 << 10, wakeup_bytes=1 << 30)
+    cfg = CollectorConfig(selection=Selection(), ring_bytes=16 << 10, wakeup_records=1 << 30)
     with Collector(cfg) as c:
         lst, th = _sink()
         t = Tracee("burst", lst.getsockname()[1], writes, 100)

@@ -37,7 +37,7 @@ def test_record_header_matches_the_c_struct():
 
 def test_config_matches_the_c_struct():
     size, members = btf_struct("dt_config")
-    assert [n for n, _ in members] == ["capture_bytes", "trace_all", "agent_tgid", "follow_forks", "wakeup_bytes"]
+    assert [n for n, _ in members] == ["capture_bytes", "trace_all", "agent_tgid", "follow_forks", "wakeup_records"]
     assert CONFIG.size == size
 
 

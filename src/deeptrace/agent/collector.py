@@ -34,14 +34,17 @@ class CollectorConfig:
     selection: Selection
     capture_bytes: int = 1024
     ring_bytes: int = 16 << 20  # power of two, >= one page
-    # Wake the reader when this much is waiting; it also polls every poll_interval_s.
-    wakeup_bytes: int = 256 << 10
+    # The kernel wakes the reader once per this many records of a CPU; the reader
+    # also wakes on its poll timeout, so a trickle is never held back longer.
+    wakeup_records: int = 128
     follow_forks: bool = True
     refresh_interval_s: float = 1.0
     bpf_object: Path = field(default_factory=bpf_object_path)
 
     def validate(self) -> None:
         self.selection.validate()
+        if self.wakeup_records < 1:
+            raise DeepTraceError("wakeup_records must be at least 1")
         if not 0 <= self.capture_bytes <= MAX_CAPTURE:
             raise DeepTraceError(f"capture size must be between 0 and {MAX_CAPTURE} bytes")
         page = os.sysconf("SC_PAGE_SIZE")
@@ -103,7 +106,7 @@ class Collector:
             int(cfg.selection.trace_all),
             os.getpid(),
             int(cfg.follow_forks),
-            cfg.wakeup_bytes,
+            cfg.wakeup_records,
         )
         self._config_map.update(_U32.pack(0), value)
 

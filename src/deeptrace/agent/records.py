@@ -78,7 +78,7 @@ COUNTERS = (
 )
 
 # struct dt_config
-CONFIG = struct.Struct("<IIIIQ")  # capture_bytes, trace_all, agent_tgid, follow_forks, wakeup_bytes
+CONFIG = struct.Struct("<IIIIQ")  # capture_bytes, trace_all, agent_tgid, follow_forks, wakeup_records
 
 
 @dataclass(slots=True)

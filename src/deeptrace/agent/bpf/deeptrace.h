@@ -64,7 +64,7 @@ struct dt_config {
 	__u32 trace_all;     /* 1: every process but agent_tgid */
 	__u32 agent_tgid;
 	__u32 follow_forks;  /* 1: children of traced processes are traced */
-	__u64 wakeup_bytes;  /* wake the reader once this much data is waiting */
+	__u64 wakeup_records; /* wake the reader once per this many records of a CPU (>= 1) */
 };
 
 /* Fixed header of every ring-buffer record; `captured` payload bytes follow it. */
