@@ -6,6 +6,7 @@ VENV      := .venv
 VPY       := $(VENV)/bin/python
 BPF_DIR   := src/deeptrace/agent/bpf
 BPF_OBJ   := $(BPF_DIR)/deeptrace.bpf.o
+BPF_COMPAT := $(BPF_DIR)/deeptrace-compat.bpf.o
 VMLINUX   := build/vmlinux.h
 ARCH      := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
 
@@ -35,7 +36,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VPY) -m pip install -q -e '.[test]'
 	touch $@
 
-bpf: $(BPF_OBJ)
+bpf: $(BPF_OBJ) $(BPF_COMPAT)
 
 # The header is generated from the running kernel's BTF, never committed.
 $(VMLINUX):
@@ -43,8 +44,16 @@ $(VMLINUX):
 	bpftool btf dump file /sys/kernel/btf/vmlinux format c > $@.tmp && mv $@.tmp $@
 
 # -g emits BTF (needed for CO-RE relocations); llvm-strip -g then drops only the DWARF.
+BPF_CFLAGS := -O2 -g -Wall -Werror -target bpf -D__TARGET_ARCH_$(ARCH) -I build
+
 $(BPF_OBJ): $(BPF_DIR)/deeptrace.bpf.c $(BPF_DIR)/deeptrace.h $(VMLINUX)
-	clang -O2 -g -Wall -Werror -target bpf -D__TARGET_ARCH_$(ARCH) -I build -c $< -o $@
+	clang $(BPF_CFLAGS) -c $< -o $@
+	llvm-strip -g $@
+
+# Kernels 5.8-6.1 have no bpf_rdonly_cast: the same programs reading each field
+# through bpf_probe_read_kernel. The agent picks the object that fits the kernel.
+$(BPF_COMPAT): $(BPF_DIR)/deeptrace.bpf.c $(BPF_DIR)/deeptrace.h $(VMLINUX)
+	clang $(BPF_CFLAGS) -DDT_COMPAT_READS -c $< -o $@
 	llvm-strip -g $@
 
 test: setup
@@ -58,4 +67,4 @@ bench: setup
 	$(VPY) bench/throughput/run.py
 
 clean:
-	rm -rf build $(BPF_OBJ) .pytest_cache
+	rm -rf build $(BPF_OBJ) $(BPF_COMPAT) .pytest_cache

@@ -4,8 +4,11 @@ traced by the real kernel programs: what the records say must be what happened."
 from __future__ import annotations
 
 import pytest
+from conftest import RecordStore, Tracee, require_bpf
 
+from deeptrace.agent.collector import COMPAT_OBJECT, Collector, CollectorConfig
 from deeptrace.agent.records import DATA_SYSCALLS
+from deeptrace.agent.selection import Selection
 
 INGRESS = {"read", "readv", "recvfrom", "recvmsg", "recvmmsg"}
 
@@ -36,6 +39,31 @@ NO_PEER = {("read", "udp-unconnected"), ("readv", "udp-unconnected")}
 @pytest.mark.parametrize("syscall,transport,family", CASES)
 def test_data_syscall_record(traced_run, syscall, transport, family):
     info, recs = traced_run("io", syscall, family, transport, 300, predicate=_count(syscall))
+    assert_io_records(info, recs, syscall, transport, family)
+
+
+# The object for kernels without bpf_rdonly_cast reads the same fields another way.
+COMPAT_CASES = [("read", "tcp", "ipv4"), ("writev", "tcp", "ipv6"), ("recvmsg", "udp-unconnected", "ipv6"),
+                ("sendmmsg", "tcp", "ipv4"), ("recvmmsg", "udp", "ipv4")]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def compat_store():
+    require_bpf()
+    with Collector(CollectorConfig(selection=Selection(), bpf_object=COMPAT_OBJECT)) as c:
+        yield RecordStore(c)
+
+
+@pytest.mark.parametrize("syscall,transport,family", COMPAT_CASES)
+def test_compat_object_gives_the_same_records(compat_store, syscall, transport, family):
+    t = Tracee("io", syscall, family, transport, 300)
+    compat_store.collector.trace(t.pid)
+    info = t.go()
+    recs = compat_store.wait_for(t.pid, _count(syscall))
+    assert_io_records(info, recs, syscall, transport, family)
+
+
+def assert_io_records(info, recs, syscall, transport, family):
     messages = [bytes.fromhex(m) for m in info["messages"]]
     mine = sorted((r for r in recs if r.syscall == syscall), key=lambda r: r.msg_index)
     assert len(mine) == len(messages), [(r.syscall, r.size) for r in recs]

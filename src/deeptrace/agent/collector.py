@@ -14,10 +14,12 @@ from deeptrace.agent.libbpf import BpfError, BpfObject
 from deeptrace.agent.records import CONFIG, COUNTERS, MAX_CAPTURE, Record, RecordDecoder
 from deeptrace.agent.ringbuf import RingReader
 from deeptrace.agent.selection import Selection
-from deeptrace.agent.system import preflight
+from deeptrace.agent.system import kernel_has_btf_function, preflight
 from deeptrace.errors import DeepTraceError
 
-DEFAULT_OBJECT = Path(__file__).parent / "bpf" / "deeptrace.bpf.o"
+BPF_DIR = Path(__file__).parent / "bpf"
+TYPED_READS_OBJECT = BPF_DIR / "deeptrace.bpf.o"
+COMPAT_OBJECT = BPF_DIR / "deeptrace-compat.bpf.o"
 SCRATCH_VALUE_SIZE = records.HEADER_SIZE + 2 * MAX_CAPTURE
 
 _U32 = struct.Struct("<I")
@@ -25,8 +27,12 @@ _ONE = _U32.pack(1)
 
 
 def bpf_object_path() -> Path:
+    """DEEPTRACE_BPF_OBJECT if set; else the object built for kernels with
+    bpf_rdonly_cast (6.2+, typed pointer reads), or the compat one."""
     override = os.environ.get("DEEPTRACE_BPF_OBJECT")
-    return Path(override) if override else DEFAULT_OBJECT
+    if override:
+        return Path(override)
+    return TYPED_READS_OBJECT if kernel_has_btf_function("bpf_rdonly_cast") else COMPAT_OBJECT
 
 
 @dataclass

@@ -62,6 +62,15 @@ def raise_memlock() -> None:
             ) from None
 
 
+def kernel_has_btf_function(name: str) -> bool:
+    """Whether the running kernel's BTF names this function (helpers and kfuncs
+    backported to older kernels count too, which a version check would miss)."""
+    try:
+        return f"\0{name}\0".encode() in BTF_PATH.read_bytes()
+    except OSError:
+        return False
+
+
 def preflight() -> None:
     """Everything that must hold before a BPF object is loaded."""
     if os.geteuid() != 0:
