@@ -365,24 +365,26 @@ static __always_inline __u32 copy_user(struct scratch *s, __u64 off, __u64 want,
 __noinline int copy_iovecs(__u64 uiov, __u64 iovcnt, __u64 total, __u64 cap)
 {
 	struct scratch *s = cpu_scratch();
-	__u64 off = 0;
+	struct iovec iovs[DT_MAX_IOV];
+	__u64 off = 0, n = iovcnt < DT_MAX_IOV ? iovcnt : DT_MAX_IOV;
 
-	if (!s)
+	if (!s || n == 0)
 		return 0;
+	/* One read for the whole array: each user-memory read costs ~100 ns here. */
+	VERIFIER_MIN(n, DT_MAX_IOV);
+	if (bpf_probe_read_user(iovs, n * sizeof(iovs[0]), (void *)uiov)) {
+		s->rec.flags |= DT_FLAG_PAYLOAD_FAULT;
+		count(DT_CNT_PAYLOAD_FAULT);
+		return 0;
+	}
 	for (int i = 0; i < DT_MAX_IOV; i++) {
-		struct iovec iov;
-
-		if (i >= iovcnt || total == 0 || off >= cap)
+		if (i >= n || total == 0 || off >= cap)
 			break;
-		if (bpf_probe_read_user(&iov, sizeof(iov), (void *)(uiov + i * sizeof(iov)))) {
-			s->rec.flags |= DT_FLAG_PAYLOAD_FAULT;
-			break;
-		}
-		__u64 len = iov.iov_len < total ? iov.iov_len : total;
+		__u64 len = iovs[i].iov_len < total ? iovs[i].iov_len : total;
 		total -= len;
 		if (len > cap - off)
 			len = cap - off;
-		off += copy_user(s, off, len, (__u64)iov.iov_base);
+		off += copy_user(s, off, len, (__u64)iovs[i].iov_base);
 	}
 	return off;
 }
