@@ -64,6 +64,7 @@ demo: setup
 
 bench: setup
 	$(VPY) bench/overhead/run.py
+	$(VPY) bench/overhead/hook_times.py
 	$(VPY) bench/throughput/run.py
 
 clean:
