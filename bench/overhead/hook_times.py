@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -24,7 +25,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parents[1] / "src"))
 sys.path.insert(0, str(HERE))
 
-from run import Reader, build  # noqa: E402
+from run import LOOP_CPU, RUNNER_CPU, Reader, build  # noqa: E402
 
 from deeptrace.agent.collector import Collector, CollectorConfig  # noqa: E402
 from deeptrace.agent.records import DATA_SYSCALLS  # noqa: E402
@@ -44,6 +45,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=50_000)
     ap.add_argument("syscalls", nargs="*", default=list(DATA_SYSCALLS))
     args = ap.parse_args()
+    os.sched_setaffinity(0, {RUNNER_CPU})
     loop, _ = build()
     was = STATS.read_text().strip()
     STATS.write_text("1")
@@ -55,7 +57,8 @@ def main() -> None:
             for syscall in args.syscalls:
                 before = program_stats()
                 proc = subprocess.Popen([str(loop), syscall, str(args.calls)], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True)  # fmt: skip
+                                        stdout=subprocess.PIPE, text=True,
+                                        preexec_fn=lambda: os.sched_setaffinity(0, {LOOP_CPU}))  # fmt: skip
                 c.trace(proc.pid)
                 proc.communicate("go\n", timeout=300)
                 after = program_stats()
