@@ -43,6 +43,6 @@ def test_config_matches_the_c_struct():
 
 def test_counter_names_match_the_c_enum():
     src = (bpf_object_path().parent / "deeptrace.h").read_text()
-    enum = re.search(r"enum dt_counter \{(.*?)\};", src, re.S).group(1)
+    enum = re.search(r"enum dt_counter \{(.*?)\};", src, re.DOTALL).group(1)
     names = [n.lower() for n in re.findall(r"DT_CNT_(\w+)", enum) if n != "MAX"]
     assert tuple(names) == COUNTERS

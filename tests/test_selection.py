@@ -4,7 +4,6 @@ everyone in --all mode except the agent; and never files or pipes."""
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys

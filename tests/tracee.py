@@ -297,7 +297,7 @@ def scenario_burst(port: int, count: int, size: int) -> None:
 
 
 def scenario_mmsg_many(family: str, count: int) -> None:
-    a, b = udp_pair(family, connected=True)
+    a, _receiver = udp_pair(family, connected=True)
     msgs = [payload(f"m{i}", 40) for i in range(count)]
     ready()
     assert sendmmsg(a, msgs, family) == count

@@ -18,18 +18,17 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parents[1] / "src"))
 sys.path.insert(0, str(HERE))
 
-from run import LOOP_CPU, RUNNER_CPU, Reader, build  # noqa: E402
+from run import LOOP_CPU, RUNNER_CPU, Reader, build
 
-from deeptrace.agent.collector import Collector, CollectorConfig  # noqa: E402
-from deeptrace.agent.records import DATA_SYSCALLS  # noqa: E402
-from deeptrace.agent.selection import Selection  # noqa: E402
+from deeptrace.agent.collector import Collector, CollectorConfig
+from deeptrace.agent.records import DATA_SYSCALLS
+from deeptrace.agent.selection import Selection
 
 STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 
@@ -57,8 +56,8 @@ def main() -> None:
             for syscall in args.syscalls:
                 before = program_stats()
                 proc = subprocess.Popen([str(loop), syscall, str(args.calls)], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, text=True,
-                                        preexec_fn=lambda: os.sched_setaffinity(0, {LOOP_CPU}))  # fmt: skip
+                                        stdout=subprocess.PIPE, text=True)  # fmt: skip
+                os.sched_setaffinity(proc.pid, {LOOP_CPU})
                 c.trace(proc.pid)
                 proc.communicate("go\n", timeout=300)
                 after = program_stats()

@@ -32,10 +32,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
-from deeptrace.agent.collector import Collector, CollectorConfig  # noqa: E402
-from deeptrace.agent.libbpf import BpfObject  # noqa: E402
-from deeptrace.agent.records import DATA_SYSCALLS  # noqa: E402
-from deeptrace.agent.selection import Selection  # noqa: E402
+from deeptrace.agent.collector import Collector, CollectorConfig
+from deeptrace.agent.libbpf import BpfObject
+from deeptrace.agent.records import DATA_SYSCALLS
+from deeptrace.agent.selection import Selection
 
 HERE = Path(__file__).parent
 OUT = HERE / "out"
@@ -109,7 +109,8 @@ LOOP_CPU, RUNNER_CPU = 1, 0
 
 def measure(loop: Path, syscall: str, calls: int, before_start) -> float:
     proc = subprocess.Popen([str(loop), syscall, str(calls)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, preexec_fn=lambda: os.sched_setaffinity(0, {LOOP_CPU}))  # fmt: skip
+                            text=True)  # fmt: skip
+    os.sched_setaffinity(proc.pid, {LOOP_CPU})  # it waits for its start line, so pinning now is in time
     before_start(proc.pid)
     out, _ = proc.communicate("go\n", timeout=300)
     if proc.returncode != 0:

@@ -10,8 +10,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deeptrace.agent import records, selection
-from deeptrace.agent.libbpf import BpfError, BpfObject
+from deeptrace.agent import selection
+from deeptrace.agent.libbpf import BpfError, BpfObject, libbpf
 from deeptrace.agent.records import CONFIG, COUNTERS, MAX_CAPTURE, Record, RecordDecoder
 from deeptrace.agent.ringbuf import RingReader
 from deeptrace.agent.selection import Selection
@@ -21,7 +21,6 @@ from deeptrace.errors import DeepTraceError
 BPF_DIR = Path(__file__).parent / "bpf"
 TYPED_READS_OBJECT = BPF_DIR / "deeptrace.bpf.o"
 COMPAT_OBJECT = BPF_DIR / "deeptrace-compat.bpf.o"
-SCRATCH_VALUE_SIZE = records.HEADER_SIZE + 2 * MAX_CAPTURE
 
 _U32 = struct.Struct("<I")
 _ONE = _U32.pack(1)
@@ -83,8 +82,6 @@ class Collector:
         obj = BpfObject(path)
         self._obj = obj
         try:
-            from deeptrace.agent.libbpf import libbpf
-
             obj.set_max_entries("RECORDS", cfg.ring_bytes)
             obj.set_max_entries("SCRATCH", libbpf().num_possible_cpus())
             obj.load()
@@ -204,8 +201,6 @@ class Collector:
 
     def counters(self) -> dict[str, int]:
         """Kernel-side counters summed over CPUs, by name (see records.COUNTERS)."""
-        from deeptrace.agent.libbpf import libbpf
-
         ncpu = libbpf().num_possible_cpus()
         out = {}
         for i, name in enumerate(COUNTERS):

@@ -67,7 +67,6 @@ FLAG_ADDR_FROM_CALL = 4
 COUNTERS = (
     "submitted",
     "drop_ringbuf_full",
-    "drop_ringbuf_busy",
     "drop_args_map_full",
     "drop_conn_map_full",
     "drop_mmsg_overflow",

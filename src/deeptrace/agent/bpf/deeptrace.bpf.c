@@ -324,14 +324,10 @@ static __always_inline void submit(struct scratch *s, __u64 captured)
 	 * every record: measured at ~400 ns.) */
 	if (*submitted % cfg->wakeup_records == cfg->wakeup_records - 1)
 		flags = BPF_RB_FORCE_WAKEUP;
-	if (bpf_ringbuf_output(&RECORDS, s, len, flags)) {
-		/* Only on failure, so the cache miss of asking is rare. */
-		__u64 room = bpf_ringbuf_query(&RECORDS, BPF_RB_RING_SIZE) -
-			     bpf_ringbuf_query(&RECORDS, BPF_RB_AVAIL_DATA);
-		count(room < len + 8 ? DT_CNT_DROP_RINGBUF_FULL : DT_CNT_DROP_RINGBUF_BUSY);
-	} else {
+	if (bpf_ringbuf_output(&RECORDS, s, len, flags))
+		count(DT_CNT_DROP_RINGBUF_FULL);
+	else
 		*submitted += 1;
-	}
 }
 
 static __always_inline __u32 capture_limit(void)

@@ -47,7 +47,6 @@ enum dt_flags {
 enum dt_counter {
 	DT_CNT_SUBMITTED = 0,       /* records written to the ring buffer */
 	DT_CNT_DROP_RINGBUF_FULL,   /* record lost: ring buffer had no room */
-	DT_CNT_DROP_RINGBUF_BUSY,   /* record lost: ring buffer refused with room left (lock not taken) */
 	DT_CNT_DROP_ARGS_MAP_FULL,  /* syscall lost: INGRESS/EGRESS had no room for its enter args */
 	DT_CNT_DROP_CONN_MAP_FULL,  /* connection not tracked: CONNS had no room */
 	DT_CNT_DROP_MMSG_OVERFLOW,  /* messages of a *mmsg call past DT_MAX_MMSG */
