@@ -1,0 +1,75 @@
+"""What every protocol parser produces and consumes: plain data, no I/O.
+
+A parser sees one connection as two byte streams, the request side and the
+response side, delivered in order as `Chunk`s (the bytes one syscall moved) and
+`Hole`s (bytes that moved but were not captured). It returns `Message`s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class Chunk:
+    """Bytes of one direction of a connection, as one syscall moved them."""
+
+    data: bytes  # captured bytes; the call moved `size` bytes in all
+    size: int
+    start_ns: int  # when the first byte moved (write enter, or read exit)
+    end_ns: int  # when the call returned
+    tid: int
+    seq: int | None = None  # TCP sequence number of data[0], if TCP
+
+
+@dataclass(slots=True)
+class Message:
+    """One request or one response, framed from a stream."""
+
+    protocol: str
+    is_request: bool
+    start_ns: int
+    end_ns: int
+    size: int  # bytes on the wire, captured or not
+    tid_start: int  # thread that moved the first byte
+    tid_end: int  # thread that moved the last byte
+    seq_start: int | None = None
+    seq_end: int | None = None
+    # Request: an operation name as an operator reads it ("GET /users/{id}", "redis GET").
+    # Response: None.
+    name: str | None = None
+    error: bool = False  # responses: the protocol says the request failed
+    status_code: str | None = None  # "404", "ERR", "NXDOMAIN", ...
+    pair_key: object | None = None  # protocol id that pairs request and response; None = in order
+    attributes: dict = field(default_factory=dict)
+    head: bytes = b""  # first captured bytes, secrets redacted
+    partial: bool = False  # some of its bytes were not captured
+
+
+def message_from(framed, protocol: str, is_request: bool, **kw) -> Message:
+    """A Message for a framed stretch of stream (`framing.Framed`)."""
+    return Message(
+        protocol=protocol,
+        is_request=is_request,
+        start_ns=framed.start_ns,
+        end_ns=framed.end_ns,
+        size=framed.size,
+        tid_start=framed.tid_start,
+        tid_end=framed.tid_end,
+        seq_start=framed.seq_start,
+        seq_end=None if framed.seq_start is None else (framed.seq_start + framed.size) & 0xFFFFFFFF,
+        partial=framed.partial,
+        **kw,
+    )
+
+
+class ConnectionParser:
+    """One connection's protocol state: both directions, and what one tells the other."""
+
+    protocol = "?"
+
+    def feed(self, is_request: bool, chunk: Chunk) -> list[Message]:
+        raise NotImplementedError
+
+    def close(self, end_ns: int) -> list[Message]:
+        return []

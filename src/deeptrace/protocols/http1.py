@@ -1,0 +1,228 @@
+"""HTTP/1.0 and 1.1: framing (Content-Length, chunked, until close, HEAD, 1xx,
+CONNECT), the fields an operator needs, and redaction of credentials.
+Pure functions of bytes."""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+
+from deeptrace.protocols.base import Chunk, ConnectionParser, Message, message_from
+from deeptrace.protocols.framing import INVALID, NEED_MORE, DirectionFramer, Frame, Framed
+
+PROTOCOL = "http"
+METHODS = frozenset(
+    b"GET HEAD POST PUT DELETE CONNECT OPTIONS TRACE PATCH PROPFIND PROPPATCH MKCOL COPY MOVE LOCK UNLOCK".split()
+)
+# Headers kept as attributes: routing, content, and the ids that link traces.
+KEPT_HEADERS = (
+    "host", "user-agent", "content-type", "content-length", "transfer-encoding", "x-request-id",
+    "x-correlation-id", "traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "uber-trace-id",
+)  # fmt: skip
+SECRET_HEADERS = re.compile(rb"(?im)^(authorization|proxy-authorization|cookie|set-cookie|x-api-key):[^\r\n]*")
+MAX_HEADER = 64 << 10
+_ID_SEGMENT = re.compile(
+    r"^(\d+|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|[0-9a-fA-F]{16,})$"
+)
+
+
+def starts_request(data: bytes) -> bool:
+    space = data.find(b" ", 0, 12)
+    return space > 0 and data[:space] in METHODS
+
+
+def starts_response(data: bytes) -> bool:
+    return data.startswith(b"HTTP/1.")
+
+
+def _headers(block: bytes) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in block.split(b"\r\n"):
+        name, sep, value = line.partition(b":")
+        if sep:
+            out[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+    return out
+
+
+def _chunked_length(buf: bytes, start: int) -> int | str:
+    """Bytes from buf[0] to the end of a chunked body that begins at `start`."""
+    pos = start
+    while True:
+        eol = buf.find(b"\r\n", pos)
+        if eol < 0:
+            return NEED_MORE if len(buf) - pos < 1024 else INVALID
+        try:
+            size = int(buf[pos:eol].split(b";", 1)[0].strip(), 16)
+        except ValueError:
+            return INVALID
+        pos = eol + 2
+        if size == 0:
+            end = buf.find(b"\r\n", pos)  # trailers end with an empty line
+            while end >= 0 and end != pos:
+                pos = end + 2
+                end = buf.find(b"\r\n", pos)
+            return NEED_MORE if end < 0 else end + 2
+        pos += size + 2
+        if pos > len(buf):
+            return NEED_MORE
+
+
+def _header_block(buf: bytes) -> tuple[int, bytes, dict[str, str]] | str:
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return NEED_MORE if len(buf) < MAX_HEADER else INVALID
+    first, _, rest = buf[:end].partition(b"\r\n")
+    return end + 4, first, _headers(rest)
+
+
+def _body_end(buf: bytes, header_len: int, headers: dict[str, str]) -> int | None | str:
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return _chunked_length(buf, header_len)
+    if "content-length" in headers:
+        try:
+            return header_len + int(headers["content-length"])
+        except ValueError:
+            return INVALID
+    return None
+
+
+def frame_request(buf: bytes) -> Frame | str:
+    if not starts_request(buf[:12]) and len(buf) >= 12:
+        return INVALID
+    block = _header_block(buf)
+    if isinstance(block, str):
+        return block
+    header_len, first, headers = block
+    parts = first.split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+        return INVALID
+    end = _body_end(buf, header_len, headers)
+    if isinstance(end, str):
+        return end
+    fields = {"method": parts[0].decode("latin-1"), "target": parts[1].decode("latin-1", "replace"),
+              "version": parts[2].decode("latin-1"), "headers": headers}  # fmt: skip
+    return Frame(header_len if end is None else end, fields)  # no length on a request: no body
+
+
+def frame_response(buf: bytes, request_method: str | None) -> Frame | str:
+    if not starts_response(buf[:7]) and len(buf) >= 7:
+        return INVALID
+    block = _header_block(buf)
+    if isinstance(block, str):
+        return block
+    header_len, first, headers = block
+    parts = first.split(b" ", 2)
+    try:
+        status = int(parts[1])
+    except (IndexError, ValueError):
+        return INVALID
+    fields = {"status": status, "reason": parts[2].decode("latin-1", "replace") if len(parts) > 2 else "",
+              "version": parts[0].decode("latin-1"), "headers": headers}  # fmt: skip
+    if status == 101 or (request_method == "CONNECT" and 200 <= status < 300):
+        fields["upgrade"] = True  # the connection now carries something else
+        return Frame(header_len, fields)
+    if 100 <= status < 200 or status in (204, 304) or request_method == "HEAD":
+        return Frame(header_len, fields)
+    end = _body_end(buf, header_len, headers)
+    if isinstance(end, str):
+        return end
+    return Frame(end, fields)  # end None: body runs until the connection closes
+
+
+def salvage(buf: bytes) -> dict | None:
+    """Fields of a message whose body was cut short (a chunked body across a hole)."""
+    block = _header_block(buf)
+    if isinstance(block, str):
+        return None
+    _, first, headers = block
+    parts = first.split(b" ", 2)
+    if starts_response(first):
+        try:
+            return {"status": int(parts[1]), "version": parts[0].decode("latin-1"), "headers": headers}
+        except (IndexError, ValueError):
+            return None
+    if len(parts) == 3:
+        return {"method": parts[0].decode("latin-1"), "target": parts[1].decode("latin-1", "replace"),
+                "version": parts[2].decode("latin-1"), "headers": headers}  # fmt: skip
+    return None
+
+
+def template_path(path: str) -> str:
+    """`/users/42/orders/9f1c...` -> `/users/{id}/orders/{id}`: one name per route."""
+    return "/".join("{id}" if _ID_SEGMENT.match(seg) else seg for seg in path.split("/"))
+
+
+def request_name(fields: dict) -> str:
+    target = fields["target"]
+    if fields["method"] == "CONNECT":
+        return f"CONNECT {target}"
+    path = target.split("?", 1)[0]
+    if "://" in path:  # absolute form, as sent to proxies
+        path = "/" + path.split("://", 1)[1].partition("/")[2]
+    return f"{fields['method']} {template_path(path) or '/'}"
+
+
+def request_attributes(fields: dict) -> dict:
+    path, _, query = fields["target"].partition("?")
+    attrs = {"http.request.method": fields["method"], "url.path": path, "network.protocol.version":
+             fields["version"].removeprefix("HTTP/")}  # fmt: skip
+    if query:
+        attrs["url.query"] = query
+    for name in KEPT_HEADERS:
+        if name in fields["headers"]:
+            attrs[f"http.request.header.{name}"] = fields["headers"][name]
+    return attrs
+
+
+def response_attributes(fields: dict) -> dict:
+    attrs = {"http.response.status_code": fields["status"]}
+    for name in ("content-type", "content-length", "transfer-encoding"):
+        if name in fields["headers"]:
+            attrs[f"http.response.header.{name}"] = fields["headers"][name]
+    return attrs
+
+
+def redact(head: bytes) -> bytes:
+    return SECRET_HEADERS.sub(lambda m: m.group(1) + b": [REDACTED]", head)
+
+
+class Http1Connection(ConnectionParser):
+    protocol = PROTOCOL
+
+    def __init__(self) -> None:
+        self._methods: deque[str] = deque(maxlen=4096)  # requests awaiting their response, in order
+        self._requests = DirectionFramer(frame_request, starts_request, salvage)
+        self._responses = DirectionFramer(
+            lambda buf: frame_response(buf, self._methods[0] if self._methods else None), starts_response, salvage
+        )
+        self.upgraded = False  # after 101 / CONNECT the bytes are another protocol's
+
+    def feed(self, is_request: bool, chunk: Chunk) -> list[Message]:
+        if self.upgraded:
+            return []
+        framer = self._requests if is_request else self._responses
+        out = []
+        for f in framer.feed(chunk):
+            msg = self._request(f) if is_request else self._response(f)
+            if msg is not None:
+                out.append(msg)
+        return out
+
+    def close(self, end_ns: int) -> list[Message]:
+        return [m for f in self._responses.close(end_ns) if (m := self._response(f)) is not None]
+
+    def _request(self, f: Framed) -> Message:
+        self._methods.append(f.fields["method"])
+        return message_from(f, PROTOCOL, True, name=request_name(f.fields), attributes=request_attributes(f.fields),
+                            head=redact(f.head))  # fmt: skip
+
+    def _response(self, f: Framed) -> Message | None:
+        status = f.fields["status"]
+        if 100 <= status < 200 and status != 101:
+            return None  # interim (100 Continue): the final response follows
+        if self._methods:
+            self._methods.popleft()
+        if f.fields.get("upgrade"):
+            self.upgraded = True
+        return message_from(f, PROTOCOL, False, error=status >= 400, status_code=str(status),
+                            attributes=response_attributes(f.fields), head=redact(f.head))  # fmt: skip

@@ -1,0 +1,122 @@
+"""HTTP/1 framing and fields on hand-built messages: every split, pipelining,
+truncation, bodies of every kind; and arbitrary bytes never raise."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from parsing import chunk, exchange, feed_split
+
+from deeptrace.protocols.http1 import Http1Connection, template_path
+
+REQ = (b"GET /users/42/orders/7f3e2a1c-1d2e-4f5a-9b8c-0123456789ab?x=1 HTTP/1.1\r\nHost: shop\r\n"
+       b"User-Agent: curl/8\r\nX-Request-ID: abc-1\r\nAuthorization: Bearer s3cret\r\n\r\n")  # fmt: skip
+RESP = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 13\r\n\r\n{\"id\": 42, 1}"
+POST = b"POST /orders HTTP/1.1\r\nHost: shop\r\nContent-Length: 11\r\n\r\n{\"sku\": 99}"
+CHUNKED = (b"HTTP/1.1 404 Not Found\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n")  # fmt: skip
+
+
+def test_request_fields_name_and_redaction():
+    (req,) = Http1Connection().feed(True, chunk(REQ))
+    assert req.is_request and req.name == "GET /users/{id}/orders/{id}"
+    assert req.size == len(REQ)
+    assert req.attributes["url.path"] == "/users/42/orders/7f3e2a1c-1d2e-4f5a-9b8c-0123456789ab"
+    assert req.attributes["url.query"] == "x=1"
+    assert req.attributes["http.request.header.x-request-id"] == "abc-1"
+    assert req.attributes["http.request.header.host"] == "shop"
+    assert b"s3cret" not in req.head and b"Authorization: [REDACTED]" in req.head
+
+
+@pytest.mark.parametrize("cut", range(1, len(REQ)))
+def test_request_split_at_every_byte(cut):
+    msgs = feed_split(Http1Connection(), True, REQ, cut)
+    assert [(m.name, m.size, m.start_ns, m.end_ns) for m in msgs] == [("GET /users/{id}/orders/{id}", len(REQ), 0, 2)]
+
+
+@pytest.mark.parametrize("cut", range(1, len(CHUNKED)))
+def test_chunked_response_split_at_every_byte(cut):
+    conn = Http1Connection()
+    conn.feed(True, chunk(b"GET /x HTTP/1.1\r\n\r\n"))
+    msgs = feed_split(conn, False, CHUNKED, cut, t=5)
+    assert [(m.status_code, m.error, m.size) for m in msgs] == [("404", True, len(CHUNKED))]
+
+
+def test_pipelined_requests_and_responses_in_one_syscall():
+    conn = Http1Connection()
+    reqs = conn.feed(True, chunk(REQ + POST + REQ))
+    resps = conn.feed(False, chunk(RESP + RESP.replace(b"200 OK", b"201 Created") + RESP, t=9))
+    assert [m.name for m in reqs] == ["GET /users/{id}/orders/{id}", "POST /orders", "GET /users/{id}/orders/{id}"]
+    assert [m.status_code for m in resps] == ["200", "201", "200"]
+    assert [m.size for m in reqs] == [len(REQ), len(POST), len(REQ)]
+
+
+def test_truncated_body_is_skipped_by_content_length():
+    conn = Http1Connection()
+    conn.feed(True, chunk(b"GET /big HTTP/1.1\r\n\r\n"))
+    body = b"x" * 5000
+    resp = b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\n\r\n" + body
+    # 1024 bytes captured of the first write, 2000 of a second, the rest in a third.
+    first, second = resp[:3000], resp[3000:]
+    assert conn.feed(False, chunk(first[:1024], t=1, size=len(first))) == []
+    (msg,) = conn.feed(False, chunk(second[:100], t=2, size=len(second)))
+    assert msg.size == len(resp) and msg.partial and msg.end_ns == 3 and msg.start_ns == 1
+    # Still in step: the next exchange parses.
+    assert [m.status_code for m in exchange(conn, REQ, RESP, t=20)[1:]] == ["200"]
+
+
+def test_head_and_204_and_1xx_have_no_body():
+    conn = Http1Connection()
+    conn.feed(True, chunk(b"HEAD /a HTTP/1.1\r\n\r\nPOST /b HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nhi"))
+    resps = conn.feed(False, chunk(b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n"
+                                   b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n", t=3))  # fmt: skip
+    assert [m.status_code for m in resps] == ["200", "204"]
+
+
+def test_response_until_close():
+    conn = Http1Connection()
+    conn.feed(True, chunk(b"GET / HTTP/1.0\r\n\r\n"))
+    assert conn.feed(False, chunk(b"HTTP/1.0 200 OK\r\n\r\nsome body", t=2)) == []
+    assert conn.feed(False, chunk(b" more", t=3)) == []
+    (msg,) = conn.close(end_ns=9)
+    assert msg.size == len(b"HTTP/1.0 200 OK\r\n\r\nsome body more") and msg.end_ns == 9
+
+
+def test_connect_tunnel_stops_parsing():
+    conn = Http1Connection()
+    conn.feed(True, chunk(b"CONNECT db:5432 HTTP/1.1\r\nHost: db:5432\r\n\r\n"))
+    (resp,) = conn.feed(False, chunk(b"HTTP/1.1 200 Connection established\r\n\r\n", t=1))
+    assert resp.status_code == "200" and conn.upgraded
+    assert conn.feed(True, chunk(b"GET / HTTP/1.1\r\n\r\n", t=2)) == []
+
+
+def test_gets_back_in_step_after_a_header_cut_short():
+    conn = Http1Connection()
+    huge = b"GET /a HTTP/1.1\r\nCookie: " + b"c" * 3000 + b"\r\n\r\n"
+    assert conn.feed(True, chunk(huge[:1024], size=len(huge))) == []
+    (req,) = conn.feed(True, chunk(POST, t=5))
+    assert req.name == "POST /orders"
+
+
+def test_chunked_body_cut_by_a_hole_is_reported_partial():
+    conn = Http1Connection()
+    conn.feed(True, chunk(b"GET /stream HTTP/1.1\r\n\r\n"))
+    resp = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1000\r\n" + b"y" * 4096 + b"\r\n0\r\n\r\n"
+    (msg,) = conn.feed(False, chunk(resp[:1024], t=4, size=len(resp)))
+    assert msg.status_code == "200" and msg.partial
+
+
+@pytest.mark.parametrize("path,name", [("/", "/"), ("/a/123/b", "/a/{id}/b"), ("/v1/deadbeefdeadbeef", "/v1/{id}"),
+                                       ("/users/alice", "/users/alice")])  # fmt: skip
+def test_path_templates(path, name):
+    assert template_path(path) == name
+
+
+@settings(max_examples=300)
+@given(st.lists(st.binary(max_size=300), max_size=6), st.lists(st.booleans(), max_size=6))
+def test_arbitrary_bytes_never_raise(parts, sides):
+    conn = Http1Connection()
+    for i, part in enumerate(parts):
+        conn.feed(sides[i] if i < len(sides) else True, chunk(part, t=i, size=len(part) + (i % 3) * 100))
+    conn.close(99)
