@@ -44,58 +44,102 @@ def main() -> None:
     """DeepTrace: non-intrusive distributed tracing with eBPF."""
 
 
-@main.command()
-@click.option("--pid", "pids", type=int, multiple=True, help="Trace this process, its threads and its children (repeatable).")
-@click.option("--comm", "comms", multiple=True, help="Trace processes with this name, now and later (repeatable).")
-@click.option("--all", "trace_all", is_flag=True, help="Trace every process except this agent.")
-@click.option("--duration", type=float, default=None, help="Stop after this many seconds (default: until Ctrl-C).")
-@click.option("--out", "out_path", default="-", show_default=True, help="File for JSON lines, or - for stdout.")
-@click.option("--capture", "capture_bytes", type=int, default=1024, show_default=True,
-              help="Payload bytes kept per record (0-16384).")
-@click.option("--ring-size", "ring_bytes", type=int, default=16 << 20, show_default=True,
-              help="Ring buffer bytes (power of two).")
-@click.option("--no-follow-forks", is_flag=True, help="Do not trace children forked after start.")
-@click.option("--format", "fmt", type=click.Choice(["json", "text"]), default="json", show_default=True,
-              help="JSON lines, or one readable line per record.")
-def record(pids, comms, trace_all, duration, out_path, capture_bytes, ring_bytes, no_follow_forks, fmt) -> None:
-    """Write one JSON object per socket syscall of the traced processes."""
-    from deeptrace.agent.collector import Collector, CollectorConfig
-    from deeptrace.agent.records import format_text
-    from deeptrace.agent.selection import Selection
+def _collector_options(fn):
+    """Options shared by every command that runs the collector."""
+    options = [
+        click.option("--pid", "pids", type=int, multiple=True,
+                     help="Trace this process, its threads and its children (repeatable)."),
+        click.option("--comm", "comms", multiple=True, help="Trace processes with this name, now and later (repeatable)."),
+        click.option("--all", "trace_all", is_flag=True, help="Trace every process except this agent."),
+        click.option("--duration", type=float, default=None, help="Stop after this many seconds (default: until Ctrl-C)."),
+        click.option("--out", "out_path", default="-", show_default=True, help="File for JSON lines, or - for stdout."),
+        click.option("--capture", "capture_bytes", type=int, default=1024, show_default=True,
+                     help="Payload bytes kept per record (0-16384)."),
+        click.option("--ring-size", "ring_bytes", type=int, default=16 << 20, show_default=True,
+                     help="Ring buffer bytes (power of two)."),
+        click.option("--no-follow-forks", is_flag=True, help="Do not trace children forked after start."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
 
-    def render(rec) -> str:
-        return format_text(rec) if fmt == "text" else json.dumps(rec.to_json_dict())
+
+def _run(opts: dict, on_batch, on_tick=None, on_end=None) -> None:
+    """Run the collector until --duration or a signal: on_batch(records, out) for each
+    batch, on_tick(out) about once a second, on_end(out) after the last batch."""
+    from deeptrace.agent.collector import Collector, CollectorConfig
+    from deeptrace.agent.selection import Selection
 
     stop = _Stop()
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     try:
-        sel = Selection(list(pids), list(comms), trace_all)
+        sel = Selection(list(opts["pids"]), list(opts["comms"]), opts["trace_all"])
         if sel.empty:
             raise DeepTraceError("say which processes to trace: --pid PID, --comm NAME or --all")
-        config = CollectorConfig(
-            selection=sel,
-            capture_bytes=capture_bytes,
-            ring_bytes=ring_bytes,
-            follow_forks=not no_follow_forks,
-        )
-        with Collector(config) as collector, _open_out(out_path) as out:
-            click.echo(f"deeptrace: tracing {_describe(config.selection, collector)}; Ctrl-C to stop", err=True)
-            deadline = time.monotonic() + duration if duration is not None else None
+        config = CollectorConfig(selection=sel, capture_bytes=opts["capture_bytes"], ring_bytes=opts["ring_bytes"],
+                                 follow_forks=not opts["no_follow_forks"])  # fmt: skip
+        with Collector(config) as collector, _open_out(opts["out_path"]) as out:
+            click.echo(f"deeptrace: tracing {_describe(sel, collector)}; Ctrl-C to stop", err=True)
+            deadline = time.monotonic() + opts["duration"] if opts["duration"] is not None else None
+            next_tick = time.monotonic() + 1
             while not stop.requested and (deadline is None or time.monotonic() < deadline):
-                batch = collector.poll(timeout_s=0.1)
-                for rec in batch:
-                    out.write(render(rec) + "\n")
-                if batch:
-                    out.flush()
-            for rec in collector.poll(timeout_s=0):  # what arrived before the programs were detached
-                out.write(render(rec) + "\n")
+                on_batch(collector.poll(timeout_s=0.1), out)
+                if on_tick and time.monotonic() >= next_tick:
+                    next_tick += 1
+                    on_tick(collector, out)
+            on_batch(collector.poll(timeout_s=0), out)  # what arrived before the programs were detached
+            if on_end:
+                on_end(out)
             out.flush()
             _summary(collector)
     except DeepTraceError as e:
         _fail(e)
     except BrokenPipeError:
         sys.stderr.close()  # reader went away (e.g. `| head`): not an error
+
+
+@main.command()
+@_collector_options
+@click.option("--format", "fmt", type=click.Choice(["json", "text"]), default="json", show_default=True,
+              help="JSON lines, or one readable line per record.")
+def record(fmt, **opts) -> None:
+    """Write one JSON object per socket syscall of the traced processes."""
+    from deeptrace.agent.records import format_text
+
+    def write(batch, out) -> None:
+        for rec in batch:
+            out.write((format_text(rec) if fmt == "text" else json.dumps(rec.to_json_dict())) + "\n")
+        if batch:
+            out.flush()
+
+    _run(opts, write)
+
+
+@main.command()
+@_collector_options
+@click.option("--timeout", "timeout_s", type=float, default=30.0, show_default=True,
+              help="Seconds a request waits for its response before it is reported as an error span.")
+def agent(timeout_s, **opts) -> None:
+    """Trace processes and write one JSON span per request/response exchange."""
+    from deeptrace.pipeline import SpanPipeline
+
+    pipeline = SpanPipeline(timeout_ns=int(timeout_s * 1e9))
+
+    def write(spans, out) -> None:
+        for span in spans:
+            out.write(json.dumps(span.to_json_dict()) + "\n")
+        if spans:
+            out.flush()
+
+    def tick(collector, out) -> None:
+        write(pipeline.flush(time.time_ns()), out)
+        st, drops = pipeline.stats, sum(collector.drops().values())
+        click.echo(f"deeptrace: records {st.records} spans {st.spans} drops {drops} "
+                   f"open connections {pipeline.open_connections}", err=True)  # fmt: skip
+
+    _run(opts, lambda batch, out: write(pipeline.push(batch), out), tick,
+         lambda out: write(pipeline.close_all(time.time_ns()), out))
 
 
 def _describe(sel, collector) -> str:

@@ -1,0 +1,203 @@
+"""Records -> ordered streams -> protocol messages -> paired spans, per connection.
+
+Everything here is plain Python over plain data: the live agent feeds it records
+from the kernel, tests feed it hand-made ones. Memory is bounded: connections
+(least recently active dropped first), requests waiting per connection, bytes
+buffered per direction by the parsers.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from deeptrace import protocols
+from deeptrace.agent.records import Record
+from deeptrace.protocols.base import ConnectionParser, Message
+from deeptrace.spans import Endpoint, Pairing, Span, make_span
+from deeptrace.streams import OrderedStream
+
+MAX_CONNECTIONS = 65536
+DETECT_GIVE_UP_BYTES = 4096  # a connection none of the parsers recognised by then is ignored
+
+
+@dataclass
+class PipelineStats:
+    records: int = 0
+    messages: int = 0
+    spans: int = 0
+    unanswered: int = 0  # requests that got no response (timeout, close, bound)
+    orphan_responses: int = 0  # responses with no request waiting
+    connections_evicted: int = 0
+    undetected_connections: int = 0
+    holes: int = 0
+
+
+@dataclass
+class _Connection:
+    endpoint: Endpoint
+    role: str
+    streams: dict[str, OrderedStream] = field(default_factory=lambda: {"ingress": OrderedStream(),
+                                                                        "egress": OrderedStream()})  # fmt: skip
+    parser: ConnectionParser | None = None
+    request_direction: str | None = None  # "ingress" on the server side, "egress" on the client side
+    unknown_bytes: int = 0
+    ignored: bool = False
+    pairing: Pairing = field(default_factory=Pairing)
+    last_ns: int = 0
+
+    @property
+    def kind(self) -> str:
+        return "SERVER" if self.request_direction == "ingress" else "CLIENT"
+
+
+class SpanPipeline:
+    def __init__(self, host: str | None = None, timeout_ns: int = 30_000_000_000):
+        self.host = host or socket.gethostname()
+        self.timeout_ns = timeout_ns
+        self.stats = PipelineStats()
+        self._conns: OrderedDict[tuple[int, int], _Connection] = OrderedDict()
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._conns)
+
+    def push(self, records: list[Record]) -> list[Span]:
+        """Spans completed by these records (in any order; sorted by time here)."""
+        spans: list[Span] = []
+        for rec in _in_order(records):
+            self.stats.records += 1
+            key = (rec.tgid, rec.conn_id)
+            if rec.syscall == "close":
+                conn = self._conns.pop(key, None)
+                if conn is not None:
+                    self._close(conn, rec.exit_ns, spans)
+                continue
+            if rec.direction is None:
+                continue  # connect / accept: the connection's role is in every record
+            conn = self._conns.get(key)
+            if conn is None:
+                conn = self._open(key, rec, spans)
+            else:
+                self._conns.move_to_end(key)
+            conn.last_ns = rec.exit_ns
+            if conn.ignored:
+                continue
+            self._deliver(conn, rec.direction, lambda s: s.push(rec, rec.exit_ns), spans)
+        return spans
+
+    def flush(self, now_ns: int) -> list[Span]:
+        """Periodic work: overdue reorder waits become holes; unanswered requests time out."""
+        spans: list[Span] = []
+        for conn in list(self._conns.values()):
+            for direction in conn.streams:
+                self._deliver(conn, direction, lambda s: s.expire(now_ns), spans)
+            for req in conn.pairing.expired(now_ns, self.timeout_ns):
+                self._unanswered(conn, req, "timeout", spans)
+        return spans
+
+    def close_all(self, now_ns: int) -> list[Span]:
+        spans: list[Span] = []
+        while self._conns:
+            _, conn = self._conns.popitem(last=False)
+            self._close(conn, now_ns, spans, reason="agent stopped")
+        return spans
+
+    # ---- internals ----
+
+    def _open(self, key: tuple[int, int], rec: Record, spans: list[Span]) -> _Connection:
+        if len(self._conns) >= MAX_CONNECTIONS:
+            _, oldest = self._conns.popitem(last=False)
+            self.stats.connections_evicted += 1
+            self._close(oldest, rec.exit_ns, spans, reason="evicted")
+        endpoint = Endpoint(rec.comm, self.host, rec.tgid, rec.laddr, rec.lport, rec.raddr, rec.rport, rec.conn_id)
+        conn = _Connection(endpoint, rec.role)
+        if rec.role in ("client", "server"):
+            conn.request_direction = "ingress" if rec.role == "server" else "egress"
+        self._conns[key] = conn
+        return conn
+
+    def _deliver(self, conn: _Connection, direction: str, take, spans: list[Span]) -> None:
+        """Feed what take(stream) releases from one direction's stream, counting holes."""
+        stream = conn.streams[direction]
+        before = stream.holes
+        for chunk in take(stream):
+            self._feed(conn, direction, chunk, spans)
+        self.stats.holes += stream.holes - before
+
+    def _feed(self, conn: _Connection, direction: str, chunk, spans: list[Span]) -> None:
+        if conn.parser is None:
+            if not chunk.data or not self._detect(conn, direction, chunk.data):
+                conn.unknown_bytes += chunk.size
+                if conn.unknown_bytes > DETECT_GIVE_UP_BYTES:
+                    conn.ignored = True
+                    self.stats.undetected_connections += 1
+                return
+        is_request = direction == conn.request_direction
+        for msg in conn.parser.feed(is_request, chunk):
+            self.stats.messages += 1
+            if msg.is_request:
+                for dropped in conn.pairing.request(msg):
+                    self._unanswered(conn, dropped, "too many requests waiting", spans)
+            else:
+                self._response(conn, msg, spans)
+
+    def _detect(self, conn: _Connection, direction: str, data: bytes) -> bool:
+        if conn.request_direction is None:
+            found = protocols.detect(data, None)
+            if found is not None:
+                conn.request_direction = direction if found[2] else _other(direction)
+        else:
+            found = protocols.detect(data, direction == conn.request_direction)
+        if found is None:
+            return False
+        conn.parser = found[1]
+        return True
+
+    def _response(self, conn: _Connection, msg: Message, spans: list[Span]) -> None:
+        req = conn.pairing.response(msg)
+        if req is None:
+            self.stats.orphan_responses += 1
+            return
+        spans.append(make_span(conn.kind, conn.endpoint, req, msg))
+        self.stats.spans += 1
+
+    def _unanswered(self, conn: _Connection, req: Message, reason: str, spans: list[Span]) -> None:
+        spans.append(make_span(conn.kind, conn.endpoint, req, None, reason))
+        self.stats.spans += 1
+        self.stats.unanswered += 1
+
+    def _close(self, conn: _Connection, now_ns: int, spans: list[Span], reason: str = "connection closed") -> None:
+        for direction in conn.streams:  # nothing more will come: all waits are over
+            self._deliver(conn, direction, lambda s: s.expire(now_ns + 2 * 10**18), spans)
+        if conn.parser is not None:
+            for msg in conn.parser.close(now_ns):
+                if not msg.is_request:
+                    self._response(conn, msg, spans)
+        for req in conn.pairing.drain():
+            self._unanswered(conn, req, reason, spans)
+
+
+def _in_order(records: list[Record]) -> list[Record]:
+    """Records by time, except that each TCP direction is in sequence order.
+
+    Each direction's records keep the places its records hold in time order, but
+    are put into those places by seq: a read that returned later on another CPU
+    can have reached the ring first."""
+    ordered = sorted(records, key=lambda r: r.exit_ns)
+    places: dict[tuple, list[int]] = {}
+    for i, r in enumerate(ordered):
+        if r.direction is not None and r.l4 == "tcp":
+            places.setdefault((r.tgid, r.conn_id, r.direction), []).append(i)
+    for idxs in places.values():
+        if len(idxs) > 1:
+            base = ordered[idxs[0]].enter_seq
+            by_seq = sorted((ordered[i] for i in idxs), key=lambda r: (r.enter_seq - base + 2**31) % 2**32)
+            for i, r in zip(idxs, by_seq):
+                ordered[i] = r
+    return ordered
+
+
+def _other(direction: str) -> str:
+    return "egress" if direction == "ingress" else "ingress"

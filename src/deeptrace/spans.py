@@ -1,0 +1,158 @@
+"""Spans: one per request/response exchange, and the pairing that makes them.
+
+The span is the one record everything downstream agrees on (DESIGN.md section 4);
+`to_json_dict` is the agent's output format.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from collections import deque
+from dataclasses import dataclass, field
+
+from deeptrace.protocols.base import Message
+
+MAX_PENDING = 1024  # requests awaiting a response on one connection
+
+
+def new_id(nbytes: int) -> str:
+    return os.urandom(nbytes).hex()
+
+
+@dataclass(slots=True)
+class Endpoint:
+    """Who saw the exchange: the process and its side of the connection."""
+
+    service: str
+    host: str
+    pid: int
+    laddr: str
+    lport: int
+    raddr: str
+    rport: int
+    conn_id: int
+
+
+@dataclass(slots=True)
+class Span:
+    kind: str  # SERVER (requests came in) or CLIENT (requests went out)
+    name: str
+    protocol: str
+    endpoint: Endpoint
+    start_ns: int
+    end_ns: int
+    status: str  # "ok" | "error"
+    status_code: str | None
+    tid: int  # thread that moved the request
+    resp_tid: int | None  # thread that moved the response
+    req_size: int
+    resp_size: int
+    req_seq: tuple[int, int] | None  # TCP byte ranges: the other side's span carries the same
+    resp_seq: tuple[int, int] | None
+    attributes: dict
+    req_head: bytes
+    resp_head: bytes
+    span_id: str = field(default_factory=lambda: new_id(8))
+    trace_id: str = field(default_factory=lambda: new_id(16))
+    parent_span_id: str | None = None
+
+    @property
+    def duration_ns(self) -> int:
+        return self.end_ns - self.start_ns
+
+    def to_json_dict(self) -> dict:
+        e = self.endpoint
+        return {
+            "trace_id": self.trace_id,
+            "span_id": self.span_id,
+            "parent_span_id": self.parent_span_id,
+            "kind": self.kind,
+            "name": self.name,
+            "protocol": self.protocol,
+            "service": e.service,
+            "host": e.host,
+            "pid": e.pid,
+            "tid": self.tid,
+            "resp_tid": self.resp_tid,
+            "start_ns": self.start_ns,
+            "end_ns": self.end_ns,
+            "duration_ns": self.duration_ns,
+            "status": self.status,
+            "status_code": self.status_code,
+            "laddr": e.laddr,
+            "lport": e.lport,
+            "raddr": e.raddr,
+            "rport": e.rport,
+            "conn_id": e.conn_id,
+            "req_size": self.req_size,
+            "resp_size": self.resp_size,
+            "req_seq": list(self.req_seq) if self.req_seq else None,
+            "resp_seq": list(self.resp_seq) if self.resp_seq else None,
+            "attributes": self.attributes,
+            "req_head": base64.b64encode(self.req_head).decode(),
+            "resp_head": base64.b64encode(self.resp_head).decode(),
+        }
+
+
+def _seq(msg: Message) -> tuple[int, int] | None:
+    return None if msg.seq_start is None else (msg.seq_start, msg.seq_end)
+
+
+def make_span(kind: str, endpoint: Endpoint, req: Message, resp: Message | None, reason: str = "") -> Span:
+    """A span for a request and its response; without a response, an error span that says why."""
+    attrs = dict(req.attributes)
+    if resp is not None:
+        attrs.update(resp.attributes)
+        if req.partial or resp.partial:
+            attrs["deeptrace.partial"] = True
+        return Span(kind, req.name or req.protocol, req.protocol, endpoint, req.start_ns, resp.end_ns,
+                    "error" if resp.error else "ok", resp.status_code, req.tid_start, resp.tid_end, req.size,
+                    resp.size, _seq(req), _seq(resp), attrs, req.head, resp.head)  # fmt: skip
+    attrs["deeptrace.no_response"] = reason
+    return Span(kind, req.name or req.protocol, req.protocol, endpoint, req.start_ns, req.end_ns, "error", reason,
+                req.tid_start, None, req.size, 0, _seq(req), None, attrs, req.head, b"")  # fmt: skip
+
+
+class Pairing:
+    """Requests waiting for responses on one connection: by protocol id where the
+    protocol has one, first in first out otherwise."""
+
+    def __init__(self) -> None:
+        self._in_order: deque[Message] = deque()
+        self._by_key: dict[object, Message] = {}
+
+    def __len__(self) -> int:
+        return len(self._in_order) + len(self._by_key)
+
+    def request(self, msg: Message) -> list[Message]:
+        """Queue a request; returns requests pushed out by the bound (unanswered)."""
+        if msg.pair_key is not None:
+            old = self._by_key.pop(msg.pair_key, None)
+            self._by_key[msg.pair_key] = msg
+            return [old] if old is not None else []
+        self._in_order.append(msg)
+        return [self._in_order.popleft()] if len(self._in_order) > MAX_PENDING else []
+
+    def response(self, msg: Message) -> Message | None:
+        """The request this response answers, or None."""
+        if msg.pair_key is not None:
+            return self._by_key.pop(msg.pair_key, None)
+        # A response cannot answer a request that started after it.
+        if self._in_order and self._in_order[0].start_ns > msg.start_ns:
+            return None
+        return self._in_order.popleft() if self._in_order else None
+
+    def expired(self, now_ns: int, timeout_ns: int) -> list[Message]:
+        out = []
+        while self._in_order and now_ns - self._in_order[0].end_ns > timeout_ns:
+            out.append(self._in_order.popleft())
+        for key in [k for k, m in self._by_key.items() if now_ns - m.end_ns > timeout_ns]:
+            out.append(self._by_key.pop(key))
+        return out
+
+    def drain(self) -> list[Message]:
+        out = list(self._in_order) + list(self._by_key.values())
+        self._in_order.clear()
+        self._by_key.clear()
+        return out

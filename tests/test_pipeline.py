@@ -1,0 +1,122 @@
+"""Records -> spans without a kernel: ordering by TCP seq, holes, pairing, timeouts."""
+
+from __future__ import annotations
+
+import random
+
+from deeptrace.agent.records import Record
+from deeptrace.pipeline import SpanPipeline
+
+REQ = b"GET /users/42 HTTP/1.1\r\nHost: a\r\n\r\n"
+RESP = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+class Conn:
+    """Builds the records a server process would produce for one TCP connection."""
+
+    def __init__(self, role="server", conn_id=7):
+        self.role, self.conn_id = role, conn_id
+        self.seq = {"ingress": 1000, "egress": 5000}
+        self.t = 1_000_000
+
+    def rec(self, direction, data, size=None, syscall=None, captured=None):
+        size = len(data) if size is None else size
+        start = self.seq[direction]
+        self.seq[direction] = (start + size) % 2**32
+        self.t += 1000
+        payload = data if captured is None else data[:captured]
+        return Record(10, 11, "svc", syscall or ("read" if direction == "ingress" else "write"), direction, "ipv4",
+                      "tcp", "127.0.0.1", 80, "127.0.0.1", 5555, self.role, self.conn_id, 3, self.t, self.t + 10,
+                      start, (start + size) % 2**32, size, size, 0, 0, payload)  # fmt: skip
+
+    def close(self):
+        self.t += 1000
+        return Record(10, 11, "svc", "close", None, "ipv4", "tcp", "127.0.0.1", 80, "127.0.0.1", 5555, self.role,
+                      self.conn_id, 3, self.t, self.t, 0, 0, 0, 0, 0, 0, b"")  # fmt: skip
+
+
+def test_request_response_make_one_server_span():
+    c = Conn()
+    recs = [c.rec("ingress", REQ), c.rec("egress", RESP)]
+    (span,) = SpanPipeline(host="h").push(recs)
+    assert (span.kind, span.name, span.status, span.status_code) == ("SERVER", "GET /users/{id}", "ok", "200")
+    assert span.start_ns == recs[0].exit_ns and span.end_ns == recs[1].exit_ns
+    assert span.req_seq == (1000, 1000 + len(REQ)) and span.resp_seq == (5000, 5000 + len(RESP))
+    assert span.endpoint.service == "svc" and span.endpoint.host == "h"
+
+
+def test_client_side_kind():
+    c = Conn(role="client")
+    (span,) = SpanPipeline().push([c.rec("egress", REQ), c.rec("ingress", RESP)])
+    assert span.kind == "CLIENT"
+
+
+def test_role_unknown_is_detected_from_the_bytes():
+    c = Conn(role="unknown")
+    (span,) = SpanPipeline().push([c.rec("egress", REQ), c.rec("ingress", RESP)])
+    assert span.kind == "CLIENT" and span.name == "GET /users/{id}"
+
+
+def test_records_out_of_order_are_put_back_in_seq_order():
+    c = Conn()
+    parts = [REQ[:5], REQ[5:20], REQ[20:]]
+    recs = [c.rec("ingress", p) for p in parts] + [c.rec("egress", RESP[:10]), c.rec("egress", RESP[10:])]
+    expected = [("GET /users/{id}", "200", len(REQ), len(RESP))]
+    for seed in range(20):  # within one batch, any order
+        shuffled = recs[:]
+        random.Random(seed).shuffle(shuffled)
+        spans = SpanPipeline().push(shuffled)
+        assert [(s.name, s.status_code, s.req_size, s.resp_size) for s in spans] == expected
+    # Across batches: once a direction has started, a later range waits for the earlier one.
+    pipeline = SpanPipeline()
+    spans = pipeline.push([recs[0], recs[2]]) + pipeline.push([recs[1], recs[3], recs[4]])
+    assert [(s.name, s.status_code, s.req_size, s.resp_size) for s in spans] == expected
+
+
+def test_a_lost_record_becomes_a_hole_and_later_exchanges_still_pair():
+    c = Conn()
+    first = [c.rec("ingress", REQ), c.rec("egress", b"HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n" + b"x" * 100)]
+    lost = c.rec("egress", b"y" * 400)  # the rest of the body: its record was dropped
+    second = [c.rec("ingress", REQ), c.rec("egress", RESP)]
+    pipeline = SpanPipeline()
+    spans = pipeline.push(first) + pipeline.push(second)
+    assert lost and spans == []  # waiting for the missing range
+    spans = pipeline.flush(now_ns=c.t + 10**9)
+    assert [(s.status_code, s.resp_size) for s in spans] == [("200", len(first[1].payload) + 400), ("200", len(RESP))]
+    assert pipeline.stats.holes == 1
+
+
+def test_truncated_capture_is_skipped():
+    c = Conn()
+    big = b"HTTP/1.1 200 OK\r\nContent-Length: 9000\r\n\r\n" + b"z" * 9000
+    spans = SpanPipeline().push([c.rec("ingress", REQ), c.rec("egress", big, captured=1024),
+                                 c.rec("ingress", REQ), c.rec("egress", RESP)])  # fmt: skip
+    assert [(s.status_code, s.resp_size) for s in spans] == [("200", len(big)), ("200", len(RESP))]
+
+
+def test_unanswered_request_times_out_and_close_reports_the_rest():
+    c = Conn()
+    pipeline = SpanPipeline(timeout_ns=10**6)
+    assert pipeline.push([c.rec("ingress", REQ)]) == []
+    (late,) = pipeline.flush(now_ns=c.t + 10**7)
+    assert late.status == "error" and late.status_code == "timeout"
+    pipeline.push([c.rec("ingress", REQ)])
+    (closed,) = pipeline.push([c.close()])
+    assert closed.status_code == "connection closed" and pipeline.open_connections == 0
+
+
+def test_unknown_protocol_is_given_up_on():
+    c = Conn()
+    pipeline = SpanPipeline()
+    for _ in range(5):
+        pipeline.push([c.rec("ingress", bytes(range(256)) * 4)])
+    assert pipeline.stats.undetected_connections == 1 and pipeline.stats.spans == 0
+
+
+def test_redis_pipelined_over_several_reads():
+    c = Conn()
+    cmds = b"*1\r\n$4\r\nPING\r\n" * 3 + b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"
+    replies = b"+PONG\r\n" * 3 + b"-ERR nope\r\n"
+    spans = SpanPipeline().push([c.rec("ingress", cmds[:20]), c.rec("ingress", cmds[20:]),
+                                 c.rec("egress", replies)])  # fmt: skip
+    assert [(s.name, s.status) for s in spans] == [("redis PING", "ok")] * 3 + [("redis GET", "error")]
