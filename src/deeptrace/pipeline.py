@@ -38,8 +38,7 @@ class PipelineStats:
 class _Connection:
     endpoint: Endpoint
     role: str
-    streams: dict[str, OrderedStream] = field(default_factory=lambda: {"ingress": OrderedStream(),
-                                                                        "egress": OrderedStream()})  # fmt: skip
+    streams: dict[str, OrderedStream]
     parser: ConnectionParser | None = None
     request_direction: str | None = None  # "ingress" on the server side, "egress" on the client side
     unknown_bytes: int = 0
@@ -84,15 +83,15 @@ class SpanPipeline:
             conn.last_ns = rec.exit_ns
             if conn.ignored:
                 continue
-            self._deliver(conn, rec.direction, lambda s: s.push(rec, rec.exit_ns), spans)
+            self._deliver(conn, rec.direction, conn.streams[rec.direction].push(rec, rec.exit_ns), spans)
         return spans
 
     def flush(self, now_ns: int) -> list[Span]:
         """Periodic work: overdue reorder waits become holes; unanswered requests time out."""
         spans: list[Span] = []
         for conn in list(self._conns.values()):
-            for direction in conn.streams:
-                self._deliver(conn, direction, lambda s: s.expire(now_ns), spans)
+            for direction, stream in conn.streams.items():
+                self._deliver(conn, direction, stream.expire(now_ns), spans)
             for req in conn.pairing.expired(now_ns, self.timeout_ns):
                 self._unanswered(conn, req, "timeout", spans)
         return spans
@@ -112,19 +111,15 @@ class SpanPipeline:
             self.stats.connections_evicted += 1
             self._close(oldest, rec.exit_ns, spans, reason="evicted")
         endpoint = Endpoint(rec.comm, self.host, rec.tgid, rec.laddr, rec.lport, rec.raddr, rec.rport, rec.conn_id)
-        conn = _Connection(endpoint, rec.role)
+        conn = _Connection(endpoint, rec.role, {d: OrderedStream(self.stats) for d in ("ingress", "egress")})
         if rec.role in ("client", "server"):
             conn.request_direction = "ingress" if rec.role == "server" else "egress"
         self._conns[key] = conn
         return conn
 
-    def _deliver(self, conn: _Connection, direction: str, take, spans: list[Span]) -> None:
-        """Feed what take(stream) releases from one direction's stream, counting holes."""
-        stream = conn.streams[direction]
-        before = stream.holes
-        for chunk in take(stream):
+    def _deliver(self, conn: _Connection, direction: str, chunks, spans: list[Span]) -> None:
+        for chunk in chunks:
             self._feed(conn, direction, chunk, spans)
-        self.stats.holes += stream.holes - before
 
     def _feed(self, conn: _Connection, direction: str, chunk, spans: list[Span]) -> None:
         if conn.parser is None:
@@ -169,8 +164,8 @@ class SpanPipeline:
         self.stats.unanswered += 1
 
     def _close(self, conn: _Connection, now_ns: int, spans: list[Span], reason: str = "connection closed") -> None:
-        for direction in conn.streams:  # nothing more will come: all waits are over
-            self._deliver(conn, direction, lambda s: s.expire(now_ns + 2 * 10**18), spans)
+        for direction, stream in conn.streams.items():  # nothing more will come: all waits are over
+            self._deliver(conn, direction, stream.expire(now_ns + 2 * 10**18), spans)
         if conn.parser is not None:
             for msg in conn.parser.close(now_ns):
                 if not msg.is_request:

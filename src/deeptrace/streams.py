@@ -38,10 +38,10 @@ def hole(nbytes: int, at: Chunk) -> Chunk:
 class OrderedStream:
     """One direction of one TCP connection: records in, chunks (and holes) out, in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, stats=None) -> None:
         self.next_seq: int | None = None
         self._waiting: dict[int, tuple[int, Chunk]] = {}  # seq -> (arrival ns, chunk)
-        self.holes = 0
+        self._stats = stats  # anything with a `holes` count to add to
 
     def push(self, rec: Record, now_ns: int) -> list[Chunk]:
         if rec.l4 != "tcp":
@@ -80,7 +80,8 @@ class OrderedStream:
                 continue  # already delivered through another record
             if gap > 0:
                 out.append(hole(gap, chunk))
-                self.holes += 1
+                if self._stats is not None:
+                    self._stats.holes += 1
             out.append(chunk)
             self.next_seq = (seq + chunk.size) % _SEQ_MOD
             self._drain(out)

@@ -145,6 +145,11 @@ class Collector:
         self._sync_traced(self.traced | added)
         return added
 
+    def trace_comm(self, name: str) -> None:
+        """Trace processes that exec with this name from now on (and those running now)."""
+        self._comms.update(name.encode().ljust(16, b"\0"), _ONE)
+        self._sync_traced(self.traced | {p for p in selection.all_tgids() if selection.comm_of(p) == name})
+
     def untrace(self, pid: int) -> None:
         self._pids.delete(_U32.pack(pid))
         self.traced.discard(pid)

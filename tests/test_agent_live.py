@@ -1,0 +1,71 @@
+"""Spans from real servers and clients traced by the real agent."""
+
+from __future__ import annotations
+
+import subprocess
+
+from servers import need, nginx, redis
+
+from deeptrace.pipeline import SpanPipeline
+
+
+def spans_of(store, tgids, predicate, timeout_s=10.0):
+    """Run the records of these processes through a fresh pipeline once predicate(records) holds."""
+    recs = store.wait_for(tgids, predicate, timeout_s)
+    pipeline = SpanPipeline()
+    return pipeline.push(recs), pipeline
+
+
+def test_curl_and_nginx_give_one_client_and_one_server_span_per_request(collector, store, tmp_path):
+    collector.trace_comm("curl")
+    with nginx(tmp_path) as (master, port):
+        workers = collector.trace(master)
+        urls = [f"http://127.0.0.1:{port}/hello", f"http://127.0.0.1:{port}/hello?id=3",
+                f"http://127.0.0.1:{port}/missing/42"]  # fmt: skip
+        curls = []
+        for url in urls:
+            p = subprocess.Popen([need("curl"), "-s", "-o", "/dev/null", url])
+            curls.append(p.pid)
+            assert p.wait(10) == 0
+        head = subprocess.Popen([need("curl"), "-s", "-I", "-o", "/dev/null", urls[0]])
+        curls.append(head.pid)
+        assert head.wait(10) == 0
+        # Every connection closed on both sides: all their records are in.
+        server, _ = spans_of(store, workers, lambda rs: sum(r.syscall == "close" for r in rs) >= 4)
+        client, _ = spans_of(store, curls, lambda rs: sum(r.syscall == "close" for r in rs) >= 4)
+    expected = [("GET /hello", "ok", "200"), ("GET /hello", "ok", "200"), ("GET /missing/{id}", "error", "404"),
+                ("HEAD /hello", "ok", "200")]  # fmt: skip
+    for spans, kind in ((server, "SERVER"), (client, "CLIENT")):
+        spans.sort(key=lambda s: s.start_ns)
+        assert [(s.name, s.status, s.status_code) for s in spans] == expected
+        assert all(s.kind == kind and 0 < s.duration_ns < 2_000_000_000 for s in spans)
+    assert {s.endpoint.service for s in server} == {"nginx"} and {s.endpoint.service for s in client} == {"curl"}
+    # Each client span and its server span carry the same TCP byte ranges: the exact cross-process join.
+    assert sorted(s.req_seq for s in server) == sorted(s.req_seq for s in client)
+    assert sorted(s.resp_seq for s in server) == sorted(s.resp_seq for s in client)
+    assert server[0].attributes["http.request.header.user-agent"].startswith("curl/")
+
+
+def test_redis_benchmark_pipelined_and_redis_errors(collector, store, tmp_path):
+    with redis(tmp_path) as (pid, port):
+        collector.trace(pid)
+        n = 500
+        subprocess.run([need("redis-benchmark"), "-p", str(port), "-n", str(n), "-P", "16", "-c", "4", "-t", "set,get",
+                        "-q"], check=True, capture_output=True)  # fmt: skip
+        cli = [need("redis-cli"), "-p", str(port)]
+        subprocess.run([*cli, "SET", "s", "v"], check=True, capture_output=True)
+        assert b"WRONGTYPE" in subprocess.run([*cli, "LPUSH", "s", "x"], capture_output=True).stdout
+        # The server's own count of what it ran (redis-benchmark rounds up to whole pipelines).
+        stats = subprocess.run([*cli, "INFO", "commandstats"], check=True, capture_output=True, text=True).stdout
+        calls = {line.split(":")[0][8:]: int(line.split("calls=")[1].split(",")[0])
+                 for line in stats.splitlines() if line.startswith("cmdstat_")}  # fmt: skip
+        # The INFO reply is the last thing the server sent.
+        spans, pipeline = spans_of(store, pid, lambda rs: any(b"# Commandstats" in r.payload for r in rs))
+        spans += pipeline.close_all(0)
+    names = [s.name for s in spans]
+    assert names.count("redis SET") == calls["set"] >= n + 1 and names.count("redis GET") == calls["get"] >= n
+    (err,) = [s for s in spans if s.name == "redis LPUSH"]
+    assert err.status == "error" and err.status_code == "WRONGTYPE"
+    ok = [s for s in spans if s.name in ("redis SET", "redis GET")]
+    assert all(s.status == "ok" and s.kind == "SERVER" and s.duration_ns > 0 for s in ok)
+    assert pipeline.stats.orphan_responses == 0 and pipeline.stats.unanswered == 0
