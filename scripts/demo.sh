@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The quick-start demo: start nginx on a free loopback port, trace it by the
-# master's pid with `deeptrace record`, send it a few curl requests, and show
-# what the kernel saw (readable lines, then the summary). Needs root.
+# master's pid, send it a few curl requests, and show what the kernel saw
+# (`deeptrace record`) and the spans the agent made of it (`deeptrace agent`).
+# Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEEPTRACE=.venv/bin/deeptrace
@@ -35,13 +36,18 @@ cleanup() { kill "$nginx_pid" 2>/dev/null || true; wait "$nginx_pid" 2>/dev/null
 trap cleanup EXIT
 for _ in $(seq 50); do curl -s -o /dev/null "http://127.0.0.1:$port/" && break; sleep 0.1; done
 
-echo "== nginx (pid $nginx_pid) on 127.0.0.1:$port; tracing it for 4 s"
-"$DEEPTRACE" record --pid "$nginx_pid" --duration 4 --format text --out - 2> >(tee "$work/record.err" >&2) &
-rec=$!
-# Loading and verifying the programs takes a moment: send traffic once it says it is tracing.
-for _ in $(seq 300); do grep -q tracing "$work/record.err" 2>/dev/null && break; sleep 0.05; done
-curl -s -o /dev/null "http://127.0.0.1:$port/users/42"
-curl -s -o /dev/null -H 'X-Request-ID: demo-1' "http://127.0.0.1:$port/users/7"
-curl -s -o /dev/null "http://127.0.0.1:$port/missing"
-wait "$rec"
-echo "== JSON lines are the default: $DEEPTRACE record --pid $nginx_pid --duration 5 --out -"
+echo "== nginx (pid $nginx_pid) on 127.0.0.1:$port"
+# 1. The raw view: one record per socket syscall. 2. The agent: one span per request/response.
+for mode in "record --format text" "agent --format text"; do
+	echo "== deeptrace $mode --pid $nginx_pid --duration 4"
+	rm -f "$work/run.err"
+	"$DEEPTRACE" $mode --pid "$nginx_pid" --duration 4 --out - 2> >(tee "$work/run.err" >&2) &
+	run=$!
+	# Loading and verifying the programs takes a moment: send traffic once it says it is tracing.
+	for _ in $(seq 300); do grep -q tracing "$work/run.err" 2>/dev/null && break; sleep 0.05; done
+	curl -s -o /dev/null "http://127.0.0.1:$port/users/42"
+	curl -s -o /dev/null -H 'X-Request-ID: demo-1' "http://127.0.0.1:$port/users/7"
+	curl -s -o /dev/null "http://127.0.0.1:$port/missing"
+	wait "$run"
+done
+echo "== JSON lines are the default: $DEEPTRACE agent --pid $nginx_pid --out -"

@@ -69,3 +69,29 @@ def test_redis_benchmark_pipelined_and_redis_errors(collector, store, tmp_path):
     ok = [s for s in spans if s.name in ("redis SET", "redis GET")]
     assert all(s.status == "ok" and s.kind == "SERVER" and s.duration_ns > 0 for s in ok)
     assert pipeline.stats.orphan_responses == 0 and pipeline.stats.unanswered == 0
+
+
+def test_agent_command_writes_one_span_per_curl_request(tmp_path):
+    import json
+    import sys
+
+    from conftest import require_bpf
+
+    require_bpf()
+    out = tmp_path / "spans.jsonl"
+    with nginx(tmp_path) as (master, port):
+        agent = subprocess.Popen([sys.executable, "-m", "deeptrace.cli", "agent", "--comm", "nginx", "--duration", "5",
+                                  "--stats-interval", "1", "--out", str(out)], stderr=subprocess.PIPE, text=True)  # fmt: skip
+        assert "tracing name nginx" in agent.stderr.readline()
+        for path in ("/hello", "/hello", "/nope"):
+            subprocess.run([need("curl"), "-s", "-o", "/dev/null", f"http://127.0.0.1:{port}{path}"], check=True)
+        _, err = agent.communicate(timeout=30)
+    assert agent.returncode == 0, err
+    spans = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(s["kind"], s["name"], s["status_code"]) for s in spans] == [
+        ("SERVER", "GET /hello", "200"), ("SERVER", "GET /hello", "200"), ("SERVER", "GET /nope", "404")]
+    keys = {"trace_id", "span_id", "parent_span_id", "kind", "name", "protocol", "service", "host", "pid", "tid",
+            "start_ns", "end_ns", "duration_ns", "status", "status_code", "laddr", "lport", "raddr", "rport",
+            "req_size", "resp_size", "req_seq", "resp_seq", "attributes", "req_head", "resp_head"}  # fmt: skip
+    assert all(keys <= set(s) for s in spans)
+    assert "open connections" in err and "spans 3" in err

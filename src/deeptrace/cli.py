@@ -120,23 +120,33 @@ def record(fmt, **opts) -> None:
 @_collector_options
 @click.option("--timeout", "timeout_s", type=float, default=30.0, show_default=True,
               help="Seconds a request waits for its response before it is reported as an error span.")
-def agent(timeout_s, **opts) -> None:
+@click.option("--format", "fmt", type=click.Choice(["json", "text"]), default="json", show_default=True,
+              help="JSON lines, or one readable line per span.")
+@click.option("--stats-interval", type=float, default=10.0, show_default=True,
+              help="Seconds between the one-line stats on stderr.")
+def agent(timeout_s, fmt, stats_interval, **opts) -> None:
     """Trace processes and write one JSON span per request/response exchange."""
     from deeptrace.pipeline import SpanPipeline
+    from deeptrace.spans import format_text
 
     pipeline = SpanPipeline(timeout_ns=int(timeout_s * 1e9))
 
     def write(spans, out) -> None:
         for span in spans:
-            out.write(json.dumps(span.to_json_dict()) + "\n")
+            out.write((format_text(span) if fmt == "text" else json.dumps(span.to_json_dict())) + "\n")
         if spans:
             out.flush()
 
+    next_stats = time.monotonic() + stats_interval
+
     def tick(collector, out) -> None:
+        nonlocal next_stats
         write(pipeline.flush(time.time_ns()), out)
-        st, drops = pipeline.stats, sum(collector.drops().values())
-        click.echo(f"deeptrace: records {st.records} spans {st.spans} drops {drops} "
-                   f"open connections {pipeline.open_connections}", err=True)  # fmt: skip
+        if time.monotonic() >= next_stats:
+            next_stats += stats_interval
+            st, drops = pipeline.stats, sum(collector.drops().values())
+            click.echo(f"deeptrace: records {st.records} spans {st.spans} drops {drops} "
+                       f"open connections {pipeline.open_connections}", err=True)  # fmt: skip
 
     _run(opts, lambda batch, out: write(pipeline.push(batch), out), tick,
          lambda out: write(pipeline.close_all(time.time_ns()), out))

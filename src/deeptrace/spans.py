@@ -95,6 +95,15 @@ class Span:
         }
 
 
+def format_text(span: Span) -> str:
+    """One readable line per span."""
+    e = span.endpoint
+    arrow = "<-" if span.kind == "SERVER" else "->"
+    code = f" {span.status_code}" if span.status_code else ""
+    return (f"{span.kind:6} {e.service}[{e.pid}] {span.name} {span.status}{code} {span.duration_ns / 1e6:.3f} ms "
+            f"{e.laddr}:{e.lport} {arrow} {e.raddr}:{e.rport} req {span.req_size}B resp {span.resp_size}B")  # fmt: skip
+
+
 def _seq(msg: Message) -> tuple[int, int] | None:
     return None if msg.seq_start is None else (msg.seq_start, msg.seq_end)
 
