@@ -302,6 +302,7 @@ def main() -> None:
         "traced_records": records["traced"], "untraced_records": records["untraced"],
         "measured_calls_traced": measured, "drops": dict(drops), "total_drops": sum(drops.values()),
         "unclean_samples": unclean,
+        "samples_ns": samples,
     }))  # fmt: skip
 
 

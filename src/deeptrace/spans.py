@@ -7,7 +7,7 @@ The span is the one record everything downstream agrees on (DESIGN.md section 4)
 from __future__ import annotations
 
 import base64
-import os
+import random
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -17,7 +17,8 @@ MAX_PENDING = 1024  # requests awaiting a response on one connection
 
 
 def new_id(nbytes: int) -> str:
-    return os.urandom(nbytes).hex()
+    # Unique, not secret: ids need no cryptographic randomness, and this runs per span.
+    return f"{random.getrandbits(nbytes * 8):0{nbytes * 2}x}"
 
 
 @dataclass(slots=True)

@@ -88,6 +88,8 @@ class DirectionFramer:
             self.in_step = True
         if self._open is not None:
             data = self._skip(len(data), chunk, out, data)
+        if data and not self._buf:
+            data = self._frame_whole(data, chunk, out)
         if data:
             self._marks.append((len(self._buf), chunk, len(chunk.data) - len(data)))
             self._buf += data
@@ -147,9 +149,27 @@ class DirectionFramer:
                 self._open = None
         return data[take:] if data else data
 
+    def _frame_whole(self, data: bytes, chunk: Chunk, out: list[Framed]) -> bytes:
+        """Frame the messages that lie wholly inside one chunk (the usual case: one
+        message, or several pipelined, per syscall) straight from its bytes; returns
+        what is left for the buffer."""
+        base = len(chunk.data) - len(data)
+        while data:
+            result = self._frame(data)
+            if result.__class__ is not Frame or result.length is None or result.length > len(data):
+                return data  # incomplete, running on, or not a message: the general path decides
+            length = result.length
+            seq = None if chunk.seq is None else (chunk.seq + base) & 0xFFFFFFFF
+            out.append(Framed(result.fields, length, data[:HEAD_BYTES], chunk.start_ns, chunk.end_ns, chunk.tid,
+                              chunk.tid, seq, False))  # fmt: skip
+            data = data[length:]
+            base += length
+        return data
+
     def _frame_buffered(self, out: list[Framed], chunk: Chunk) -> None:
         while self._buf:
-            result = self._frame(bytes(self._buf))
+            pending = bytes(self._buf)
+            result = self._frame(pending)
             if result == NEED_MORE:
                 if len(self._buf) > MAX_BUFFER:
                     self._lose_step()
@@ -163,7 +183,7 @@ class DirectionFramer:
             if length is not None and length <= len(self._buf):
                 last = self._chunk_at(length - 1)
                 out.append(Framed(
-                    result.fields, length, bytes(self._buf[: min(length, HEAD_BYTES)]), first.start_ns,
+                    result.fields, length, pending[: min(length, HEAD_BYTES)], first.start_ns,
                     last.end_ns, first.tid, last.tid, start_seq, False,
                 ))  # fmt: skip
                 self._consume(length)

@@ -35,13 +35,15 @@ def starts_response(data: bytes) -> bool:
     return data.startswith(b"HTTP/1.")
 
 
+_FRAMING_HEADERS = ("content-length", "transfer-encoding")
+# Only the headers we keep or frame by are looked at: one scan in C per message.
+_WANTED = re.compile(
+    rb"(?im)^(" + b"|".join(re.escape(h.encode()) for h in KEPT_HEADERS + _FRAMING_HEADERS) + rb")[ \t]*:[ \t]*([^\r\n]*)"
+)
+
+
 def _headers(block: bytes) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for line in block.split(b"\r\n"):
-        name, sep, value = line.partition(b":")
-        if sep:
-            out[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
-    return out
+    return {name.lower().decode(): value.rstrip().decode("latin-1") for name, value in _WANTED.findall(block)}
 
 
 def _chunked_length(buf: bytes, start: int) -> int | str:
