@@ -12,7 +12,7 @@ ARCH      := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
 
 # Build tools, libbpf, and the real servers and clients the tests trace.
 APT_PACKAGES := clang llvm libbpf1 libbpf-dev bpftool gcc libc6-dev make \
-                nginx-light redis-server redis-tools curl iproute2 procps
+                nginx-light redis-server redis-tools curl wrk iproute2 procps
 
 .PHONY: all setup deps venv bpf test demo bench clean
 
@@ -66,6 +66,7 @@ bench: setup
 	$(VPY) bench/overhead/run.py
 	$(VPY) bench/overhead/hook_times.py
 	$(VPY) bench/throughput/run.py
+	$(VPY) bench/spans/run.py
 
 clean:
 	rm -rf build $(BPF_OBJ) $(BPF_COMPAT) .pytest_cache
