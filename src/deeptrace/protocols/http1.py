@@ -88,44 +88,60 @@ def _body_end(buf: bytes, header_len: int, headers: dict[str, str]) -> int | Non
     return None
 
 
-def frame_request(buf: bytes) -> Frame | str:
-    if not starts_request(buf[:12]) and len(buf) >= 12:
+def _request_line(first: bytes) -> dict | None:
+    parts = first.split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1.") or parts[0] not in METHODS:
+        return None
+    return {"method": parts[0].decode("latin-1"), "target": parts[1].decode("latin-1", "replace"),
+            "version": parts[2].decode("latin-1")}  # fmt: skip
+
+
+def _status_line(first: bytes) -> dict | None:
+    parts = first.split(b" ", 2)
+    if not parts[0].startswith(b"HTTP/1.") or len(parts) < 2 or not parts[1].isdigit():
+        return None
+    return {"status": int(parts[1]), "reason": parts[2].decode("latin-1", "replace") if len(parts) > 2 else "",
+            "version": parts[0].decode("latin-1")}  # fmt: skip
+
+
+def _head(buf: bytes, starts, first_line) -> tuple[int, dict] | str:
+    """(header length, fields of the start line and headers) of the message at buf[0]."""
+    if not starts(buf[:12]) and len(buf) >= 12:
         return INVALID
     block = _header_block(buf)
     if isinstance(block, str):
         return block
     header_len, first, headers = block
-    parts = first.split(b" ")
-    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+    fields = first_line(first)
+    if fields is None:
         return INVALID
-    end = _body_end(buf, header_len, headers)
+    fields["headers"] = headers
+    return header_len, fields
+
+
+def frame_request(buf: bytes) -> Frame | str:
+    head = _head(buf, starts_request, _request_line)
+    if isinstance(head, str):
+        return head
+    header_len, fields = head
+    end = _body_end(buf, header_len, fields["headers"])
     if isinstance(end, str):
         return end
-    fields = {"method": parts[0].decode("latin-1"), "target": parts[1].decode("latin-1", "replace"),
-              "version": parts[2].decode("latin-1"), "headers": headers}  # fmt: skip
     return Frame(header_len if end is None else end, fields)  # no length on a request: no body
 
 
 def frame_response(buf: bytes, request_method: str | None) -> Frame | str:
-    if not starts_response(buf[:7]) and len(buf) >= 7:
-        return INVALID
-    block = _header_block(buf)
-    if isinstance(block, str):
-        return block
-    header_len, first, headers = block
-    parts = first.split(b" ", 2)
-    try:
-        status = int(parts[1])
-    except (IndexError, ValueError):
-        return INVALID
-    fields = {"status": status, "reason": parts[2].decode("latin-1", "replace") if len(parts) > 2 else "",
-              "version": parts[0].decode("latin-1"), "headers": headers}  # fmt: skip
+    head = _head(buf, starts_response, _status_line)
+    if isinstance(head, str):
+        return head
+    header_len, fields = head
+    status = fields["status"]
     if status == 101 or (request_method == "CONNECT" and 200 <= status < 300):
         fields["upgrade"] = True  # the connection now carries something else
         return Frame(header_len, fields)
     if 100 <= status < 200 or status in (204, 304) or request_method == "HEAD":
         return Frame(header_len, fields)
-    end = _body_end(buf, header_len, headers)
+    end = _body_end(buf, header_len, fields["headers"])
     if isinstance(end, str):
         return end
     return Frame(end, fields)  # end None: body runs until the connection closes
@@ -133,19 +149,10 @@ def frame_response(buf: bytes, request_method: str | None) -> Frame | str:
 
 def salvage(buf: bytes) -> dict | None:
     """Fields of a message whose body was cut short (a chunked body across a hole)."""
-    block = _header_block(buf)
-    if isinstance(block, str):
-        return None
-    _, first, headers = block
-    parts = first.split(b" ", 2)
-    if starts_response(first):
-        try:
-            return {"status": int(parts[1]), "version": parts[0].decode("latin-1"), "headers": headers}
-        except (IndexError, ValueError):
-            return None
-    if len(parts) == 3:
-        return {"method": parts[0].decode("latin-1"), "target": parts[1].decode("latin-1", "replace"),
-                "version": parts[2].decode("latin-1"), "headers": headers}  # fmt: skip
+    for starts, first_line in ((starts_response, _status_line), (starts_request, _request_line)):
+        head = _head(buf, starts, first_line)
+        if not isinstance(head, str):
+            return head[1]
     return None
 
 
