@@ -86,3 +86,14 @@ def redis(tmp_path: Path):
             "--dir", str(tmp_path)]  # fmt: skip
     with serving(argv, port, stdout=subprocess.DEVNULL) as pid:
         yield pid, port
+
+
+@contextmanager
+def dnsmasq(tmp_path: Path):
+    """A DNS server answering web.test with 10.1.2.3 and NXDOMAIN for other .test names."""
+    port = free_port()
+    argv = [need("dnsmasq"), "--no-daemon", f"--port={port}", "--listen-address=127.0.0.1", "--bind-interfaces",
+            "--no-resolv", "--no-hosts", "--conf-file=/dev/null", "--pid-file=", "--local=/test/",
+            "--address=/web.test/10.1.2.3"]  # fmt: skip
+    with serving(argv, port, stderr=subprocess.DEVNULL) as pid:
+        yield pid, port

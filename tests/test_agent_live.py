@@ -79,7 +79,7 @@ def test_agent_command_writes_one_span_per_curl_request(tmp_path):
 
     require_bpf()
     out = tmp_path / "spans.jsonl"
-    with nginx(tmp_path) as (master, port):
+    with nginx(tmp_path) as (_, port):
         agent = subprocess.Popen([sys.executable, "-m", "deeptrace.cli", "agent", "--comm", "nginx", "--duration", "5",
                                   "--stats-interval", "1", "--out", str(out)], stderr=subprocess.PIPE, text=True)  # fmt: skip
         assert "tracing name nginx" in agent.stderr.readline()
@@ -95,3 +95,28 @@ def test_agent_command_writes_one_span_per_curl_request(tmp_path):
             "req_size", "resp_size", "req_seq", "resp_seq", "attributes", "req_head", "resp_head"}  # fmt: skip
     assert all(keys <= set(s) for s in spans)
     assert "open connections" in err and "spans 3" in err
+
+
+def test_dig_and_dnsmasq_over_udp_and_tcp(collector, store, tmp_path):
+    from servers import dnsmasq
+
+    collector.trace_comm("dig")
+    with dnsmasq(tmp_path) as (pid, port):
+        collector.trace(pid)
+        digs = []
+        for args, want in ((["web.test"], "10.1.2.3"), (["missing.test"], ""), (["web.test", "+tcp"], "10.1.2.3")):
+            p = subprocess.run([need("dig"), "@127.0.0.1", "-p", str(port), "+short", "+tries=1", *args],
+                               capture_output=True, text=True, check=True)  # fmt: skip
+            assert p.stdout.strip() == want
+            digs.append(p)
+        server, _ = spans_of(store, pid, lambda rs: sum(r.direction == "egress" for r in rs) >= 3)
+    server.sort(key=lambda s: s.start_ns)
+    assert [(s.name, s.status, s.status_code, s.attributes["dns.answers"]) for s in server] == [
+        ("DNS A web.test", "ok", "NOERROR", 1), ("DNS A missing.test", "error", "NXDOMAIN", 0),
+        ("DNS A web.test", "ok", "NOERROR", 1)]  # fmt: skip
+    assert [s.protocol for s in server] == ["dns"] * 3 and all(s.kind == "SERVER" for s in server)
+    assert server[2].req_seq is not None and server[0].req_seq is None  # TCP has byte ranges, UDP none
+    dig_tgids = {r.tgid for recs in store.by_tgid.values() for r in recs if r.comm == "dig"}
+    client, _ = spans_of(store, dig_tgids, lambda rs: sum(r.direction == "ingress" for r in rs) >= 3)
+    assert sorted((s.name, s.status_code) for s in client) == sorted((s.name, s.status_code) for s in server)
+    assert all(s.kind == "CLIENT" for s in client)

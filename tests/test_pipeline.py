@@ -120,3 +120,14 @@ def test_redis_pipelined_over_several_reads():
     spans = SpanPipeline().push([c.rec("ingress", cmds[:20]), c.rec("ingress", cmds[20:]),
                                  c.rec("egress", replies)])  # fmt: skip
     assert [(s.name, s.status) for s in spans] == [("redis PING", "ok")] * 3 + [("redis GET", "error")]
+
+
+def test_protocol_detected_across_tiny_first_reads():
+    """DNS over TCP read as 1 + 1 + rest bytes (dnsmasq does this): detection waits for enough bytes."""
+    from test_dns import answer, query, tcp
+
+    c = Conn()
+    q, a = tcp(query(5, "web.test")), tcp(answer(5, "web.test"))
+    (span,) = SpanPipeline().push([c.rec("ingress", q[:1]), c.rec("ingress", q[1:2]), c.rec("ingress", q[2:]),
+                                   c.rec("egress", a)])  # fmt: skip
+    assert (span.name, span.status_code, span.req_size) == ("DNS A web.test", "NOERROR", len(q))

@@ -39,10 +39,12 @@ class PipelineStats:
 class _Connection:
     endpoint: Endpoint
     role: str
+    l4: str
     streams: dict[str, OrderedStream]
     parser: ConnectionParser | None = None
     request_direction: str | None = None  # "ingress" on the server side, "egress" on the client side
     unknown_bytes: int = 0
+    undetected: list = field(default_factory=list)  # (direction, chunk) seen before the protocol was known
     ignored: bool = False
     pairing: Pairing = field(default_factory=Pairing)
     last_ns: int = 0
@@ -57,7 +59,7 @@ class SpanPipeline:
         self.host = host or socket.gethostname()
         self.timeout_ns = timeout_ns
         self.stats = PipelineStats()
-        self._conns: OrderedDict[tuple[int, int], _Connection] = OrderedDict()
+        self._conns: OrderedDict[tuple, _Connection] = OrderedDict()
 
     @property
     def open_connections(self) -> int:
@@ -79,7 +81,8 @@ class SpanPipeline:
         spans: list[Span] = []
         for rec in _in_order(records):
             self.stats.records += 1
-            key = (rec.tgid, rec.conn_id)
+            # An unconnected UDP socket talks to many peers: each is a connection of its own.
+            key = (rec.tgid, rec.conn_id) if rec.l4 == "tcp" else (rec.tgid, rec.conn_id, rec.raddr, rec.rport)
             if rec.syscall == "close":
                 conn = self._conns.pop(key, None)
                 if conn is not None:
@@ -117,13 +120,13 @@ class SpanPipeline:
 
     # ---- internals ----
 
-    def _open(self, key: tuple[int, int], rec: Record, spans: list[Span]) -> _Connection:
+    def _open(self, key: tuple, rec: Record, spans: list[Span]) -> _Connection:
         if len(self._conns) >= MAX_CONNECTIONS:
             _, oldest = self._conns.popitem(last=False)
             self.stats.connections_evicted += 1
             self._close(oldest, rec.exit_ns, spans, reason="evicted")
         endpoint = Endpoint(rec.comm, self.host, rec.tgid, rec.laddr, rec.lport, rec.raddr, rec.rport, rec.conn_id)
-        conn = _Connection(endpoint, rec.role, {d: OrderedStream(self.stats) for d in ("ingress", "egress")})
+        conn = _Connection(endpoint, rec.role, rec.l4, {d: OrderedStream(self.stats) for d in ("ingress", "egress")})
         if rec.role in ("client", "server"):
             conn.request_direction = "ingress" if rec.role == "server" else "egress"
         self._conns[key] = conn
@@ -134,13 +137,24 @@ class SpanPipeline:
             self._feed(conn, direction, chunk, spans)
 
     def _feed(self, conn: _Connection, direction: str, chunk, spans: list[Span]) -> None:
-        if conn.parser is None:
-            if not chunk.data or not self._detect(conn, direction, chunk.data):
-                conn.unknown_bytes += chunk.size
-                if conn.unknown_bytes > DETECT_GIVE_UP_BYTES:
-                    conn.ignored = True
-                    self.stats.undetected_connections += 1
-                return
+        if conn.parser is not None:
+            self._parse(conn, direction, chunk, spans)
+            return
+        # Not recognised yet: keep the first bytes (a message can start with a 1-byte
+        # read), try again on all of them, and replay them once a parser is found.
+        conn.undetected.append((direction, chunk))
+        conn.unknown_bytes += chunk.size
+        data = b"".join(c.data for d, c in conn.undetected if d == direction)
+        if data and self._detect(conn, direction, data):
+            waiting, conn.undetected = conn.undetected, []
+            for d, c in waiting:
+                self._parse(conn, d, c, spans)
+        elif conn.unknown_bytes > DETECT_GIVE_UP_BYTES:
+            conn.ignored = True
+            conn.undetected = []
+            self.stats.undetected_connections += 1
+
+    def _parse(self, conn: _Connection, direction: str, chunk, spans: list[Span]) -> None:
         is_request = direction == conn.request_direction
         for msg in conn.parser.feed(is_request, chunk):
             self.stats.messages += 1
@@ -152,11 +166,11 @@ class SpanPipeline:
 
     def _detect(self, conn: _Connection, direction: str, data: bytes) -> bool:
         if conn.request_direction is None:
-            found = protocols.detect(data, None)
+            found = protocols.detect(data, None, conn.l4)
             if found is not None:
                 conn.request_direction = direction if found[2] else _other(direction)
         else:
-            found = protocols.detect(data, direction == conn.request_direction)
+            found = protocols.detect(data, direction == conn.request_direction, conn.l4)
         if found is None:
             return False
         conn.parser = found[1]

@@ -7,29 +7,45 @@ direction; the port is never consulted.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from deeptrace.protocols import http1, redis
+from deeptrace.protocols import dns, http1, redis
 from deeptrace.protocols.base import Chunk, ConnectionParser, Message
 
-# (name, looks like its request, looks like its response, parser factory), most specific first.
-PROTOCOLS: tuple[tuple[str, Callable[[bytes], bool], Callable[[bytes], bool], Callable[[], ConnectionParser]], ...] = (
-    (http1.PROTOCOL, http1.starts_request, http1.starts_response, http1.Http1Connection),
-    (redis.PROTOCOL, redis.starts_request, lambda data: False, redis.RedisConnection),
-)
+
+@dataclass(frozen=True)
+class ProtocolSpec:
+    name: str
+    transports: frozenset[str]  # "tcp", "udp"
+    is_request: Callable[[bytes], bool]  # do these first bytes look like this protocol's request?
+    is_response: Callable[[bytes], bool]  # ... its response (only where that is unmistakable)
+    parser: Callable[[str], ConnectionParser]  # transport -> a parser for one connection
 
 
-def detect(data: bytes, is_request: bool | None) -> tuple[str, ConnectionParser, bool] | None:
+# Most specific first.
+PROTOCOLS: tuple[ProtocolSpec, ...] = (
+    ProtocolSpec(http1.PROTOCOL, frozenset({"tcp"}), http1.starts_request, http1.starts_response,
+                 lambda l4: http1.Http1Connection()),
+    ProtocolSpec(redis.PROTOCOL, frozenset({"tcp"}), redis.starts_request, lambda data: False,
+                 lambda l4: redis.RedisConnection()),
+    ProtocolSpec(dns.PROTOCOL, frozenset({"tcp", "udp"}), lambda data: dns.looks_like(data) is True,
+                 lambda data: dns.looks_like(data) is False, lambda l4: dns.DnsConnection(tcp=l4 == "tcp")),
+)  # fmt: skip
+
+
+def detect(data: bytes, is_request: bool | None, l4: str = "tcp") -> tuple[str, ConnectionParser, bool] | None:
     """(protocol, parser, whether data is a request) for a connection's first bytes, or None.
 
-    is_request is None when the connection's role is unknown (it predates the agent):
-    then the bytes tell which side they are. Responses alone are only trusted for
-    protocols whose responses are unmistakable (HTTP's status line)."""
-    for name, req, resp, factory in PROTOCOLS:
-        if is_request is not False and req(data):
-            return name, factory(), True
-        if is_request is not True and resp(data):
-            return name, factory(), False
+    is_request is None when the connection's role is unknown (it predates the agent,
+    or it is an unconnected UDP socket): then the bytes tell which side they are."""
+    for spec in PROTOCOLS:
+        if l4 not in spec.transports:
+            continue
+        if is_request is not False and spec.is_request(data):
+            return spec.name, spec.parser(l4), True
+        if is_request is not True and spec.is_response(data):
+            return spec.name, spec.parser(l4), False
     return None
 
 
-__all__ = ["PROTOCOLS", "Chunk", "ConnectionParser", "Message", "detect"]
+__all__ = ["PROTOCOLS", "Chunk", "ConnectionParser", "Message", "ProtocolSpec", "detect"]
