@@ -158,7 +158,10 @@ class SpanPipeline:
         is_request = direction == conn.request_direction
         for msg in conn.parser.feed(is_request, chunk):
             self.stats.messages += 1
-            if msg.is_request:
+            if msg.is_request and not msg.expects_response:
+                spans.append(make_span(conn.kind, conn.endpoint, msg, None))
+                self.stats.spans += 1
+            elif msg.is_request:
                 for dropped in conn.pairing.request(msg):
                     self._unanswered(conn, dropped, "too many requests waiting", spans)
             else:

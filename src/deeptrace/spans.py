@@ -110,7 +110,8 @@ def _seq(msg: Message) -> tuple[int, int] | None:
 
 
 def make_span(kind: str, endpoint: Endpoint, req: Message, resp: Message | None, reason: str = "") -> Span:
-    """A span for a request and its response; without a response, an error span that says why."""
+    """A span for a request and its response; without a response, an error span that says
+    why (or an ok one for a request that expects none)."""
     attrs = dict(req.attributes)
     if resp is not None:
         attrs.update(resp.attributes)
@@ -119,6 +120,10 @@ def make_span(kind: str, endpoint: Endpoint, req: Message, resp: Message | None,
         return Span(kind, req.name or req.protocol, req.protocol, endpoint, req.start_ns, resp.end_ns,
                     "error" if resp.error else "ok", resp.status_code, req.tid_start, resp.tid_end, req.size,
                     resp.size, _seq(req), _seq(resp), attrs, req.head, resp.head)  # fmt: skip
+    if not req.expects_response:  # one-way by design: done when sent
+        attrs["deeptrace.one_way"] = True
+        return Span(kind, req.name or req.protocol, req.protocol, endpoint, req.start_ns, req.end_ns, "ok", None,
+                    req.tid_start, None, req.size, 0, _seq(req), None, attrs, req.head, b"")  # fmt: skip
     attrs["deeptrace.no_response"] = reason
     return Span(kind, req.name or req.protocol, req.protocol, endpoint, req.start_ns, req.end_ns, "error", reason,
                 req.tid_start, None, req.size, 0, _seq(req), None, attrs, req.head, b"")  # fmt: skip

@@ -44,6 +44,7 @@ class Message:
     attributes: dict = field(default_factory=dict)
     head: bytes = b""  # first captured bytes, secrets redacted
     partial: bool = False  # some of its bytes were not captured
+    expects_response: bool = True  # False: a one-way request (memcached noreply, quiet commands)
 
 
 def message_from(framed, protocol: str, is_request: bool, **kw) -> Message:

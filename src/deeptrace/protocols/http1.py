@@ -28,7 +28,10 @@ _ID_SEGMENT = re.compile(
 
 def starts_request(data: bytes) -> bool:
     space = data.find(b" ", 0, 12)
-    return space > 0 and data[:space] in METHODS
+    if space <= 0 or data[:space] not in METHODS:
+        return False
+    eol = data.find(b"\r\n")  # once the request line is whole, it must end in the version
+    return eol < 0 or data[eol - 8 : eol - 3] == b"HTTP/"
 
 
 def starts_response(data: bytes) -> bool:

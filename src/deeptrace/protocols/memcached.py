@@ -1,0 +1,161 @@
+"""Memcached text (classic and meta commands) and binary protocols: command, key,
+status; binary requests pair with responses by opaque. Pure functions of bytes."""
+
+from __future__ import annotations
+
+import struct
+
+from deeptrace.protocols.base import Chunk, ConnectionParser, Message, message_from
+from deeptrace.protocols.framing import INVALID, NEED_MORE, DirectionFramer, Frame, Framed
+
+PROTOCOL = "memcached"
+MAX_LINE = 8 << 10
+
+# Text commands; the number is the index of the <bytes> field when a data block follows.
+STORAGE = {b"set": 4, b"add": 4, b"replace": 4, b"append": 4, b"prepend": 4, b"cas": 4, b"ms": 2}
+OTHER = frozenset(b"get gets gat gats delete incr decr touch stats flush_all version verbosity quit "
+                  b"mg md ma mn me shutdown cache_memlimit lru_crawler slabs watch".split())  # fmt: skip
+ERRORS = (b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR")
+MISSES = (b"NOT_FOUND", b"NOT_STORED", b"EXISTS", b"NF", b"NS", b"EX", b"EN")
+REPLY_WORDS = frozenset(b"STORED NOT_STORED EXISTS NOT_FOUND DELETED TOUCHED OK ERROR CLIENT_ERROR SERVER_ERROR "
+                        b"VERSION VALUE STAT END HD VA EN NF NS EX MN ME RESET".split())  # fmt: skip
+
+# ---- binary protocol ----
+_BIN = struct.Struct("!BBHBBHIIQ")  # magic opcode keylen extlen datatype vbucket/status bodylen opaque cas
+BIN_REQUEST, BIN_RESPONSE = 0x80, 0x81
+OPCODES = {0x00: "GET", 0x01: "SET", 0x02: "ADD", 0x03: "REPLACE", 0x04: "DELETE", 0x05: "INCREMENT",
+           0x06: "DECREMENT", 0x07: "QUIT", 0x08: "FLUSH", 0x09: "GETQ", 0x0A: "NOOP", 0x0B: "VERSION",
+           0x0C: "GETK", 0x0D: "GETKQ", 0x0E: "APPEND", 0x0F: "PREPEND", 0x10: "STAT", 0x11: "SETQ",
+           0x12: "ADDQ", 0x13: "REPLACEQ", 0x14: "DELETEQ", 0x15: "INCREMENTQ", 0x16: "DECREMENTQ",
+           0x17: "QUITQ", 0x18: "FLUSHQ", 0x19: "APPENDQ", 0x1A: "PREPENDQ", 0x1C: "TOUCH", 0x1D: "GAT",
+           0x1E: "GATQ", 0x20: "SASL_LIST_MECHS", 0x21: "SASL_AUTH", 0x22: "SASL_STEP"}  # fmt: skip
+STATUSES = {0: "OK", 1: "KEY_NOT_FOUND", 2: "KEY_EXISTS", 3: "VALUE_TOO_LARGE", 4: "INVALID_ARGUMENTS",
+            5: "ITEM_NOT_STORED", 6: "NON_NUMERIC", 0x20: "AUTH_ERROR", 0x81: "UNKNOWN_COMMAND",
+            0x82: "OUT_OF_MEMORY"}  # fmt: skip
+
+
+def _first_word(data: bytes) -> bytes:
+    return data[:16].split(b" ", 1)[0].split(b"\r\n", 1)[0]
+
+
+def starts_request(data: bytes) -> bool:
+    if data[:1] == bytes([BIN_REQUEST]):
+        return len(data) >= 24 and data[1] in OPCODES
+    word = _first_word(data)
+    return (word in STORAGE or word in OTHER) and (b" " in data[:16] or b"\r\n" in data[:16])
+
+
+def starts_response(data: bytes) -> bool:
+    if data[:1] == bytes([BIN_RESPONSE]):
+        return len(data) >= 24 and data[1] in OPCODES
+    return _first_word(data) in REPLY_WORDS
+
+
+def _binary(buf: bytes, is_request: bool) -> Frame | str:
+    if len(buf) < 24:
+        return NEED_MORE
+    magic, opcode, keylen, extlen, _, status, body, opaque, _ = _BIN.unpack_from(buf)
+    if magic != (BIN_REQUEST if is_request else BIN_RESPONSE) or keylen + extlen > body:
+        return INVALID
+    fields = {"binary": True, "command": OPCODES.get(opcode, f"0x{opcode:02x}"), "opaque": opaque}
+    if is_request and keylen:
+        fields["key"] = buf[24 + extlen : 24 + extlen + keylen].decode("utf-8", "replace")
+    if not is_request:
+        fields["status"] = STATUSES.get(status, str(status))
+    return Frame(24 + body, fields)
+
+
+def frame_request(buf: bytes) -> Frame | str:
+    if buf[:1] == bytes([BIN_REQUEST]):
+        return _binary(buf, True)
+    end = buf.find(b"\r\n")
+    if end < 0:
+        return NEED_MORE if len(buf) < MAX_LINE else INVALID
+    words = buf[:end].split()
+    if not words or not (words[0] in STORAGE or words[0] in OTHER):
+        return INVALID
+    command = words[0].decode()
+    fields = {"binary": False, "command": command, "noreply": words[-1] in (b"noreply", b"q")}
+    if len(words) > 1 and command not in ("stats", "verbosity", "flush_all", "gat", "gats"):
+        fields["key"] = words[1].decode("utf-8", "replace")
+    elif command in ("gat", "gats") and len(words) > 2:
+        fields["key"] = words[2].decode("utf-8", "replace")
+    length = end + 2
+    if words[0] in STORAGE:
+        try:
+            length += int(words[STORAGE[words[0]]]) + 2  # the data block and its CRLF
+        except (IndexError, ValueError):
+            return INVALID
+    return Frame(length, fields)
+
+
+def frame_response(buf: bytes) -> Frame | str:
+    if buf[:1] == bytes([BIN_RESPONSE]):
+        return _binary(buf, False)
+    pos, values = 0, 0
+    first = None
+    while True:  # a reply is one line, or VALUE/STAT/VA blocks up to END (or the VA block alone)
+        end = buf.find(b"\r\n", pos)
+        if end < 0:
+            return NEED_MORE if len(buf) - pos < MAX_LINE else INVALID
+        words = buf[pos:end].split()
+        if not words or words[0] not in REPLY_WORDS:
+            return INVALID
+        first = first or words
+        pos = end + 2
+        if words[0] in (b"VALUE", b"VA"):
+            try:
+                pos += int(words[3] if words[0] == b"VALUE" else words[1]) + 2
+            except (IndexError, ValueError):
+                return INVALID
+            values += 1
+            if words[0] == b"VA":
+                break
+        elif words[0] != b"STAT":
+            break
+    word = first[0]
+    fields = {"binary": False, "reply": word.decode(), "values": values}
+    if word in ERRORS:
+        fields["error"] = buf[: buf.find(b"\r\n")].decode("utf-8", "replace")
+    return Frame(pos, fields)
+
+
+class MemcachedConnection(ConnectionParser):
+    protocol = PROTOCOL
+
+    def __init__(self) -> None:
+        self._requests = DirectionFramer(frame_request, starts_request)
+        self._responses = DirectionFramer(frame_response, starts_response)
+
+    def feed(self, is_request: bool, chunk: Chunk) -> list[Message]:
+        if is_request:
+            return [self._request(f) for f in self._requests.feed(chunk)]
+        return [self._response(f) for f in self._responses.feed(chunk)]
+
+    @staticmethod
+    def _request(f: Framed) -> Message:
+        fields = f.fields
+        attrs = {"db.system": "memcached", "db.operation.name": fields["command"]}
+        if "key" in fields:
+            attrs["db.memcached.key"] = fields["key"]
+        # Quiet binary commands and `noreply` text commands get no response (binary: on success).
+        quiet = fields.get("noreply", False) or (fields["binary"] and fields["command"].endswith("Q"))
+        return message_from(f, PROTOCOL, True, name=f"memcached {fields['command'].lower()}", attributes=attrs,
+                            head=f.head, pair_key=fields.get("opaque") if fields["binary"] else None,
+                            expects_response=not quiet)  # fmt: skip
+
+    @staticmethod
+    def _response(f: Framed) -> Message:
+        fields = f.fields
+        if fields["binary"]:
+            code = fields["status"]
+            error = code not in ("OK", "KEY_NOT_FOUND", "KEY_EXISTS", "ITEM_NOT_STORED")
+            attrs = {"db.response.status_code": code}
+            return message_from(f, PROTOCOL, False, error=error, status_code=code, pair_key=fields["opaque"],
+                                attributes=attrs, head=f.head)  # fmt: skip
+        reply = fields["reply"]
+        error = reply.encode() in ERRORS
+        attrs = {"db.response.status_code": reply, "db.memcached.values": fields["values"]}
+        if error:
+            attrs["db.response.error"] = fields["error"]
+        return message_from(f, PROTOCOL, False, error=error, status_code=reply, attributes=attrs, head=f.head)

@@ -1,0 +1,123 @@
+"""Memcached text and binary protocols on hand-built messages, and live against memcached."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from parsing import chunk, exchange, feed_split
+
+from deeptrace.pipeline import SpanPipeline
+from deeptrace.protocols import detect
+from deeptrace.protocols.memcached import MemcachedConnection
+
+SET = b"set user:42 0 60 5\r\nalice\r\n"
+GET_HIT = b"VALUE user:42 0 5\r\nalice\r\nEND\r\n"
+
+
+def binary(magic: int, opcode: int, key: bytes = b"", value: bytes = b"", extras: bytes = b"", opaque: int = 0,
+           status: int = 0) -> bytes:  # fmt: skip
+    body = extras + key + value
+    return struct.pack("!BBHBBHIIQ", magic, opcode, len(key), len(extras), 0, status, len(body), opaque, 0) + body
+
+
+def test_text_set_and_get():
+    conn = MemcachedConnection()
+    req, resp = exchange(conn, SET, b"STORED\r\n")
+    assert (req.name, req.attributes["db.memcached.key"], req.size) == ("memcached set", "user:42", len(SET))
+    assert (resp.status_code, resp.error) == ("STORED", False)
+    req, resp = exchange(conn, b"get user:42 user:43\r\n", GET_HIT, t=20)
+    assert resp.size == len(GET_HIT) and resp.attributes["db.memcached.values"] == 1
+
+
+@pytest.mark.parametrize("cut", range(1, len(GET_HIT)))
+def test_multi_block_reply_split_at_every_byte(cut):
+    assert [m.size for m in feed_split(MemcachedConnection(), False, GET_HIT, cut)] == [len(GET_HIT)]
+
+
+def test_errors_and_misses():
+    conn = MemcachedConnection()
+    _, err = exchange(conn, b"incr user:42 1\r\n", b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n")
+    _, miss = exchange(conn, b"get nope\r\n", b"END\r\n", t=30)
+    assert (err.error, err.status_code) == (True, "CLIENT_ERROR") and (miss.error, miss.status_code) == (False, "END")
+
+
+def test_noreply_is_a_one_way_span():
+    from test_pipeline import Conn
+
+    c = Conn()
+    spans = SpanPipeline().push([c.rec("ingress", b"set k 0 0 1 noreply\r\nx\r\n"), c.rec("ingress", b"get k\r\n"),
+                                 c.rec("egress", b"VALUE k 0 1\r\nx\r\nEND\r\n")])  # fmt: skip
+    assert [(s.name, s.status, s.resp_size > 0) for s in spans] == [("memcached set", "ok", False),
+                                                                     ("memcached get", "ok", True)]  # fmt: skip
+
+
+def test_binary_pairs_by_opaque():
+    conn = MemcachedConnection()
+    reqs = conn.feed(True, chunk(binary(0x80, 0x01, b"k", b"v", b"\0" * 8, opaque=7) + binary(0x80, 0x00, b"k", opaque=8)))
+    resps = conn.feed(False, chunk(binary(0x81, 0x00, value=b"v", extras=b"\0" * 4, opaque=8) +
+                                   binary(0x81, 0x01, opaque=7, status=0)))  # fmt: skip
+    assert [(m.name, m.pair_key) for m in reqs] == [("memcached set", 7), ("memcached get", 8)]
+    assert [(m.pair_key, m.status_code) for m in resps] == [(8, "OK"), (7, "OK")]
+
+
+def test_detection_prefers_memcached_for_lower_case_text():
+    assert detect(b"get k\r\n", True)[0] == "memcached"
+    assert detect(b"GET k\r\n", True)[0] == "redis"
+    assert detect(binary(0x80, 0x00, b"k"), True)[0] == "memcached"
+
+
+@settings(max_examples=300)
+@given(st.lists(st.binary(max_size=200), max_size=6))
+def test_arbitrary_bytes_never_raise(parts):
+    conn = MemcachedConnection()
+    for i, part in enumerate(parts):
+        conn.feed(i % 2 == 0, chunk(part, t=i, size=len(part) + (i % 3) * 40))
+
+
+CLIENT = r"""
+import socket, struct, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+sys.stdin.readline()
+def text(cmd):
+    s.sendall(cmd)
+    buf = b""
+    while not (buf.endswith(b"END\r\n") or buf.endswith(b"STORED\r\n") or b"ERROR" in buf):
+        buf += s.recv(4096)
+for cmd in (b"set user:42 0 60 5\r\nalice\r\n", b"get user:42\r\n", b"get missing\r\n", b"incr user:42 1\r\n"):
+    text(cmd)
+b = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+for opaque, op, key, value, extras in ((7, 1, b"bin", b"v", b"\0" * 8), (8, 0, b"bin", b"", b""), (9, 0, b"nope", b"", b"")):
+    body = extras + key + value
+    b.sendall(struct.pack("!BBHBBHIIQ", 0x80, op, len(key), len(extras), 0, 0, len(body), opaque, 0) + body)
+    hdr = b.recv(24)
+    b.recv(struct.unpack("!I", hdr[8:12])[0] or 1) if struct.unpack("!I", hdr[8:12])[0] else None
+print("done", flush=True)
+"""
+
+
+def test_live_text_and_binary_clients(collector, store, tmp_path):
+    from servers import free_port, need, serving
+
+    port = free_port()
+    with serving([need("memcached"), "-u", "nobody", "-l", "127.0.0.1", "-p", str(port), "-U", "0"], port) as pid:
+        collector.trace(pid)
+        client = subprocess.Popen([sys.executable, "-c", CLIENT, str(port)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)  # fmt: skip
+        collector.trace(client.pid)
+        out, _ = client.communicate("go\n", timeout=20)
+        assert out.strip() == "done"
+        recs = store.wait_for(pid, lambda rs: sum(r.direction == "egress" for r in rs) >= 7)
+        server = SpanPipeline().push(recs)
+        client_spans = SpanPipeline().push(store.settle(client.pid))
+    got = sorted((s.name, s.status, s.status_code) for s in server)
+    assert got == sorted([("memcached set", "ok", "STORED"), ("memcached get", "ok", "VALUE"),
+                          ("memcached get", "ok", "END"), ("memcached incr", "error", "CLIENT_ERROR"),
+                          ("memcached set", "ok", "OK"), ("memcached get", "ok", "OK"),
+                          ("memcached get", "ok", "KEY_NOT_FOUND")])  # fmt: skip
+    assert sorted((s.name, s.status_code) for s in client_spans) == sorted((n, c) for n, _, c in got)
+    assert {s.kind for s in server} == {"SERVER"} and {s.kind for s in client_spans} == {"CLIENT"}
