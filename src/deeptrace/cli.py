@@ -152,6 +152,43 @@ def agent(timeout_s, fmt, stats_interval, **opts) -> None:
          lambda out: write(pipeline.close_all(time.time_ns()), out))
 
 
+@main.command()
+@click.argument("capture", type=click.Path(dir_okay=False))
+@click.option("--out", "out_path", default="-", show_default=True, help="File for span JSON lines, or - for stdout.")
+@click.option("--format", "fmt", type=click.Choice(["json", "text"]), default="json", show_default=True,
+              help="JSON lines, or one readable line per span.")
+def replay(capture, out_path, fmt) -> None:
+    """Spans from a pcap/pcapng capture, through the same parsers as the agent."""
+    from deeptrace import replay as replaying
+    from deeptrace.pipeline import SpanPipeline
+    from deeptrace.spans import format_text
+
+    pipeline = SpanPipeline(host="pcap")
+    try:
+        with _open_out(out_path) as out:
+            def write(spans) -> None:
+                for span in spans:
+                    out.write((format_text(span) if fmt == "text" else json.dumps(span.to_json_dict())) + "\n")
+
+            batch: list = []
+            for rec in replaying.records(capture):
+                batch.append(rec)
+                if len(batch) >= 4096:
+                    write(pipeline.push(batch))
+                    batch = []
+            write(pipeline.push(batch))
+            write(pipeline.close_all(time.time_ns()))
+            out.flush()
+        st = pipeline.stats
+        click.echo(f"deeptrace: {st.records} records from {capture}: {st.spans} spans, {st.unanswered} without "
+                   f"response, {st.orphan_responses} responses without request, {st.undetected_connections} "
+                   f"connections of no known protocol", err=True)  # fmt: skip
+    except DeepTraceError as e:
+        _fail(e)
+    except BrokenPipeError:
+        sys.stderr.close()
+
+
 def _describe(sel, collector) -> str:
     if sel.trace_all:
         return "all processes"
