@@ -97,3 +97,26 @@ def dnsmasq(tmp_path: Path):
             "--address=/web.test/10.1.2.3"]  # fmt: skip
     with serving(argv, port, stderr=subprocess.DEVNULL) as pid:
         yield pid, port
+
+
+@contextmanager
+def postgres():
+    """A throwaway PostgreSQL cluster (trust authentication) run by the postgres user."""
+    import os
+    import tempfile
+
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"))
+    if not versions:
+        pytest.fail("PostgreSQL is not installed: run `make setup`", pytrace=False)
+    bindir = versions[-1].parent
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="deeptrace-pg-") as d:
+        shutil.chown(d, "postgres", "postgres")
+        os.chmod(d, 0o700)
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+        subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", f"{d}/data", "--auth=trust", "-U", "postgres"],
+                       check=True, capture_output=True)  # fmt: skip
+        argv = [*as_postgres, str(bindir / "postgres"), "-D", f"{d}/data", "-p", str(port), "-k", d,
+                "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"]  # fmt: skip
+        with serving(argv, port, stderr=subprocess.DEVNULL) as pid:
+            yield pid, port

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from deeptrace.protocols import dns, http1, memcached, redis
+from deeptrace.protocols import dns, http1, memcached, postgres, redis
 from deeptrace.protocols.base import Chunk, ConnectionParser, Message
 
 
@@ -29,6 +29,8 @@ PROTOCOLS: tuple[ProtocolSpec, ...] = (
     # Before Redis: "get k" is memcached; Redis clients send arrays, and inline Redis is upper case.
     ProtocolSpec(memcached.PROTOCOL, frozenset({"tcp"}), memcached.starts_request, memcached.starts_response,
                  lambda l4: memcached.MemcachedConnection()),
+    ProtocolSpec(postgres.PROTOCOL, frozenset({"tcp"}), postgres.starts_request, lambda data: False,
+                 lambda l4: postgres.PostgresConnection()),
     ProtocolSpec(redis.PROTOCOL, frozenset({"tcp"}), redis.starts_request, lambda data: False,
                  lambda l4: redis.RedisConnection()),
     ProtocolSpec(dns.PROTOCOL, frozenset({"tcp", "udp"}), lambda data: dns.looks_like(data) is True,

@@ -1,0 +1,208 @@
+"""PostgreSQL frontend/backend protocol 3.0.
+
+Wire messages are framed one by one (type byte + length, so a large result is
+skipped through holes by its lengths) and grouped into exchanges: a simple query
+('Q') or an extended-query batch up to Sync ('S') is one request; everything the
+server sends up to ReadyForQuery ('Z') is its response. The startup (and its
+authentication, passwords included) is skipped; after an accepted SSLRequest the
+connection is TLS and is left alone.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from deeptrace.protocols import sql
+from deeptrace.protocols.base import Chunk, ConnectionParser, Message, message_from
+from deeptrace.protocols.framing import INVALID, NEED_MORE, DirectionFramer, Frame, Framed
+
+PROTOCOL = "postgresql"
+PROTOCOL_3 = 196608
+SSL_REQUEST, CANCEL_REQUEST, GSSENC_REQUEST = 80877103, 80877102, 80877104
+FRONTEND_TYPES = frozenset(b"QPBEXSDCHFdcfp")
+BACKEND_TYPES = frozenset(b"RSKZTDCEIN1235ntsAGHWVcdfv")
+MAX_MESSAGE = 1 << 30
+_READ_BODY = frozenset(b"QPBCE")  # query, parse, bind, command complete, error
+_I32 = struct.Struct("!i")
+
+
+def _startup_code(data: bytes) -> int | None:
+    if len(data) < 8:
+        return None
+    length, code = struct.unpack_from("!ii", data)
+    return code if 8 <= length <= 10_000 and code in (PROTOCOL_3, SSL_REQUEST, CANCEL_REQUEST, GSSENC_REQUEST) else None
+
+
+def starts_request(data: bytes) -> bool:
+    if _startup_code(data) is not None:
+        return True
+    if len(data) < 6 or data[0] not in b"QP":
+        return False
+    length = _I32.unpack_from(data, 1)[0]
+    text = data[5:64] if data[0] == ord("Q") else data[5:64].split(b"\0", 1)[-1]
+    return 4 < length < MAX_MESSAGE and text[:1].isalpha() and text[:16].isascii()
+
+
+def _typed(buf: bytes, types: frozenset) -> Frame | str:
+    if len(buf) < 5:
+        return NEED_MORE
+    if buf[0] not in types:
+        return INVALID
+    length = _I32.unpack_from(buf, 1)[0]
+    if not 4 <= length < MAX_MESSAGE:
+        return INVALID
+    # Messages whose fields we read wait for the start of their body (the fields are near
+    # the start); the rest (rows above all) are framed from their header alone, so a
+    # large one is skipped by its length even when most of it was never captured.
+    if buf[0] in _READ_BODY and len(buf) < min(1 + length, 1024):
+        return NEED_MORE
+    return Frame(1 + length, {"type": chr(buf[0]), "body": buf[5 : min(1 + length, 1024)]})
+
+
+def _cstrings(body: bytes, n: int) -> list[str]:
+    parts = body.split(b"\0", n)
+    return [p.decode("utf-8", "replace") for p in parts[:n]]
+
+
+def _error_fields(body: bytes) -> dict[str, str]:
+    out = {}
+    for field in body.split(b"\0"):
+        if field:
+            out[chr(field[0])] = field[1:].decode("utf-8", "replace")
+    return out
+
+
+class PostgresConnection(ConnectionParser):
+    protocol = PROTOCOL
+
+    def __init__(self) -> None:
+        self._startup = True  # the frontend's next message has no type byte
+        self._ssl_answer_due = False  # the backend's next message is the one-byte SSL answer
+        self._server_ready = False  # the backend has finished startup (first ReadyForQuery)
+        self.tls = False
+        self._statements: dict[str, str] = {}  # prepared statement name -> query text
+        self._batch: list[Framed] = []  # frontend messages of an extended query, up to Sync
+        self._reply: list[Framed] = []  # backend messages of the current response, up to ReadyForQuery
+        self._requests = DirectionFramer(self._frame_frontend, starts_request)
+        self._responses = DirectionFramer(self._frame_backend, lambda data: bool(data) and data[0] in BACKEND_TYPES)
+
+    # ---- framing (one wire message at a time) ----
+
+    def _frame_frontend(self, buf: bytes) -> Frame | str:
+        if self._startup:
+            if len(buf) < 8:
+                return NEED_MORE
+            code = _startup_code(buf)
+            if code is None:
+                self._startup = False  # joined mid-connection: typed messages from here
+                return _typed(buf, FRONTEND_TYPES)
+            return Frame(_I32.unpack_from(buf)[0], {"type": "startup", "code": code})
+        return _typed(buf, FRONTEND_TYPES)
+
+    def _frame_backend(self, buf: bytes) -> Frame | str:
+        if self._ssl_answer_due:
+            return Frame(1, {"type": "ssl-answer", "accepted": buf[:1] == b"S"})
+        return _typed(buf, BACKEND_TYPES)
+
+    # ---- grouping into exchanges ----
+
+    def feed(self, is_request: bool, chunk: Chunk) -> list[Message]:
+        if self.tls:
+            return []
+        out: list[Message] = []
+        for f in (self._requests if is_request else self._responses).feed(chunk):
+            msg = self._frontend(f) if is_request else self._backend(f)
+            if msg is not None:
+                out.append(msg)
+        return out
+
+    def _frontend(self, f: Framed) -> Message | None:
+        kind = f.fields["type"]
+        if kind == "startup":
+            if f.fields["code"] == SSL_REQUEST or f.fields["code"] == GSSENC_REQUEST:
+                self._ssl_answer_due = True
+            elif f.fields["code"] == PROTOCOL_3:
+                self._startup = False
+            return None
+        body = f.fields["body"]
+        if kind == "Q":
+            return self._request([f], _cstrings(body, 1)[0], "simple")
+        if kind in "PBEDCHF":
+            if kind == "P":
+                name, query = (_cstrings(body, 2) + ["", ""])[:2]
+                self._statements[name] = query
+                if len(self._statements) > 1024:
+                    self._statements.pop(next(iter(self._statements)))
+            self._batch.append(f)
+            return None
+        if kind == "S":
+            batch, self._batch = self._batch + [f], []
+            if any(b.fields["type"] == "E" for b in batch):
+                return self._request(batch, self._batch_query(batch), "extended")
+            return self._request(batch, self._batch_query(batch), "prepare")  # Parse/Describe without Execute
+        return None  # password, terminate, copy data: not requests of their own
+
+    def _batch_query(self, batch: list[Framed]) -> str:
+        for f in batch:
+            if f.fields["type"] == "P":
+                return _cstrings(f.fields["body"], 2)[1] if b"\0" in f.fields["body"] else ""
+            if f.fields["type"] == "B":
+                parts = _cstrings(f.fields["body"], 2)
+                if len(parts) == 2 and parts[1] in self._statements:
+                    return self._statements[parts[1]]
+        return ""
+
+    def _request(self, parts: list[Framed], query: str, mode: str) -> Message:
+        attrs = {"db.system": "postgresql", "db.operation.name": sql.operation(query) or "SQL",
+                 "db.query.text": query[:1024], "db.postgresql.protocol": mode}  # fmt: skip
+        name = sql.name(query)
+        return _grouped(parts, True, name=f"PREPARE {name}" if mode == "prepare" else name, attributes=attrs)
+
+    def _backend(self, f: Framed) -> Message | None:
+        kind = f.fields["type"]
+        if kind == "ssl-answer":
+            self._ssl_answer_due = False
+            self.tls = f.fields["accepted"]
+            return None
+        if not self._server_ready:
+            self._server_ready = kind == "Z"  # authentication and parameters: not an exchange
+            return None
+        if kind in "NAS" and not self._reply:
+            return None  # notices, notifications, parameter changes arrive on their own
+        self._reply.append(f)
+        if kind != "Z":
+            return None
+        reply, self._reply = self._reply, []
+        return self._response(reply)
+
+    @staticmethod
+    def _response(reply: list[Framed]) -> Message:
+        attrs: dict = {}
+        error = None
+        rows = 0
+        for f in reply:
+            kind, body = f.fields["type"], f.fields["body"]
+            if kind == "E" and error is None:
+                error = _error_fields(body)
+            elif kind == "C":
+                attrs["db.response.tag"] = _cstrings(body, 1)[0]
+            elif kind == "D":
+                rows += 1
+        attrs["db.response.returned_rows"] = rows
+        if error is not None:
+            attrs["db.response.status_code"] = error.get("C", "")
+            attrs["db.response.error"] = error.get("M", "")
+            return _grouped(reply, False, error=True, status_code=error.get("C", "ERROR"), attributes=attrs)
+        return _grouped(reply, False, attributes=attrs)
+
+
+def _grouped(parts: list[Framed], is_request: bool, **kw) -> Message:
+    """One Message for several wire messages: first byte's time to last byte's time."""
+    first, last = parts[0], parts[-1]
+    msg = message_from(first, PROTOCOL, is_request, head=first.head, **kw)
+    msg.end_ns, msg.tid_end = last.end_ns, last.tid_end
+    msg.size = sum(p.size for p in parts)
+    msg.partial = any(p.partial for p in parts)
+    if msg.seq_start is not None:
+        msg.seq_end = (msg.seq_start + msg.size) & 0xFFFFFFFF
+    return msg

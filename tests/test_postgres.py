@@ -1,0 +1,125 @@
+"""PostgreSQL on hand-built messages, and live: psql and pgbench against a real server."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from parsing import chunk
+
+from deeptrace.pipeline import SpanPipeline
+from deeptrace.protocols import detect
+from deeptrace.protocols.postgres import PostgresConnection
+
+
+def msg(kind: bytes, body: bytes) -> bytes:
+    return kind + struct.pack("!i", len(body) + 4) + body
+
+
+STARTUP = struct.pack("!ii", 8 + 22, 196608) + b"user\0alice\0database\0x\0\0"[:22]
+READY = msg(b"Z", b"I")
+AUTH_OK = msg(b"R", struct.pack("!i", 0)) + msg(b"S", b"server_version\x0015\0") + READY
+ROWS = msg(b"T", b"\0\x01id\0" + bytes(18)) + msg(b"D", b"\0\x01\0\0\0\x011") * 3 + msg(b"C", b"SELECT 3\0") + READY
+ERROR = msg(b"E", b"SERROR\0C42P01\0Mrelation \"nope\" does not exist\0\0") + READY
+
+
+def connected() -> PostgresConnection:
+    conn = PostgresConnection()
+    assert conn.feed(True, chunk(STARTUP)) == [] and conn.feed(False, chunk(AUTH_OK)) == []
+    return conn
+
+
+def test_simple_query_and_rows():
+    conn = connected()
+    (req,) = conn.feed(True, chunk(msg(b"Q", b"select id from orders where id = 1\0"), t=5))
+    (resp,) = conn.feed(False, chunk(ROWS, t=6))
+    assert req.name == "SELECT orders" and req.attributes["db.query.text"].startswith("select id")
+    assert (resp.error, resp.attributes["db.response.tag"], resp.attributes["db.response.returned_rows"]) == (
+        False, "SELECT 3", 3)  # fmt: skip
+    assert resp.size == len(ROWS)
+
+
+def test_extended_query_names_from_the_prepared_statement():
+    conn = connected()
+    parse = msg(b"P", b"s1\0UPDATE accounts SET b = $1\0\0\0")
+    batch = parse + msg(b"B", b"\0s1\0" + bytes(6)) + msg(b"E", b"\0" + bytes(4)) + msg(b"S", b"")
+    (req,) = conn.feed(True, chunk(batch))
+    assert req.name == "UPDATE accounts" and req.size == len(batch)
+    # Later executions only Bind the statement by name.
+    (again,) = conn.feed(True, chunk(msg(b"B", b"\0s1\0" + bytes(6)) + msg(b"E", b"\0" + bytes(4)) + msg(b"S", b"")))
+    assert again.name == "UPDATE accounts"
+    resp = conn.feed(False, chunk(msg(b"1", b"") + msg(b"2", b"") + msg(b"C", b"UPDATE 1\0") + READY +
+                                  msg(b"2", b"") + msg(b"C", b"UPDATE 1\0") + READY))  # fmt: skip
+    assert [r.attributes["db.response.tag"] for r in resp] == ["UPDATE 1", "UPDATE 1"]
+
+
+def test_error_response_gives_sqlstate():
+    conn = connected()
+    conn.feed(True, chunk(msg(b"Q", b"select * from nope\0")))
+    (resp,) = conn.feed(False, chunk(ERROR))
+    assert (resp.error, resp.status_code) == (True, "42P01")
+
+
+@pytest.mark.parametrize("cut", range(1, len(ROWS), 7))
+def test_response_split_anywhere(cut):
+    conn = connected()
+    conn.feed(True, chunk(msg(b"Q", b"select 1\0")))
+    out = conn.feed(False, chunk(ROWS[:cut], t=2)) + conn.feed(False, chunk(ROWS[cut:], t=3))
+    assert [m.size for m in out] == [len(ROWS)]
+
+
+def test_large_result_skipped_through_a_hole():
+    conn = connected()
+    conn.feed(True, chunk(msg(b"Q", b"select big\0")))
+    big = msg(b"D", b"x" * 20000) + msg(b"C", b"SELECT 1\0") + READY
+    assert conn.feed(False, chunk(big[:1024], size=20005)) == []
+    (resp,) = conn.feed(False, chunk(big[20005:], t=4))
+    assert resp.partial and resp.size == len(big)
+
+
+def test_ssl_request_then_tls_is_left_alone():
+    conn = PostgresConnection()
+    conn.feed(True, chunk(struct.pack("!ii", 8, 80877103)))
+    conn.feed(False, chunk(b"S"))
+    assert conn.tls and conn.feed(True, chunk(b"\x16\x03\x01 tls bytes")) == []
+
+
+def test_detection():
+    assert detect(STARTUP, None)[0:3:2] == ("postgresql", True)
+    assert detect(msg(b"Q", b"SELECT 1\0"), True)[0] == "postgresql"
+
+
+@settings(max_examples=300)
+@given(st.lists(st.binary(max_size=200), max_size=6))
+def test_arbitrary_bytes_never_raise(parts):
+    for conn in (PostgresConnection(), connected()):
+        for i, part in enumerate(parts):
+            conn.feed(i % 2 == 0, chunk(part, t=i, size=len(part) + (i % 3) * 30))
+
+
+def test_live_psql_and_pgbench(collector, store):
+    from servers import need, postgres
+
+    with postgres() as (pid, port):
+        base = ["-h", "127.0.0.1", "-p", str(port), "-U", "postgres"]
+        subprocess.run([need("pgbench"), *base, "-i", "-s", "1", "-q", "postgres"], check=True, capture_output=True)
+        collector.trace(pid)  # backends forked from here on are traced from their first instruction
+        subprocess.run([need("pgbench"), *base, "-M", "prepared", "-S", "-c", "2", "-t", "50", "-n", "postgres"],
+                       check=True, capture_output=True)  # fmt: skip
+        bad = subprocess.run([need("psql"), *base, "-X", "-c", "select * from missing_table", "postgres"],
+                             capture_output=True, text=True)  # fmt: skip
+        assert "does not exist" in bad.stderr
+        # The backends have exited by now: take every process's records on the server's port.
+        store.wait_for(pid, lambda rs: False, timeout_s=0.5)
+        recs = [r for rs in store.by_tgid.values() for r in rs if r.lport == port]
+    assert any(b"42P01" in r.payload for r in recs)
+    spans = SpanPipeline().push(recs)
+    names = [s.name for s in spans]
+    assert names.count("SELECT pgbench_accounts") == 100  # 2 clients x 50 transactions of one SELECT
+    assert names.count("PREPARE SELECT pgbench_accounts") == 2
+    (err,) = [s for s in spans if s.name == "SELECT missing_table"]
+    assert (err.status, err.status_code, err.kind) == ("error", "42P01", "SERVER")
+    assert all(s.status == "ok" and s.kind == "SERVER" for s in spans if "pgbench_accounts" in s.name)
