@@ -136,7 +136,8 @@ class Reader(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set():
             self.records += len(self.collector.poll(timeout_s=0.05))
-        self.records += len(self.collector.poll(timeout_s=0))
+        while batch := self.collector.poll(timeout_s=0):
+            self.records += len(batch)
 
 
 @dataclass

@@ -45,7 +45,8 @@ def capture(start_server, load, seconds: float) -> list:
             records = []
             while proc.poll() is None:
                 records += c.poll(timeout_s=0.05)
-            records += c.poll(timeout_s=0.2)
+            while batch := c.poll(timeout_s=0.2):
+                records += batch
             drops = sum(c.drops().values())
     if drops:
         print(f"  (capture dropped {drops} records; the replay measures what was kept)", file=sys.stderr)

@@ -88,7 +88,8 @@ def _run(opts: dict, on_batch, on_tick=None, on_end=None) -> None:
                 if on_tick and time.monotonic() >= next_tick:
                     next_tick += 1
                     on_tick(collector, out)
-            on_batch(collector.poll(timeout_s=0), out)  # what arrived before the programs were detached
+            while batch := collector.poll(timeout_s=0):  # what arrived before the programs are detached
+                on_batch(batch, out)
             if on_end:
                 on_end(out)
             out.flush()

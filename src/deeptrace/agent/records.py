@@ -44,7 +44,7 @@ HEADER = struct.Struct("<" + "".join(fmt for _, fmt in HEADER_FIELDS))
 HEADER_SIZE = HEADER.size  # 120
 
 MAX_CAPTURE = 16384  # DT_MAX_CAPTURE
-MAX_IOV = 16  # DT_MAX_IOV
+MAX_IOV = 64  # DT_MAX_IOV
 MAX_MMSG = 8  # DT_MAX_MMSG
 
 # enum dt_syscall, index = value

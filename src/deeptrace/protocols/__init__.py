@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from deeptrace.protocols import dns, http1, memcached, postgres, redis
+from deeptrace.protocols import dns, http1, http2, memcached, postgres, redis
 from deeptrace.protocols.base import Chunk, ConnectionParser, Message
 
 
@@ -26,6 +26,8 @@ class ProtocolSpec:
 PROTOCOLS: tuple[ProtocolSpec, ...] = (
     ProtocolSpec(http1.PROTOCOL, frozenset({"tcp"}), http1.starts_request, http1.starts_response,
                  lambda l4: http1.Http1Connection()),
+    ProtocolSpec(http2.PROTOCOL, frozenset({"tcp"}), http2.starts_request, http2.starts_response,
+                 lambda l4: http2.Http2Connection()),
     # Before Redis: "get k" is memcached; Redis clients send arrays, and inline Redis is upper case.
     ProtocolSpec(memcached.PROTOCOL, frozenset({"tcp"}), memcached.starts_request, memcached.starts_response,
                  lambda l4: memcached.MemcachedConnection()),

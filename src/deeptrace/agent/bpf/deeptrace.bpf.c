@@ -361,26 +361,34 @@ static __always_inline __u32 copy_user(struct scratch *s, __u64 off, __u64 want,
 __noinline int copy_iovecs(__u64 uiov, __u64 iovcnt, __u64 total, __u64 cap)
 {
 	struct scratch *s = cpu_scratch();
-	struct iovec iovs[DT_MAX_IOV];
-	__u64 off = 0, n = iovcnt < DT_MAX_IOV ? iovcnt : DT_MAX_IOV;
+	struct iovec iovs[DT_IOV_BATCH];
+	__u64 off = 0;
 
-	if (!s || n == 0)
+	if (!s)
 		return 0;
-	/* One read for the whole array: each user-memory read costs ~100 ns here. */
-	VERIFIER_MIN(n, DT_MAX_IOV);
-	if (bpf_probe_read_user(iovs, n * sizeof(iovs[0]), (void *)uiov)) {
-		s->rec.flags |= DT_FLAG_PAYLOAD_FAULT;
-		count(DT_CNT_PAYLOAD_FAULT);
-		return 0;
-	}
-	for (int i = 0; i < DT_MAX_IOV; i++) {
-		if (i >= n || total == 0 || off >= cap)
+	/* The array is read a batch at a time (one user-memory read costs ~100 ns here;
+	 * the stack holds one batch). gRPC and nginx write with dozens of iovecs. */
+	for (int b = 0; b < DT_MAX_IOV / DT_IOV_BATCH; b++) {
+		__u64 first = b * DT_IOV_BATCH;
+		__u64 n = iovcnt - first;
+
+		if (first >= iovcnt || total == 0 || off >= cap)
 			break;
-		__u64 len = iovs[i].iov_len < total ? iovs[i].iov_len : total;
-		total -= len;
-		if (len > cap - off)
-			len = cap - off;
-		off += copy_user(s, off, len, (__u64)iovs[i].iov_base);
+		VERIFIER_MIN(n, DT_IOV_BATCH);
+		if (bpf_probe_read_user(iovs, n * sizeof(iovs[0]), (void *)(uiov + first * sizeof(iovs[0])))) {
+			s->rec.flags |= DT_FLAG_PAYLOAD_FAULT;
+			count(DT_CNT_PAYLOAD_FAULT);
+			break;
+		}
+		for (int i = 0; i < DT_IOV_BATCH; i++) {
+			if (i >= n || total == 0 || off >= cap)
+				break;
+			__u64 len = iovs[i].iov_len < total ? iovs[i].iov_len : total;
+			total -= len;
+			if (len > cap - off)
+				len = cap - off;
+			off += copy_user(s, off, len, (__u64)iovs[i].iov_base);
+		}
 	}
 	return off;
 }

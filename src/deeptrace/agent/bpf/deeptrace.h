@@ -5,7 +5,8 @@
 #define DEEPTRACE_H
 
 #define DT_MAX_CAPTURE 16384 /* largest payload head one record can carry; power of 2 */
-#define DT_MAX_IOV 16        /* iovecs gathered per message; bytes past them are not captured */
+#define DT_MAX_IOV 64        /* iovecs gathered per message; bytes past them are not captured */
+#define DT_IOV_BATCH 16      /* iovecs read from user memory at a time */
 #define DT_MAX_MMSG 8        /* messages reported per sendmmsg/recvmmsg call */
 #define DT_TASK_COMM_LEN 16
 

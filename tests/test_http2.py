@@ -1,0 +1,141 @@
+"""HTTP/2 and gRPC on hand-built frames, and live between a real grpcio client and server."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+import textwrap
+
+import hpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from parsing import chunk
+
+from deeptrace.pipeline import SpanPipeline
+from deeptrace.protocols import detect
+from deeptrace.protocols.http2 import PREFACE, Http2Connection
+
+
+def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + struct.pack("!I", stream) + payload
+
+
+SETTINGS = frame(4, 0, 0, b"")
+
+
+def request_bytes(enc: hpack.Encoder, stream: int, path: str, body: bytes = b"", grpc: bool = True) -> bytes:
+    headers = [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "svc:50051"),
+               ("content-type", "application/grpc" if grpc else "application/json"), ("authorization", "Bearer x")]  # fmt: skip
+    out = frame(1, 0x4 if body else 0x5, stream, enc.encode(headers))
+    if body:
+        out += frame(0, 0x1, stream, body)
+    return out
+
+
+def response_bytes(enc: hpack.Encoder, stream: int, grpc_status: int = 0) -> bytes:
+    return (frame(1, 0x4, stream, enc.encode([(":status", "200"), ("content-type", "application/grpc")]))
+            + frame(0, 0, stream, b"\0\0\0\0\x02hi")
+            + frame(1, 0x5, stream, enc.encode([("grpc-status", str(grpc_status)), ("grpc-message", "m")])))  # fmt: skip
+
+
+def test_grpc_calls_multiplexed_and_paired_by_stream():
+    conn, cenc, senc = Http2Connection(), hpack.Encoder(), hpack.Encoder()
+    reqs = conn.feed(True, chunk(PREFACE + SETTINGS + request_bytes(cenc, 1, "/demo.Users/Get", b"\0\0\0\0\x01a")
+                                 + request_bytes(cenc, 3, "/demo.Users/List", b"\0\0\0\0\x00")))  # fmt: skip
+    resps = conn.feed(False, chunk(SETTINGS + response_bytes(senc, 3, 5) + response_bytes(senc, 1), t=5))
+    assert [(m.name, m.pair_key) for m in reqs] == [("grpc demo.Users/Get", 1), ("grpc demo.Users/List", 3)]
+    assert [(m.pair_key, m.error, m.status_code) for m in resps] == [(3, True, "NOT_FOUND"), (1, False, "OK")]
+    assert b"Bearer" not in reqs[0].head and b"[REDACTED]" in reqs[0].head
+    assert reqs[0].attributes["rpc.service"] == "demo.Users"
+
+
+@pytest.mark.parametrize("cut", range(1, 80, 3))
+def test_request_split_anywhere(cut):
+    data = PREFACE + SETTINGS + request_bytes(hpack.Encoder(), 1, "/a/B", b"\0\0\0\0\x01z")
+    conn = Http2Connection()
+    msgs = conn.feed(True, chunk(data[:cut])) + conn.feed(True, chunk(data[cut:], t=1))
+    assert [m.name for m in msgs] == ["grpc a/B"]
+
+
+def test_plain_http2_and_rst_stream():
+    conn, enc = Http2Connection(), hpack.Encoder()
+    (req,) = conn.feed(True, chunk(PREFACE + request_bytes(enc, 1, "/users/42?x=1", grpc=False)))
+    assert req.name == "POST /users/{id}"
+    (resp,) = conn.feed(False, chunk(SETTINGS + frame(3, 0, 1, struct.pack("!I", 8))))
+    assert resp.error and resp.status_code == "RST_STREAM 8"
+
+
+def test_connection_start_not_seen_is_said():
+    enc = hpack.Encoder()
+    enc.encode([(":path", "/warm/Up")])  # dynamic table state the parser never saw
+    conn = Http2Connection()
+    (req,) = conn.feed(True, chunk(request_bytes(enc, 5, "/demo.Users/Get", b"\0\0\0\0\x00")))
+    assert req.name == "HTTP/2 stream 5" and req.attributes["deeptrace.http2.headers"] == "connection start not seen"
+
+
+def test_detection():
+    assert detect(PREFACE + SETTINGS, None)[0:3:2] == ("http2", True)
+    assert detect(SETTINGS, None)[0:3:2] == ("http2", False)
+
+
+@settings(max_examples=300)
+@given(st.lists(st.binary(max_size=200), max_size=6))
+def test_arbitrary_bytes_never_raise(parts):
+    conn = Http2Connection()
+    conn.feed(True, chunk(PREFACE))
+    for i, part in enumerate(parts):
+        conn.feed(i % 2 == 0, chunk(part, t=i, size=len(part) + (i % 3) * 30))
+
+
+SERVER = textwrap.dedent("""
+    import sys, grpc
+    from concurrent import futures
+    def get(request, context):
+        if request == b"missing":
+            context.abort(grpc.StatusCode.NOT_FOUND, "no such user")
+        return b"user:" + request
+    handler = grpc.method_handlers_generic_handler("demo.Users", {"Get": grpc.unary_unary_rpc_method_handler(get)})
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(port, flush=True)
+    server.wait_for_termination()
+""")
+CLIENT = textwrap.dedent("""
+    import sys, grpc
+    sys.stdin.readline()
+    with grpc.insecure_channel("127.0.0.1:" + sys.argv[1]) as ch:
+        get = ch.unary_unary("/demo.Users/Get")
+        for who in (b"42", b"7", b"missing"):
+            try:
+                get(who, timeout=5)
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.NOT_FOUND
+    print("done", flush=True)
+""")
+
+
+def test_live_grpcio_client_and_server(collector, store):
+    server = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        port = server.stdout.readline().strip()
+        collector.trace(server.pid)
+        client = subprocess.Popen([sys.executable, "-c", CLIENT, port], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  text=True)  # fmt: skip
+        collector.trace(client.pid)
+        assert client.communicate("go\n", timeout=30)[0].strip() == "done"
+        server_recs = store.wait_for(server.pid, lambda rs: sum(b"grpc-status" in r.payload or b"\x88" in r.payload
+                                                               for r in rs if r.direction == "egress") >= 3)  # fmt: skip
+        client_recs = store.settle(client.pid, quiet_s=0.5)
+    finally:
+        server.kill()
+        server.wait()
+    for recs, kind in ((server_recs, "SERVER"), (client_recs, "CLIENT")):
+        spans = [s for s in SpanPipeline().push(recs) if s.protocol == "http2"]
+        got = sorted((s.name, s.status, s.status_code) for s in spans)
+        assert got == [("grpc demo.Users/Get", "error", "NOT_FOUND"), ("grpc demo.Users/Get", "ok", "OK"),
+                       ("grpc demo.Users/Get", "ok", "OK")], kind  # fmt: skip
+        assert all(s.kind == kind and s.duration_ns > 0 for s in spans)
