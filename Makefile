@@ -12,8 +12,8 @@ ARCH      := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
 
 # Build tools, libbpf, and the real servers and clients the tests trace.
 APT_PACKAGES := clang llvm libbpf1 libbpf-dev bpftool gcc libc6-dev make \
-                nginx-light redis-server redis-tools memcached postgresql curl wrk dnsmasq-base bind9-dnsutils \
-                tshark \
+                nginx-light redis-server redis-tools memcached postgresql mariadb-server mariadb-client \
+                curl wrk dnsmasq-base bind9-dnsutils tshark \
                 iproute2 procps
 
 .PHONY: all setup deps venv bpf test demo bench clean

@@ -120,3 +120,18 @@ def postgres():
                 "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"]  # fmt: skip
         with serving(argv, port, stderr=subprocess.DEVNULL) as pid:
             yield pid, port
+
+
+@contextmanager
+def mariadb():
+    """A throwaway MariaDB server; any user may connect (grant tables skipped)."""
+    import tempfile
+
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="deeptrace-mysql-") as d:
+        subprocess.run([need("mariadb-install-db"), "--no-defaults", f"--datadir={d}/data", "--user=root",
+                        "--skip-test-db"], check=True, capture_output=True)  # fmt: skip
+        argv = [need("mariadbd"), "--no-defaults", f"--datadir={d}/data", f"--socket={d}/sock", f"--port={port}",
+                "--bind-address=127.0.0.1", "--user=root", "--skip-grant-tables", f"--pid-file={d}/pid"]  # fmt: skip
+        with serving(argv, port, stderr=subprocess.DEVNULL) as pid:
+            yield pid, port

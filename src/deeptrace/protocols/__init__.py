@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from deeptrace.protocols import dns, http1, http2, memcached, postgres, redis
+from deeptrace.protocols import dns, http1, http2, memcached, mysql, postgres, redis
 from deeptrace.protocols.base import Chunk, ConnectionParser, Message
 
 
@@ -33,6 +33,8 @@ PROTOCOLS: tuple[ProtocolSpec, ...] = (
                  lambda l4: memcached.MemcachedConnection()),
     ProtocolSpec(postgres.PROTOCOL, frozenset({"tcp"}), postgres.starts_request, lambda data: False,
                  lambda l4: postgres.PostgresConnection()),
+    ProtocolSpec(mysql.PROTOCOL, frozenset({"tcp"}), mysql.starts_request, mysql.starts_response,
+                 lambda l4: mysql.MysqlConnection()),
     ProtocolSpec(redis.PROTOCOL, frozenset({"tcp"}), redis.starts_request, lambda data: False,
                  lambda l4: redis.RedisConnection()),
     ProtocolSpec(dns.PROTOCOL, frozenset({"tcp", "udp"}), lambda data: dns.looks_like(data) is True,

@@ -64,6 +64,19 @@ def message_from(framed, protocol: str, is_request: bool, **kw) -> Message:
     )
 
 
+def message_from_parts(parts: list, protocol: str, is_request: bool, **kw) -> Message:
+    """One Message for several framed pieces (wire messages, packets, frames) in order:
+    from the first byte's time to the last byte's, sizes added up."""
+    first, last = parts[0], parts[-1]
+    msg = message_from(first, protocol, is_request, **kw)
+    msg.end_ns, msg.tid_end = last.end_ns, last.tid_end
+    msg.size = sum(p.size for p in parts)
+    msg.partial = any(p.partial for p in parts)
+    if msg.seq_start is not None:
+        msg.seq_end = (msg.seq_start + msg.size) & 0xFFFFFFFF
+    return msg
+
+
 class ConnectionParser:
     """One connection's protocol state: both directions, and what one tells the other."""
 

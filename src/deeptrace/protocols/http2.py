@@ -15,7 +15,7 @@ import struct
 
 import hpack
 
-from deeptrace.protocols.base import Chunk, ConnectionParser, Message, message_from
+from deeptrace.protocols.base import Chunk, ConnectionParser, Message, message_from_parts
 from deeptrace.protocols.framing import INVALID, NEED_MORE, DirectionFramer, Frame, Framed
 
 PROTOCOL = "http2"
@@ -81,13 +81,12 @@ def _header_block(f: dict) -> bytes:
 class _Half:
     """One side of one stream, until END_STREAM."""
 
-    __slots__ = ("block", "frames", "headers", "size")
+    __slots__ = ("block", "frames", "headers")
 
     def __init__(self) -> None:
         self.frames: list[Framed] = []
         self.headers: dict[str, str] = {}
         self.block = b""  # header block being continued
-        self.size = 0
 
 
 class Http2Connection(ConnectionParser):
@@ -134,7 +133,6 @@ class Http2Connection(ConnectionParser):
                 self._open.pop(next(iter(self._open)))
             half = self._open[key] = _Half()
         half.frames.append(f)
-        half.size += f.size
         if kind in (HEADERS, CONTINUATION):
             half.block += _header_block(fields) if kind == HEADERS else fields["payload"]
             if fields["flags"] & END_HEADERS:
@@ -162,7 +160,6 @@ class Http2Connection(ConnectionParser):
         attrs: dict = {"http2.stream_id": stream}
         if not self._decodable[is_request] and not h:
             attrs["deeptrace.http2.headers"] = UNDECODED
-        first, last = half.frames[0], half.frames[-1]
         grpc = h.get("content-type", "").startswith("application/grpc")
         if is_request:
             path = h.get(":path", "")
@@ -180,8 +177,8 @@ class Http2Connection(ConnectionParser):
             for key in (":authority", "user-agent", "x-request-id", "traceparent", "b3", "uber-trace-id"):
                 if key in h:
                     attrs[f"http.request.header.{key.lstrip(':')}"] = h[key]
-            msg = message_from(first, PROTOCOL, True, name=name, pair_key=stream, attributes=attrs,
-                               head=_head(h, first.head))  # fmt: skip
+            msg = message_from_parts(half.frames, PROTOCOL, True, name=name, pair_key=stream, attributes=attrs,
+                                     head=_head(h, half.frames[0].head))  # fmt: skip
         else:
             error, code = False, None
             if ":status" in h:
@@ -197,10 +194,8 @@ class Http2Connection(ConnectionParser):
                     attrs["rpc.grpc.message"] = h["grpc-message"]
             if ":rst" in h:
                 error, code = True, f"RST_STREAM {h[':rst']}"
-            msg = message_from(first, PROTOCOL, False, error=error, status_code=code, pair_key=stream,
-                               attributes=attrs, head=_head(h, first.head))  # fmt: skip
-        msg.end_ns, msg.tid_end, msg.size = last.end_ns, last.tid_end, half.size
-        msg.partial = any(fr.partial for fr in half.frames)
+            msg = message_from_parts(half.frames, PROTOCOL, False, error=error, status_code=code, pair_key=stream,
+                                     attributes=attrs, head=_head(h, half.frames[0].head))  # fmt: skip
         msg.seq_start = msg.seq_end = None  # frames of other streams interleave: no single byte range
         return msg
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import struct
 
 from deeptrace.protocols import sql
-from deeptrace.protocols.base import Chunk, ConnectionParser, Message, message_from
+from deeptrace.protocols.base import Chunk, ConnectionParser, Message, message_from_parts
 from deeptrace.protocols.framing import INVALID, NEED_MORE, DirectionFramer, Frame, Framed
 
 PROTOCOL = "postgresql"
@@ -197,12 +197,4 @@ class PostgresConnection(ConnectionParser):
 
 
 def _grouped(parts: list[Framed], is_request: bool, **kw) -> Message:
-    """One Message for several wire messages: first byte's time to last byte's time."""
-    first, last = parts[0], parts[-1]
-    msg = message_from(first, PROTOCOL, is_request, head=first.head, **kw)
-    msg.end_ns, msg.tid_end = last.end_ns, last.tid_end
-    msg.size = sum(p.size for p in parts)
-    msg.partial = any(p.partial for p in parts)
-    if msg.seq_start is not None:
-        msg.seq_end = (msg.seq_start + msg.size) & 0xFFFFFFFF
-    return msg
+    return message_from_parts(parts, PROTOCOL, is_request, head=parts[0].head, **kw)
