@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -135,3 +136,36 @@ def mariadb():
                 "--bind-address=127.0.0.1", "--user=root", "--skip-grant-tables", f"--pid-file={d}/pid"]  # fmt: skip
         with serving(argv, port, stderr=subprocess.DEVNULL) as pid:
             yield pid, port
+
+
+@contextmanager
+def tshark_capture(path: Path, ports):
+    """Capture loopback traffic on these ports into path (pcapng) while the block runs."""
+    import time
+
+    flt = " or ".join(f"port {p}" for p in ports)
+    shark = subprocess.Popen([need("tshark"), "-i", "lo", "-f", flt, "-w", str(path)], stderr=subprocess.PIPE,
+                             text=True)  # fmt: skip
+    try:
+        while "Capturing on" not in shark.stderr.readline():
+            assert shark.poll() is None, "tshark did not start"
+        time.sleep(1)  # it says so a moment before packets are really being taken
+        yield path
+        time.sleep(0.5)
+    finally:
+        shark.send_signal(signal.SIGINT)  # as Ctrl-C: dumpcap writes out what it still holds
+        shark.wait(10)
+
+
+def replayed_spans(path: Path) -> list:
+    """What `deeptrace replay` makes of a capture (in-process: the same code path as the CLI)."""
+    from deeptrace import replay
+    from deeptrace.pipeline import SpanPipeline
+
+    pipeline = SpanPipeline(host="pcap")
+    return pipeline.push(list(replay.records(path))) + pipeline.close_all(0)
+
+
+def span_key(s) -> tuple:
+    """What a replayed span must share with the live one."""
+    return (s.protocol, s.name, s.status, s.status_code, s.req_size, s.resp_size, s.req_seq, s.resp_seq)

@@ -118,15 +118,18 @@ CLIENT = textwrap.dedent("""
 """)
 
 
-def test_live_grpcio_client_and_server(collector, store):
+def test_live_grpcio_client_and_server_and_their_capture(collector, store, tmp_path):
+    from servers import replayed_spans, span_key, tshark_capture
+
     server = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
     try:
         port = server.stdout.readline().strip()
         collector.trace(server.pid)
-        client = subprocess.Popen([sys.executable, "-c", CLIENT, port], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                  text=True)  # fmt: skip
-        collector.trace(client.pid)
-        assert client.communicate("go\n", timeout=30)[0].strip() == "done"
+        with tshark_capture(tmp_path / "grpc.pcapng", [port]) as cap:
+            client = subprocess.Popen([sys.executable, "-c", CLIENT, port], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True)  # fmt: skip
+            collector.trace(client.pid)
+            assert client.communicate("go\n", timeout=30)[0].strip() == "done"
         server_recs = store.wait_for(server.pid, lambda rs: sum(b"grpc-status" in r.payload or b"\x88" in r.payload
                                                                for r in rs if r.direction == "egress") >= 3)  # fmt: skip
         client_recs = store.settle(client.pid, quiet_s=0.5)
@@ -139,3 +142,5 @@ def test_live_grpcio_client_and_server(collector, store):
         assert got == [("grpc demo.Users/Get", "error", "NOT_FOUND"), ("grpc demo.Users/Get", "ok", "OK"),
                        ("grpc demo.Users/Get", "ok", "OK")], kind  # fmt: skip
         assert all(s.kind == kind and s.duration_ns > 0 for s in spans)
+        if kind == "SERVER":
+            assert sorted(map(span_key, replayed_spans(cap))) == sorted(map(span_key, spans))

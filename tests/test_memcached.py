@@ -100,11 +100,12 @@ print("done", flush=True)
 """
 
 
-def test_live_text_and_binary_clients(collector, store, tmp_path):
-    from servers import free_port, need, serving
+def test_live_text_and_binary_clients_and_their_capture(collector, store, tmp_path):
+    from servers import free_port, need, replayed_spans, serving, span_key, tshark_capture
 
     port = free_port()
-    with serving([need("memcached"), "-u", "nobody", "-l", "127.0.0.1", "-p", str(port), "-U", "0"], port) as pid:
+    with serving([need("memcached"), "-u", "nobody", "-l", "127.0.0.1", "-p", str(port), "-U", "0"], port) as pid, \
+            tshark_capture(tmp_path / "mc.pcapng", [port]) as cap:  # fmt: skip
         collector.trace(pid)
         client = subprocess.Popen([sys.executable, "-c", CLIENT, str(port)], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True)  # fmt: skip
@@ -121,3 +122,4 @@ def test_live_text_and_binary_clients(collector, store, tmp_path):
                           ("memcached get", "ok", "KEY_NOT_FOUND")])  # fmt: skip
     assert sorted((s.name, s.status_code) for s in client_spans) == sorted((n, c) for n, _, c in got)
     assert {s.kind for s in server} == {"SERVER"} and {s.kind for s in client_spans} == {"CLIENT"}
+    assert sorted(map(span_key, replayed_spans(cap))) == sorted(map(span_key, server))

@@ -133,8 +133,8 @@ DRIVER = textwrap.dedent("""
 """)
 
 
-def test_live_mariadb_client_and_prepared_statements(collector, store):
-    from servers import mariadb, need
+def test_live_mariadb_client_and_prepared_statements_and_their_capture(collector, store, tmp_path):
+    from servers import mariadb, need, replayed_spans, span_key, tshark_capture
 
     with mariadb() as (pid, port):
         cli = [need("mariadb"), "-h", "127.0.0.1", "-P", str(port), "-u", "root"]
@@ -142,16 +142,19 @@ def test_live_mariadb_client_and_prepared_statements(collector, store):
                  "INSERT INTO shop.users VALUES (1, 'alice'), (2, 'bob'), (3, 'carol')")  # fmt: skip
         subprocess.run([*cli, "-e", setup], check=True)
         collector.trace(pid)
-        out = subprocess.run([*cli, "shop", "-e", "SELECT * FROM users"], check=True, capture_output=True, text=True)
-        assert "carol" in out.stdout
-        bad = subprocess.run([*cli, "shop", "-e", "SELECT * FROM nope"], capture_output=True, text=True)
-        assert "doesn't exist" in bad.stderr
-        driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(port)], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True)  # fmt: skip
-        assert driver.communicate("go\n", timeout=60)[0].strip() == "done"
+        with tshark_capture(tmp_path / "mysql.pcapng", [port]) as cap:
+            out = subprocess.run([*cli, "shop", "-e", "SELECT * FROM users"], check=True, capture_output=True,
+                                 text=True)  # fmt: skip
+            assert "carol" in out.stdout
+            bad = subprocess.run([*cli, "shop", "-e", "SELECT * FROM nope"], capture_output=True, text=True)
+            assert "doesn't exist" in bad.stderr
+            driver = subprocess.Popen([sys.executable, "-c", DRIVER, str(port)], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True)  # fmt: skip
+            assert driver.communicate("go\n", timeout=60)[0].strip() == "done"
         # Three client connections, all closed: everything the server did is in.
         recs = store.wait_for(pid, lambda rs: sum(r.syscall == "close" and r.l4 == "tcp" for r in rs) >= 3)
     spans = [s for s in SpanPipeline().push(recs) if s.protocol == "mysql"]
+    assert sorted(map(span_key, replayed_spans(cap))) == sorted(map(span_key, spans))
     names = [s.name for s in spans]
     select = [s for s in spans if s.name == "SELECT users" and s.attributes.get("db.response.returned_rows") == 3]
     assert select, names

@@ -100,23 +100,25 @@ def test_arbitrary_bytes_never_raise(parts):
             conn.feed(i % 2 == 0, chunk(part, t=i, size=len(part) + (i % 3) * 30))
 
 
-def test_live_psql_and_pgbench(collector, store):
-    from servers import need, postgres
+def test_live_psql_and_pgbench_and_their_capture(collector, store, tmp_path):
+    from servers import need, postgres, replayed_spans, span_key, tshark_capture
 
     with postgres() as (pid, port):
         base = ["-h", "127.0.0.1", "-p", str(port), "-U", "postgres"]
         subprocess.run([need("pgbench"), *base, "-i", "-s", "1", "-q", "postgres"], check=True, capture_output=True)
         collector.trace(pid)  # backends forked from here on are traced from their first instruction
-        subprocess.run([need("pgbench"), *base, "-M", "prepared", "-S", "-c", "2", "-t", "50", "-n", "postgres"],
-                       check=True, capture_output=True)  # fmt: skip
-        bad = subprocess.run([need("psql"), *base, "-X", "-c", "select * from missing_table", "postgres"],
-                             capture_output=True, text=True)  # fmt: skip
-        assert "does not exist" in bad.stderr
+        with tshark_capture(tmp_path / "pg.pcapng", [port]) as cap:
+            subprocess.run([need("pgbench"), *base, "-M", "prepared", "-S", "-c", "2", "-t", "50", "-n", "postgres"],
+                           check=True, capture_output=True)  # fmt: skip
+            bad = subprocess.run([need("psql"), *base, "-X", "-c", "select * from missing_table", "postgres"],
+                                 capture_output=True, text=True)  # fmt: skip
+            assert "does not exist" in bad.stderr
         # The backends have exited by now: take every process's records on the server's port.
         store.wait_for(pid, lambda rs: False, timeout_s=0.5)
         recs = [r for rs in store.by_tgid.values() for r in rs if r.lport == port]
     assert any(b"42P01" in r.payload for r in recs)
     spans = SpanPipeline().push(recs)
+    assert sorted(map(span_key, replayed_spans(cap))) == sorted(map(span_key, spans))
     names = [s.name for s in spans]
     assert names.count("SELECT pgbench_accounts") == 100  # 2 clients x 50 transactions of one SELECT
     assert names.count("PREPARE SELECT pgbench_accounts") == 2

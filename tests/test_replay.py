@@ -6,10 +6,9 @@ import json
 import socket
 import subprocess
 import sys
-import time
 
 import dpkt
-from servers import dnsmasq, need, nginx, redis
+from servers import dnsmasq, need, nginx, redis, span_key, tshark_capture
 
 from deeptrace import replay
 from deeptrace.pipeline import SpanPipeline
@@ -49,46 +48,28 @@ def test_synthetic_capture_with_handshake_retransmission_and_reordering(tmp_path
     assert (spans[0].endpoint.laddr, spans[0].endpoint.lport) == s
 
 
-def _key(protocol, name, status, status_code, req_size, resp_size, req_seq, resp_seq):
-    return (protocol, name, status, status_code, req_size, resp_size, tuple(req_seq) if req_seq else None,
-            tuple(resp_seq) if resp_seq else None)  # fmt: skip
-
-
 def test_capture_of_real_traffic_gives_the_live_spans(collector, store, tmp_path):
+    """HTTP/1, Redis and DNS (UDP and TCP) in one capture, through the `deeptrace replay` command."""
     (tmp_path / "nginx").mkdir()
     with nginx(tmp_path / "nginx") as (ngx, http_port), redis(tmp_path) as (rds, redis_port), \
             dnsmasq(tmp_path) as (dns, dns_port):  # fmt: skip
         pids = set()
         for pid in (ngx, rds, dns):
             pids |= collector.trace(pid)
-        cap = tmp_path / "traffic.pcapng"
-        ports = " or ".join(f"port {p}" for p in (http_port, redis_port, dns_port))
-        shark = subprocess.Popen([need("tshark"), "-i", "lo", "-f", ports, "-w", str(cap)], stderr=subprocess.PIPE,
-                                 text=True)  # fmt: skip
-        while "Capturing on" not in shark.stderr.readline():
-            assert shark.poll() is None, "tshark did not start"
-        time.sleep(1)  # it says so a moment before packets are really being taken
-
-        def run(*cmd):
-            subprocess.run(cmd, check=True, capture_output=True)
-
-        run(need("curl"), "-s", f"http://127.0.0.1:{http_port}/hello")
-        run(need("curl"), "-s", f"http://127.0.0.1:{http_port}/missing/7")
-        run(need("redis-cli"), "-p", str(redis_port), "SET", "k", "v")
-        run(need("redis-cli"), "-p", str(redis_port), "GET", "k")
-        run(need("dig"), "@127.0.0.1", "-p", str(dns_port), "+short", "+tries=1", "web.test")
-        run(need("dig"), "@127.0.0.1", "-p", str(dns_port), "+short", "+tcp", "missing.test")
-        time.sleep(0.5)
-        shark.terminate()
-        shark.wait(10)
+        with tshark_capture(tmp_path / "traffic.pcapng", [http_port, redis_port, dns_port]) as cap:
+            for cmd in ([need("curl"), "-s", f"http://127.0.0.1:{http_port}/hello"],
+                        [need("curl"), "-s", f"http://127.0.0.1:{http_port}/missing/7"],
+                        [need("redis-cli"), "-p", str(redis_port), "SET", "k", "v"],
+                        [need("redis-cli"), "-p", str(redis_port), "GET", "k"],
+                        [need("dig"), "@127.0.0.1", "-p", str(dns_port), "+short", "+tries=1", "web.test"],
+                        [need("dig"), "@127.0.0.1", "-p", str(dns_port), "+short", "+tcp", "missing.test"]):  # fmt: skip
+                subprocess.run(cmd, check=True, capture_output=True)
         live = SpanPipeline().push(store.settle(pids, quiet_s=0.5))
     out = subprocess.run([sys.executable, "-m", "deeptrace.cli", "replay", str(cap)], capture_output=True, text=True,
                          check=True).stdout  # fmt: skip
     replayed = [json.loads(line) for line in out.splitlines()]
-    got = sorted(_key(*(s[k] for k in ("protocol", "name", "status", "status_code", "req_size", "resp_size",
-                                       "req_seq", "resp_seq"))) for s in replayed)  # fmt: skip
-    want = sorted(_key(s.protocol, s.name, s.status, s.status_code, s.req_size, s.resp_size, s.req_seq, s.resp_seq)
-                  for s in live)  # fmt: skip
-    assert got == want
+    fields = ("protocol", "name", "status", "status_code", "req_size", "resp_size", "req_seq", "resp_seq")
+    got = sorted(tuple(tuple(v) if isinstance(v, list) else v for v in (s[f] for f in fields)) for s in replayed)
+    assert got == sorted(map(span_key, live))
     assert {"GET /hello", "GET /missing/{id}", "redis SET", "redis GET", "DNS A web.test", "DNS A missing.test"} <= {
         g[1] for g in got}

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from deeptrace.protocols.base import Chunk
+from deeptrace.protocols.base import Chunk, ConnectionParser, Message
 
 HEAD_BYTES = 256  # payload head kept per message
 MAX_BUFFER = 64 << 10  # a message header larger than this is given up on
@@ -224,3 +224,23 @@ class DirectionFramer:
     def _finish(op: _Open) -> Framed:
         return Framed(op.frame.fields, op.seen, op.head, op.start_ns, op.end_ns, op.tid_start, op.tid_end,
                       op.seq_start, op.partial)  # fmt: skip
+
+
+class FramedConnection(ConnectionParser):
+    """A connection parser made of one framer per side and a handler per side that
+    turns a framed piece into a Message, or None when the piece is not a message of
+    its own (part of a larger one, connection set-up, a push)."""
+
+    def __init__(self, requests: DirectionFramer, responses: DirectionFramer) -> None:
+        self._requests = requests
+        self._responses = responses
+
+    def feed(self, is_request: bool, chunk: Chunk) -> list[Message]:
+        framer, handle = (self._requests, self._request) if is_request else (self._responses, self._response)
+        return [msg for f in framer.feed(chunk) if (msg := handle(f)) is not None]
+
+    def _request(self, f: Framed) -> Message | None:
+        raise NotImplementedError
+
+    def _response(self, f: Framed) -> Message | None:
+        raise NotImplementedError

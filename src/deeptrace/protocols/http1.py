@@ -7,8 +7,8 @@ from __future__ import annotations
 import re
 from collections import deque
 
-from deeptrace.protocols.base import Chunk, ConnectionParser, Message, message_from
-from deeptrace.protocols.framing import INVALID, NEED_MORE, DirectionFramer, Frame, Framed
+from deeptrace.protocols.base import Chunk, Message, message_from
+from deeptrace.protocols.framing import INVALID, NEED_MORE, DirectionFramer, Frame, Framed, FramedConnection
 
 PROTOCOL = "http"
 METHODS = frozenset(
@@ -198,27 +198,20 @@ def redact(head: bytes) -> bytes:
     return SECRET_HEADERS.sub(lambda m: m.group(1) + b": [REDACTED]", head)
 
 
-class Http1Connection(ConnectionParser):
+class Http1Connection(FramedConnection):
     protocol = PROTOCOL
 
     def __init__(self) -> None:
         self._methods: deque[str] = deque(maxlen=4096)  # requests awaiting their response, in order
-        self._requests = DirectionFramer(frame_request, starts_request, salvage)
-        self._responses = DirectionFramer(
-            lambda buf: frame_response(buf, self._methods[0] if self._methods else None), starts_response, salvage
-        )
+        super().__init__(
+            DirectionFramer(frame_request, starts_request, salvage),
+            DirectionFramer(lambda buf: frame_response(buf, self._methods[0] if self._methods else None),
+                            starts_response, salvage),
+        )  # fmt: skip
         self.upgraded = False  # after 101 / CONNECT the bytes are another protocol's
 
     def feed(self, is_request: bool, chunk: Chunk) -> list[Message]:
-        if self.upgraded:
-            return []
-        framer = self._requests if is_request else self._responses
-        out = []
-        for f in framer.feed(chunk):
-            msg = self._request(f) if is_request else self._response(f)
-            if msg is not None:
-                out.append(msg)
-        return out
+        return [] if self.upgraded else super().feed(is_request, chunk)
 
     def close(self, end_ns: int) -> list[Message]:
         return [m for f in self._responses.close(end_ns) if (m := self._response(f)) is not None]

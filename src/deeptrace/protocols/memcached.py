@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import struct
 
-from deeptrace.protocols.base import Chunk, ConnectionParser, Message, message_from
-from deeptrace.protocols.framing import INVALID, NEED_MORE, DirectionFramer, Frame, Framed
+from deeptrace.protocols.base import Message, message_from
+from deeptrace.protocols.framing import INVALID, NEED_MORE, DirectionFramer, Frame, Framed, FramedConnection
 
 PROTOCOL = "memcached"
 MAX_LINE = 8 << 10
@@ -120,17 +120,11 @@ def frame_response(buf: bytes) -> Frame | str:
     return Frame(pos, fields)
 
 
-class MemcachedConnection(ConnectionParser):
+class MemcachedConnection(FramedConnection):
     protocol = PROTOCOL
 
     def __init__(self) -> None:
-        self._requests = DirectionFramer(frame_request, starts_request)
-        self._responses = DirectionFramer(frame_response, starts_response)
-
-    def feed(self, is_request: bool, chunk: Chunk) -> list[Message]:
-        if is_request:
-            return [self._request(f) for f in self._requests.feed(chunk)]
-        return [self._response(f) for f in self._responses.feed(chunk)]
+        super().__init__(DirectionFramer(frame_request, starts_request), DirectionFramer(frame_response, starts_response))
 
     @staticmethod
     def _request(f: Framed) -> Message:

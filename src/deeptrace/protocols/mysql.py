@@ -12,8 +12,8 @@ count is kept. The connection handshake (and its credentials) is skipped.
 from __future__ import annotations
 
 from deeptrace.protocols import sql
-from deeptrace.protocols.base import Chunk, ConnectionParser, Message, message_from, message_from_parts
-from deeptrace.protocols.framing import INVALID, NEED_MORE, DirectionFramer, Frame, Framed
+from deeptrace.protocols.base import Message, message_from, message_from_parts
+from deeptrace.protocols.framing import INVALID, NEED_MORE, DirectionFramer, Frame, Framed, FramedConnection
 
 PROTOCOL = "mysql"
 COM_QUIT, COM_INIT_DB, COM_QUERY, COM_PING = 0x01, 0x02, 0x03, 0x0E
@@ -76,7 +76,7 @@ def _is_eof(payload: bytes) -> bool:
     return payload[:1] == b"\xfe" and len(payload) < 9
 
 
-class MysqlConnection(ConnectionParser):
+class MysqlConnection(FramedConnection):
     protocol = PROTOCOL
 
     def __init__(self) -> None:
@@ -92,20 +92,12 @@ class MysqlConnection(ConnectionParser):
         self._left = 0  # packets the current reply still needs, where that is counted
         self._phase = ""
         self._last_was_prepare = False
-        self._requests = DirectionFramer(frame, starts_request)
-        self._responses = DirectionFramer(frame, lambda data: len(data) >= 5 and data[3] != 0)
-
-    def feed(self, is_request: bool, chunk: Chunk) -> list[Message]:
-        out = []
-        for f in (self._requests if is_request else self._responses).feed(chunk):
-            msg = self._client(f) if is_request else self._server(f)
-            if msg is not None:
-                out.append(msg)
-        return out
+        super().__init__(DirectionFramer(frame, starts_request),
+                         DirectionFramer(frame, lambda data: len(data) >= 5 and data[3] != 0))  # fmt: skip
 
     # ---- client ----
 
-    def _client(self, f: Framed) -> Message | None:
+    def _request(self, f: Framed) -> Message | None:
         payload = f.fields["payload"]
         if not payload:
             return None
@@ -148,7 +140,7 @@ class MysqlConnection(ConnectionParser):
 
     # ---- server ----
 
-    def _server(self, f: Framed) -> Message | None:
+    def _response(self, f: Framed) -> Message | None:
         payload = f.fields["payload"]
         if not payload:
             return None
@@ -168,7 +160,7 @@ class MysqlConnection(ConnectionParser):
         reply, self._reply = self._reply, []
         command = self._pending.pop(0)
         self._last_was_prepare = command == COM_STMT_PREPARE
-        return self._response(reply, command)
+        return self._reply_message(reply, command)
 
     def _reply_complete(self, payload: bytes) -> bool:
         """Whether this packet ends the reply to the oldest pending command."""
@@ -202,7 +194,7 @@ class MysqlConnection(ConnectionParser):
         return (payload[0] == 0xFE and len(payload) < MAX_PAYLOAD) or payload[0] == 0xFF
 
     @staticmethod
-    def _response(reply: list[Framed], command: int) -> Message:
+    def _reply_message(reply: list[Framed], command: int) -> Message:
         first = reply[0].fields["payload"]
         attrs: dict = {}
         code = None

@@ -13,8 +13,8 @@ from __future__ import annotations
 import struct
 
 from deeptrace.protocols import sql
-from deeptrace.protocols.base import Chunk, ConnectionParser, Message, message_from_parts
-from deeptrace.protocols.framing import INVALID, NEED_MORE, DirectionFramer, Frame, Framed
+from deeptrace.protocols.base import Chunk, Message, message_from_parts
+from deeptrace.protocols.framing import INVALID, NEED_MORE, DirectionFramer, Frame, Framed, FramedConnection
 
 PROTOCOL = "postgresql"
 PROTOCOL_3 = 196608
@@ -72,7 +72,7 @@ def _error_fields(body: bytes) -> dict[str, str]:
     return out
 
 
-class PostgresConnection(ConnectionParser):
+class PostgresConnection(FramedConnection):
     protocol = PROTOCOL
 
     def __init__(self) -> None:
@@ -83,8 +83,8 @@ class PostgresConnection(ConnectionParser):
         self._statements: dict[str, str] = {}  # prepared statement name -> query text
         self._batch: list[Framed] = []  # frontend messages of an extended query, up to Sync
         self._reply: list[Framed] = []  # backend messages of the current response, up to ReadyForQuery
-        self._requests = DirectionFramer(self._frame_frontend, starts_request)
-        self._responses = DirectionFramer(self._frame_backend, lambda data: bool(data) and data[0] in BACKEND_TYPES)
+        super().__init__(DirectionFramer(self._frame_frontend, starts_request),
+                         DirectionFramer(self._frame_backend, lambda data: bool(data) and data[0] in BACKEND_TYPES))
 
     # ---- framing (one wire message at a time) ----
 
@@ -107,16 +107,9 @@ class PostgresConnection(ConnectionParser):
     # ---- grouping into exchanges ----
 
     def feed(self, is_request: bool, chunk: Chunk) -> list[Message]:
-        if self.tls:
-            return []
-        out: list[Message] = []
-        for f in (self._requests if is_request else self._responses).feed(chunk):
-            msg = self._frontend(f) if is_request else self._backend(f)
-            if msg is not None:
-                out.append(msg)
-        return out
+        return [] if self.tls else super().feed(is_request, chunk)
 
-    def _frontend(self, f: Framed) -> Message | None:
+    def _request(self, f: Framed) -> Message | None:
         kind = f.fields["type"]
         if kind == "startup":
             if f.fields["code"] == SSL_REQUEST or f.fields["code"] == GSSENC_REQUEST:
@@ -126,7 +119,7 @@ class PostgresConnection(ConnectionParser):
             return None
         body = f.fields["body"]
         if kind == "Q":
-            return self._request([f], _cstrings(body, 1)[0], "simple")
+            return self._query([f], _cstrings(body, 1)[0], "simple")
         if kind in "PBEDCHF":
             if kind == "P":
                 name, query = (_cstrings(body, 2) + ["", ""])[:2]
@@ -138,8 +131,8 @@ class PostgresConnection(ConnectionParser):
         if kind == "S":
             batch, self._batch = self._batch + [f], []
             if any(b.fields["type"] == "E" for b in batch):
-                return self._request(batch, self._batch_query(batch), "extended")
-            return self._request(batch, self._batch_query(batch), "prepare")  # Parse/Describe without Execute
+                return self._query(batch, self._batch_query(batch), "extended")
+            return self._query(batch, self._batch_query(batch), "prepare")  # Parse/Describe without Execute
         return None  # password, terminate, copy data: not requests of their own
 
     def _batch_query(self, batch: list[Framed]) -> str:
@@ -152,13 +145,13 @@ class PostgresConnection(ConnectionParser):
                     return self._statements[parts[1]]
         return ""
 
-    def _request(self, parts: list[Framed], query: str, mode: str) -> Message:
+    def _query(self, parts: list[Framed], query: str, mode: str) -> Message:
         attrs = {"db.system": "postgresql", "db.operation.name": sql.operation(query) or "SQL",
                  "db.query.text": query[:1024], "db.postgresql.protocol": mode}  # fmt: skip
         name = sql.name(query)
         return _grouped(parts, True, name=f"PREPARE {name}" if mode == "prepare" else name, attributes=attrs)
 
-    def _backend(self, f: Framed) -> Message | None:
+    def _response(self, f: Framed) -> Message | None:
         kind = f.fields["type"]
         if kind == "ssl-answer":
             self._ssl_answer_due = False
@@ -173,10 +166,10 @@ class PostgresConnection(ConnectionParser):
         if kind != "Z":
             return None
         reply, self._reply = self._reply, []
-        return self._response(reply)
+        return self._reply_message(reply)
 
     @staticmethod
-    def _response(reply: list[Framed]) -> Message:
+    def _reply_message(reply: list[Framed]) -> Message:
         attrs: dict = {}
         error = None
         rows = 0

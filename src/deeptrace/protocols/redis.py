@@ -3,8 +3,8 @@ type and errors of responses, pipelining. Pure functions of bytes."""
 
 from __future__ import annotations
 
-from deeptrace.protocols.base import Chunk, ConnectionParser, Message, message_from
-from deeptrace.protocols.framing import INVALID, NEED_MORE, DirectionFramer, Frame, Framed
+from deeptrace.protocols.base import Message, message_from
+from deeptrace.protocols.framing import INVALID, NEED_MORE, DirectionFramer, Frame, Framed, FramedConnection
 
 PROTOCOL = "redis"
 REPLY_TYPES = frozenset(b"+-:$*_,#!=(%~>|")
@@ -144,18 +144,11 @@ def redact(head: bytes, fields: dict) -> bytes:
     return head
 
 
-class RedisConnection(ConnectionParser):
+class RedisConnection(FramedConnection):
     protocol = PROTOCOL
 
     def __init__(self) -> None:
-        self._requests = DirectionFramer(frame_request, starts_request)
-        self._responses = DirectionFramer(frame_response, starts_response)
-
-    def feed(self, is_request: bool, chunk: Chunk) -> list[Message]:
-        if is_request:
-            return [self._request(f) for f in self._requests.feed(chunk)]
-        # RESP3 pushes (pub/sub) answer no request.
-        return [self._response(f) for f in self._responses.feed(chunk) if f.fields["type"] != "push"]
+        super().__init__(DirectionFramer(frame_request, starts_request), DirectionFramer(frame_response, starts_response))
 
     @staticmethod
     def _request(f: Framed) -> Message:
@@ -166,7 +159,9 @@ class RedisConnection(ConnectionParser):
                             head=redact(f.head, f.fields))  # fmt: skip
 
     @staticmethod
-    def _response(f: Framed) -> Message:
+    def _response(f: Framed) -> Message | None:
+        if f.fields["type"] == "push":
+            return None  # RESP3 pushes (pub/sub) answer no request
         error = f.fields["type"] == "error"
         attrs = {"db.redis.reply_type": f.fields["type"]}
         if error:
