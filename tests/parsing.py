@@ -20,3 +20,10 @@ def feed_split(parser, is_request: bool, data: bytes, cut: int, t: int = 0):
 
 def exchange(parser, request: bytes, response: bytes, t: int = 0):
     return parser.feed(True, chunk(request, t)) + parser.feed(False, chunk(response, t + 10))
+
+
+def feed_alternating(parser, parts: list[bytes], missing: int = 30) -> None:
+    """Feed arbitrary parts to both sides in turn, some with uncaptured tails (fuzzing)."""
+    for i, part in enumerate(parts):
+        parser.feed(i % 2 == 0, chunk(part, t=i, size=len(part) + (i % 3) * missing))
+    parser.close(len(parts) + 1)

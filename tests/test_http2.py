@@ -11,7 +11,7 @@ import hpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from parsing import chunk
+from parsing import chunk, feed_alternating
 
 from deeptrace.pipeline import SpanPipeline
 from deeptrace.protocols import detect
@@ -85,8 +85,7 @@ def test_detection():
 def test_arbitrary_bytes_never_raise(parts):
     conn = Http2Connection()
     conn.feed(True, chunk(PREFACE))
-    for i, part in enumerate(parts):
-        conn.feed(i % 2 == 0, chunk(part, t=i, size=len(part) + (i % 3) * 30))
+    feed_alternating(conn, parts)
 
 
 SERVER = textwrap.dedent("""

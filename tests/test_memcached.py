@@ -9,7 +9,7 @@ import sys
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from parsing import chunk, exchange, feed_split
+from parsing import chunk, exchange, feed_alternating, feed_split
 
 from deeptrace.pipeline import SpanPipeline
 from deeptrace.protocols import detect
@@ -74,9 +74,7 @@ def test_detection_prefers_memcached_for_lower_case_text():
 @settings(max_examples=300)
 @given(st.lists(st.binary(max_size=200), max_size=6))
 def test_arbitrary_bytes_never_raise(parts):
-    conn = MemcachedConnection()
-    for i, part in enumerate(parts):
-        conn.feed(i % 2 == 0, chunk(part, t=i, size=len(part) + (i % 3) * 40))
+    feed_alternating(MemcachedConnection(), parts, missing=40)
 
 
 CLIENT = r"""

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from parsing import chunk
+from parsing import chunk, feed_alternating
 
 from deeptrace.pipeline import SpanPipeline
 from deeptrace.protocols import detect
@@ -113,8 +113,7 @@ def test_close_is_one_way_and_detection():
 @given(st.lists(st.binary(max_size=200), max_size=6))
 def test_arbitrary_bytes_never_raise(parts):
     for conn in (MysqlConnection(), connected(False)):
-        for i, part in enumerate(parts):
-            conn.feed(i % 2 == 0, chunk(part, t=i, size=len(part) + (i % 3) * 30))
+        feed_alternating(conn, parts)
 
 
 DRIVER = textwrap.dedent("""

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from parsing import chunk
+from parsing import chunk, feed_alternating
 
 from deeptrace.pipeline import SpanPipeline
 from deeptrace.protocols import detect
@@ -96,8 +96,7 @@ def test_detection():
 @given(st.lists(st.binary(max_size=200), max_size=6))
 def test_arbitrary_bytes_never_raise(parts):
     for conn in (PostgresConnection(), connected()):
-        for i, part in enumerate(parts):
-            conn.feed(i % 2 == 0, chunk(part, t=i, size=len(part) + (i % 3) * 30))
+        feed_alternating(conn, parts)
 
 
 def test_live_psql_and_pgbench_and_their_capture(collector, store, tmp_path):

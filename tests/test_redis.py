@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from parsing import chunk, feed_split
+from parsing import chunk, feed_alternating, feed_split
 
 from deeptrace.protocols.redis import RedisConnection
 
@@ -63,6 +63,4 @@ def test_resp3_push_is_not_a_response():
 @settings(max_examples=300)
 @given(st.lists(st.binary(max_size=200), max_size=6))
 def test_arbitrary_bytes_never_raise(parts):
-    conn = RedisConnection()
-    for i, part in enumerate(parts):
-        conn.feed(i % 2 == 0, chunk(part, t=i, size=len(part) + (i % 2) * 50))
+    feed_alternating(RedisConnection(), parts, missing=50)
