@@ -151,7 +151,7 @@ def tshark_capture(path: Path, ports):
             assert shark.poll() is None, "tshark did not start"
         time.sleep(1)  # it says so a moment before packets are really being taken
         yield path
-        time.sleep(0.5)
+        time.sleep(1)  # the last packets reach dumpcap's file
     finally:
         shark.send_signal(signal.SIGINT)  # as Ctrl-C: dumpcap writes out what it still holds
         shark.wait(10)

@@ -151,7 +151,8 @@ def test_live_mariadb_client_and_prepared_statements_and_their_capture(collector
                                       stdout=subprocess.PIPE, text=True)  # fmt: skip
             assert driver.communicate("go\n", timeout=60)[0].strip() == "done"
         # Three client connections, all closed: everything the server did is in.
-        recs = store.wait_for(pid, lambda rs: sum(r.syscall == "close" and r.l4 == "tcp" for r in rs) >= 3)
+        store.wait_for(pid, lambda rs: sum(r.syscall == "close" and r.l4 == "tcp" for r in rs) >= 3)
+        recs = store.settle(pid, quiet_s=0.5)
     spans = [s for s in SpanPipeline().push(recs) if s.protocol == "mysql"]
     assert sorted(map(span_key, replayed_spans(cap))) == sorted(map(span_key, spans))
     names = [s.name for s in spans]
