@@ -109,11 +109,11 @@ def _status_line(first: bytes) -> dict | None:
 
 def _head(buf: bytes, starts, first_line) -> tuple[int, dict] | str:
     """(header length, fields of the start line and headers) of the message at buf[0]."""
-    if not starts(buf[:12]) and len(buf) >= 12:
-        return INVALID
     block = _header_block(buf)
     if isinstance(block, str):
-        return block
+        # Incomplete: wait for more only if it starts like a message (the start-line
+        # parsers check complete ones, so this check stays off the usual path).
+        return INVALID if block == NEED_MORE and len(buf) >= 12 and not starts(buf[:12]) else block
     header_len, first, headers = block
     fields = first_line(first)
     if fields is None:
