@@ -86,6 +86,48 @@ def replay(records: list, batch: int = 512, runs: int = 3) -> dict:
             "unanswered": stats.unanswered}  # fmt: skip
 
 
+def stages(records: list) -> dict:
+    """us per record of each stage, on the same records: where the time goes."""
+    from deeptrace.pipeline import _in_order
+    from deeptrace.protocols.http1 import Http1Connection, frame_request, frame_response
+    from deeptrace.streams import OrderedStream, to_chunk
+
+    def timed(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return round((time.perf_counter() - t0) / len(records) * 1e6, 2)
+
+    data = [r for r in records if r.direction]
+    chunks = [(r.conn_id, r.direction == "ingress", to_chunk(r)) for r in data]
+
+    def ordering():
+        for i in range(0, len(records), 512):
+            _in_order(records[i : i + 512])
+
+    def streams():
+        st = {}
+        for r in data:
+            st.setdefault((r.conn_id, r.direction), OrderedStream()).push(r, 0)
+
+    def frame_functions():
+        for _, is_request, c in chunks:
+            frame_request(c.data) if is_request else frame_response(c.data, "GET")
+
+    def parsers():
+        conns: dict = {}
+        for cid, is_request, c in chunks:
+            conn = conns.get(cid) or conns.setdefault(cid, Http1Connection())
+            conn.feed(is_request, c)
+
+    def pipeline():
+        p = SpanPipeline(host="bench")
+        for i in range(0, len(records), 512):
+            p.push(records[i : i + 512])
+
+    return {"ordering": timed(ordering), "streams": timed(streams), "http_frame_functions": timed(frame_functions),
+            "parsers_with_framing_and_messages": timed(parsers), "whole_pipeline": timed(pipeline)}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=3.0, help="length of each capture")
@@ -101,10 +143,13 @@ def main() -> None:
         "redis (redis-benchmark, pipeline 16)": (redis, redis_benchmark(16)),
     }
     results = {}
+    breakdown = {}
     for name, (server, load) in workloads.items():
         records = capture(server, load, args.seconds)
         os.sched_setaffinity(0, {0})
         results[name] = replay(records)
+        if name.startswith("http1"):
+            breakdown = stages(records)
         os.sched_setaffinity(0, set(range(os.cpu_count())))
         r = results[name]
         print(f"{name:40} {r['records']:>8} records -> {r['spans']:>7} spans: {r['records_per_s']:>8} records/s "
@@ -112,11 +157,13 @@ def main() -> None:
     print(f"{'workload':40} {'records/s':>10} {'spans/s':>9} {'us/rec':>7}")
     for name, r in results.items():
         print(f"{name:40} {r['records_per_s']:>10} {r['spans_per_s']:>9} {r['us_per_record']:>7}")
+    print("http1 stages, us per record: " + ", ".join(f"{k} {v}" for k, v in breakdown.items()))
     # The target is per record; a pipelined record carries many messages, so it is judged by spans/s.
     worst = min(r["records_per_s"] for name, r in results.items() if "pipeline 16" not in name)
     print(f"target >= {TARGET} records/s for HTTP/1 and Redis (one message per record): worst {worst} -> "
           f"{'met' if worst >= TARGET else 'NOT met'}")  # fmt: skip
     print(json.dumps({"benchmark": "spans", "capture_seconds": args.seconds, "workloads": results,
+                      "http1_stages_us_per_record": breakdown,
                       "target_records_per_s": TARGET, "target_met": worst >= TARGET}))  # fmt: skip
 
 
