@@ -45,7 +45,7 @@ pid {dir}/nginx.pid;
 error_log {dir}/error.log;
 events {{ worker_connections 64; }}
 http {{
-    access_log off;
+    access_log {dir}/access.log;
     client_body_temp_path {dir};
     proxy_temp_path {dir};
     fastcgi_temp_path {dir};

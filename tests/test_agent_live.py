@@ -120,3 +120,24 @@ def test_dig_and_dnsmasq_over_udp_and_tcp(collector, store, tmp_path):
     client, _ = spans_of(store, dig_tgids, lambda rs: sum(r.direction == "ingress" for r in rs) >= 3)
     assert sorted((s.name, s.status_code) for s in client) == sorted((s.name, s.status_code) for s in server)
     assert all(s.kind == "CLIENT" for s in client)
+
+
+def test_wrk_keep_alive_load_gives_one_span_per_request_nginx_served(collector, store, tmp_path):
+    import re
+
+    drops_before = sum(collector.drops().values())
+    with nginx(tmp_path) as (master, port):
+        workers = collector.trace(master)
+        wrk = subprocess.Popen([need("wrk"), "-t1", "-c4", "-d1s", f"http://127.0.0.1:{port}/hello"],
+                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+        while wrk.poll() is None:  # read while it runs, as the agent does
+            store.pump()
+        assert int(re.search(r"(\d+) requests in", wrk.stdout.read()).group(1)) > 100
+        served = len((tmp_path / "access.log").read_text().splitlines())  # nginx's own count
+        recs = store.wait_for(workers, lambda rs: sum(r.syscall == "close" for r in rs) >= 4)
+        spans, pipeline = spans_of(store, workers, lambda rs: True)
+    assert sum(collector.drops().values()) == drops_before
+    assert len(spans) == served and pipeline.stats.orphan_responses == 0
+    assert {(s.name, s.status_code) for s in spans} == {("GET /hello", "200")}
+    assert all(0 < s.duration_ns < 1_000_000_000 for s in spans)
+    assert recs
