@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import random
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from deeptrace.protocols.base import Message
 
@@ -54,9 +54,30 @@ class Span:
     attributes: dict
     req_head: bytes
     resp_head: bytes
-    span_id: str = field(default_factory=lambda: new_id(8))
-    trace_id: str = field(default_factory=lambda: new_id(16))
+    # Ids are made when first asked for: most of a span's life is spent without them.
+    _span_id: str | None = None
+    _trace_id: str | None = None
     parent_span_id: str | None = None
+
+    @property
+    def span_id(self) -> str:
+        if self._span_id is None:
+            self._span_id = new_id(8)
+        return self._span_id
+
+    @span_id.setter
+    def span_id(self, value: str) -> None:
+        self._span_id = value
+
+    @property
+    def trace_id(self) -> str:
+        if self._trace_id is None:
+            self._trace_id = new_id(16)
+        return self._trace_id
+
+    @trace_id.setter
+    def trace_id(self, value: str) -> None:
+        self._trace_id = value
 
     @property
     def duration_ns(self) -> int:
@@ -112,7 +133,7 @@ def _seq(msg: Message) -> tuple[int, int] | None:
 def make_span(kind: str, endpoint: Endpoint, req: Message, resp: Message | None, reason: str = "") -> Span:
     """A span for a request and its response; without a response, an error span that says
     why (or an ok one for a request that expects none)."""
-    attrs = dict(req.attributes)
+    attrs = req.attributes  # the request message ends here: its dict becomes the span's
     if resp is not None:
         attrs.update(resp.attributes)
         if req.partial or resp.partial:

@@ -39,9 +39,13 @@ def starts_response(data: bytes) -> bool:
 
 
 _FRAMING_HEADERS = ("content-length", "transfer-encoding")
+_KEPT_ATTRIBUTE = {name: f"http.request.header.{name}" for name in KEPT_HEADERS}
+_SECRET_NAMES = ("authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key")
 # Only the headers we keep or frame by are looked at: one scan in C per message.
 _WANTED = re.compile(
-    rb"(?im)^(" + b"|".join(re.escape(h.encode()) for h in KEPT_HEADERS + _FRAMING_HEADERS) + rb")[ \t]*:[ \t]*([^\r\n]*)"
+    rb"(?im)^("
+    + b"|".join(re.escape(h.encode()) for h in KEPT_HEADERS + _FRAMING_HEADERS + _SECRET_NAMES)
+    + rb")[ \t]*:[ \t]*([^\r\n]*)"
 )
 
 
@@ -180,9 +184,9 @@ def request_attributes(fields: dict) -> dict:
              fields["version"].removeprefix("HTTP/")}  # fmt: skip
     if query:
         attrs["url.query"] = query
-    for name in KEPT_HEADERS:
-        if name in fields["headers"]:
-            attrs[f"http.request.header.{name}"] = fields["headers"][name]
+    for name, value in fields["headers"].items():  # the few parsed, not every kept name
+        if name in _KEPT_ATTRIBUTE:
+            attrs[_KEPT_ATTRIBUTE[name]] = value
     return attrs
 
 
@@ -194,7 +198,11 @@ def response_attributes(fields: dict) -> dict:
     return attrs
 
 
-def redact(head: bytes) -> bytes:
+def redact(head: bytes, headers: dict[str, str]) -> bytes:
+    """The head with credential values replaced; the headers were already scanned for
+    them while framing, so a head without any is returned untouched (no second scan)."""
+    if not any(name in headers for name in _SECRET_NAMES):
+        return head
     return SECRET_HEADERS.sub(lambda m: m.group(1) + b": [REDACTED]", head)
 
 
@@ -219,7 +227,7 @@ class Http1Connection(FramedConnection):
     def _request(self, f: Framed) -> Message:
         self._methods.append(f.fields["method"])
         return message_from(f, PROTOCOL, True, name=request_name(f.fields), attributes=request_attributes(f.fields),
-                            head=redact(f.head))  # fmt: skip
+                            head=redact(f.head, f.fields["headers"]))  # fmt: skip
 
     def _response(self, f: Framed) -> Message | None:
         status = f.fields["status"]
@@ -230,4 +238,4 @@ class Http1Connection(FramedConnection):
         if f.fields.get("upgrade"):
             self.upgraded = True
         return message_from(f, PROTOCOL, False, error=status >= 400, status_code=str(status),
-                            attributes=response_attributes(f.fields), head=redact(f.head))  # fmt: skip
+                            attributes=response_attributes(f.fields), head=redact(f.head, f.fields["headers"]))  # fmt: skip
