@@ -9,6 +9,7 @@ buffered per direction by the parsers.
 from __future__ import annotations
 
 import gc
+import operator
 import socket
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -20,7 +21,10 @@ from deeptrace.spans import Endpoint, Pairing, Span, make_span
 from deeptrace.streams import OrderedStream
 
 MAX_CONNECTIONS = 65536
-DETECT_GIVE_UP_BYTES = 4096  # a connection none of the parsers recognised by then is ignored
+DETECT_GIVE_UP_BYTES = 4096
+# A connection moves to the back of the eviction order at most this often: every
+# record would be exact, and costs more than the order is worth.
+RECENCY_NS = 1_000_000_000  # a connection none of the parsers recognised by then is ignored
 
 
 @dataclass
@@ -79,8 +83,9 @@ class SpanPipeline:
 
     def _push(self, records: list[Record]) -> list[Span]:
         spans: list[Span] = []
+        self.stats.records += len(records)
+        conns = self._conns
         for rec in _in_order(records):
-            self.stats.records += 1
             # An unconnected UDP socket talks to many peers: each is a connection of its own.
             key = (rec.tgid, rec.conn_id) if rec.l4 == "tcp" else (rec.tgid, rec.conn_id, rec.raddr, rec.rport)
             if rec.syscall == "close":
@@ -90,15 +95,16 @@ class SpanPipeline:
                 continue
             if rec.direction is None:
                 continue  # connect / accept: the connection's role is in every record
-            conn = self._conns.get(key)
+            conn = conns.get(key)
             if conn is None:
                 conn = self._open(key, rec, spans)
-            else:
-                self._conns.move_to_end(key)
+            elif rec.exit_ns - conn.last_ns > RECENCY_NS:
+                conns.move_to_end(key)  # least recently active first, to within RECENCY_NS
             conn.last_ns = rec.exit_ns
             if conn.ignored:
                 continue
-            self._deliver(conn, rec.direction, conn.streams[rec.direction].push(rec, rec.exit_ns), spans)
+            for chunk in conn.streams[rec.direction].push(rec, rec.exit_ns):
+                self._feed(conn, rec.direction, chunk, spans)
         return spans
 
     def flush(self, now_ns: int) -> list[Span]:
@@ -203,17 +209,24 @@ class SpanPipeline:
             self._unanswered(conn, req, reason, spans)
 
 
+_EXIT_NS = operator.attrgetter("exit_ns")
+
+
 def _in_order(records: list[Record]) -> list[Record]:
     """Records by time, except that each TCP direction is in sequence order.
 
     Each direction's records keep the places its records hold in time order, but
     are put into those places by seq: a read that returned later on another CPU
     can have reached the ring first."""
-    ordered = sorted(records, key=lambda r: r.exit_ns)
+    ordered = sorted(records, key=_EXIT_NS)
     places: dict[tuple, list[int]] = {}
     for i, r in enumerate(ordered):
         if r.direction is not None and r.l4 == "tcp":
-            places.setdefault((r.tgid, r.conn_id, r.direction), []).append(i)
+            key = (r.tgid, r.conn_id, r.direction)
+            if key in places:
+                places[key].append(i)
+            else:
+                places[key] = [i]
     for idxs in places.values():
         if len(idxs) > 1:
             base = ordered[idxs[0]].enter_seq

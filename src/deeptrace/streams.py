@@ -49,6 +49,9 @@ class OrderedStream:
         if rec.exit_seq == rec.enter_seq:
             return []  # MSG_PEEK: the same bytes come again in the real read
         chunk = to_chunk(rec)
+        if chunk.seq == self.next_seq and not self._waiting:  # the usual case: next in line
+            self.next_seq = (chunk.seq + chunk.size) % _SEQ_MOD
+            return [chunk]
         if self.next_seq is None:
             self.next_seq = chunk.seq
         behind = -_ahead(chunk.seq, self.next_seq)

@@ -49,19 +49,11 @@ class Message:
 
 def message_from(framed, protocol: str, is_request: bool, **kw) -> Message:
     """A Message for a framed stretch of stream (`framing.Framed`)."""
-    return Message(
-        protocol=protocol,
-        is_request=is_request,
-        start_ns=framed.start_ns,
-        end_ns=framed.end_ns,
-        size=framed.size,
-        tid_start=framed.tid_start,
-        tid_end=framed.tid_end,
-        seq_start=framed.seq_start,
-        seq_end=None if framed.seq_start is None else (framed.seq_start + framed.size) & 0xFFFFFFFF,
-        partial=framed.partial,
-        **kw,
-    )
+    seq = framed.seq_start
+    # Positional: this runs for every message, and keyword passing costs more.
+    return Message(protocol, is_request, framed.start_ns, framed.end_ns, framed.size, framed.tid_start,
+                   framed.tid_end, seq, None if seq is None else (seq + framed.size) & 0xFFFFFFFF,
+                   partial=framed.partial, **kw)  # fmt: skip
 
 
 def message_from_parts(parts: list, protocol: str, is_request: bool, **kw) -> Message:

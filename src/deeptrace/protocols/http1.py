@@ -163,9 +163,17 @@ def salvage(buf: bytes) -> dict | None:
     return None
 
 
+_TEMPLATES: dict[str, str] = {}  # paths repeat: remember their templates (bounded)
+
+
 def template_path(path: str) -> str:
     """`/users/42/orders/9f1c...` -> `/users/{id}/orders/{id}`: one name per route."""
-    return "/".join("{id}" if _ID_SEGMENT.match(seg) else seg for seg in path.split("/"))
+    name = _TEMPLATES.get(path)
+    if name is None:
+        if len(_TEMPLATES) >= 4096:
+            _TEMPLATES.clear()
+        name = _TEMPLATES[path] = "/".join("{id}" if _ID_SEGMENT.match(seg) else seg for seg in path.split("/"))
+    return name
 
 
 def request_name(fields: dict) -> str:
