@@ -42,7 +42,6 @@ class PipelineStats:
 @dataclass
 class _Connection:
     endpoint: Endpoint
-    role: str
     l4: str
     streams: dict[str, OrderedStream]
     parser: ConnectionParser | None = None
@@ -89,7 +88,7 @@ class SpanPipeline:
             # An unconnected UDP socket talks to many peers: each is a connection of its own.
             key = (rec.tgid, rec.conn_id) if rec.l4 == "tcp" else (rec.tgid, rec.conn_id, rec.raddr, rec.rport)
             if rec.syscall == "close":
-                conn = self._conns.pop(key, None)
+                conn = conns.pop(key, None)
                 if conn is not None:
                     self._close(conn, rec.exit_ns, spans)
                 continue
@@ -132,7 +131,7 @@ class SpanPipeline:
             self.stats.connections_evicted += 1
             self._close(oldest, rec.exit_ns, spans, reason="evicted")
         endpoint = Endpoint(rec.comm, self.host, rec.tgid, rec.laddr, rec.lport, rec.raddr, rec.rport, rec.conn_id)
-        conn = _Connection(endpoint, rec.role, rec.l4, {d: OrderedStream(self.stats) for d in ("ingress", "egress")})
+        conn = _Connection(endpoint, rec.l4, {d: OrderedStream(self.stats) for d in ("ingress", "egress")})
         if rec.role in ("client", "server"):
             conn.request_direction = "ingress" if rec.role == "server" else "egress"
         self._conns[key] = conn
@@ -165,8 +164,7 @@ class SpanPipeline:
         for msg in conn.parser.feed(is_request, chunk):
             self.stats.messages += 1
             if msg.is_request and not msg.expects_response:
-                spans.append(make_span(conn.kind, conn.endpoint, msg, None))
-                self.stats.spans += 1
+                self._emit(make_span(conn.kind, conn.endpoint, msg, None), spans)
             elif msg.is_request:
                 for dropped in conn.pairing.request(msg):
                     self._unanswered(conn, dropped, "too many requests waiting", spans)
@@ -190,13 +188,15 @@ class SpanPipeline:
         if req is None:
             self.stats.orphan_responses += 1
             return
-        spans.append(make_span(conn.kind, conn.endpoint, req, msg))
-        self.stats.spans += 1
+        self._emit(make_span(conn.kind, conn.endpoint, req, msg), spans)
 
     def _unanswered(self, conn: _Connection, req: Message, reason: str, spans: list[Span]) -> None:
-        spans.append(make_span(conn.kind, conn.endpoint, req, None, reason))
-        self.stats.spans += 1
+        self._emit(make_span(conn.kind, conn.endpoint, req, None, reason), spans)
         self.stats.unanswered += 1
+
+    def _emit(self, span: Span, spans: list[Span]) -> None:
+        spans.append(span)
+        self.stats.spans += 1
 
     def _close(self, conn: _Connection, now_ns: int, spans: list[Span], reason: str = "connection closed") -> None:
         for direction, stream in conn.streams.items():  # nothing more will come: all waits are over

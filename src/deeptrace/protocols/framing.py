@@ -62,6 +62,11 @@ class _Open:
     tid_end: int = 0
 
 
+def _seq_at(chunk: Chunk, offset: int) -> int | None:
+    """TCP sequence number of chunk.data[offset] (None off TCP)."""
+    return None if chunk.seq is None else (chunk.seq + offset) & 0xFFFFFFFF
+
+
 class DirectionFramer:
     """One direction of one connection."""
 
@@ -113,7 +118,7 @@ class DirectionFramer:
                 _, first, first_off = self._marks[0]
                 out.append(Framed(
                     fields, len(self._buf) + nbytes, bytes(self._buf[:HEAD_BYTES]), first.start_ns, chunk.end_ns,
-                    first.tid, chunk.tid, None if first.seq is None else (first.seq + first_off) & 0xFFFFFFFF, True,
+                    first.tid, chunk.tid, _seq_at(first, first_off), True,
                 ))  # fmt: skip
         self._lose_step()
 
@@ -159,7 +164,7 @@ class DirectionFramer:
             if result.__class__ is not Frame or result.length is None or result.length > len(data):
                 return data  # incomplete, running on, or not a message: the general path decides
             length = result.length
-            seq = None if chunk.seq is None else (chunk.seq + base) & 0xFFFFFFFF
+            seq = _seq_at(chunk, base)
             out.append(Framed(result.fields, length, data[:HEAD_BYTES], chunk.start_ns, chunk.end_ns, chunk.tid,
                               chunk.tid, seq, False))  # fmt: skip
             data = data[length:]
@@ -178,7 +183,7 @@ class DirectionFramer:
                 self._lose_step()
                 return
             _, first, first_off = self._marks[0]
-            start_seq = None if first.seq is None else (first.seq + first_off) & 0xFFFFFFFF
+            start_seq = _seq_at(first, first_off)
             length = result.length
             if length is not None and length <= len(self._buf):
                 last = self._chunk_at(length - 1)
