@@ -64,6 +64,14 @@ def _collector_options(fn):
     return fn
 
 
+def _algorithm_option(fn):
+    from deeptrace.association.names import ALGORITHM_NAMES, DEFAULT_ALGORITHM
+
+    return click.option("--algorithm", type=click.Choice(ALGORITHM_NAMES), default=DEFAULT_ALGORITHM,
+                        show_default=True, help="How calls are linked to the requests that made them when "
+                        "no exact link exists (joint is ours; the rest are baselines).")(fn)  # fmt: skip
+
+
 def _run(opts: dict, on_batch, on_tick=None, on_end=None) -> None:
     """Run the collector until --duration or a signal: on_batch(records, out) for each
     batch, on_tick(out) about once a second, on_end(out) after the last batch."""
@@ -125,14 +133,37 @@ def record(fmt, **opts) -> None:
               help="JSON lines, or one readable line per span.")
 @click.option("--stats-interval", type=float, default=10.0, show_default=True,
               help="Seconds between the one-line stats on stderr.")
-def agent(timeout_s, fmt, stats_interval, **opts) -> None:
+@click.option("--host", "host_name", default=None, help="Host name spans carry (default: this machine's).")
+@click.option("--associate", is_flag=True, help="Link spans into traces before writing them (JSON only): each "
+              "span gets trace_id, parent_span_id, link_method, link_confidence.")
+@_algorithm_option
+@click.option("--no-header-ids", is_flag=True, help="With --associate: ignore propagated ids in the traffic.")
+@click.option("--hold", type=float, default=5.0, show_default=True,
+              help="With --associate: seconds a span waits after it ended for its parent to be seen.")
+def agent(timeout_s, fmt, stats_interval, host_name, associate, algorithm, no_header_ids, hold, **opts) -> None:
     """Trace processes and write one JSON span per request/response exchange."""
     from deeptrace.pipeline import SpanPipeline
     from deeptrace.spans import format_text
 
-    pipeline = SpanPipeline(timeout_ns=int(timeout_s * 1e9))
+    pipeline = SpanPipeline(host=host_name, timeout_ns=int(timeout_s * 1e9))
+    linker = None
+    if associate:
+        if fmt == "text":
+            raise click.UsageError("--associate writes JSON lines; leave out --format text")
+        from deeptrace.association.streaming import StreamingAssociator
+
+        linker = StreamingAssociator(algorithm, header_ids=not no_header_ids, hold_s=hold)
+
+    def emit(dicts, out) -> None:
+        for d in dicts:
+            out.write(json.dumps(d) + "\n")
+        if dicts:
+            out.flush()
 
     def write(spans, out) -> None:
+        if linker is not None:
+            linker.push([span.to_json_dict() for span in spans])
+            return
         for span in spans:
             out.write((format_text(span) if fmt == "text" else json.dumps(span.to_json_dict())) + "\n")
         if spans:
@@ -143,14 +174,20 @@ def agent(timeout_s, fmt, stats_interval, **opts) -> None:
     def tick(collector, out) -> None:
         nonlocal next_stats
         write(pipeline.flush(time.time_ns()), out)
+        if linker is not None:
+            emit(linker.pop_ready(time.time_ns()), out)
         if time.monotonic() >= next_stats:
             next_stats += stats_interval
             st, drops = pipeline.stats, sum(collector.drops().values())
             click.echo(f"deeptrace: records {st.records} spans {st.spans} drops {drops} "
                        f"open connections {pipeline.open_connections}", err=True)  # fmt: skip
 
-    _run(opts, lambda batch, out: write(pipeline.push(batch), out), tick,
-         lambda out: write(pipeline.close_all(time.time_ns()), out))
+    def end(out) -> None:
+        write(pipeline.close_all(time.time_ns()), out)
+        if linker is not None:
+            emit(linker.close(time.time_ns()), out)
+
+    _run(opts, lambda batch, out: write(pipeline.push(batch), out), tick, end)
 
 
 @main.command()
@@ -184,6 +221,55 @@ def replay(capture, out_path, fmt) -> None:
         click.echo(f"deeptrace: {st.records} records from {capture}: {st.spans} spans, {st.unanswered} without "
                    f"response, {st.orphan_responses} responses without request, {st.undetected_connections} "
                    f"connections of no known protocol", err=True)  # fmt: skip
+    except DeepTraceError as e:
+        _fail(e)
+    except BrokenPipeError:
+        sys.stderr.close()
+
+
+def _read_spans(path: str) -> list[dict]:
+    spans = []
+    with click.open_file(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DeepTraceError(f"{path}:{n}: not a JSON line ({e.msg})") from None
+            missing = [k for k in ("span_id", "kind", "pid", "start_ns", "end_ns") if k not in d]
+            if missing:
+                raise DeepTraceError(f"{path}:{n}: not a span (no {', '.join(missing)}); "
+                                     "expected the JSON lines `deeptrace agent` writes")  # fmt: skip
+            spans.append(d)
+    return spans
+
+
+@main.command()
+@click.argument("spans_file", metavar="SPANS.jsonl", default="-")
+@_algorithm_option
+@click.option("--no-header-ids", is_flag=True, help="Ignore propagated ids (traceparent, b3, uber-trace-id, "
+              "X-Request-ID) in the traffic.")  # fmt: skip
+@click.option("--out", "out_path", default="-", show_default=True, help="File for linked span JSON lines, or -.")
+def associate(spans_file, algorithm, no_header_ids, out_path) -> None:
+    """Link spans into traces: fill in trace_id, parent_span_id, link_method and
+    link_confidence of each span in SPANS.jsonl (the agent's output; - for stdin)."""
+    from collections import Counter
+
+    from deeptrace.association.associate import associate as link
+
+    try:
+        spans = _read_spans(spans_file)
+        started = time.perf_counter()
+        link(spans, algorithm, header_ids=not no_header_ids)
+        took = time.perf_counter() - started
+        with _open_out(out_path) as out:
+            for d in spans:
+                out.write(json.dumps(d) + "\n")
+        methods = Counter(d["link_method"] for d in spans)
+        traces = len({d["trace_id"] for d in spans})
+        click.echo(f"deeptrace: {len(spans)} spans in {traces} traces ({algorithm}, {took:.2f} s): "
+                   + ", ".join(f"{m} {n}" for m, n in sorted(methods.items())), err=True)  # fmt: skip
     except DeepTraceError as e:
         _fail(e)
     except BrokenPipeError:

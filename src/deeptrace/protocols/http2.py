@@ -16,13 +16,14 @@ import struct
 import hpack
 
 from deeptrace.protocols.base import Chunk, ConnectionParser, Message, message_from_parts
-from deeptrace.protocols.framing import INVALID, NEED_MORE, DirectionFramer, Frame, Framed
+from deeptrace.protocols.framing import HEAD_BYTES, INVALID, NEED_MORE, DirectionFramer, Frame, Framed
 
 PROTOCOL = "http2"
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
 END_STREAM, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x4, 0x8, 0x20
 MAX_FRAME = 1 << 24
+FRAME_HEADER = 9
 MAX_STREAMS = 4096
 GRPC_CODES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
               "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
@@ -178,7 +179,7 @@ class Http2Connection(ConnectionParser):
                 if key in h:
                     attrs[f"http.request.header.{key.lstrip(':')}"] = h[key]
             msg = message_from_parts(half.frames, PROTOCOL, True, name=name, pair_key=stream, attributes=attrs,
-                                     head=_head(h, half.frames[0].head))  # fmt: skip
+                                     head=_head(h, half.frames))  # fmt: skip
         else:
             error, code = False, None
             if ":status" in h:
@@ -195,14 +196,21 @@ class Http2Connection(ConnectionParser):
             if ":rst" in h:
                 error, code = True, f"RST_STREAM {h[':rst']}"
             msg = message_from_parts(half.frames, PROTOCOL, False, error=error, status_code=code, pair_key=stream,
-                                     attributes=attrs, head=_head(h, half.frames[0].head))  # fmt: skip
+                                     attributes=attrs, head=_head(h, half.frames))  # fmt: skip
         msg.seq_start = msg.seq_end = None  # frames of other streams interleave: no single byte range
         return msg
 
 
-def _head(headers: dict[str, str], raw: bytes) -> bytes:
-    """Decoded headers read better than HPACK bytes; credentials are redacted."""
+def _head(headers: dict[str, str], frames: list[Framed]) -> bytes:
+    """Decoded headers read better than HPACK bytes; credentials are redacted. The start of
+    the body follows, since its fields (user ids, order ids) are what links calls."""
     if not headers:
-        return raw
+        return frames[0].head
     lines = (f"{k}: {'[REDACTED]' if k in SECRET_HEADERS else v}" for k, v in headers.items() if not k.startswith(":rst"))
-    return "\n".join(lines).encode()[:256]
+    text = "\n".join(lines).encode()
+    body = next((f.head[FRAME_HEADER:] for f in frames if f.fields["type"] == DATA), b"")
+    if body[:1] in (b"\x00", b"\x01") and len(body) >= 5:
+        body = body[5:]  # gRPC length prefix
+    if not body:
+        return text[:HEAD_BYTES]
+    return (text[: max(96, HEAD_BYTES - 2 - len(body))] + b"\n\n" + body)[:HEAD_BYTES]

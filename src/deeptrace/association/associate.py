@@ -1,0 +1,77 @@
+"""The association pipeline: exact links first, then an algorithm for each process's
+remaining calls, then trace ids.
+
+    spans (agent JSON) -> SpanRef -> links -> traces -> spans with parent/trace ids
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from deeptrace.association import baselines, joint
+from deeptrace.association.exact import header_links, seq_join
+from deeptrace.association.model import ROOT, Link, ProcessSpans, SpanRef
+from deeptrace.association.names import ALGORITHM_NAMES, DEFAULT_ALGORITHM
+from deeptrace.association.traces import trace_ids
+
+Algorithm = Callable[[ProcessSpans], dict[int, Link]]
+
+ALGORITHMS: dict[str, Algorithm] = {
+    "joint": joint.link,  # ours: thread affinity where measured sound, then joint inference
+    "fifo": baselines.fifo,
+    "wap5": baselines.wap5,
+    "vpath": baselines.vpath,
+    "txn": baselines.txn,  # the original DeepTrace's transaction-based method
+}
+assert tuple(ALGORITHMS) == ALGORITHM_NAMES
+
+
+def processes(spans: list[SpanRef], known: dict[int, Link]) -> list[ProcessSpans]:
+    by_key: dict[tuple, ProcessSpans] = {}
+    for s in spans:
+        p = by_key.get(s.process)
+        if p is None:
+            p = by_key[s.process] = ProcessSpans(s.process)
+        (p.servers if s.kind == "SERVER" else p.clients).append(s)
+    for p in by_key.values():
+        p.servers.sort(key=lambda s: s.start_ns)
+        p.clients.sort(key=lambda s: s.start_ns)
+        for c in p.clients:
+            link = known.get(c.index)
+            if link is not None and link.parent is not None:
+                p.known[c.index] = link.parent
+            else:
+                p.open_clients.append(c)
+    return list(by_key.values())
+
+
+def link_spans(spans: list[SpanRef], algorithm: str = DEFAULT_ALGORITHM, header_ids: bool = True) -> dict[int, Link]:
+    """A Link for every span."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown association algorithm {algorithm!r}: choose from {', '.join(ALGORITHMS)}")
+    choose = ALGORITHMS[algorithm]
+    links = seq_join(spans)
+    exact_calls = header_links(spans) if header_ids else {}
+    links.update(exact_calls)
+    for process in processes(spans, exact_calls):
+        if process.open_clients:
+            links.update(choose(process))
+    for s in spans:
+        if s.index not in links:
+            links[s.index] = Link(None, ROOT, 1.0)
+    return links
+
+
+def associate(span_dicts: list[dict], algorithm: str = DEFAULT_ALGORITHM, header_ids: bool = True) -> list[dict]:
+    """Fill in trace_id, parent_span_id, link_method and link_confidence of each span
+    (in place; the same list is returned)."""
+    refs = [SpanRef.from_json(i, d) for i, d in enumerate(span_dicts)]
+    links = link_spans(refs, algorithm, header_ids)
+    traces = trace_ids(span_dicts, links)
+    for d, ref in zip(span_dicts, refs):
+        link = links[ref.index]
+        d["parent_span_id"] = refs[link.parent].span_id if link.parent is not None else None
+        d["trace_id"] = traces[ref.index]
+        d["link_method"] = link.method
+        d["link_confidence"] = round(link.confidence, 4)
+    return span_dicts

@@ -1,0 +1,75 @@
+"""Persistent transaction fields: the user ids, order ids and SKUs that a request and
+the calls made for it both carry. Fields are tokens, not n-grams: an id-like token
+(3-64 characters with a digit in it, or an e-mail-like one) taken from the parts of a
+payload that hold data (request line, body, command arguments), weighted by how rare
+it is (inverse document frequency), so that "HTTP/1.1" or a common status weighs
+nothing and a user id weighs a lot."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+
+from deeptrace.association.model import SpanRef
+
+_TOKEN = re.compile(rb"[A-Za-z0-9_.@-]{3,64}")
+_HAS_DIGIT = re.compile(rb"[0-9@]")
+# Framing that carries no transaction data: HTTP header lines (lengths, hosts, agents)
+# and RESP's length lines.
+_HTTP_HEADERS = re.compile(rb"\r\n.*?\r\n\r\n", re.DOTALL)
+_RESP_LENGTHS = re.compile(rb"(?m)^[*$][0-9-]+\r?$")
+
+
+def _data_part(span: SpanRef, head: bytes) -> bytes:
+    if span.protocol == "http1":
+        return _HTTP_HEADERS.sub(b" ", head, count=1)
+    if span.protocol == "redis":
+        return _RESP_LENGTHS.sub(b" ", head)
+    return head
+
+
+def fields_of(span: SpanRef, head: bytes) -> frozenset[str]:
+    data = _data_part(span, head)
+    return frozenset(t.decode() for t in _TOKEN.findall(data) if _HAS_DIGIT.search(t))
+
+
+def request_fields(span: SpanRef) -> frozenset[str]:
+    """Fields in the request a span carried."""
+    return fields_of(span, span.req_head)
+
+
+def span_fields(span: SpanRef) -> frozenset[str]:
+    """Fields in the request and the response (an order id made by a call comes back in
+    its response and goes on in the parent's)."""
+    return fields_of(span, span.req_head) | fields_of(span, span.resp_head)
+
+
+class FieldWeights:
+    """Inverse document frequency of each field over a set of spans."""
+
+    def __init__(self, field_sets: list[frozenset[str]]) -> None:
+        self.documents = max(1, len(field_sets))
+        self.frequency: Counter[str] = Counter()
+        for fields in field_sets:
+            self.frequency.update(fields)
+        self._log_n = math.log(self.documents + 1)
+
+    def idf(self, field: str) -> float:
+        return self._log_n - math.log(self.frequency.get(field, 0) + 1)
+
+    def shared_weight(self, a: frozenset[str], b: frozenset[str]) -> float:
+        """Sum of the weights of the fields both carry: evidence that they belong together."""
+        if not a or not b:
+            return 0.0
+        return sum(self.idf(f) for f in (a & b))
+
+    def similarity(self, a: frozenset[str], b: frozenset[str]) -> float:
+        """TF-IDF cosine similarity of two field sets (each field counted once)."""
+        shared = a & b
+        if not shared:
+            return 0.0
+        num = sum(self.idf(f) ** 2 for f in shared)
+        na = math.sqrt(sum(self.idf(f) ** 2 for f in a))
+        nb = math.sqrt(sum(self.idf(f) ** 2 for f in b))
+        return num / (na * nb) if na and nb else 0.0

@@ -1,0 +1,90 @@
+"""Association over a sliding time window, for spans that keep arriving.
+
+A span is held for `hold_s` after it ended: calls finish before the requests that made
+them, and a caller's span may come late from another host, so its links are revised at
+every pass while it waits. Once published, a span keeps its trace id, and spans that
+link to it later inherit that id, so a trace is not split at a window border. Published
+spans stay as context for `context_s` so that late spans can still link to them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from deeptrace.association.associate import DEFAULT_ALGORITHM, link_spans
+from deeptrace.association.model import SpanRef
+from deeptrace.association.traces import trace_ids
+
+
+@dataclass
+class StreamStats:
+    spans_in: int = 0
+    spans_out: int = 0
+    passes: int = 0
+    late_links: int = 0  # spans linked to a parent or child already published
+    split_traces: int = 0  # two published traces found to be one: they keep their ids
+
+
+class StreamingAssociator:
+    def __init__(self, algorithm: str = DEFAULT_ALGORITHM, header_ids: bool = True, hold_s: float = 5.0,
+                 context_s: float = 10.0) -> None:  # fmt: skip
+        self.algorithm, self.header_ids = algorithm, header_ids
+        self.hold_ns, self.context_ns = int(hold_s * 1e9), int(context_s * 1e9)
+        self.pending: list[dict] = []
+        self.published: list[dict] = []  # context: already out, ids fixed
+        self.stats = StreamStats()
+        self._splits_seen: set[str] = set()
+
+    def push(self, spans: list[dict]) -> None:
+        self.pending.extend(spans)
+        self.stats.spans_in += len(spans)
+
+    def pop_ready(self, now_ns: int) -> list[dict]:
+        """Spans that ended more than hold_s ago, linked; call about once a second."""
+        cut = now_ns - self.hold_ns
+        if not any(d["end_ns"] < cut for d in self.pending):
+            return []
+        return self._pass(lambda d: d["end_ns"] < cut, now_ns)
+
+    def close(self, now_ns: int) -> list[dict]:
+        """Everything still held."""
+        return self._pass(lambda d: True, now_ns) if self.pending else []
+
+    def _pass(self, ready, now_ns: int) -> list[dict]:
+        self.stats.passes += 1
+        self.published = [d for d in self.published if d["end_ns"] >= now_ns - self.context_ns]
+        spans = self.published + self.pending
+        refs = [SpanRef.from_json(i, d) for i, d in enumerate(spans)]
+        links = link_spans(refs, self.algorithm, self.header_ids)
+        n_old = len(self.published)
+        fixed = {i: d["trace_id"] for i, d in enumerate(self.published)}
+        traces = trace_ids(spans, links, fixed)
+        self._count_splits(spans, links, n_old, fixed)
+        out, keep = [], []
+        for i in range(n_old, len(spans)):
+            d = spans[i]
+            if not ready(d):
+                keep.append(d)
+                continue
+            link = links[i]
+            d["parent_span_id"] = refs[link.parent].span_id if link.parent is not None else None
+            d["trace_id"] = traces[i]
+            d["link_method"] = link.method
+            d["link_confidence"] = round(link.confidence, 4)
+            if link.parent is not None and link.parent < n_old:
+                self.stats.late_links += 1
+            out.append(d)
+        self.pending = keep
+        self.published.extend(out)
+        self.stats.spans_out += len(out)
+        return out
+
+    def _count_splits(self, spans: list[dict], links, n_old: int, fixed: dict[int, str]) -> None:
+        """A link between two published spans of different traces: counted once."""
+        for child, link in links.items():
+            if (link.parent is not None and child < n_old and link.parent < n_old
+                    and fixed[child] != fixed[link.parent] and spans[child]["span_id"] not in self._splits_seen):
+                    self._splits_seen.add(spans[child]["span_id"])
+                    self.stats.split_traces += 1
+
+

@@ -1,0 +1,209 @@
+"""Association on constructed spans: exact links, thread affinity, inference and its
+traps, trace assembly, streaming, and the CLI on a file."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+from loopsim import accuracy, event_loop_service
+from spanmaker import call_pair, client, parent_of, server
+
+from deeptrace.association.associate import ALGORITHMS, associate
+from deeptrace.association.streaming import StreamingAssociator
+
+
+def test_seq_join_links_server_to_the_client_across_hosts():
+    c, s = call_pair(1, 2, 100, 900, seq=5000)
+    other_c, other_s = call_pair(1, 2, 100, 900, seq=9000)
+    spans = associate([s, other_s, c, other_c])
+    assert parent_of(spans, s) is c and parent_of(spans, other_s) is other_c
+    assert s["link_method"] == "seq-join" and s["link_confidence"] == 1.0
+    assert s["trace_id"] == c["trace_id"] != other_c["trace_id"]
+    assert c["link_method"] == "root" and c["parent_span_id"] is None
+
+
+def test_seq_join_through_nat_and_with_clock_skew():
+    c, s = call_pair(1, 2, 100, 900, seq=5000)
+    s["raddr"], s["rport"] = "192.168.9.9", 61000  # the server saw a translated peer
+    s["start_ns"] += 2_000_000_000  # and its host's clock runs 2 s ahead
+    s["end_ns"] += 2_000_000_000
+    associate([c, s])
+    assert s["parent_span_id"] == c["span_id"]
+
+
+def test_same_bytes_on_a_reused_port_join_the_call_of_their_time():
+    early_c, early_s = call_pair(1, 2, 100, 900, seq=5000)
+    late_c, late_s = call_pair(1, 2, 60_000_000, 60_000_900, seq=5000)  # 60 s later, same seq (wrapped)
+    associate([early_c, early_s, late_c, late_s])
+    assert early_s["parent_span_id"] == early_c["span_id"] and late_s["parent_span_id"] == late_c["span_id"]
+
+
+def test_http2_calls_join_by_connection_and_stream():
+    c1, s1 = call_pair(1, 2, 100, 900, seq=0)
+    c2, s2 = call_pair(1, 2, 150, 800, seq=0)
+    for d, stream in ((c1, 1), (s1, 1), (c2, 3), (s2, 3)):
+        d["req_seq"] = d["resp_seq"] = None
+        d["protocol"], d["attributes"] = "http2", {"http2.stream_id": stream}
+    s2["lport"], s2["rport"], c2["lport"], c2["rport"] = s1["lport"], s1["rport"], c1["lport"], c1["rport"]
+    associate([c1, c2, s1, s2])
+    assert s1["parent_span_id"] == c1["span_id"] and s2["parent_span_id"] == c2["span_id"]
+
+
+HEADERS = [
+    ("traceparent", "00-{t}-00f067aa0ba902b7-01"),
+    ("b3", "{t}-e457b5a2e4d86bd1-1"),
+    ("x-b3-traceid", "{t}"),
+    ("uber-trace-id", "{t}:e457b5a2e4d86bd1:0:1"),
+    ("x-request-id", "{t}"),
+]
+
+
+@pytest.mark.parametrize("header,value", HEADERS)
+def test_header_ids_pick_the_request_that_propagated_them(header, value):
+    a_id, b_id = "4bf92f3577b34da6a3ce929d0e0e4736", "0af7651916cd43dd8448eb211c80319c"
+    key = f"http.request.header.{header}"
+    a = server(1, 0, 1000, attributes={key: value.format(t=a_id)})
+    b = server(1, 10, 1000, attributes={key: value.format(t=b_id)})
+    call = client(1, 20, 500, attributes={key: value.format(t=a_id)})  # timing alone says b (latest start)
+    associate([a, b, call])
+    assert call["parent_span_id"] == a["span_id"] and call["link_method"] == "header-id"
+    associate([a, b, call], algorithm="wap5", header_ids=False)
+    assert call["parent_span_id"] == b["span_id"] and call["link_method"] != "header-id"
+
+
+def _thread_per_request(pid: int, n: int, pool_hand_off: bool = False):
+    """Requests on 4 worker threads, one at a time per thread, each making one call;
+    with pool_hand_off the call goes out on another thread (a pool)."""
+    rnd = random.Random(pid)
+    spans, truth = [], {}
+    free = {100 + k: 0 for k in range(4)}
+    t = 0
+    for _ in range(n):
+        t += rnd.randint(50, 400)
+        tid = min(free, key=free.get)
+        start = max(t, free[tid])
+        call_start = start + rnd.randint(10, 50)
+        call_end = call_start + rnd.randint(200, 2000)
+        end = call_end + rnd.randint(10, 50)
+        free[tid] = end + 1
+        s = server(pid, start, end, tid=tid, name="GET /a")
+        c = client(pid, call_start, call_end, tid=999 if pool_hand_off else tid, name="SELECT t", req=b"SELECT 1")
+        spans += [s, c]
+        truth[c["span_id"]] = s["span_id"]
+    return spans, truth
+
+
+def test_thread_affinity_in_a_thread_per_request_process():
+    spans, truth = _thread_per_request(10, 300)
+    associate(spans, header_ids=False)
+    calls = [d for d in spans if d["kind"] == "CLIENT"]
+    assert {d["link_method"] for d in calls} == {"thread"}
+    assert accuracy(spans, truth) == 1.0
+    assert min(d["link_confidence"] for d in calls) >= 0.95
+
+
+def test_thread_pool_hand_off_is_not_linked_by_thread():
+    spans, truth = _thread_per_request(11, 300, pool_hand_off=True)
+    associate(spans, header_ids=False)
+    assert not any(d["link_method"] == "thread" for d in spans)
+    associate(spans, algorithm="vpath", header_ids=False)
+    assert accuracy(spans, truth) == 0.0  # the baseline that trusts threads gets none right
+
+
+def test_event_loop_is_not_linked_by_thread():
+    spans, _ = event_loop_service(200, 400)
+    associate(spans, header_ids=False)
+    assert not any(d["link_method"] == "thread" for d in spans)
+
+
+@pytest.mark.parametrize("fan_out", [0, 3])
+def test_joint_inference_beats_the_baselines_on_an_event_loop(fan_out):
+    spans, truth = event_loop_service(600, 1000, seed=fan_out, fan_out=fan_out)
+    scores = {}
+    for name in ALGORITHMS:
+        associate(spans, algorithm=name, header_ids=False)
+        scores[name] = accuracy(spans, truth)
+    assert scores["joint"] >= 0.95, scores
+    assert all(scores["joint"] > v for k, v in scores.items() if k != "joint"), scores
+
+
+def test_call_outside_every_request_is_a_root():
+    a = server(1, 0, 100)
+    late = client(1, 200, 300)
+    associate([a, late])
+    assert late["parent_span_id"] is None and late["link_method"] == "root"
+
+
+def test_lost_responses_and_retries_still_find_their_request():
+    """A call whose response was lost ends when it was sent; the retry that follows
+    belongs to the same request."""
+    spans, truth = event_loop_service(600, 1000, seed=7, retries=0.2)
+    associate(spans, header_ids=False)
+    by = {d["span_id"]: d for d in spans}
+    gets = [by[c] for c in truth if by[c]["name"] == "redis GET"]
+    assert len(gets) > 650  # the retried ones are there twice
+    assert sum(by[c["span_id"]]["parent_span_id"] == truth[c["span_id"]] for c in gets) / len(gets) >= 0.95
+
+
+def test_input_order_does_not_matter():
+    """Records from different CPUs arrive out of time order; spans may too."""
+    spans, _ = event_loop_service(300, 1000, seed=5)
+    associate(spans, header_ids=False)
+    first = {d["span_id"]: d["parent_span_id"] for d in spans}
+    random.Random(9).shuffle(spans)
+    associate(spans, header_ids=False)
+    assert {d["span_id"]: d["parent_span_id"] for d in spans} == first
+
+
+def test_a_trace_spans_hosts_and_keeps_its_roots_id():
+    root = server(1, 0, 10_000, host="a")
+    c, s = call_pair(1, 2, 100, 900, seq=777, caller_host="a", callee_host="b")
+    leaf = client(2, 200, 700, host="b")
+    associate([leaf, s, c, root], header_ids=False)
+    assert {d["trace_id"] for d in (root, c, s, leaf)} == {root["trace_id"]}
+    assert [parent_of([root, c, s, leaf], d) for d in (c, s, leaf)] == [root, c, s]
+
+
+def test_streaming_holds_spans_until_their_parent_arrives_and_keeps_trace_ids():
+    assoc = StreamingAssociator(hold_s=1.0, context_s=30.0)
+    root = server(1, 0, 10_000, host="a")
+    c, s = call_pair(1, 2, 100, 900, seq=777, caller_host="a", callee_host="b")
+    assoc.push([s])  # the callee's host shipped first
+    assert assoc.pop_ready(s["end_ns"] + 500_000_000) == []  # still held
+    assoc.push([c, root])
+    out = assoc.pop_ready(root["end_ns"] + 2_000_000_000)
+    assert {d["span_id"] for d in out} == {s["span_id"], c["span_id"], root["span_id"]}
+    assert len({d["trace_id"] for d in out}) == 1
+    # A span that arrives after its trace was published joins it; nothing is split.
+    leaf = client(2, 200, 700, host="b")
+    assoc.push([leaf])
+    (late,) = assoc.pop_ready(root["end_ns"] + 4_000_000_000)
+    assert late["parent_span_id"] == s["span_id"] and late["trace_id"] == root["trace_id"]
+    assert assoc.stats.late_links == 1 and assoc.stats.split_traces == 0
+
+
+def test_cli_associates_a_file(tmp_path):
+    spans, truth = event_loop_service(200, 500, seed=3)
+    c, s = call_pair(900, 901, 100, 900, seq=4242)
+    path = tmp_path / "spans.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in spans + [c, s]))
+    out = tmp_path / "linked.jsonl"
+    r = subprocess.run([sys.executable, "-m", "deeptrace.cli", "associate", str(path), "--no-header-ids",
+                        "--out", str(out)], capture_output=True, text=True, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert f"{len(spans) + 2} spans" in r.stderr and "seq-join 1" in r.stderr
+    linked = [json.loads(line) for line in out.read_text().splitlines()]
+    assert accuracy(linked, truth) >= 0.95
+    assert {"trace_id", "parent_span_id", "link_method", "link_confidence"} <= set(linked[0])
+
+
+def test_cli_rejects_a_file_that_is_not_spans(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"span_id": "1", "kind": "SERVER", "pid": 1, "start_ns": 0, "end_ns": 1}\nnot json\n')
+    r = subprocess.run([sys.executable, "-m", "deeptrace.cli", "associate", str(path)], capture_output=True, text=True,
+                       check=False)
+    assert r.returncode == 2 and "bad.jsonl:2: not a JSON line" in r.stderr
