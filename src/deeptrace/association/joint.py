@@ -16,17 +16,20 @@ likelihood ratios (true pairs against all candidate pairs) of:
 - call count: how many calls of that operation the request operation makes.
 
 It starts from the unambiguous calls (one candidate) and the fields, assigns every call
-jointly (best pairs first, a request's slots for each operation filling up as its
-pattern says), re-learns the ratios from that assignment and repeats. Gaps depend on
-the assignment, so each round sees the sibling structure the last round found.
+jointly (calls with a clear winner take it; the rest are a min-cost matching of calls
+to request slots, a request's slots for each operation priced by its call pattern),
+re-learns the ratios from that assignment and repeats. Gaps depend on the assignment,
+so each round sees the sibling structure the last round found.
+
+The work is done on arrays of candidate pairs (numpy), so that a million spans take
+seconds, not minutes.
 """
 
 from __future__ import annotations
 
-import heapq
-import math
-from bisect import bisect_left, bisect_right
-from collections import Counter, defaultdict
+import numpy as np
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 from deeptrace.association.candidates import Containment
 from deeptrace.association.features import FieldWeights, span_fields
@@ -34,14 +37,14 @@ from deeptrace.association.model import INFERRED, ROOT, Link, ProcessSpans, Span
 from deeptrace.association.threads import ServingThreads, measure, thread_links
 
 ROUNDS = 4
-MATCHING = True  # exact min-cost matching (True) or best pairs first (False)
 TEMPERATURE = 1.0  # softmax temperature turning scores into confidences
-_FIELD_BINS = (0.5, 2.0, 4.0, 6.0, 9.0)
-_UNSEEN = 1e-3  # probability floor for a call count never observed
-_LOG_UNSEEN = math.log(_UNSEEN)
-_OVERFLOW = 1e6
 CLEAR_MARGIN = 6.0  # nats: a call this much surer of one request is not matched jointly
 CHUNK = 2000  # calls per joint matching
+MAX_SLOTS = 32  # calls of one operation a request can be priced for
+_FIELD_BINS = np.array([0.5, 2.0, 4.0, 6.0, 9.0])
+_LOG_UNSEEN = float(np.log(1e-3))  # a call count never observed
+_GAP_BINS = 64  # log2 bins of a gap in ns
+_OVERFLOW = 1e6
 
 
 def link(process: ProcessSpans) -> dict[int, Link]:
@@ -56,260 +59,242 @@ def link(process: ProcessSpans) -> dict[int, Link]:
     return links
 
 
-def _log_bin(gap_ns: int) -> int:
-    return max(0, gap_ns).bit_length()  # log2 bins: 1 ns .. 2^40 ns
+def _codes(names: list[str], table: dict[str, int]) -> np.ndarray:
+    return np.array([table.setdefault(n, len(table)) for n in names], dtype=np.int64)
 
 
-def _field_bin(weight: float) -> int:
-    return bisect_right(_FIELD_BINS, weight)
+def _log2_bins(gaps: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(gaps), dtype=np.int64)
+    pos = gaps > 0
+    out[pos] = np.minimum(np.log2(gaps[pos]).astype(np.int64) + 1, _GAP_BINS - 1)
+    return out
 
 
-class _Ratio:
-    """Likelihood ratio P(value | true pair) / P(value | candidate pair) of one discrete
-    feature, with add-one smoothing so unseen values stay finite."""
-
-    def __init__(self, true_values, all_values) -> None:
-        true, every = Counter(true_values), Counter(all_values)
-        nt, na, k = sum(true.values()), sum(every.values()), len(every) + 1
-        self.table = {v: math.log(((true.get(v, 0) + 1) / (nt + k)) / ((n + 1) / (na + k))) for v, n in every.items()}
-        self.unseen = math.log((1 / (nt + k)) / (1 / (na + k)))
-
-    def log(self, value) -> float:
-        return self.table.get(value, self.unseen)
+def _log_ratio(values: np.ndarray, true: np.ndarray, size: int) -> np.ndarray:
+    """Per value, log P(value | true pair) / P(value | candidate pair), add-one smoothed
+    so that unseen values stay finite."""
+    every = np.bincount(values, minlength=size).astype(float)
+    hits = np.bincount(values[true], minlength=size).astype(float)
+    k = np.count_nonzero(every) + 1
+    return np.log((hits + 1) / (hits.sum() + k)) - np.log((every + 1) / (every.sum() + k))
 
 
 class Inference:
     def __init__(self, process: ProcessSpans, clients: list[SpanRef], fixed: dict[int, int]) -> None:
+        servers = process.servers
         self.process = process
-        self.servers = {s.index: s for s in process.servers}
-        self.clients = clients
-        self.fixed = fixed  # calls whose parent is already known: evidence, not decided here
-        self.calls = {c.index: c for c in process.clients}
-        contain = Containment(process.servers)
-        self.candidates = {c.index: [s.index for s in contain.containing(c.start_ns, c.end_ns)] for c in clients}
-        fields = {s.index: span_fields(s) for s in process.servers}
-        fields.update({c.index: span_fields(c) for c in clients})
-        weights = FieldWeights(list(fields.values()))
-        self.field_bin = {}
+        self.server_index = np.array([s.index for s in servers], dtype=np.int64)
+        row_of = {s.index: r for r, s in enumerate(servers)}
+        contain = Containment(servers)
+        self.roots, calls, pc, ps = [], [], [], []
         for c in clients:
-            fc = fields[c.index]
-            for s in self.candidates[c.index]:
-                self.field_bin[(c.index, s)] = _field_bin(weights.shared_weight(fc, fields[s]))
+            cands = contain.containing(c.start_ns, c.end_ns)
+            if not cands:
+                self.roots.append(c)
+                continue
+            for s in cands:
+                pc.append(len(calls))
+                ps.append(row_of[s.index])
+            calls.append(c)
+        self.calls = calls
+        if not calls:
+            return
+        ops: dict[str, int] = {}
+        self.s_op = _codes([s.name for s in servers], ops)
+        self.c_op = _codes([c.name for c in calls], ops)
+        self.n_ops = len(ops)
+        self.s_start = np.array([s.start_ns for s in servers], dtype=np.int64)
+        self.s_end = np.array([s.end_ns for s in servers], dtype=np.int64)
+        self.c_start = np.array([c.start_ns for c in calls], dtype=np.int64)
+        self.c_end = np.array([c.end_ns for c in calls], dtype=np.int64)
+        # Calls whose parent is known (header ids, threads): their events and counts are evidence.
+        known = [(row_of[s], process_call) for process_call, s in _known_calls(process, fixed) if s in row_of]
+        self.f_row = np.array([r for r, _ in known], dtype=np.int64)
+        self.f_start = np.array([c.start_ns for _, c in known], dtype=np.int64)
+        self.f_end = np.array([c.end_ns for _, c in known], dtype=np.int64)
+        self.f_op = _codes([c.name for _, c in known], ops)
+        self.n_ops = len(ops)
+        self.pc, self.ps = np.array(pc, dtype=np.int64), np.array(ps, dtype=np.int64)
+        self.t0 = int(min(self.s_start.min(), self.c_start.min()))
+        self.width = int(max(self.s_end.max(), self.c_end.max())) - self.t0 + 2
+        self.pair_op = self.s_op[self.ps] * self.n_ops + self.c_op[self.pc]
+        self.field_bin = self._field_bins(servers, calls)
+
+    def _field_bins(self, servers: list[SpanRef], calls: list[SpanRef]) -> np.ndarray:
+        s_fields = [span_fields(s) for s in servers]
+        c_fields = [span_fields(c) for c in calls]
+        weights = FieldWeights(s_fields + c_fields)
+        shared = np.zeros(len(self.pc))
+        for p, (c, s) in enumerate(zip(self.pc.tolist(), self.ps.tolist())):
+            if c_fields[c] and s_fields[s]:
+                shared[p] = weights.shared_weight(c_fields[c], s_fields[s])
+        return np.searchsorted(_FIELD_BINS, shared, side="right")
 
     def run(self) -> dict[int, Link]:
-        links: dict[int, Link] = {}
-        decide = []
-        for c in self.clients:
-            cands = self.candidates[c.index]
-            if not cands:
-                links[c.index] = Link(None, ROOT, 1.0 if not self.process.servers else 0.9)
-            else:
-                decide.append(c)
-        if not decide:
+        links = {c.index: Link(None, ROOT, 1.0 if not self.process.servers else 0.9) for c in self.roots}
+        if not self.calls:
             return links
-        # Round 0: unambiguous calls, then the strongest shared field, then the nearest start.
-        assign = {}
-        for c in decide:
-            cands = self.candidates[c.index]
-            assign[c.index] = max(cands, key=lambda s: (self.field_bin[(c.index, s)], self.servers[s].start_ns))
-        scores: dict[int, dict[int, float]] = {}
+        # Round 0: the strongest shared field, then the latest start (a lone candidate wins anyway).
+        order = np.lexsort((self.s_start[self.ps], self.field_bin, self.pc))
+        last_of_call = np.r_[self.pc[order][1:] != self.pc[order][:-1], True]
+        assign = np.empty(len(self.calls), dtype=np.int64)
+        assign[self.pc[order][last_of_call]] = self.ps[order][last_of_call]
+        score = np.zeros(len(self.pc))
         for _ in range(ROUNDS):
-            model = self._learn(decide, assign)
-            scores = self._score(decide, model)
-            assign = (_match if MATCHING else Inference._assign)(self, decide, scores, model)
-        for c in decide:
-            chosen = assign[c.index]
-            links[c.index] = Link(chosen, INFERRED, _confidence(scores[c.index], chosen))
+            score, slots = self._learn(assign)
+            previous, assign = assign, self._assign(score, slots)
+            if np.array_equal(assign, previous):
+                break  # settled: another round would learn the same ratios
+        conf = self._confidence(score, assign)
+        for i, c in enumerate(self.calls):
+            links[c.index] = Link(int(self.server_index[assign[i]]), INFERRED, float(conf[i]))
         return links
 
-    # -- learning --------------------------------------------------------------------
+    # -- learning: likelihood ratios of each feature, and call patterns -----------------
 
-    def _children(self, assign: dict[int, int]) -> dict[int, list[SpanRef]]:
-        kids: dict[int, list[SpanRef]] = defaultdict(list)
-        for c, s in list(assign.items()) + list(self.fixed.items()):
-            if s in self.servers:
-                kids[s].append(self.calls[c])
-        return kids
+    def _gaps(self, assign: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per pair: time from the parent's latest event before the call to the call's
+        start, and from the call's end to the parent's next event, under `assign`."""
+        t0, w = self.t0, self.width
+        pc, ps = self.pc, self.ps
+        c_start, c_end = self.c_start[pc], self.c_end[pc]
+        rows = np.concatenate([np.arange(len(self.s_start)), assign, assign, self.f_row, self.f_row])
+        times = np.concatenate([self.s_start, self.c_start, self.c_end, self.f_start, self.f_end])
+        keys = np.sort(rows * w + (times - t0))
+        i = np.searchsorted(keys, ps * w + (c_start - t0), side="left") - 1
+        ok = (i >= 0) & (keys[np.maximum(i, 0)] // w == ps)
+        before = np.where(ok, keys[np.maximum(i, 0)] % w + t0, self.s_start[ps])
+        rows = np.concatenate([np.arange(len(self.s_end)), assign, self.f_row])
+        times = np.concatenate([self.s_end, self.c_start, self.f_start])
+        keys = np.sort(rows * w + (times - t0))
+        j = np.searchsorted(keys, ps * w + (c_end - t0), side="right")
+        jj = np.minimum(j, len(keys) - 1)
+        ok = (j < len(keys)) & (keys[jj] // w == ps)
+        after = np.where(ok, keys[jj] % w + t0, self.s_end[ps])
+        return c_start - before, after - c_end
 
-    def _events(self, kids: dict[int, list[SpanRef]]) -> tuple[dict, dict]:
-        """Per request, sorted times of what it did (for trigger gaps) and of what it did
-        next (for next gaps)."""
-        before, after = {}, {}
-        for s_index, s in self.servers.items():
-            ks = kids.get(s_index, ())
-            before[s_index] = sorted([s.start_ns] + [k.start_ns for k in ks] + [k.end_ns for k in ks])
-            after[s_index] = sorted([s.end_ns] + [k.start_ns for k in ks])
-        return before, after
+    def _learn(self, assign: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        true = assign[self.pc] == self.ps
+        trigger, nxt = self._gaps(assign)
+        c_op = self.c_op[self.pc]
+        features = (
+            (self.field_bin, len(_FIELD_BINS) + 1),
+            (self.pair_op, self.n_ops * self.n_ops),
+            (c_op * _GAP_BINS + _log2_bins(trigger), self.n_ops * _GAP_BINS),
+            (c_op * _GAP_BINS + _log2_bins(nxt), self.n_ops * _GAP_BINS),
+        )
+        score = np.zeros(len(self.pc))
+        for values, size in features:
+            score += _log_ratio(values, true, size)[values]
+        return score, self._slot_prices(assign)
 
-    def _features(self, c: SpanRef, s_index: int, before: dict, after: dict) -> tuple:
-        s = self.servers[s_index]
-        evb = before[s_index]
-        i = bisect_left(evb, c.start_ns) - 1
-        trigger = c.start_ns - evb[i] if i >= 0 else c.start_ns - s.start_ns
-        eva = after[s_index]
-        j = bisect_right(eva, c.end_ns)
-        nxt = eva[j] - c.end_ns if j < len(eva) else s.end_ns - c.end_ns
-        return (self.field_bin[(c.index, s_index)], (s.name, c.name), (c.name, _log_bin(trigger)),
-                (c.name, _log_bin(nxt)))  # fmt: skip
+    def _counts(self, assign: np.ndarray) -> np.ndarray:
+        """Calls of each operation per request: (requests, operations)."""
+        n = len(self.s_start)
+        key = np.concatenate([assign * self.n_ops + self.c_op, self.f_row * self.n_ops + self.f_op])
+        return np.bincount(key, minlength=n * self.n_ops).reshape(n, self.n_ops)
 
-    def _learn(self, decide: list[SpanRef], assign: dict[int, int]) -> dict:
-        kids = self._children(assign)
-        before, after = self._events(kids)
-        features = {}
-        true_rows, all_rows = [], []
-        for c in decide:
-            chosen = assign[c.index]
-            for s in self.candidates[c.index]:
-                feats = features[(c.index, s)] = self._features(c, s, before, after)
-                all_rows.append(feats)
-                if chosen == s:
-                    true_rows.append(feats)
-        true_f = list(zip(*true_rows)) if true_rows else [(), (), (), ()]
-        all_f = list(zip(*all_rows))
-        counts: dict[tuple, Counter] = defaultdict(Counter)  # (request op, call op) -> Counter(calls per request)
-        ops_of = defaultdict(set)
-        for s_index, ks in kids.items():
-            per_op = Counter(k.name for k in ks)
-            ops_of[self.servers[s_index].name].update(per_op)
-            for op, n in per_op.items():
-                counts[(self.servers[s_index].name, op)][n] += 1
-        # Requests of an operation that made no call of an op still count (as zero).
-        served = Counter(s.name for s in self.servers.values())
-        for (sop, cop), ctr in counts.items():
-            ctr[0] += served[sop] - sum(ctr.values())
-        slots = {}
-        for key, ctr in counts.items():
-            # slots[key][k-1]: log of how likely a request of this operation makes at
-            # least k calls of that operation, given it made k-1.
-            top = max(ctr)
-            at_least = [sum(n for c, n in ctr.items() if c >= k) for k in range(top + 2)]
-            slots[key] = [math.log(max(_UNSEEN, at_least[k] / at_least[k - 1] if at_least[k - 1] else 0.0))
-                          for k in range(1, top + 2)]  # fmt: skip
-        return {"ratios": [_Ratio(t, a) for t, a in zip(true_f, all_f)], "slots": slots, "features": features}
+    def _slot_prices(self, assign: np.ndarray) -> np.ndarray:
+        """prices[request op, call op, k]: log of how likely a request of that operation
+        makes at least k calls of that operation, given it made k-1 (k >= 1)."""
+        counts = np.minimum(self._counts(assign), MAX_SLOTS)
+        at_least = np.zeros((self.n_ops, self.n_ops, MAX_SLOTS + 2))
+        for k in range(MAX_SLOTS + 1):
+            np.add.at(at_least[:, :, k], self.s_op, (counts >= k).astype(float))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = at_least[:, :, 1:] / at_least[:, :, :-1]
+        prices = np.full((self.n_ops, self.n_ops, MAX_SLOTS + 2), _LOG_UNSEEN)
+        prices[:, :, 1:] = np.log(np.maximum(np.nan_to_num(ratio, nan=0.0), np.exp(_LOG_UNSEEN)))
+        return prices
 
-    def _slot(self, model: dict, s_index: int, op: str, k: int) -> float:
-        table = model["slots"].get((self.servers[s_index].name, op))
-        if not table:
-            return _LOG_UNSEEN
-        return table[k - 1] if k <= len(table) else _LOG_UNSEEN
+    # -- joint assignment ------------------------------------------------------------
 
-    # -- scoring and assignment ------------------------------------------------------
-
-    def _score(self, decide: list[SpanRef], model: dict) -> dict[int, dict[int, float]]:
-        f, o, t, n = (r.table for r in model["ratios"])
-        fu, ou, tu, nu = (r.unseen for r in model["ratios"])
-        features = model["features"]
-        scores = {}
-        for c in decide:
-            row = {}
-            for s in self.candidates[c.index]:
-                a, b, g, h = features[(c.index, s)]
-                row[s] = f.get(a, fu) + o.get(b, ou) + t.get(g, tu) + n.get(h, nu)
-            scores[c.index] = row
-        return scores
-
-    def _assign(self, decide: list[SpanRef], scores: dict[int, dict[int, float]], model: dict) -> dict[int, int]:
-        """Best pairs first; a request's k-th call of an operation costs what its call
-        pattern says about having k of them."""
-        taken: Counter = Counter()  # (request, call op) -> calls assigned
-        for c, s in self.fixed.items():
-            if s in self.servers:
-                taken[(s, self.calls[c].name)] += 1
-        heap = []
-        for c in decide:
-            for s, sc in scores[c.index].items():
-                k = taken[(s, c.name)] + 1
-                heap.append((-(sc + self._slot(model, s, c.name, k)), c.index, s, k))
-        heapq.heapify(heap)
-        assign: dict[int, int] = {}
-        while heap:
-            _, c, s, k = heapq.heappop(heap)
-            if c in assign:
-                continue
-            op = self.calls[c].name
-            now = taken[(s, op)] + 1
-            if now != k:  # the slot filled up meanwhile: re-price and queue again
-                heapq.heappush(heap, (-(scores[c][s] + self._slot(model, s, op, now)), c, s, now))
-                continue
-            assign[c] = s
-            taken[(s, op)] = now
+    def _assign(self, score: np.ndarray, prices: np.ndarray) -> np.ndarray:
+        """Clear winners take their request at once; the rest are matched jointly, in
+        time order, a chunk at a time (matching grows faster than linearly)."""
+        n_calls = len(self.calls)
+        order = np.lexsort((-score, self.pc))  # by call, best first
+        first = np.r_[True, self.pc[order][1:] != self.pc[order][:-1]]
+        best_pair = order[first]
+        best = score[best_pair]
+        second = np.full(n_calls, -np.inf)
+        runner = np.flatnonzero(~first & np.r_[False, first[:-1]])  # each call's second best
+        second[self.pc[order[runner]]] = score[order[runner]]
+        clear = best - second >= CLEAR_MARGIN
+        assign = np.empty(n_calls, dtype=np.int64)
+        assign[:] = self.ps[best_pair]
+        counts = np.bincount(np.r_[self.f_row * self.n_ops + self.f_op,
+                                   assign[clear] * self.n_ops + self.c_op[clear]],
+                             minlength=len(self.s_start) * self.n_ops)  # fmt: skip
+        hard = np.flatnonzero(~clear)
+        hard = hard[np.argsort(self.c_start[hard], kind="stable")]
+        if len(hard):
+            pairs_of = np.split(order, np.flatnonzero(first)[1:])  # pairs of each call, in call order
+            for i in range(0, len(hard), CHUNK):
+                self._match(hard[i : i + CHUNK], pairs_of, score, prices, counts, assign)
         return assign
 
-
-def _match(self: Inference, decide: list[SpanRef], scores: dict[int, dict[int, float]], model: dict) -> dict[int, int]:
-    """Clear winners take their request at once; the rest are matched jointly, in time
-    order, a chunk at a time (the matching grows faster than linearly)."""
-    taken: Counter = Counter()  # (request, call op) -> calls it has
-    for c, s in self.fixed.items():
-        if s in self.servers:
-            taken[(s, self.calls[c].name)] += 1
-    assign: dict[int, int] = {}
-    hard = []
-    for c in decide:
-        row = scores[c.index]
-        best = max(row, key=row.get)
-        if len(row) == 1 or row[best] - heapq.nlargest(2, row.values())[1] >= CLEAR_MARGIN:
-            assign[c.index] = best
-            taken[(best, c.name)] += 1
-        else:
-            hard.append(c)
-    for i in range(0, len(hard), CHUNK):
-        assign.update(_match_chunk(self, hard[i : i + CHUNK], scores, model, taken))
-    return assign
-
-
-def _match_chunk(self: Inference, calls: list[SpanRef], scores: dict, model: dict, taken: Counter) -> dict[int, int]:
-    """Min-cost matching of calls to request slots: each request has, per call
-    operation, slots priced by its call pattern (the k-th slot costs what having k such
-    calls costs); each call takes one slot. An overflow column per call keeps it
-    feasible. `taken` is updated with the result."""
-    import numpy as np
-    from scipy.sparse import csr_matrix
-    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
-
-    want: Counter = Counter()
-    for c in calls:
-        for s in scores[c.index]:
-            want[(s, c.name)] += 1
-    slot_cols: dict[tuple, list[tuple[int, float]]] = {}
-    owner = {}
-    n_cols = len(calls)  # columns 0..len(calls)-1: overflow, one per call
-    for (s, op), n in want.items():
-        cols, price = [], 0.0
+    def _match(self, calls: np.ndarray, pairs_of: list, score: np.ndarray, prices: np.ndarray,
+               counts: np.ndarray, assign: np.ndarray) -> None:  # fmt: skip
+        """Min-cost matching of calls to request slots: each request has, per call
+        operation, slots priced by its call pattern (the k-th slot costs what having k
+        such calls costs); each call takes one slot; an overflow column per call keeps
+        it feasible. Fills `assign` and `counts`."""
+        pairs = np.concatenate([pairs_of[c] for c in calls])
+        row = np.repeat(np.arange(len(calls)), [len(pairs_of[c]) for c in calls])
+        group = self.ps[pairs] * self.n_ops + self.c_op[self.pc[pairs]]  # (request, call op)
+        groups, inverse, want = np.unique(group, return_inverse=True, return_counts=True)
+        g_req, g_op = groups // self.n_ops, groups % self.n_ops
+        taken = counts[groups]
+        g_sop = self.s_op[g_req]
         # Slots past the most calls ever seen all cost the same: one of them is enough.
-        pattern = model["slots"].get((self.servers[s].name, op), ())
-        first = taken[(s, op)] + 1
-        for k in range(first, first + min(n, max(1, len(pattern) + 1 - taken[(s, op)]))):
-            price = min(price, self._slot(model, s, op, k)) if cols else self._slot(model, s, op, k)
-            cols.append((n_cols, price))
-            owner[n_cols] = s
-            n_cols += 1
-        slot_cols[(s, op)] = cols
-    rows, cols, costs = [], [], []
-    for r, c in enumerate(calls):
-        rows.append(r)
-        cols.append(r)
-        costs.append(_OVERFLOW)
-        for s, sc in scores[c.index].items():
-            for col, price in slot_cols[(s, c.name)]:
-                rows.append(r)
-                cols.append(col)
-                costs.append(-(sc + price))
-    costs = np.asarray(costs)
-    costs = costs - costs.min() + 1.0  # the matcher reads zeros as missing edges
-    graph = csr_matrix((costs, (rows, cols)), shape=(len(calls), n_cols))
-    row_ind, col_ind = min_weight_full_bipartite_matching(graph)
-    col_of_row = dict(zip(row_ind.tolist(), col_ind.tolist()))
-    assign = {}
-    for r, c in enumerate(calls):
-        row = scores[c.index]
-        s = owner.get(col_of_row.get(r, -1), max(row, key=row.get))
-        assign[c.index] = s
-        taken[(s, c.name)] += 1
-    return assign
+        seen = (prices[g_sop, g_op, 1:] > _LOG_UNSEEN).sum(axis=1)
+        n_slots = np.clip(np.minimum(want, seen + 1 - taken), 1, None)
+        first_col = len(calls) + np.r_[0, np.cumsum(n_slots)[:-1]]
+        starts = np.r_[0, np.cumsum(n_slots)[:-1]]
+        k = np.repeat(taken + 1, n_slots) + (np.arange(n_slots.sum()) - np.repeat(starts, n_slots))
+        raw = prices[np.repeat(g_sop, n_slots), np.repeat(g_op, n_slots), np.minimum(k, MAX_SLOTS + 1)]
+        slot_price = _running_min_per_group(raw, starts)
+        slot_owner = np.repeat(g_req, n_slots)
+        # Edges: each pair to each slot of its group, plus each call's overflow column.
+        per_pair = n_slots[inverse]
+        e_row = np.repeat(row, per_pair)
+        offsets = np.arange(per_pair.sum()) - np.repeat(np.r_[0, np.cumsum(per_pair)[:-1]], per_pair)
+        e_col = np.repeat(first_col[inverse], per_pair) + offsets
+        e_cost = -(np.repeat(score[pairs], per_pair) + slot_price[e_col - len(calls)])
+        e_row = np.r_[np.arange(len(calls)), e_row]
+        e_col = np.r_[np.arange(len(calls)), e_col]
+        e_cost = np.r_[np.full(len(calls), _OVERFLOW), e_cost]
+        e_cost = e_cost - e_cost.min() + 1.0  # the matcher reads zeros as missing edges
+        graph = csr_matrix((e_cost, (e_row, e_col)), shape=(len(calls), len(calls) + int(n_slots.sum())))
+        rows, cols = min_weight_full_bipartite_matching(graph)
+        matched = cols >= len(calls)
+        assign[calls[rows[matched]]] = slot_owner[cols[matched] - len(calls)]
+        # A call left on its overflow column keeps its best candidate (already in assign).
+        np.add.at(counts, assign[calls] * self.n_ops + self.c_op[calls], 1)
+
+    def _confidence(self, score: np.ndarray, assign: np.ndarray) -> np.ndarray:
+        """Softmax of the chosen parent's score among the call's candidates."""
+        n = len(self.calls)
+        top = np.full(n, -np.inf)
+        np.maximum.at(top, self.pc, score)
+        weight = np.exp((score - top[self.pc]) / TEMPERATURE)
+        total = np.bincount(self.pc, weights=weight, minlength=n)
+        chosen = np.zeros(n)
+        mask = assign[self.pc] == self.ps
+        chosen[self.pc[mask]] = weight[mask]
+        return chosen / total
 
 
-def _confidence(row: dict[int, float], chosen: int) -> float:
-    top = max(row.values())
-    total = sum(math.exp((v - top) / TEMPERATURE) for v in row.values())
-    return math.exp((row[chosen] - top) / TEMPERATURE) / total
+def _running_min_per_group(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Running minimum that restarts at each group start (prices never rise with k)."""
+    out = values.copy()
+    ends = np.r_[starts[1:], len(values)]
+    for s, e in zip(starts[ends - starts > 1].tolist(), ends[ends - starts > 1].tolist()):
+        out[s:e] = np.minimum.accumulate(values[s:e])
+    return out
+
+
+def _known_calls(process: ProcessSpans, fixed: dict[int, int]):
+    by_index = {c.index: c for c in process.clients}
+    return [(by_index[c], s) for c, s in fixed.items() if c in by_index]
