@@ -8,6 +8,7 @@ the payload heads decoded once.
 from __future__ import annotations
 
 import base64
+import re
 from dataclasses import dataclass, field
 
 # How a link was made, most certain first.
@@ -16,6 +17,7 @@ HEADER_ID = "header-id"  # a propagated id (traceparent, b3, uber-trace-id, x-re
 THREAD = "thread"  # the call went out on the thread that was serving the request
 INFERRED = "inferred"  # chosen by an inference algorithm
 ROOT = "root"  # no parent: nothing we saw called this span
+_DIGITS = re.compile(r"\d+")
 
 
 @dataclass(slots=True)
@@ -23,7 +25,7 @@ class SpanRef:
     index: int  # position in the input list
     span_id: str
     kind: str  # SERVER | CLIENT
-    name: str
+    name: str  # the operation: digits folded, so an id left in a name does not make each call its own
     protocol: str
     service: str
     host: str
@@ -50,7 +52,7 @@ class SpanRef:
     def from_json(cls, index: int, d: dict) -> SpanRef:
         req_seq, resp_seq = d.get("req_seq"), d.get("resp_seq")
         return cls(
-            index, d["span_id"], d["kind"], d.get("name", ""), d.get("protocol", ""), d.get("service", ""),
+            index, d["span_id"], d["kind"], _DIGITS.sub("#", d.get("name", "")), d.get("protocol", ""), d.get("service", ""),
             d.get("host", ""), d["pid"], d.get("tid", 0), d.get("resp_tid"), d["start_ns"], d["end_ns"],
             d.get("laddr", ""), d.get("lport", 0), d.get("raddr", ""), d.get("rport", 0),
             tuple(req_seq) if req_seq else None, tuple(resp_seq) if resp_seq else None,

@@ -21,8 +21,11 @@ KEPT_HEADERS = (
 )  # fmt: skip
 SECRET_HEADERS = re.compile(rb"(?im)^(authorization|proxy-authorization|cookie|set-cookie|x-api-key):[^\r\n]*")
 MAX_HEADER = 64 << 10
+# Numbers, UUIDs, long hex, and codes with a run of 3+ digits (SKU-40079, order_1234);
+# `v1` or `oauth2` stay as they are.
 _ID_SEGMENT = re.compile(
-    r"^(\d+|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|[0-9a-fA-F]{16,})$"
+    r"^(\d+|[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|[0-9a-fA-F]{16,}"
+    r"|[^/]*\d{3,}[^/]*)$"
 )
 
 
