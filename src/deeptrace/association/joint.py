@@ -13,6 +13,9 @@ likelihood ratios (true pairs against all candidate pairs) of:
   right after the previous step finished, an unrelated request's events are random;
 - next gap: time from the call's end to the parent's next event (the next sibling's
   start or the parent's response);
+- threads: whether the call was made on the thread that read the request, the one that
+  answered it (worker pools: an I/O thread reads, a worker handles and answers), both or
+  neither; an event loop does everything on one thread, and there this weighs nothing;
 - call count: how many calls of that operation the request operation makes.
 
 It starts from the unambiguous calls (one candidate) and the fields, assigns every call
@@ -107,6 +110,9 @@ class Inference:
         self.s_end = np.array([s.end_ns for s in servers], dtype=np.int64)
         self.c_start = np.array([c.start_ns for c in calls], dtype=np.int64)
         self.c_end = np.array([c.end_ns for c in calls], dtype=np.int64)
+        s_tid = np.array([s.tid for s in servers], dtype=np.int64)
+        s_resp_tid = np.array([-1 if s.resp_tid is None else s.resp_tid for s in servers], dtype=np.int64)
+        c_tid = np.array([c.tid for c in calls], dtype=np.int64)
         # Calls whose parent is known (header ids, threads): their events and counts are evidence.
         known = [(row_of[s], process_call) for process_call, s in _known_calls(process, fixed) if s in row_of]
         self.f_row = np.array([r for r, _ in known], dtype=np.int64)
@@ -119,6 +125,9 @@ class Inference:
         self.width = int(max(self.s_end.max(), self.c_end.max())) - self.t0 + 2
         self.pair_op = self.s_op[self.ps] * self.n_ops + self.c_op[self.pc]
         self.field_bin = self._field_bins(servers, calls)
+        # Which of the request's threads made the call: the one that read it, the one that
+        # answered it (a worker pool: an I/O thread reads, a worker handles and answers), both, neither.
+        self.thread_rel = 2 * (c_tid[self.pc] == s_tid[self.ps]) + (c_tid[self.pc] == s_resp_tid[self.ps])
 
     def _field_bins(self, servers: list[SpanRef], calls: list[SpanRef]) -> np.ndarray:
         s_fields = [span_fields(s) for s in servers]
@@ -180,6 +189,7 @@ class Inference:
         features = (
             (self.field_bin, len(_FIELD_BINS) + 1),
             (self.pair_op, self.n_ops * self.n_ops),
+            (self.thread_rel, 4),
             (c_op * _GAP_BINS + _log2_bins(trigger), self.n_ops * _GAP_BINS),
             (c_op * _GAP_BINS + _log2_bins(nxt), self.n_ops * _GAP_BINS),
         )
