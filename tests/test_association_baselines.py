@@ -10,7 +10,16 @@ from array import array
 
 import pytest
 
-from deeptrace.association.baselines import TRAFFIC_WINDOW, _Density, _entropy_weights, _Traffic, fifo, txn, vpath, wap5
+from deeptrace.association.baselines import (
+    TRAFFIC_WINDOW,
+    _Density,
+    _entropy_weights,
+    _Traffic,
+    fifo,
+    txn,
+    vpath,
+    wap5,
+)
 from deeptrace.association.model import INFERRED, ROOT, THREAD, Link, ProcessSpans, SpanRef
 
 ALL = [fifo, wap5, vpath, txn]
@@ -33,7 +42,9 @@ class Proc:
     def server(self, start, end, name="GET /a", tid=1, req=b"", protocol="http1") -> SpanRef:
         return self._add("SERVER", start, end, name, tid, req, protocol)
 
-    def client(self, start, end, name="redis GET", tid=1, req=b"", protocol="redis", known: SpanRef | None = None):
+    def client(
+        self, start, end, name="redis GET", tid=1, req=b"", protocol="redis", known: SpanRef | None = None
+    ):
         c = self._add("CLIENT", start, end, name, tid, req, protocol)
         if known is not None:
             self.known[c.index] = known.index
@@ -70,12 +81,14 @@ def test_fifo_takes_the_oldest_request_even_when_the_newer_one_made_the_call():
     p, a, b = two_overlapping_requests()
     call = p.client(200, 300, tid=2)  # made by b: its thread, right after it was read
     assert fifo(p.process()) == {call.index: Link(a.index, INFERRED, 0.5)}
+    assert vpath(p.process())[call.index].parent == b.index
 
 
 def test_wap5_takes_the_latest_request_even_when_the_older_one_made_the_call():
     p, a, b = two_overlapping_requests()
     call = p.client(200, 300, tid=1)  # made by a: its thread, b just happened to arrive before
     assert wap5(p.process()) == {call.index: Link(b.index, INFERRED, 0.5)}
+    assert vpath(p.process())[call.index].parent == a.index
 
 
 # vPath: the thread
@@ -94,7 +107,7 @@ def test_vpath_follows_the_thread_not_the_clock():
 def test_vpath_in_a_thread_pool_makes_every_call_a_root():
     """The trap: the request's thread hands the call to a pool thread, so no request was
     read on the thread that made it."""
-    p, a, b = two_overlapping_requests()
+    p, _a, _b = two_overlapping_requests()
     pooled = p.client(200, 300, tid=99)
     assert vpath(p.process()) == {pooled.index: Link(None, ROOT, 1 / 3)}  # root, or a, or b
 
@@ -177,11 +190,14 @@ def test_txn_follows_a_shared_user_id_against_the_timing():
     """Eight requests overlap, each with a call carrying its user id. The last call is
     the first request's, but it went out just when the eighth request's call usually
     would: the timing says the eighth, the user id the first."""
+
     def build(with_ids: bool):
         p = Proc()
         _learn_the_gap(p)
         users = [70_001 + 17 * i for i in range(8)]
-        reqs = [p.server(10 * i, 10_000, req=user_request(u) if with_ids else b"") for i, u in enumerate(users)]
+        reqs = [
+            p.server(10 * i, 10_000, req=user_request(u) if with_ids else b"") for i, u in enumerate(users)
+        ]
         for i, u in enumerate(users):
             p.client(10 * i + 100, 10 * i + 400, req=user_lookup(u) if with_ids else b"")
         late = p.client(170, 900, req=user_lookup(users[0]) if with_ids else b"")
@@ -243,7 +259,8 @@ def test_txn_decides_each_call_alone_so_two_can_take_one_request():
     y = p.client(110, 700)  # b's
     links = txn(p.process())
     assert links[x.index].parent == a.index
-    assert links[y.index].parent == a.index
+    assert links[y.index].parent == a.index  # and b, which made a call, has none
+    assert b.index not in {lk.parent for lk in links.values()}
 
 
 def test_txn_with_a_single_candidate_is_sure_of_it():
@@ -267,7 +284,9 @@ def test_txn_variance_weighting_of_the_public_code_also_runs():
 def _exact_kde(samples, weights, x):
     total = sum(weights)
     mean = sum(w * s for s, w in zip(samples, weights)) / total
-    var = sum(w * (s - mean) ** 2 for s, w in zip(samples, weights)) / (total - sum(w * w for w in weights) / total)
+    var = sum(w * (s - mean) ** 2 for s, w in zip(samples, weights)) / (
+        total - sum(w * w for w in weights) / total
+    )
     h = math.sqrt(var) * (total**2 / sum(w * w for w in weights)) ** -0.2
     return sum(w * math.exp(-0.5 * ((x - s) / h) ** 2) for s, w in zip(samples, weights)) / (
         total * h * math.sqrt(2 * math.pi)

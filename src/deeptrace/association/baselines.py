@@ -135,9 +135,11 @@ def txn(process: ProcessSpans, weighting: str = "entropy") -> dict[int, Link]:
 
     columns = [_min_max(col) for col in _feature_columns(process, children, candidates)]
     weights = _entropy_weights(columns) if weighting == "entropy" else _variance_weights(columns)
+    w1, w2, w3, w4 = weights
+    every = [w1 * a + w2 * b + w3 * c + w4 * d for a, b, c, d in zip(*columns)]
     row = 0
     for c, found in zip(children, candidates):
-        scores = [sum(w * col[i] for w, col in zip(weights, columns)) for i in range(row, row + len(found))]
+        scores = every[row : row + len(found)]
         row += len(found)
         best = max(range(len(found)), key=scores.__getitem__)  # ties: the latest start
         total = sum(scores)
@@ -146,18 +148,29 @@ def txn(process: ProcessSpans, weighting: str = "entropy") -> dict[int, Link]:
     return links
 
 
-def _feature_columns(process: ProcessSpans, children: list[SpanRef], candidates: list[list[SpanRef]]) -> list[array]:
+def _feature_columns(
+    process: ProcessSpans, children: list[SpanRef], candidates: list[list[SpanRef]]
+) -> list[array]:
     """One column per feature, one row per (candidate, call) pair, calls in order."""
     spans = process.servers + process.clients
     fields = {s.index: request_fields(s) for s in spans}
-    idf = FieldWeights(list(fields.values()))
+    idf = FieldWeights(list(fields.values())).idf
+    # FieldWeights.similarity's TF-IDF cosine, with each span's norm worked out once.
+    norm = {i: math.sqrt(sum(idf(f) ** 2 for f in fs)) for i, fs in fields.items()}
+
+    def similarity(a: int, b: int) -> float:
+        shared = fields[a] & fields[b]
+        if not shared or not norm[a] or not norm[b]:
+            return 0.0
+        return sum(idf(f) ** 2 for f in shared) / (norm[a] * norm[b])
+
     traffic = _Traffic(spans)
     delays = _delay_densities(process, children, candidates)
     affinity, shared, start, end = array("d"), array("d"), array("d"), array("d")
     for c, found in zip(children, candidates):
         for s in found:
             affinity.append(traffic.affinity(s.name, c.name))
-            shared.append(idf.similarity(fields[s.index], fields[c.index]))
+            shared.append(similarity(s.index, c.index))
             start_density, end_density = delays[(s.name, c.name)]
             start.append(start_density(c.start_ns - s.start_ns))
             end.append(end_density(s.end_ns - c.end_ns))
@@ -177,7 +190,9 @@ def _delay_densities(process: ProcessSpans, children: list[SpanRef], candidates:
             if s is not None:
                 yield s, c, 1.0
 
-    densities: dict[tuple[str, str], tuple[_Density, _Density]] = defaultdict(lambda: (_Density(), _Density()))
+    densities: dict[tuple[str, str], tuple[_Density, _Density]] = defaultdict(
+        lambda: (_Density(), _Density())
+    )
     for s, c, w in samples():
         start, end = densities[(s.name, c.name)]
         start.observe(c.start_ns - s.start_ns, w)
@@ -283,7 +298,9 @@ class _Traffic:
         key = (request_op, call_op)
         r = self._cache.get(key)
         if r is None:
-            r = self._cache[key] = self._pearson(self.counts[("SERVER", request_op)], self.counts[("CLIENT", call_op)])
+            r = self._cache[key] = self._pearson(
+                self.counts[("SERVER", request_op)], self.counts[("CLIENT", call_op)]
+            )
         return r
 
     def _pearson(self, x: Counter, y: Counter) -> float:
