@@ -40,7 +40,7 @@ from deeptrace.association.model import INFERRED, ROOT, Link, ProcessSpans, Span
 from deeptrace.association.threads import ServingThreads, measure, thread_links
 
 ROUNDS = 4
-TEMPERATURE = 1.0  # softmax temperature turning scores into confidences
+TEMPERATURE = 1.4  # set on simulated event loops (tests/loopsim.py), checked by bench/accuracy
 CLEAR_MARGIN = 6.0  # nats: a call this much surer of one request is not matched jointly
 CHUNK = 2000  # calls per joint matching
 MAX_SLOTS = 32  # calls of one operation a request can be priced for
@@ -154,7 +154,7 @@ class Inference:
             previous, assign = assign, self._assign(score, slots)
             if np.array_equal(assign, previous):
                 break  # settled: another round would learn the same ratios
-        conf = self._confidence(score, assign)
+        conf = self._confidence(score, slots, assign)
         for i, c in enumerate(self.calls):
             links[c.index] = Link(int(self.server_index[assign[i]]), INFERRED, float(conf[i]))
         return links
@@ -283,9 +283,15 @@ class Inference:
         # A call left on its overflow column keeps its best candidate (already in assign).
         np.add.at(counts, assign[calls] * self.n_ops + self.c_op[calls], 1)
 
-    def _confidence(self, score: np.ndarray, assign: np.ndarray) -> np.ndarray:
-        """Softmax of the chosen parent's score among the call's candidates."""
+    def _confidence(self, score: np.ndarray, prices: np.ndarray, assign: np.ndarray) -> np.ndarray:
+        """Softmax of the chosen parent's score among the call's candidates, each priced
+        for the slot it would give the call with every other call where it is: a request
+        whose calls of that operation are complete is an unlikely second home."""
         n = len(self.calls)
+        c_op = self.c_op[self.pc]
+        own = assign[self.pc] == self.ps
+        k = self._counts(assign)[self.ps, c_op] + 1 - own
+        score = score + prices[self.s_op[self.ps], c_op, np.minimum(k, MAX_SLOTS + 1)]
         top = np.full(n, -np.inf)
         np.maximum.at(top, self.pc, score)
         weight = np.exp((score - top[self.pc]) / TEMPERATURE)
