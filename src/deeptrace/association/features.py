@@ -14,7 +14,6 @@ from collections import Counter
 from deeptrace.association.model import SpanRef
 
 _TOKEN = re.compile(rb"[A-Za-z0-9_.@-]{3,64}")
-_HAS_DIGIT = re.compile(rb"[0-9@]")
 # Framing that carries no transaction data: HTTP header lines (lengths, hosts, agents)
 # and RESP's length lines.
 _HTTP_HEADERS = re.compile(rb"\r\n.*?\r\n\r\n", re.DOTALL)
@@ -31,7 +30,8 @@ def _data_part(span: SpanRef, head: bytes) -> bytes:
 
 def fields_of(span: SpanRef, head: bytes) -> frozenset[str]:
     data = _data_part(span, head)
-    return frozenset(t.decode() for t in _TOKEN.findall(data) if _HAS_DIGIT.search(t))
+    # A token keeps its place if it has a digit or an @ in it (deleting those changes its length).
+    return frozenset(t.decode() for t in _TOKEN.findall(data) if len(t.translate(None, b"0123456789@")) != len(t))
 
 
 def request_fields(span: SpanRef) -> frozenset[str]:
@@ -54,15 +54,18 @@ class FieldWeights:
         for fields in field_sets:
             self.frequency.update(fields)
         self._log_n = math.log(self.documents + 1)
+        self._idf = {f: self._log_n - math.log(n + 1) for f, n in self.frequency.items()}
 
     def idf(self, field: str) -> float:
-        return self._log_n - math.log(self.frequency.get(field, 0) + 1)
+        weight = self._idf.get(field)
+        return self._log_n if weight is None else weight
 
     def shared_weight(self, a: frozenset[str], b: frozenset[str]) -> float:
         """Sum of the weights of the fields both carry: evidence that they belong together."""
         if not a or not b:
             return 0.0
-        return sum(self.idf(f) for f in (a & b))
+        idf = self._idf
+        return sum(idf.get(f, self._log_n) for f in (a & b))
 
     def similarity(self, a: frozenset[str], b: frozenset[str]) -> float:
         """TF-IDF cosine similarity of two field sets (each field counted once)."""
