@@ -16,7 +16,7 @@ APT_PACKAGES := clang llvm libbpf1 libbpf-dev bpftool gcc libc6-dev make \
                 curl wrk dnsmasq-base bind9-dnsutils tshark \
                 iproute2 procps
 
-.PHONY: all setup deps venv bpf test demo bench clean
+.PHONY: all setup deps venv bpf test demo bench bench-accuracy clean
 
 all: setup
 
@@ -69,6 +69,15 @@ bench: setup
 	$(VPY) bench/overhead/hook_times.py
 	$(VPY) bench/throughput/run.py
 	$(VPY) bench/spans/run.py
+
+# Trace association accuracy on a traced microservice workload (about 15 minutes); its services
+# need the `bench` extra. ARGS passes options, e.g. make bench-accuracy ARGS="--seconds 10".
+bench-accuracy: setup $(VENV)/.bench-installed
+	$(VPY) bench/accuracy/run.py $(ARGS)
+
+$(VENV)/.bench-installed: pyproject.toml
+	$(VPY) -m pip install -q -e '.[test,bench]'
+	touch $@
 
 clean:
 	rm -rf build $(BPF_OBJ) $(BPF_COMPAT) .pytest_cache

@@ -1,0 +1,296 @@
+"""Ground truth on the agent's spans, from the services' own records.
+
+The services log what they handled and what they called (services/common.py). A record
+is placed on a span by what both sides know independently: process, ports and time;
+nothing the tracer inferred (seqs, ids, links) is used. The bytes the agent captured are
+read once, after the fact, to check the placement (`payload_check`), never to make it.
+
+- SERVER record -> the SERVER span of that pid on (port, peer port) whose exchange
+  contains the handler: the request is read before the handler starts and the response
+  written after it returns (and, where the framework tells, before `t_done`).
+- CLIENT record with a known local port -> the CLIENT spans of that pid on that
+  connection inside the call (from when it had the connection): a pooled connection
+  serves one call at a time, so every exchange in the window belongs to it (the closest is the call itself; the others are
+  set-up it caused, e.g. Redis HELLO or a PostgreSQL PREPARE).
+- CLIENT record without one (gRPC) -> one CLIENT span of that pid to the callee inside
+  the call; concurrent calls share the connection, so the placement of all of them
+  with the least squared delays wins (as for SERVER records on an HTTP/2 connection).
+- A callee's SERVER record -> the caller's CLIENT record with the same key (what was
+  asked, e.g. "user:42"), the callee's peer port as its local port when known, and the
+  callee's handler inside the call.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from bisect import bisect_left
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+
+SLACK_NS = 20_000  # ns; the same clock on both sides: this only absorbs the agent's conversion to wall time
+ROOT_SERVICE = "gateway"
+UNKNOWN = -1  # a record whose parent record was not found
+# Where each kind of call carries its first id on the wire (for payload_check).
+_WHERE_ID = {
+    "user": re.compile(rb"/users/(\d+)"),
+    "stock": re.compile(rb"/stock/(SKU-\d+)"),
+    "order": re.compile(rb'"user_id": (\d+)'),
+    "quote": re.compile(rb'"user_id": (\d+)'),
+}
+
+
+@dataclass
+class Truth:
+    parent: dict[str, str | None]  # span_id -> true parent span_id (None: a root), spans whose truth is known
+    kind: dict[str, str]  # span_id -> "calls" (CLIENT) | "cross" (callee SERVER) | "roots" (gateway SERVER)
+    traces: list[frozenset[str]]  # span ids of each complete end-to-end request
+    coverage: dict = field(default_factory=dict)
+
+
+def load_jsonl(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _greedy(pairs: list[tuple[int, int, int]]) -> tuple[dict[int, int], int]:
+    """One-to-one choice, cheapest pairs first, where candidates hardly ever compete (one call
+    at a time on a connection). Returns chosen -> candidate and how many had more than one."""
+    per_record = Counter(r for r, _, _ in pairs)
+    chosen: dict[int, int] = {}
+    taken: set[int] = set()
+    for r, s, _ in sorted(pairs, key=lambda p: p[2]):
+        if r not in chosen and s not in taken:
+            chosen[r] = s
+            taken.add(s)
+    return chosen, sum(1 for n in per_record.values() if n > 1)
+
+
+def _closest_in_time(pairs: list[tuple[int, int, tuple[int, int]]]) -> tuple[dict[int, int], int]:
+    """One-to-one (record, span) choice where calls share a connection (HTTP/2 streams):
+    the matching with the least sum of squared delays between the handler or call and its
+    exchange (request read -> handler start, handler end -> response written; or call ->
+    request written, response read -> call returns). Squares make it prefer small delays on
+    both ends over one tiny and one huge: a thread pool may start handlers out of order,
+    but each handler's response follows it closely. A plain sum would not decide: it is
+    the same for every complete matching. Returns record -> span and how many records had
+    more than one candidate."""
+    if not pairs:
+        return {}, 0
+    rows = sorted({r for r, _, _ in pairs})
+    cols = sorted({s for _, s, _ in pairs})
+    row_of, col_of = {r: i for i, r in enumerate(rows)}, {s: j for j, s in enumerate(cols)}
+    i, j, w = [], [], []
+    for r, s, (d_start, d_end) in pairs:
+        i.append(row_of[r])
+        j.append(col_of[s])
+        w.append(1 + (d_start / 1e3) ** 2 + (d_end / 1e3) ** 2)  # in us^2; never 0 (0 means no edge)
+    # Each record may also stay unplaced, at a cost no real pair reaches: a full matching exists.
+    i += list(range(len(rows)))
+    j += [len(cols) + k for k in range(len(rows))]
+    w += [1e16] * len(rows)  # (a 100 s delay squared, in us^2)
+    graph = csr_matrix((w, (i, j)), shape=(len(rows), len(cols) + len(rows)))
+    _, match = min_weight_full_bipartite_matching(graph)
+    chosen = {rows[a]: cols[b] for a, b in enumerate(match) if b < len(cols)}
+    return chosen, sum(1 for n in Counter(r for r, _, _ in pairs).values() if n > 1)
+
+
+def _by_start(spans: list[dict], key) -> dict[tuple, tuple[list[int], list[int], int]]:
+    """Span indices grouped by `key` (None: left out), sorted by start, with their starts
+    (for bisect) and the group's longest span."""
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, s in enumerate(spans):
+        k = key(s)
+        if k is not None:
+            groups[k].append(i)
+    out = {}
+    for k, idx in groups.items():
+        idx.sort(key=lambda i: spans[i]["start_ns"])
+        longest = max(spans[i]["end_ns"] - spans[i]["start_ns"] for i in idx)
+        out[k] = (idx, [spans[i]["start_ns"] for i in idx], longest)
+    return out
+
+
+def _candidates(spans, index, key, t0: int, t1: int, inside: bool, end_by: int | None = None):
+    """Spans of the group `key` fitting [t0, t1]: containing it (server side, inside=False,
+    ending by `end_by` if the record knows when the response was out) or contained in it
+    (client side, inside=True). Yields (span index, (delay at the start, delay at the end))
+    in ns."""
+    idx, starts, longest = index.get(key, ((), (), 0))
+    lo = bisect_left(starts, t0 - SLACK_NS - (0 if inside else longest))
+    hi = bisect_left(starts, (t1 if inside else t0) + SLACK_NS + 1)
+    for i in idx[lo:hi]:
+        s, e = spans[i]["start_ns"], spans[i]["end_ns"]
+        if inside and e <= t1 + SLACK_NS:
+            yield i, (s - t0, t1 - e)
+        elif not inside and e >= t1 - SLACK_NS and (end_by is None or e <= end_by + SLACK_NS):
+            yield i, (t0 - s, e - t1)
+
+
+def map_records(records: list[dict], spans: list[dict]) -> tuple[dict[int, int], dict[int, int], int]:
+    """Record -> its span (primary), extra span -> record, and how many records had to be
+    told apart from concurrent ones on the same connection (HTTP/2) by time."""
+    servers = _by_start(
+        spans, lambda s: (s["pid"], s["lport"], s["rport"]) if s["kind"] == "SERVER" else None
+    )
+    clients = _by_start(
+        spans, lambda s: (s["pid"], s["lport"], s["rport"]) if s["kind"] == "CLIENT" else None
+    )
+    clients_any_port = _by_start(spans, lambda s: (s["pid"], s["rport"]) if s["kind"] == "CLIENT" else None)
+    t0_of = {rec["id"]: rec["t0"] for rec in records}
+    shared, exclusive, setup = [], [], defaultdict(list)
+    for r, rec in enumerate(records):
+        t0, t1 = rec["t0"], rec["t1"]
+        if rec["kind"] == "SERVER":
+            conn = (rec["pid"], rec["port"], rec["peer_port"])
+            shared += [
+                (r, s, d) for s, d in _candidates(spans, servers, conn, t0, t1, False, rec.get("t_done"))
+            ]
+        elif rec["lport"] is None:
+            shared += [(r, s, d) for s, d in _candidates(spans, clients_any_port, (rec["pid"], rec["peer_port"]),
+                                                          t0, t1, True)]  # fmt: skip
+        else:
+            conn = (rec["pid"], rec["lport"], rec["peer_port"])
+            t0 = rec.get("t_conn", t0)  # before it, the call waited and the connection served others
+            exclusive += [
+                (r, s, sum(map(abs, d))) for s, d in _candidates(spans, clients, conn, t0, t1, True)
+            ]
+            # Set-up on a connection taken from the pool for this call (Redis HELLO on connect,
+            # a PostgreSQL PREPARE) can start before the call does, but not before its request.
+            since = t0_of.get(rec["parent"], t0)
+            for s, _ in _candidates(spans, clients, conn, since, t1, True):
+                setup[s].append((abs(spans[s]["start_ns"] - t0), r))
+    primary, ambiguous = _closest_in_time(shared)
+    primary.update(_greedy(exclusive)[0])
+    used = set(primary.values())
+    extra = {s: min(options)[1] for s, options in setup.items() if s not in used}
+    return primary, extra, ambiguous
+
+
+def payload_check(records: list[dict], spans: list[dict], primary: dict[int, int]) -> tuple[int, int]:
+    """A check of this mapping, not an input to it: a span placed from a record that names
+    what was asked (e.g. "user:42") should carry the same id where the protocol puts it, in
+    the bytes the agent saw. Heads are cut short, so records whose span does not show the
+    id are left out. Returns (records checked, records whose span agrees)."""
+    checked = agree = 0
+    for r, s in primary.items():
+        key = records[r]["key"]
+        if key is None or records[r]["service"] == ROOT_SERVICE and records[r]["kind"] == "SERVER":
+            continue
+        kind, asked = key.split(":", 1)
+        seen = _WHERE_ID[kind].search(base64.b64decode(spans[s].get("req_head") or ""))
+        if seen is not None:
+            checked += 1
+            agree += seen.group(1).decode() == asked.split(":")[0].split(",")[0]
+    return checked, agree
+
+
+def callers(records: list[dict]) -> tuple[dict[int, int], int]:
+    """Callee SERVER record -> caller CLIENT record, matched on what the services logged."""
+    by_key: dict[tuple, list[int]] = defaultdict(list)
+    for q, rec in enumerate(records):
+        if rec["kind"] == "CLIENT" and rec["key"] is not None:
+            by_key[(rec["peer_port"], rec["key"])].append(q)
+    pairs = []
+    for r, rec in enumerate(records):
+        if rec["kind"] != "SERVER" or rec["service"] == ROOT_SERVICE:
+            continue
+        for q in by_key.get((rec["port"], rec["key"]), ()):
+            call = records[q]
+            if call["lport"] not in (None, rec["peer_port"]):
+                continue
+            if call["t0"] <= rec["t0"] and rec["t1"] <= call["t1"]:
+                pairs.append((r, q, (rec["t0"] - call["t0"]) + (call["t1"] - rec["t1"])))
+    return _greedy(pairs)
+
+
+class _Records:
+    """The records with their place among the spans and among each other."""
+
+    def __init__(self, records: list[dict], spans: list[dict]) -> None:
+        self.records, self.spans = records, spans
+        self.primary, extra, self.ambiguous_spans = map_records(records, spans)
+        self.caller, self.ambiguous_callers = callers(records)
+        self.span_record = {**{s: r for r, s in self.primary.items()}, **extra}
+        self.extra = len(extra)
+        self._index = {rec["id"]: r for r, rec in enumerate(records)}
+
+    def parent(self, r: int) -> int | None:
+        """The record r's caller or handler; None for a root; UNKNOWN when not found."""
+        rec = self.records[r]
+        if rec["kind"] == "CLIENT":  # a call made outside any request has no parent
+            return self._index.get(rec["parent"], UNKNOWN) if rec["parent"] else None
+        if rec["service"] == ROOT_SERVICE:
+            return None
+        return self.caller.get(r, UNKNOWN)
+
+    def span_parents(self) -> tuple[dict[str, str | None], dict[str, str]]:
+        parent, kind = {}, {}
+        for s, r in self.span_record.items():
+            p = self.parent(r)
+            if p != UNKNOWN and (p is None or p in self.primary):
+                sid = self.spans[s]["span_id"]
+                parent[sid] = None if p is None else self.spans[self.primary[p]]["span_id"]
+                client = self.records[r]["kind"] == "CLIENT"
+                kind[sid] = "calls" if client else "roots" if p is None else "cross"
+        return parent, kind
+
+    def traces(self, parent: dict[str, str | None]) -> tuple[list[frozenset[str]], int]:
+        """The span ids of each request's tree, for the requests whose whole tree was found;
+        and the number of requests."""
+        children: dict[int, list[int]] = defaultdict(list)
+        for r in range(len(self.records)):
+            p = self.parent(r)
+            if p is not None and p != UNKNOWN:
+                children[p].append(r)
+        spans_of: dict[int, list[int]] = defaultdict(list)
+        for s, r in self.span_record.items():
+            spans_of[r].append(s)
+        answered = set(self.caller.values())
+        service_ports = {rec["port"] for rec in self.records if rec["kind"] == "SERVER"}
+        roots = [
+            r for r, rec in enumerate(self.records) if rec["kind"] == "SERVER" and self.parent(r) is None
+        ]
+        traces = []
+        for root in roots:
+            tree, todo, complete = [], [root], True
+            while todo:
+                x = todo.pop()
+                tree.append(x)
+                todo += children[x]
+                rec = self.records[x]
+                lost_callee = (
+                    rec["kind"] == "CLIENT" and rec["peer_port"] in service_ports and x not in answered
+                )
+                complete &= x in self.primary and not lost_callee
+            ids = frozenset(self.spans[s]["span_id"] for x in tree for s in spans_of[x])
+            if complete and all(i in parent for i in ids):
+                traces.append(ids)
+        return traces, len(roots)
+
+
+def build(spans: list[dict], records: list[dict]) -> Truth:
+    placed = _Records(records, spans)
+    parent, kind = placed.span_parents()
+    traces, requests = placed.traces(parent)
+    checked, agree = payload_check(records, spans, placed.primary)
+    service_of_pid = {rec["pid"]: rec["service"] for rec in records}
+    unmapped = Counter(f"{rec['service']} {rec['kind']} {rec['op']}"
+                       for r, rec in enumerate(records) if r not in placed.primary)  # fmt: skip
+    no_truth = Counter(f"{service_of_pid.get(s['pid'], s['pid'])} {s['kind']} {s['name']}"
+                       for i, s in enumerate(spans) if i not in placed.span_record)  # fmt: skip
+    callees = sum(1 for rec in records if rec["kind"] == "SERVER" and rec["service"] != ROOT_SERVICE)
+    coverage = {
+        "records": len(records), "records_mapped": len(placed.primary),
+        "spans": len(spans), "spans_with_truth": len(parent), "extra_spans": placed.extra,
+        "callee_records": callees, "callee_records_with_caller": len(placed.caller),
+        "ambiguous_records": placed.ambiguous_spans, "ambiguous_callers": placed.ambiguous_callers,
+        "payload_checked": checked, "payload_agrees": agree, "requests": requests, "complete_traces": len(traces),
+        "unmapped_records": dict(unmapped.most_common(8)), "spans_without_truth": dict(no_truth.most_common(8)),
+    }  # fmt: skip
+    return Truth(parent, kind, traces, coverage)

@@ -1,0 +1,154 @@
+"""One load level, recorded: the services under the real agent, the load driver outside it.
+
+out/<level>/spans.jsonl   the agent's spans (what association gets)
+out/<level>/truth.jsonl   the services' own records of what caused what
+out/<level>/load.json     what the load driver sent and got back
+out/<level>/*.log         agent and services output
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import infra
+
+HERE = Path(__file__).resolve().parent
+AGENT = [str(infra.ROOT / ".venv/bin/deeptrace"), "agent"]
+CAPTURE = 16384  # payload bytes per record
+SERVICES = ("gateway", "users", "inventory", "orders", "pricing")
+
+
+def listening(port: int) -> bool:
+    """Whether something listens on the port, read from /proc: connecting to find out would
+    add a connection of our own to the traced services. (gRPC listens on an IPv6 socket.)"""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    return True
+    return False
+
+
+def wait_until(what: str, ready, timeout_s: float, alive=lambda: True) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if not alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"{what}: not ready (see the logs in the output directory)")
+        time.sleep(0.1)
+
+
+@contextmanager
+def running(argv: list[str], log: Path, **popen):
+    """A process for the block's duration; SIGTERM (then SIGKILL) at the end, even on failure."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=out, **popen)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def cpu_seconds(root: int) -> dict[int, float]:
+    """CPU time (user + system) of a process and all its descendants, per pid: where the
+    machine's two cores went."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # gone meanwhile
+            stats[int(entry)] = (
+                int(fields[1]),
+                (int(fields[11]) + int(fields[12])) / tick,
+            )  # ppid, utime + stime
+    tree, todo = {}, [root]
+    while todo:
+        pid = todo.pop()
+        tree[pid] = stats.get(pid, (0, 0.0))[1]
+        todo += [p for p, (ppid, _) in stats.items() if ppid == pid]
+    return tree
+
+
+def free_ports() -> dict[str, int]:
+    return {name: infra.servers.free_port() for name in SERVICES}
+
+
+def record_level(level_dir: Path, rate: float, seconds: float, stores: dict, seed: int) -> dict:
+    """Run the workload at `rate` requests/s for `seconds` under the agent; returns the load summary."""
+    level_dir.mkdir(parents=True, exist_ok=True)
+    truth_dir = level_dir / "truth"
+    truth_dir.mkdir(exist_ok=True)
+    infra.reset_redis(stores["redis_port"])
+    ports = free_ports()
+    env = {
+        **os.environ,
+        "ACCURACY_CONFIG": json.dumps({"ports": ports, "truth_dir": str(truth_dir), **stores}),
+    }
+    launcher = [sys.executable, str(HERE / "launch.py")]
+    with running(launcher, level_dir / "services.log", stdin=subprocess.PIPE, env=env) as services:
+        agent_log = level_dir / "agent.log"
+        agent = AGENT + [
+            "--pid",
+            str(services.pid),
+            "--out",
+            str(level_dir / "spans.jsonl"),
+            "--stats-interval",
+            "5",
+            "--capture",
+            str(CAPTURE),
+        ]
+        with running(agent, agent_log) as tracer:
+            wait_until(
+                "agent",
+                lambda: "deeptrace: tracing" in agent_log.read_text(),
+                60,
+                lambda: tracer.poll() is None,
+            )
+            services.stdin.write(b"go\n")
+            services.stdin.close()
+            wait_until(
+                "services",
+                lambda: all(listening(p) for p in ports.values()),
+                60,
+                lambda: services.poll() is None,
+            )
+            load_out = level_dir / "load.json"
+            subprocess.run([sys.executable, str(HERE / "load.py"), str(ports["gateway"]), str(rate), str(seconds),
+                            str(seed), str(load_out)], check=True)  # fmt: skip
+            time.sleep(1)  # the last responses' bytes reach the agent
+            cpu = {"services": cpu_seconds(services.pid), "agent": cpu_seconds(tracer.pid)[tracer.pid]}
+            services.terminate()  # services first: their connections close while the agent still watches
+            services.wait(60)
+            tracer.terminate()
+            tracer.wait(120)
+    merge_truth(truth_dir, level_dir / "truth.jsonl")
+    load = json.loads(load_out.read_text())
+    load["cpu_seconds"] = cpu
+    load_out.write_text(json.dumps(load))
+    (level_dir / "ports.json").write_text(json.dumps(ports))
+    return load
+
+
+def merge_truth(truth_dir: Path, out: Path) -> None:
+    """One file per service process while running (no interleaved writes), one file after."""
+    with open(out, "w") as f:
+        for part in sorted(truth_dir.glob("*.jsonl")):
+            f.write(part.read_text())
+            part.unlink()
+    truth_dir.rmdir()
