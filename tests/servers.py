@@ -77,6 +77,12 @@ def nginx(tmp_path: Path):
     conf = tmp_path / "nginx.conf"
     conf.write_text(NGINX_CONF.format(dir=tmp_path, port=port))
     with serving([need("nginx"), "-c", str(conf), "-e", str(tmp_path / "error.log")], port) as pid:
+        # The master listens before it forks its worker: a test that traces the master's
+        # children right away could miss the worker that will serve its requests.
+        children = Path(f"/proc/{pid}/task/{pid}/children")
+        deadline = time.monotonic() + 10
+        while not children.read_text().split() and time.monotonic() < deadline:
+            time.sleep(0.01)
         yield pid, port
 
 
