@@ -193,20 +193,15 @@ def _delay_densities(process: ProcessSpans, children: list[SpanRef], candidates:
     densities: dict[tuple[str, str], tuple[_Density, _Density]] = defaultdict(
         lambda: (_Density(), _Density())
     )
-    for s, c, w in samples():
-        start, end = densities[(s.name, c.name)]
-        start.observe(c.start_ns - s.start_ns, w)
-        end.observe(s.end_ns - c.end_ns, w)
-    for pair in densities.values():
-        for d in pair:
-            d.place()
-    for s, c, w in samples():
-        start, end = densities[(s.name, c.name)]
-        start.add(c.start_ns - s.start_ns, w)
-        end.add(s.end_ns - c.end_ns, w)
-    for pair in densities.values():
-        for d in pair:
-            d.smooth()
+    # Two passes: the first places each grid, the second fills it.
+    for feed, finish in ((_Density.observe, _Density.place), (_Density.add, _Density.smooth)):
+        for s, c, w in samples():
+            start, end = densities[(s.name, c.name)]
+            feed(start, c.start_ns - s.start_ns, w)
+            feed(end, s.end_ns - c.end_ns, w)
+        for pair in densities.values():
+            for d in pair:
+                finish(d)
     return densities
 
 

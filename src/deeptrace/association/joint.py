@@ -105,7 +105,6 @@ class Inference:
         ops: dict[str, int] = {}
         self.s_op = _codes([s.name for s in servers], ops)
         self.c_op = _codes([c.name for c in calls], ops)
-        self.n_ops = len(ops)
         self.s_start = np.array([s.start_ns for s in servers], dtype=np.int64)
         self.s_end = np.array([s.end_ns for s in servers], dtype=np.int64)
         self.c_start = np.array([c.start_ns for c in calls], dtype=np.int64)
@@ -260,8 +259,8 @@ class Inference:
         # Slots past the most calls ever seen all cost the same: one of them is enough.
         seen = (prices[g_sop, g_op, 1:] > _LOG_UNSEEN).sum(axis=1)
         n_slots = np.clip(np.minimum(want, seen + 1 - taken), 1, None)
-        first_col = len(calls) + np.r_[0, np.cumsum(n_slots)[:-1]]
-        starts = np.r_[0, np.cumsum(n_slots)[:-1]]
+        starts = np.r_[0, np.cumsum(n_slots)[:-1]]  # each group's first slot, counted from the first slot
+        first_col = len(calls) + starts
         k = np.repeat(taken + 1, n_slots) + (np.arange(n_slots.sum()) - np.repeat(starts, n_slots))
         raw = prices[np.repeat(g_sop, n_slots), np.repeat(g_op, n_slots), np.minimum(k, MAX_SLOTS + 1)]
         slot_price = _running_min_per_group(raw, starts)
