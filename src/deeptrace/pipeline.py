@@ -12,6 +12,7 @@ import gc
 import operator
 import socket
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from deeptrace import protocols
@@ -58,8 +59,11 @@ class _Connection:
 
 
 class SpanPipeline:
-    def __init__(self, host: str | None = None, timeout_ns: int = 30_000_000_000):
+    def __init__(self, host: str | None = None, timeout_ns: int = 30_000_000_000,
+                 service_name: Callable[[int, str], str] | None = None) -> None:  # fmt: skip
         self.host = host or socket.gethostname()
+        # (pid, comm) -> service; the live agent reads /proc (agent/services.py), replays keep comm.
+        self.service_name = service_name or (lambda pid, comm: comm)
         self.timeout_ns = timeout_ns
         self.stats = PipelineStats()
         self._conns: OrderedDict[tuple, _Connection] = OrderedDict()
@@ -130,7 +134,8 @@ class SpanPipeline:
             _, oldest = self._conns.popitem(last=False)
             self.stats.connections_evicted += 1
             self._close(oldest, rec.exit_ns, spans, reason="evicted")
-        endpoint = Endpoint(rec.comm, self.host, rec.tgid, rec.laddr, rec.lport, rec.raddr, rec.rport, rec.conn_id)
+        service = self.service_name(rec.tgid, rec.comm)
+        endpoint = Endpoint(service, self.host, rec.tgid, rec.laddr, rec.lport, rec.raddr, rec.rport, rec.conn_id)
         conn = _Connection(endpoint, rec.l4, {d: OrderedStream(self.stats) for d in ("ingress", "egress")})
         if rec.role in ("client", "server"):
             conn.request_direction = "ingress" if rec.role == "server" else "egress"
