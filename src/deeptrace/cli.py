@@ -140,12 +140,53 @@ def record(fmt, **opts) -> None:
 @click.option("--no-header-ids", is_flag=True, help="With --associate: ignore propagated ids in the traffic.")
 @click.option("--hold", type=float, default=5.0, show_default=True,
               help="With --associate: seconds a span waits after it ended for its parent to be seen.")
-def agent(timeout_s, fmt, stats_interval, host_name, associate, algorithm, no_header_ids, hold, **opts) -> None:
-    """Trace processes and write one JSON span per request/response exchange."""
+@click.option("--server", "server_url", default=None, metavar="URL",
+              help="Ship spans to this DeepTrace server (http://collector:8700) instead of writing them.")
+@click.option("--token", envvar="DEEPTRACE_TOKEN", show_envvar=True, default=None,
+              help="With --server: the server's ingest token.")
+@click.option("--spool-dir", default="/var/lib/deeptrace/spool", show_default=True,
+              type=click.Path(file_okay=False),
+              help="With --server: where spans wait for the server (kept across restarts).")
+@click.option("--spool-max-bytes", type=click.IntRange(min=1 << 20), default=256 << 20, show_default=True,
+              help="With --server: spool size limit; past it the oldest batches are dropped (and counted).")
+@click.option("--agent-id", default=None, help="With --server: this agent's id at the server "
+              "(default: made once and kept in the spool directory).")
+def agent(timeout_s, fmt, stats_interval, host_name, associate, algorithm, no_header_ids, hold, server_url,
+          token, spool_dir, spool_max_bytes, agent_id, **opts) -> None:  # fmt: skip
+    """Trace processes and write one JSON span per request/response exchange (or ship them to a
+    server with --server)."""
     from deeptrace.pipeline import SpanPipeline
     from deeptrace.spans import format_text
 
     pipeline = SpanPipeline(host=host_name, timeout_ns=int(timeout_s * 1e9))
+    shipper, kernel = None, {"drops": 0}  # kernel drops: counted on this thread, read by the heartbeat's
+    if server_url is not None:
+        from click.core import ParameterSource
+
+        from deeptrace.agent.shipper import Shipper
+
+        if associate:
+            raise click.UsageError("--server ships spans to the server, which links them into traces itself; "
+                                   "leave out --associate")  # fmt: skip
+        if fmt == "text":
+            raise click.UsageError("--server ships JSON spans; leave out --format text")
+        if click.get_current_context().get_parameter_source("out_path") is not ParameterSource.DEFAULT:
+            raise click.UsageError("--server ships spans instead of writing them; leave out --out")
+        if not token:
+            raise click.UsageError("--server needs the server's ingest token: --token TOKEN or DEEPTRACE_TOKEN")
+
+        def agent_stats() -> dict:
+            st = pipeline.stats
+            return {"records": st.records, "spans": st.spans, "drops": kernel["drops"],
+                    "open_connections": pipeline.open_connections}  # fmt: skip
+
+        try:
+            shipper = Shipper(server_url, token, spool_dir, agent_id=agent_id, max_spool_bytes=spool_max_bytes,
+                              stats_provider=agent_stats, host=host_name)  # fmt: skip
+        except DeepTraceError as e:
+            _fail(e)
+        click.echo(f"deeptrace: shipping spans to {shipper.server} as agent {shipper.agent_id} (spool "
+                   f"{shipper.spool_dir}: {shipper.stats.spool_batches} batches waiting)", err=True)  # fmt: skip
     linker = None
     if associate:
         if fmt == "text":
@@ -161,6 +202,10 @@ def agent(timeout_s, fmt, stats_interval, host_name, associate, algorithm, no_he
             out.flush()
 
     def write(spans, out) -> None:
+        if shipper is not None:
+            if spans:
+                shipper.submit([span.to_json_dict() for span in spans])
+            return
         if linker is not None:
             linker.push([span.to_json_dict() for span in spans])
             return
@@ -176,18 +221,27 @@ def agent(timeout_s, fmt, stats_interval, host_name, associate, algorithm, no_he
         write(pipeline.flush(time.time_ns()), out)
         if linker is not None:
             emit(linker.pop_ready(time.time_ns()), out)
+        if shipper is not None:
+            kernel["drops"] = sum(collector.drops().values())
         if time.monotonic() >= next_stats:
             next_stats += stats_interval
             st, drops = pipeline.stats, sum(collector.drops().values())
-            click.echo(f"deeptrace: records {st.records} spans {st.spans} drops {drops} "
-                       f"open connections {pipeline.open_connections}", err=True)  # fmt: skip
+            line = (f"deeptrace: records {st.records} spans {st.spans} drops {drops} "
+                    f"open connections {pipeline.open_connections}")  # fmt: skip
+            click.echo(line + (f"; {shipper.stats.describe()}" if shipper is not None else ""), err=True)
 
     def end(out) -> None:
         write(pipeline.close_all(time.time_ns()), out)
         if linker is not None:
             emit(linker.close(time.time_ns()), out)
 
-    _run(opts, lambda batch, out: write(pipeline.push(batch), out), tick, end)
+    try:
+        _run(opts, lambda batch, out: write(pipeline.push(batch), out), tick, end)
+    finally:
+        if shipper is not None:
+            # Seals the open batch; what the server does not take within the grace time stays spooled.
+            shipper.close(timeout_s=5.0)
+            click.echo(f"deeptrace: {shipper.stats.describe()} (server {shipper.server})", err=True)
 
 
 @main.command()
@@ -302,6 +356,14 @@ def _summary(collector) -> None:
         line += "; not reported: " + ", ".join(f"{k} {v}" for k, v in skipped.items())
     click.echo(line, err=True)
 
+
+def _add_server_command() -> None:
+    from deeptrace.server.main import server
+
+    main.add_command(server)
+
+
+_add_server_command()
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,1 @@
+"""The server: ingest, association, storage, query API, Jaeger API, OTLP export, metrics, web UI."""

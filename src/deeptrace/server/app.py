@@ -1,0 +1,216 @@
+"""The server process: ingest and agent reports, the background linker, retention, and the
+routes of the query API, Jaeger's API, metrics and the web UI."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from deeptrace import __version__
+from deeptrace.server import api, ingest, jaeger
+from deeptrace.server.linker import Linker
+from deeptrace.server.metrics import CONTENT_TYPE, Metrics
+from deeptrace.server.store import open_store
+from deeptrace.server.store.base import AgentInfo, DuplicateBatch, Store
+
+log = logging.getLogger("deeptrace.server")
+WEB_DIR = Path(__file__).parent / "web"
+
+
+@dataclass
+class ServerConfig:
+    db: str = "deeptrace.duckdb"
+    token: str | None = None  # None: ingest without auth (only with --no-auth)
+    algorithm: str = "joint"
+    header_ids: bool = True
+    hold_s: float = 5.0
+    context_s: float = 10.0
+    retention_hours: float | None = 72.0
+    retention_bytes: int | None = None
+    retention_interval_s: float = 60.0
+    max_backlog_spans: int = 2_000_000
+    otlp_endpoint: str | None = None
+    otlp_headers: dict[str, str] = field(default_factory=dict)
+
+
+class AgentReport(BaseModel):
+    host: str = Field(max_length=255)
+    kernel: str = Field(default="", max_length=255)
+    version: str = Field(default="", max_length=64)
+    started_ns: int = 0
+    stats: dict = Field(default_factory=dict)
+
+
+@dataclass
+class IngestStats:
+    batches: int = 0
+    spans: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    refused_backlog: int = 0
+    unauthorized: int = 0
+    bytes: int = 0
+
+
+class Server:
+    """Everything a request handler may need, built once per process."""
+
+    def __init__(self, config: ServerConfig, store: Store | None = None) -> None:
+        self.config = config
+        self.store = store or open_store(config.db)
+        self.ingest = IngestStats()
+        self.started_ns = time.time_ns()
+        self.metrics = Metrics(self.health, self.store.agents)
+        self.exporter = None
+        consumers = [self.metrics.observe]
+        if config.otlp_endpoint:
+            from deeptrace.server.otlp import OtlpExporter
+
+            self.exporter = OtlpExporter(config.otlp_endpoint, headers=config.otlp_headers)
+            consumers.append(self.exporter.submit)
+        self.linker = Linker(self.store, config.algorithm, config.header_ids, config.hold_s, config.context_s,
+                             on_published=consumers)  # fmt: skip
+
+    def health(self) -> dict[str, float]:
+        s, ln = self.ingest, self.linker.stats
+        out = {"ingest_batches_total": s.batches, "ingest_spans_total": s.spans,
+               "ingest_duplicate_batches_total": s.duplicates, "ingest_rejected_batches_total": s.rejected,
+               "ingest_refused_backlog_total": s.refused_backlog, "ingest_unauthorized_total": s.unauthorized,
+               "ingest_bytes_total": s.bytes, "linker_backlog_spans": self.linker.backlog,
+               "linker_published_spans_total": ln.spans_published, "linker_last_pass_seconds": ln.last_pass_s,
+               "linker_write_errors_total": ln.write_errors, "linker_late_links_total": ln.late_links,
+               "uptime_seconds": (time.time_ns() - self.started_ns) / 1e9}  # fmt: skip
+        if self.exporter is not None:
+            e = self.exporter.stats
+            out.update(otlp_exported_spans_total=e.exported_spans, otlp_dropped_spans_total=e.dropped_spans,
+                       otlp_queued_spans=e.queued_spans)  # fmt: skip
+        return out
+
+    def status(self) -> dict:
+        st = self.store.stats()
+        return {"version": __version__, "ingest": asdict(self.ingest), "linker": asdict(self.linker.stats),
+                "backlog_spans": self.linker.backlog, "store": asdict(st),
+                "otlp": asdict(self.exporter.stats) if self.exporter is not None else None}  # fmt: skip
+
+    def accept(self, raw: bytes, content_encoding: str | None) -> dict:
+        """Parse, store durably, hand to the linker. Runs on a worker thread."""
+        self.ingest.bytes += len(raw)
+        try:
+            batch = ingest.parse(ingest.decode(raw, content_encoding))
+        except ingest.BadBatch:
+            self.ingest.rejected += 1
+            raise
+        if self.linker.backlog + len(batch.spans) > self.config.max_backlog_spans:
+            self.ingest.refused_backlog += 1
+            raise Backlogged()
+        try:
+            self.store.accept_batch(batch.agent_id, batch.batch_id, batch.body, len(batch.spans), time.time_ns())
+        except DuplicateBatch:
+            self.ingest.duplicates += 1
+            return {"accepted": 0, "duplicate": True}
+        self.linker.submit(batch.agent_id, batch.batch_id, batch.spans)
+        self.ingest.batches += 1
+        self.ingest.spans += len(batch.spans)
+        return {"accepted": len(batch.spans), "duplicate": False}
+
+    def retention_pass(self) -> int:
+        c = self.config
+        max_age = int(c.retention_hours * 3600e9) if c.retention_hours else None
+        return self.store.apply_retention(time.time_ns(), max_age, c.retention_bytes)
+
+
+class Backlogged(Exception):
+    pass
+
+
+def require_token(request: Request) -> None:
+    token = request.app.state.server.config.token
+    if token is None:
+        return
+    given = request.headers.get("authorization", "")
+    scheme, _, value = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+        request.app.state.server.ingest.unauthorized += 1
+        raise HTTPException(401, "missing or wrong token: send Authorization: Bearer TOKEN",
+                            headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+
+
+def create_app(config: ServerConfig, store: Store | None = None) -> FastAPI:
+    server = Server(config, store)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await run_in_threadpool(server.linker.recover)
+        server.linker.start()
+        retention = asyncio.create_task(_retention_loop(server))
+        try:
+            yield
+        finally:
+            retention.cancel()
+            await run_in_threadpool(server.linker.close)
+            if server.exporter is not None:
+                await run_in_threadpool(server.exporter.close, 10.0)
+            await run_in_threadpool(server.store.close)
+
+    app = FastAPI(title="DeepTrace", version=__version__, lifespan=lifespan)
+    app.state.server = server
+
+    @app.post("/api/v1/spans", dependencies=[Depends(require_token)])
+    async def post_spans(request: Request):
+        raw = await request.body()
+        try:
+            return await run_in_threadpool(server.accept, raw, request.headers.get("content-encoding"))
+        except ingest.TooLarge as e:
+            return JSONResponse({"detail": str(e)}, status_code=413)
+        except ingest.BadBatch as e:
+            return JSONResponse({"detail": str(e)}, status_code=400)
+        except Backlogged:
+            return JSONResponse({"detail": "server backlog is full; retry later"}, status_code=503,
+                                headers={"Retry-After": "5"})  # fmt: skip
+
+    @app.put("/api/v1/agents/{agent_id}", dependencies=[Depends(require_token)])
+    async def put_agent(agent_id: str, report: AgentReport):
+        info = AgentInfo(agent_id, report.host, report.kernel, report.version, report.started_ns, time.time_ns(),
+                         report.stats)  # fmt: skip
+        await run_in_threadpool(server.store.upsert_agent, info)
+        return {"ok": True}
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/api/v1/status")
+    def status():
+        return server.status()
+
+    app.include_router(api.router)
+    app.include_router(jaeger.router)
+    vendor = WEB_DIR / "node_modules"
+    if vendor.is_dir():
+        app.mount("/vendor", StaticFiles(directory=vendor), name="vendor")
+    if WEB_DIR.is_dir():
+        app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")
+    return app
+
+
+async def _retention_loop(server: Server) -> None:
+    while True:
+        await asyncio.sleep(server.config.retention_interval_s)
+        try:
+            deleted = await run_in_threadpool(server.retention_pass)
+            if deleted:
+                log.info("retention: deleted %d spans", deleted)
+        except Exception:
+            log.exception("retention pass failed")
+

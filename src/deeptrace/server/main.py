@@ -1,0 +1,75 @@
+"""`deeptrace server`: options, then uvicorn."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+
+from deeptrace.association.names import ALGORITHM_NAMES, DEFAULT_ALGORITHM
+
+
+def _listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _headers(pairs: tuple[str, ...]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--otlp-header")
+        out[key] = value
+    return out
+
+
+@click.command()
+@click.option("--listen", default="127.0.0.1:8700", show_default=True, help="Address and port to serve on.")
+@click.option("--db", default="deeptrace.duckdb", show_default=True, help="The embedded store's file.")
+@click.option("--token", envvar="DEEPTRACE_TOKEN", default=None,
+              help="Token agents must send (env DEEPTRACE_TOKEN).")
+@click.option("--token-file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Read the token from this file.")
+@click.option("--no-auth", is_flag=True, help="Accept spans without a token (trusted networks only).")
+@click.option("--algorithm", type=click.Choice(ALGORITHM_NAMES), default=DEFAULT_ALGORITHM, show_default=True,
+              help="How calls are linked to requests when no exact link exists.")
+@click.option("--no-header-ids", is_flag=True, help="Ignore propagated ids in the traffic.")
+@click.option("--hold", type=float, default=5.0, show_default=True,
+              help="Seconds a span waits after it ended for its parent to arrive from any host.")
+@click.option("--retention-hours", type=float, default=72.0, show_default=True,
+              help="Delete spans older than this (0: keep).")
+@click.option("--retention-bytes", type=int, default=None, help="Delete the oldest spans when the store is larger.")
+@click.option("--otlp-endpoint", default=None, help="Also export linked spans as OTLP/HTTP protobuf to this URL.")
+@click.option("--otlp-header", "otlp_headers", multiple=True, help="KEY=VALUE header for OTLP export (repeatable).")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)  # fmt: skip
+def server(listen, db, token, token_file, no_auth, algorithm, no_header_ids, hold, retention_hours,
+           retention_bytes, otlp_endpoint, otlp_headers, log_level) -> None:  # fmt: skip
+    """Receive spans from agents, link them into traces, store them, serve the UI and APIs."""
+    import uvicorn
+
+    from deeptrace.server.app import ServerConfig, create_app
+
+    host, port = _listen(listen)
+    if token_file:
+        with open(token_file) as f:
+            token = f.read().strip()
+    if not token and not no_auth:
+        raise click.UsageError("give agents a token to send: --token TOKEN, --token-file FILE or DEEPTRACE_TOKEN "
+                               "(or --no-auth on a trusted network)")  # fmt: skip
+    config = ServerConfig(db=db, token=token or None, algorithm=algorithm, header_ids=not no_header_ids,
+                          hold_s=hold, retention_hours=retention_hours or None, retention_bytes=retention_bytes,
+                          otlp_endpoint=otlp_endpoint, otlp_headers=_headers(otlp_headers))  # fmt: skip
+    logging.basicConfig(level=log_level.upper(), format="deeptrace server: %(levelname)s %(message)s")
+    try:
+        app = create_app(config)
+    except OSError as e:
+        click.echo(f"deeptrace: error: {e}", err=True)
+        sys.exit(2)
+    click.echo(f"deeptrace server: store {os.path.abspath(db)}; UI and API on http://{host}:{port}/", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)

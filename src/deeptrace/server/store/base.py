@@ -1,0 +1,155 @@
+"""The store interface: what the server asks of any storage engine.
+
+The embedded DuckDB store implements it today; a ClickHouse store is meant to follow
+behind the same interface. Queries are plain SQL built in store/sql.py, with the few
+engine-specific pieces (percentiles, JSON fields) behind a Dialect.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TraceQuery:
+    start_ns: int
+    end_ns: int
+    service: str | None = None
+    operation: str | None = None
+    status: str | None = None  # "ok" | "error"
+    min_duration_ns: int | None = None
+    max_duration_ns: int | None = None
+    attributes: dict[str, str] = field(default_factory=dict)  # span attribute or column -> value
+    sort: str = "start"  # "start" | "duration"
+    descending: bool = True
+    limit: int = 20
+    offset: int = 0
+
+
+@dataclass
+class TraceSummary:
+    trace_id: str
+    root_service: str
+    root_name: str
+    start_ns: int
+    duration_ns: int
+    span_count: int
+    error_count: int
+    services: list[str]
+
+
+@dataclass
+class Red:
+    """Rate, errors, duration of a set of calls over a time range."""
+
+    requests: int
+    errors: int
+    error_rate: float
+    rate_per_s: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+
+
+@dataclass
+class MapNode:
+    service: str
+    red: Red
+
+
+@dataclass
+class MapEdge:
+    source: str
+    target: str
+    red: Red
+
+
+@dataclass
+class ServiceMap:
+    nodes: list[MapNode]
+    edges: list[MapEdge]
+
+
+@dataclass
+class AgentInfo:
+    agent_id: str
+    host: str
+    kernel: str
+    version: str
+    started_ns: int
+    last_seen_ns: int
+    stats: dict
+
+
+@dataclass
+class StoreStats:
+    spans: int
+    incoming_batches: int
+    bytes_on_disk: int
+
+
+class DuplicateBatch(Exception):
+    """This (agent, batch) was stored before."""
+
+
+class Store(ABC):
+    # --- ingest: durable before the agent hears "accepted" ---
+    @abstractmethod
+    def accept_batch(self, agent_id: str, batch_id: str, body: str, n_spans: int, now_ns: int) -> None:
+        """Keep a batch's span JSON until it is linked; raises DuplicateBatch if seen before."""
+
+    @abstractmethod
+    def incoming(self) -> list[tuple[str, str, str]]:
+        """(agent_id, batch_id, body) of every batch not yet fully linked, oldest first."""
+
+    @abstractmethod
+    def write_spans(self, spans: list[dict], done_batches: list[tuple[str, str]]) -> None:
+        """Store linked spans and forget the incoming batches they completed, atomically."""
+
+    @abstractmethod
+    def stored_span_ids(self, span_ids: list[str]) -> set[str]:
+        """Which of these are stored already (for replaying incoming batches after a crash)."""
+
+    # --- queries ---
+    @abstractmethod
+    def trace(self, trace_id: str) -> list[dict]: ...
+
+    @abstractmethod
+    def span(self, span_id: str) -> dict | None: ...
+
+    @abstractmethod
+    def search(self, q: TraceQuery) -> tuple[list[TraceSummary], int]:
+        """A page of traces and the total number that match."""
+
+    @abstractmethod
+    def services(self) -> list[str]: ...
+
+    @abstractmethod
+    def operations(self, service: str) -> list[tuple[str, str]]:
+        """(name, kind) pairs."""
+
+    @abstractmethod
+    def service_map(self, start_ns: int, end_ns: int) -> ServiceMap: ...
+
+    @abstractmethod
+    def timeseries(self, start_ns: int, end_ns: int, step_ns: int, service: str | None = None,
+                   edge: tuple[str, str] | None = None) -> list[tuple[int, Red]]: ...  # fmt: skip
+
+    # --- agents ---
+    @abstractmethod
+    def upsert_agent(self, agent: AgentInfo) -> None: ...
+
+    @abstractmethod
+    def agents(self) -> list[AgentInfo]: ...
+
+    # --- housekeeping ---
+    @abstractmethod
+    def apply_retention(self, now_ns: int, max_age_ns: int | None, max_bytes: int | None) -> int:
+        """Delete the oldest spans beyond the limits; returns how many."""
+
+    @abstractmethod
+    def stats(self) -> StoreStats: ...
+
+    @abstractmethod
+    def close(self) -> None: ...

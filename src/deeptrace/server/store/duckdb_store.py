@@ -1,0 +1,227 @@
+"""The embedded store: one DuckDB file, nothing to install or run.
+
+Writes go through one lock (DuckDB takes one writer at a time anyway); reads use their own
+cursors and run beside them. Span batches are inserted column-wise through Arrow: a row at
+a time would cost more than the association that produced them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from deeptrace.server.store import sql
+from deeptrace.server.store.base import (AgentInfo, DuplicateBatch, MapEdge, MapNode, Red, ServiceMap, Store,
+                                         StoreStats, TraceQuery, TraceSummary)  # fmt: skip
+from deeptrace.server.store.schema import COLUMN_NAMES, SPAN_COLUMNS, row_to_span, span_to_columns
+
+ARROW_TYPES = {"VARCHAR": pa.string(), "BIGINT": pa.int64(), "DOUBLE": pa.float64()}
+SCHEMA_VERSION = 1
+
+
+class DuckDBDialect(sql.Dialect):
+    def percentile(self, expr: str, q: float) -> str:
+        return f"quantile_cont({expr}, {q})"
+
+    def json_text(self, column: str) -> str:
+        return f"json_extract_string({column}, ?)"
+
+    def json_path(self, key: str) -> str:
+        return '$."' + key.replace('"', '\\"') + '"'
+
+
+class DuckDBStore(Store):
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = duckdb.connect(self.path)
+        except duckdb.IOException as e:
+            raise OSError(f"cannot open the store {self.path}: {e}") from e
+        self._write = threading.Lock()
+        self._dialect = DuckDBDialect()
+        self._arrow_schema = pa.schema([(c, ARROW_TYPES[t]) for c, t in SPAN_COLUMNS])
+        self._create()
+
+    def _create(self) -> None:
+        cols = ", ".join(f"{c} {t}" for c, t in SPAN_COLUMNS)
+        with self._write:
+            self._db.execute(f"CREATE TABLE IF NOT EXISTS spans ({cols})")
+            self._db.execute("CREATE TABLE IF NOT EXISTS batches (agent_id VARCHAR, batch_id VARCHAR, "
+                             "received_ns BIGINT, n_spans BIGINT, PRIMARY KEY (agent_id, batch_id))")  # fmt: skip
+            self._db.execute("CREATE TABLE IF NOT EXISTS incoming (agent_id VARCHAR, batch_id VARCHAR, "
+                             "received_ns BIGINT, body VARCHAR)")  # fmt: skip
+            self._db.execute("CREATE TABLE IF NOT EXISTS agents (agent_id VARCHAR PRIMARY KEY, host VARCHAR, "
+                             "kernel VARCHAR, version VARCHAR, started_ns BIGINT, last_seen_ns BIGINT, "
+                             "stats VARCHAR)")  # fmt: skip
+            self._db.execute("CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+
+    def _read(self) -> duckdb.DuckDBPyConnection:
+        return self._db.cursor()
+
+    # --- ingest ---
+    def accept_batch(self, agent_id: str, batch_id: str, body: str, n_spans: int, now_ns: int) -> None:
+        with self._write:
+            db = self._db
+            if db.execute("SELECT 1 FROM batches WHERE agent_id = ? AND batch_id = ?", [agent_id, batch_id]).fetchone():
+                raise DuplicateBatch(f"{agent_id}/{batch_id}")
+            db.execute("BEGIN")
+            try:
+                db.execute("INSERT INTO batches VALUES (?, ?, ?, ?)", [agent_id, batch_id, now_ns, n_spans])
+                db.execute("INSERT INTO incoming VALUES (?, ?, ?, ?)", [agent_id, batch_id, now_ns, body])
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def incoming(self) -> list[tuple[str, str, str]]:
+        return self._read().execute("SELECT agent_id, batch_id, body FROM incoming ORDER BY received_ns").fetchall()
+
+    def write_spans(self, spans: list[dict], done_batches: list[tuple[str, str]]) -> None:
+        table = pa.table(span_to_columns(spans), schema=self._arrow_schema) if spans else None
+        with self._write:
+            db = self._db
+            db.execute("BEGIN")
+            try:
+                if table is not None:
+                    db.register("new_spans", table)
+                    db.execute(f"INSERT INTO spans SELECT {', '.join(COLUMN_NAMES)} FROM new_spans")
+                    db.unregister("new_spans")
+                if done_batches:
+                    db.executemany("DELETE FROM incoming WHERE agent_id = ? AND batch_id = ?", done_batches)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def stored_span_ids(self, span_ids: list[str]) -> set[str]:
+        if not span_ids:
+            return set()
+        cur = self._read()
+        cur.register("wanted", pa.table({"span_id": pa.array(span_ids, pa.string())}))
+        rows = cur.execute("SELECT s.span_id FROM spans s JOIN wanted w ON s.span_id = w.span_id").fetchall()
+        return {r[0] for r in rows}
+
+    # --- queries ---
+    def trace(self, trace_id: str) -> list[dict]:
+        rows = self._read().execute(f"SELECT {', '.join(COLUMN_NAMES)} FROM spans WHERE trace_id = ? "
+                                    "ORDER BY start_ns, span_id", [trace_id]).fetchall()  # fmt: skip
+        return [row_to_span(r) for r in rows]
+
+    def span(self, span_id: str) -> dict | None:
+        row = self._read().execute(f"SELECT {', '.join(COLUMN_NAMES)} FROM spans WHERE span_id = ? LIMIT 1",
+                                   [span_id]).fetchone()  # fmt: skip
+        return row_to_span(row) if row else None
+
+    def search(self, q: TraceQuery) -> tuple[list[TraceSummary], int]:
+        page_sql, page_params, count_sql, count_params = sql.search(self._dialect, q)
+        cur = self._read()
+        (total,) = cur.execute(count_sql, count_params).fetchone()
+        page = cur.execute(page_sql, page_params).fetchall()
+        if not page:
+            return [], total
+        ids = [r[0] for r in page]
+        members: dict[str, list[tuple]] = {i: [] for i in ids}
+        for tid, service, name, start, parent in cur.execute(sql.trace_members(len(ids)), ids).fetchall():
+            members[tid].append((start, parent is None, service, name))
+        out = []
+        for tid, t0, dur, n, errs in page:
+            spans = members[tid]
+            roots = [s for s in spans if s[1]] or spans
+            first = min(roots)
+            services = sorted({s[2] for s in spans})
+            out.append(TraceSummary(tid, first[2], first[3], t0, dur, n, int(errs), services))
+        return out, total
+
+    def services(self) -> list[str]:
+        rows = self._read().execute("SELECT DISTINCT service FROM spans ORDER BY service").fetchall()
+        return [r[0] for r in rows]
+
+    def operations(self, service: str) -> list[tuple[str, str]]:
+        return self._read().execute("SELECT DISTINCT name, kind FROM spans WHERE service = ? ORDER BY name, kind",
+                                    [service]).fetchall()  # fmt: skip
+
+    def service_map(self, start_ns: int, end_ns: int) -> ServiceMap:
+        cur, seconds, rng = self._read(), max((end_ns - start_ns) / 1e9, 1e-9), [start_ns, end_ns]
+        nodes = {r[0]: MapNode(r[0], _red(r[1:], seconds)) for r in cur.execute(sql.node_red(self._dialect), rng).fetchall()}
+        edges = [MapEdge(r[0], r[1], _red(r[2:], seconds))
+                 for r in cur.execute(sql.edge_red(self._dialect), rng).fetchall() if r[1]]  # fmt: skip
+        for r in cur.execute(sql.peer_red(self._dialect), rng).fetchall():
+            if r[0] and r[0] not in nodes:  # a peer nothing traced answers for: its callers' view
+                nodes[r[0]] = MapNode(r[0], _red(r[1:], seconds))
+        for e in edges:  # callers that answer nothing themselves (load generators, jobs)
+            nodes.setdefault(e.source, MapNode(e.source, _red((0, 0, None, None, None), seconds)))
+        return ServiceMap(sorted(nodes.values(), key=lambda n: n.service), edges)
+
+    def timeseries(self, start_ns: int, end_ns: int, step_ns: int, service: str | None = None,
+                   edge: tuple[str, str] | None = None) -> list[tuple[int, Red]]:  # fmt: skip
+        query, who = sql.timeseries(self._dialect, service, edge)
+        rows = self._read().execute(query, [start_ns, step_ns, *who, start_ns, end_ns]).fetchall()
+        by_bucket = {int(r[0]): _red(r[1:], step_ns / 1e9) for r in rows}
+        n = max(0, -(-(end_ns - start_ns) // step_ns))
+        empty = (0, 0, None, None, None)
+        return [(start_ns + i * step_ns, by_bucket.get(i) or _red(empty, step_ns / 1e9)) for i in range(n)]
+
+    # --- agents ---
+    def upsert_agent(self, agent: AgentInfo) -> None:
+        with self._write:
+            self._db.execute("INSERT OR REPLACE INTO agents VALUES (?, ?, ?, ?, ?, ?, ?)",
+                             [agent.agent_id, agent.host, agent.kernel, agent.version, agent.started_ns,
+                              agent.last_seen_ns, json.dumps(agent.stats)])  # fmt: skip
+
+    def agents(self) -> list[AgentInfo]:
+        rows = self._read().execute("SELECT agent_id, host, kernel, version, started_ns, last_seen_ns, stats "
+                                    "FROM agents ORDER BY host, agent_id").fetchall()  # fmt: skip
+        return [AgentInfo(*r[:6], json.loads(r[6]) if r[6] else {}) for r in rows]
+
+    # --- housekeeping ---
+    def apply_retention(self, now_ns: int, max_age_ns: int | None, max_bytes: int | None) -> int:
+        deleted = 0
+        with self._write:
+            db = self._db
+            if max_age_ns is not None:
+                cut = now_ns - max_age_ns
+                deleted += db.execute("DELETE FROM spans WHERE end_ns < ?", [cut]).fetchone()[0]
+                db.execute("DELETE FROM batches WHERE received_ns < ?", [cut])
+            if max_bytes is not None and self._bytes() > max_bytes:
+                # Freed blocks are reused, not returned: the file stops growing rather than
+                # shrinking, so a tenth of the spans goes each time the limit is crossed.
+                (n,) = db.execute("SELECT count(*) FROM spans").fetchone()
+                if n:
+                    (cut,) = db.execute("SELECT quantile_disc(end_ns, 0.1) FROM spans").fetchone()
+                    deleted += db.execute("DELETE FROM spans WHERE end_ns <= ?", [cut]).fetchone()[0]
+                    db.execute("CHECKPOINT")
+        return deleted
+
+    def _bytes(self) -> int:
+        if self.path == ":memory:":
+            return 0
+        wal = self.path + ".wal"
+        return os.path.getsize(self.path) + (os.path.getsize(wal) if os.path.exists(wal) else 0)
+
+    def stats(self) -> StoreStats:
+        cur = self._read()
+        (spans,) = cur.execute("SELECT count(*) FROM spans").fetchone()
+        (incoming,) = cur.execute("SELECT count(*) FROM incoming").fetchone()
+        return StoreStats(spans, incoming, self._bytes())
+
+    def close(self) -> None:
+        with self._write:
+            self._db.close()
+
+
+def _red(row, seconds: float) -> Red:
+    n, errors, p50, p90, p99 = row
+    n, errors = int(n or 0), int(errors or 0)
+    return Red(n, errors, errors / n if n else 0.0, n / seconds, _ms(p50), _ms(p90), _ms(p99))
+
+
+def _ms(ns) -> float:
+    return round(ns / 1e6, 3) if ns is not None else 0.0

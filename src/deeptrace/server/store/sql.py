@@ -1,0 +1,106 @@
+"""Query text for the store, in SQL that DuckDB and ClickHouse both read, with the pieces
+they spell differently (percentiles, a JSON field) asked of a Dialect.
+
+Every function returns (sql, params); values always travel as parameters.
+"""
+
+from __future__ import annotations
+
+from deeptrace.server.store.base import TraceQuery
+from deeptrace.server.store.schema import FILTERABLE
+
+ERROR = "CASE WHEN status = 'error' THEN 1 ELSE 0 END"
+
+
+class Dialect:
+    def percentile(self, expr: str, q: float) -> str:
+        raise NotImplementedError
+
+    def json_text(self, column: str) -> str:
+        """Text of one JSON key of column; the key path is the next parameter."""
+        raise NotImplementedError
+
+    def json_path(self, key: str) -> str:
+        raise NotImplementedError
+
+
+def red_columns(d: Dialect) -> str:
+    """count, errors, p50/p90/p99 of duration_ns."""
+    ps = ", ".join(d.percentile("duration_ns", q) for q in (0.5, 0.9, 0.99))
+    return f"count(*), sum({ERROR}), {ps}"
+
+
+def span_filter(d: Dialect, q: TraceQuery) -> tuple[str, list]:
+    where, params = ["start_ns >= ?", "start_ns <= ?"], [q.start_ns, q.end_ns]
+    if q.service:
+        where.append("service = ?")
+        params.append(q.service)
+    if q.operation:
+        where.append("name = ?")
+        params.append(q.operation)
+    if q.status:
+        where.append("status = ?")
+        params.append(q.status)
+    if q.min_duration_ns is not None:
+        where.append("duration_ns >= ?")
+        params.append(q.min_duration_ns)
+    if q.max_duration_ns is not None:
+        where.append("duration_ns <= ?")
+        params.append(q.max_duration_ns)
+    for key, value in q.attributes.items():
+        if key in FILTERABLE:  # a column, not an attribute: names come from a fixed set
+            where.append(f"CAST({key} AS VARCHAR) = ?")
+            params.append(value)
+        elif key == "error":  # Jaeger's convention for failed spans
+            where.append("status = ?")
+            params.append("error" if value.lower() == "true" else "ok")
+        else:
+            where.append(f"{d.json_text('attributes')} = ?")
+            params.extend([d.json_path(key), value])
+    return " AND ".join(where), params
+
+
+def search(d: Dialect, q: TraceQuery) -> tuple[str, list, str, list]:
+    """(page query, its params, count query, its params)."""
+    where, params = span_filter(d, q)
+    matched = f"SELECT DISTINCT trace_id FROM spans WHERE {where}"
+    order = "t0" if q.sort == "start" else "dur"
+    page = (f"SELECT trace_id, min(start_ns) AS t0, max(end_ns) - min(start_ns) AS dur, count(*), sum({ERROR}) "
+            f"FROM spans WHERE trace_id IN ({matched}) GROUP BY trace_id "
+            f"ORDER BY {order} {'DESC' if q.descending else 'ASC'}, trace_id LIMIT ? OFFSET ?")  # fmt: skip
+    return page, [*params, q.limit, q.offset], f"SELECT count(*) FROM ({matched}) m", params
+
+
+def trace_members(n: int) -> str:
+    """Who is in each of n traces: enough to name their roots and list their services."""
+    marks = ", ".join("?" * n)
+    return f"SELECT trace_id, service, name, start_ns, parent_span_id FROM spans WHERE trace_id IN ({marks})"
+
+
+def node_red(d: Dialect) -> str:
+    """RED of the requests each service answered (its SERVER spans)."""
+    return (f"SELECT service, {red_columns(d)} FROM spans "
+            f"WHERE kind = 'SERVER' AND start_ns >= ? AND start_ns <= ? GROUP BY service")  # fmt: skip
+
+
+def edge_red(d: Dialect) -> str:
+    """RED of calls from each service to each peer, measured by the caller."""
+    return (f"SELECT service, peer_service, {red_columns(d)} FROM spans "
+            f"WHERE kind = 'CLIENT' AND start_ns >= ? AND start_ns <= ? GROUP BY service, peer_service")  # fmt: skip
+
+
+def peer_red(d: Dialect) -> str:
+    """RED of peers as their callers saw them: for services with no SERVER spans of their own
+    (a database, anything not traced)."""
+    return (f"SELECT peer_service, {red_columns(d)} FROM spans "
+            f"WHERE kind = 'CLIENT' AND start_ns >= ? AND start_ns <= ? GROUP BY peer_service")  # fmt: skip
+
+
+def timeseries(d: Dialect, service: str | None, edge: tuple[str, str] | None) -> tuple[str, list]:
+    if edge is not None:
+        who, params = "kind = 'CLIENT' AND service = ? AND peer_service = ?", list(edge)
+    else:
+        who, params = "kind = 'SERVER' AND service = ?", [service]
+    sql = (f"SELECT floor((start_ns - ?) / ?) AS bucket, {red_columns(d)} FROM spans "
+           f"WHERE {who} AND start_ns >= ? AND start_ns < ? GROUP BY bucket ORDER BY bucket")  # fmt: skip
+    return sql, params
