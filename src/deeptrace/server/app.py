@@ -107,7 +107,7 @@ class Server:
         """Parse, store durably, hand to the linker. Runs on a worker thread."""
         self.ingest.bytes += len(raw)
         try:
-            batch = ingest.parse(ingest.decode(raw, content_encoding))
+            batch = ingest.read_batch(raw, content_encoding)
         except ingest.BadBatch:
             self.ingest.rejected += 1
             raise
@@ -115,7 +115,7 @@ class Server:
             self.ingest.refused_backlog += 1
             raise Backlogged()
         try:
-            self.store.accept_batch(batch.agent_id, batch.batch_id, batch.body, len(batch.spans), time.time_ns())
+            self.store.accept_batch(batch.agent_id, batch.batch_id, batch.body_gz, len(batch.spans), time.time_ns())
         except DuplicateBatch:
             self.ingest.duplicates += 1
             return {"accepted": 0, "duplicate": True}

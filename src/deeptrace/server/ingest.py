@@ -7,9 +7,10 @@ never be re-sent and stored twice.
 from __future__ import annotations
 
 import gzip
-import json
 import zlib
 from dataclasses import dataclass
+
+import orjson
 
 MAX_BODY_BYTES = 32 << 20  # decompressed
 MAX_ID_CHARS = 128
@@ -45,10 +46,18 @@ class Batch:
     agent_id: str
     batch_id: str
     spans: list[dict]
-    body: str  # the decompressed JSON, kept as received for replay after a crash
+    body_gz: bytes  # the batch as received, gzip-compressed, kept for replay after a crash
 
 
-def decode(raw: bytes, content_encoding: str | None) -> str:
+def read_batch(raw: bytes, content_encoding: str | None) -> Batch:
+    """A request body as it came, to a checked batch."""
+    body = decode(raw, content_encoding)
+    # Kept compressed: a durable copy of each batch is written before it is acknowledged.
+    gz = raw if (content_encoding or "").strip().lower() == "gzip" else gzip.compress(body, 1)
+    return parse(body, gz)
+
+
+def decode(raw: bytes, content_encoding: str | None) -> bytes:
     encoding = (content_encoding or "identity").strip().lower()
     if encoding == "gzip":
         try:
@@ -64,17 +73,14 @@ def decode(raw: bytes, content_encoding: str | None) -> str:
         raise BadBatch(f"unsupported Content-Encoding {content_encoding!r}: use gzip or none")
     if len(raw) > MAX_BODY_BYTES:
         raise TooLarge(f"body is larger than {MAX_BODY_BYTES} bytes")
-    try:
-        return raw.decode()
-    except UnicodeDecodeError as e:
-        raise BadBatch(f"body is not UTF-8: {e}") from None
+    return raw
 
 
-def parse(body: str) -> Batch:
+def parse(body: bytes, body_gz: bytes) -> Batch:
     try:
-        doc = json.loads(body)
-    except json.JSONDecodeError as e:
-        raise BadBatch(f"body is not JSON: {e}") from None
+        doc = orjson.loads(body)  # several times json's speed, and ingest is mostly parsing
+    except orjson.JSONDecodeError as e:
+        raise BadBatch(f"body is not JSON (UTF-8): {e}") from None
     if not isinstance(doc, dict):
         raise BadBatch("body must be a JSON object with agent_id, batch_id and spans")
     agent_id, batch_id, spans = doc.get("agent_id"), doc.get("batch_id"), doc.get("spans")
@@ -87,7 +93,7 @@ def parse(body: str) -> Batch:
         problem = check_span(span)
         if problem:
             raise BadBatch(f"span {i}: {problem}")
-    return Batch(agent_id, batch_id, spans, body)
+    return Batch(agent_id, batch_id, spans, body_gz)
 
 
 def check_span(span) -> str | None:

@@ -8,6 +8,7 @@ the batches still in `incoming` back, minus spans already written.
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import threading
@@ -65,8 +66,8 @@ class Linker:
 
     def recover(self) -> None:
         """Before start: what was accepted but not written when the server last stopped."""
-        for agent_id, batch_id, body in self.store.incoming():
-            spans = json.loads(body)["spans"]
+        for agent_id, batch_id, body_gz in self.store.incoming():
+            spans = json.loads(gzip.decompress(body_gz))["spans"]
             stored = self.store.stored_span_ids([d["span_id"] for d in spans])
             spans = [d for d in spans if d["span_id"] not in stored]
             self.submit(agent_id, batch_id, spans)

@@ -513,8 +513,8 @@ class OtlpExporter:
                     self._export(batch)
                 except Exception as exc:  # the thread must outlive any one batch
                     log.exception("OTLP export of %d spans failed", len(batch))
-                    with self._lock:
-                        self._drop(len(batch), f"{type(exc).__name__}: {exc}")
+                    with self._lock:  # what is in flight: malformed spans are already counted
+                        self._drop(self._inflight, f"{type(exc).__name__}: {exc}")
                 finally:
                     with self._lock:
                         self._inflight = 0

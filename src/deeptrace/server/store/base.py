@@ -96,12 +96,12 @@ class DuplicateBatch(Exception):
 class Store(ABC):
     # --- ingest: durable before the agent hears "accepted" ---
     @abstractmethod
-    def accept_batch(self, agent_id: str, batch_id: str, body: str, n_spans: int, now_ns: int) -> None:
-        """Keep a batch's span JSON until it is linked; raises DuplicateBatch if seen before."""
+    def accept_batch(self, agent_id: str, batch_id: str, body_gz: bytes, n_spans: int, now_ns: int) -> None:
+        """Keep a batch (gzip JSON) until it is linked; raises DuplicateBatch if seen before."""
 
     @abstractmethod
-    def incoming(self) -> list[tuple[str, str, str]]:
-        """(agent_id, batch_id, body) of every batch not yet fully linked, oldest first."""
+    def incoming(self) -> list[tuple[str, str, bytes]]:
+        """(agent_id, batch_id, body_gz) of every batch not yet fully linked, oldest first."""
 
     @abstractmethod
     def write_spans(self, spans: list[dict], done_batches: list[tuple[str, str]]) -> None:

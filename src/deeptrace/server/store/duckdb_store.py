@@ -56,7 +56,7 @@ class DuckDBStore(Store):
             self._db.execute("CREATE TABLE IF NOT EXISTS batches (agent_id VARCHAR, batch_id VARCHAR, "
                              "received_ns BIGINT, n_spans BIGINT, PRIMARY KEY (agent_id, batch_id))")  # fmt: skip
             self._db.execute("CREATE TABLE IF NOT EXISTS incoming (agent_id VARCHAR, batch_id VARCHAR, "
-                             "received_ns BIGINT, body VARCHAR)")  # fmt: skip
+                             "received_ns BIGINT, body_gz BLOB)")  # fmt: skip
             self._db.execute("CREATE TABLE IF NOT EXISTS agents (agent_id VARCHAR PRIMARY KEY, host VARCHAR, "
                              "kernel VARCHAR, version VARCHAR, started_ns BIGINT, last_seen_ns BIGINT, "
                              "stats VARCHAR)")  # fmt: skip
@@ -67,7 +67,7 @@ class DuckDBStore(Store):
         return self._db.cursor()
 
     # --- ingest ---
-    def accept_batch(self, agent_id: str, batch_id: str, body: str, n_spans: int, now_ns: int) -> None:
+    def accept_batch(self, agent_id: str, batch_id: str, body_gz: bytes, n_spans: int, now_ns: int) -> None:
         with self._write:
             db = self._db
             if db.execute("SELECT 1 FROM batches WHERE agent_id = ? AND batch_id = ?", [agent_id, batch_id]).fetchone():
@@ -75,14 +75,15 @@ class DuckDBStore(Store):
             db.execute("BEGIN")
             try:
                 db.execute("INSERT INTO batches VALUES (?, ?, ?, ?)", [agent_id, batch_id, now_ns, n_spans])
-                db.execute("INSERT INTO incoming VALUES (?, ?, ?, ?)", [agent_id, batch_id, now_ns, body])
+                db.execute("INSERT INTO incoming VALUES (?, ?, ?, ?)", [agent_id, batch_id, now_ns, body_gz])
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
 
-    def incoming(self) -> list[tuple[str, str, str]]:
-        return self._read().execute("SELECT agent_id, batch_id, body FROM incoming ORDER BY received_ns").fetchall()
+    def incoming(self) -> list[tuple[str, str, bytes]]:
+        rows = self._read().execute("SELECT agent_id, batch_id, body_gz FROM incoming ORDER BY received_ns")
+        return rows.fetchall()
 
     def write_spans(self, spans: list[dict], done_batches: list[tuple[str, str]]) -> None:
         table = pa.table(span_to_columns(spans), schema=self._arrow_schema) if spans else None
