@@ -14,13 +14,13 @@ ARCH      := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
 APT_PACKAGES := clang llvm libbpf1 libbpf-dev bpftool gcc libc6-dev make \
                 nginx-light redis-server redis-tools memcached postgresql mariadb-server mariadb-client \
                 curl wrk dnsmasq-base bind9-dnsutils tshark \
-                iproute2 procps
+                iproute2 procps chromium
 
-.PHONY: all setup deps venv bpf test demo bench bench-accuracy clean
+.PHONY: all setup deps node venv web bpf test demo bench bench-accuracy bench-server clean
 
 all: setup
 
-setup: deps venv bpf
+setup: deps venv web bpf
 
 # apt only when something is missing, so repeated runs are fast.
 deps:
@@ -29,6 +29,18 @@ deps:
 		echo "installing:" $$missing; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+
+# The web UI has no build step; npm only fetches the libraries it serves under /vendor/.
+# Node.js comes with the machine; Debian's is installed only where there is none.
+node:
+	@command -v npm >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm)
+
+WEB_DIR := src/deeptrace/server/web
+web: $(WEB_DIR)/node_modules/.installed
+
+$(WEB_DIR)/node_modules/.installed: $(WEB_DIR)/package.json $(WEB_DIR)/package-lock.json | node
+	npm ci --prefix $(WEB_DIR) --no-audit --no-fund --loglevel=error
+	touch $@
 
 venv: $(VENV)/.installed
 
@@ -59,7 +71,7 @@ $(BPF_COMPAT): $(BPF_DIR)/deeptrace.bpf.c $(BPF_DIR)/deeptrace.h $(VMLINUX)
 	llvm-strip -g $@
 
 test: setup
-	DEEPTRACE_REQUIRE_BPF=1 $(VPY) -m pytest -v
+	DEEPTRACE_REQUIRE_BPF=1 DEEPTRACE_REQUIRE_BROWSER=1 $(VPY) -m pytest -v
 
 demo: setup
 	bash scripts/demo.sh
@@ -78,6 +90,10 @@ bench-accuracy: setup $(VENV)/.bench-installed
 $(VENV)/.bench-installed: pyproject.toml
 	$(VPY) -m pip install -q -e '.[test,bench]'
 	touch $@
+
+# The server's ingest and query budgets (bench/server/run.py; about 3 minutes).
+bench-server: setup
+	$(VPY) bench/server/run.py $(ARGS)
 
 clean:
 	rm -rf build $(BPF_OBJ) $(BPF_COMPAT) .pytest_cache
