@@ -126,7 +126,8 @@ def find_traces(request: Request, service: str | None = None, operation: str | N
         return error(400, str(e))
     store = _store(request)
     summaries, _ = store.search(q)
-    return envelope([to_jaeger_trace(s.trace_id, store.trace(s.trace_id)) for s in summaries])
+    spans = store.traces([s.trace_id for s in summaries])
+    return envelope([to_jaeger_trace(s.trace_id, spans[s.trace_id]) for s in summaries])
 
 
 def _trace_query(service, operation, tags, tag_pairs, start, end, lookback, min_d, max_d, limit) -> TraceQuery:

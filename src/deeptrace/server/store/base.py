@@ -116,11 +116,16 @@ class Store(ABC):
     def trace(self, trace_id: str) -> list[dict]: ...
 
     @abstractmethod
+    def traces(self, trace_ids: list[str]) -> dict[str, list[dict]]:
+        """Several traces in one query: trace id -> spans by start."""
+
+    @abstractmethod
     def span(self, span_id: str) -> dict | None: ...
 
     @abstractmethod
     def search(self, q: TraceQuery) -> tuple[list[TraceSummary], int]:
-        """A page of traces and the total number that match."""
+        """A page of traces with at least one span matching q, ordered by their matching spans'
+        start or duration, and the total number that match."""
 
     @abstractmethod
     def services(self) -> list[str]: ...

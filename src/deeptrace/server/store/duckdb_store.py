@@ -112,9 +112,16 @@ class DuckDBStore(Store):
 
     # --- queries ---
     def trace(self, trace_id: str) -> list[dict]:
-        rows = self._read().execute(f"SELECT {', '.join(COLUMN_NAMES)} FROM spans WHERE trace_id = ? "
-                                    "ORDER BY start_ns, span_id", [trace_id]).fetchall()  # fmt: skip
-        return [row_to_span(r) for r in rows]
+        return self.traces([trace_id]).get(trace_id, [])
+
+    def traces(self, trace_ids: list[str]) -> dict[str, list[dict]]:
+        out: dict[str, list[dict]] = {}
+        if trace_ids:
+            rows = self._read().execute(sql.traces(len(trace_ids), ", ".join(COLUMN_NAMES)), trace_ids).fetchall()
+            for r in rows:
+                d = row_to_span(r)
+                out.setdefault(d["trace_id"], []).append(d)
+        return out
 
     def span(self, span_id: str) -> dict | None:
         row = self._read().execute(f"SELECT {', '.join(COLUMN_NAMES)} FROM spans WHERE span_id = ? LIMIT 1",
@@ -125,21 +132,13 @@ class DuckDBStore(Store):
         page_sql, page_params, count_sql, count_params = sql.search(self._dialect, q)
         cur = self._read()
         (total,) = cur.execute(count_sql, count_params).fetchone()
-        page = cur.execute(page_sql, page_params).fetchall()
-        if not page:
+        ids = [r[0] for r in cur.execute(page_sql, page_params).fetchall()]
+        if not ids:
             return [], total
-        ids = [r[0] for r in page]
         members: dict[str, list[tuple]] = {i: [] for i in ids}
-        for tid, service, name, start, parent in cur.execute(sql.trace_members(len(ids)), ids).fetchall():
-            members[tid].append((start, parent is None, service, name))
-        out = []
-        for tid, t0, dur, n, errs in page:
-            spans = members[tid]
-            roots = [s for s in spans if s[1]] or spans
-            first = min(roots)
-            services = sorted({s[2] for s in spans})
-            out.append(TraceSummary(tid, first[2], first[3], t0, dur, n, int(errs), services))
-        return out, total
+        for tid, *rest in cur.execute(sql.trace_members(len(ids)), ids).fetchall():
+            members[tid].append(rest)
+        return [_summary(tid, members[tid]) for tid in ids], total
 
     def services(self) -> list[str]:
         rows = self._read().execute("SELECT DISTINCT service FROM spans ORDER BY service").fetchall()
@@ -216,6 +215,15 @@ class DuckDBStore(Store):
     def close(self) -> None:
         with self._write:
             self._db.close()
+
+
+def _summary(trace_id: str, spans: list[tuple]) -> TraceSummary:
+    """spans: (service, name, start_ns, end_ns, parent_span_id, status) of one trace."""
+    roots = [s for s in spans if s[4] is None] or spans
+    root = min(roots, key=lambda s: s[2])
+    t0, t1 = min(s[2] for s in spans), max(s[3] for s in spans)
+    return TraceSummary(trace_id, root[0], root[1], t0, t1 - t0, len(spans), sum(s[5] == "error" for s in spans),
+                        sorted({s[0] for s in spans}))  # fmt: skip
 
 
 def _red(row, seconds: float) -> Red:

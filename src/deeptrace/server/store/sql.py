@@ -61,20 +61,26 @@ def span_filter(d: Dialect, q: TraceQuery) -> tuple[str, list]:
 
 
 def search(d: Dialect, q: TraceQuery) -> tuple[str, list, str, list]:
-    """(page query, its params, count query, its params)."""
+    """(page query, its params, count query, its params). Traces are ordered by their matching
+    spans (earliest start, or longest duration), so a page needs no pass over whole traces;
+    `trace_members` then fetches the page's traces."""
     where, params = span_filter(d, q)
-    matched = f"SELECT DISTINCT trace_id FROM spans WHERE {where}"
     order = "t0" if q.sort == "start" else "dur"
-    page = (f"SELECT trace_id, min(start_ns) AS t0, max(end_ns) - min(start_ns) AS dur, count(*), sum({ERROR}) "
-            f"FROM spans WHERE trace_id IN ({matched}) GROUP BY trace_id "
-            f"ORDER BY {order} {'DESC' if q.descending else 'ASC'}, trace_id LIMIT ? OFFSET ?")  # fmt: skip
-    return page, [*params, q.limit, q.offset], f"SELECT count(*) FROM ({matched}) m", params
+    page = (f"SELECT trace_id, min(start_ns) AS t0, max(duration_ns) AS dur FROM spans WHERE {where} "
+            f"GROUP BY trace_id ORDER BY {order} {'DESC' if q.descending else 'ASC'}, trace_id LIMIT ? OFFSET ?")  # fmt: skip
+    return page, [*params, q.limit, q.offset], f"SELECT count(DISTINCT trace_id) FROM spans WHERE {where}", params
 
 
 def trace_members(n: int) -> str:
-    """Who is in each of n traces: enough to name their roots and list their services."""
+    """Enough of each of n traces to sum it up: span count, errors, root, services, extent."""
     marks = ", ".join("?" * n)
-    return f"SELECT trace_id, service, name, start_ns, parent_span_id FROM spans WHERE trace_id IN ({marks})"
+    return (f"SELECT trace_id, service, name, start_ns, end_ns, parent_span_id, status FROM spans "
+            f"WHERE trace_id IN ({marks})")  # fmt: skip
+
+
+def traces(n: int, columns: str) -> str:
+    marks = ", ".join("?" * n)
+    return f"SELECT {columns} FROM spans WHERE trace_id IN ({marks}) ORDER BY start_ns, span_id"
 
 
 def node_red(d: Dialect) -> str:
