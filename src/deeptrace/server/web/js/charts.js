@@ -2,7 +2,7 @@
 
 import { fmtTime, niceTicks, svg } from "./util.js";
 
-const M = { top: 8, right: 10, bottom: 20, left: 52 };
+const M = { top: 8, right: 10, bottom: 20, left: 62 };
 
 /**
  * points: [{t_ns, ...}]; series: [{key, label, color, value?(p)}]; fmt formats a y value.

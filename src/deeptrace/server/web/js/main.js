@@ -12,6 +12,7 @@ const VIEWS = { traces: search, trace, map, agents };
 
 // Tests and people debugging in the console read the live state here (e.g. the map's cytoscape instance).
 window.__deeptrace = window.__deeptrace || {};
+window.__deeptrace.started = true;
 
 let current = null; // { name, instance }
 const root = document.getElementById("view");
@@ -56,7 +57,11 @@ function hideBanner() {
 }
 
 // Anything a view did not catch still surfaces as a message rather than a silently broken page.
-window.addEventListener("error", (e) => showBanner(`Unexpected error: ${e.message}`));
+window.addEventListener("error", (e) => {
+  // Chrome reports a resize observer that needed two passes as an error; nothing is wrong then.
+  if (String(e.message).startsWith("ResizeObserver loop")) return;
+  showBanner(`Unexpected error: ${e.message}`);
+});
 window.addEventListener("unhandledrejection", (e) => {
   if (e.reason && e.reason.name === "AbortError") return;
   showBanner(`Unexpected error: ${e.reason && e.reason.message ? e.reason.message : e.reason}`);
@@ -68,6 +73,7 @@ function askToken() {
   const t = prompt("The server asks for an API token (Bearer). Token:", getToken());
   if (t !== null) {
     setToken(t.trim());
+    if (current && current.instance.destroy) current.instance.destroy();
     current = null;
     route();
   }

@@ -2,7 +2,7 @@
 // Only one page of traces is ever fetched, so this stays fast whatever the store holds.
 
 import { get, isAbort } from "./api.js";
-import { hashFor } from "./nav.js";
+import { hashFor, replaceHash } from "./nav.js";
 import { drawScatter } from "./scatter.js";
 import {
   RANGES, clear, fmtDuration, fmtNumber, fmtTime, h, rangeToNs, serviceColor, toLocalInput,
@@ -19,6 +19,9 @@ function stateFrom(params) {
   }
   s.attr = params.getAll("attr").filter((a) => a.includes("="));
   if (!PAGE_SIZES.includes(Number(s.limit))) s.limit = DEFAULTS.limit;
+  if (s.range !== "custom" && !RANGES.some((r) => r.key === s.range)) s.range = DEFAULTS.range;
+  if (s.sort !== "duration") s.sort = "start";
+  if (s.order !== "asc") s.order = "desc";
   if (!(Number(s.offset) >= 0)) s.offset = "0";
   return s;
 }
@@ -57,7 +60,7 @@ export function mount(root, _arg, params) {
     to: h("input", { name: "to", type: "datetime-local", "aria-label": "To" }),
     attrInput: h("input", { name: "attr", type: "text", placeholder: "key=value, Enter", "aria-label": "Attribute filter key=value", size: "22" }),
     sort: h("select", { name: "sort", "aria-label": "Sort by" },
-      h("option", { value: "start" }, "Newest / oldest"), h("option", { value: "duration" }, "Duration")),
+      h("option", { value: "start" }, "Start time"), h("option", { value: "duration" }, "Duration")),
     order: h("select", { name: "order", "aria-label": "Order" }, h("option", { value: "desc" }, "desc"), h("option", { value: "asc" }, "asc")),
     limit: h("select", { name: "limit", "aria-label": "Page size" }, PAGE_SIZES.map((n) => h("option", { value: String(n) }, `${n} / page`))),
   };
@@ -121,6 +124,7 @@ export function mount(root, _arg, params) {
     }
   });
   f.attrInput.addEventListener("input", () => f.attrInput.setCustomValidity(""));
+  for (const el of [f.from, f.to]) el.addEventListener("input", () => f.to.setCustomValidity(""));
 
   f.range.addEventListener("change", () => {
     if (f.range.value === "custom" && !f.from.value) {
@@ -132,12 +136,22 @@ export function mount(root, _arg, params) {
   f.service.addEventListener("change", () => loadOperations(f.service.value, ""));
   logToggle.addEventListener("change", () => {
     state.log = logToggle.checked ? "1" : "";
+    replaceHash(hashFor("traces", "", paramsFrom(state)));
     drawScatterNow();
   });
 
   form.addEventListener("submit", (e) => {
     e.preventDefault();
     if (!takeAttrInput()) return;
+    if (f.range.value === "custom") {
+      const bad = !f.from.value || !f.to.value ? "Give both ends of the time range"
+        : new Date(f.from.value) >= new Date(f.to.value) ? "The range must end after it starts" : "";
+      f.to.setCustomValidity(bad);
+      if (bad) {
+        f.to.reportValidity();
+        return;
+      }
+    }
     const next = {
       ...state,
       service: f.service.value, operation: f.operation.value, status: f.status.value,
@@ -334,7 +348,14 @@ export function mount(root, _arg, params) {
     });
   }
 
-  const resize = new ResizeObserver(() => drawScatterNow());
+  let drawnWidth = 0;
+  const resize = new ResizeObserver(() => {
+    // Only a new width needs a new drawing; redrawing on every notification could feed the observer.
+    if (scatterBox.clientWidth !== drawnWidth) {
+      drawnWidth = scatterBox.clientWidth;
+      drawScatterNow();
+    }
+  });
   resize.observe(scatterBox);
 
   function update(_arg, params) {

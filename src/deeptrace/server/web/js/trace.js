@@ -133,7 +133,7 @@ export function mount(root, traceId, params) {
 
     const ticks = niceTicks(0, total, 5).filter((v) => v <= total);
     const ruler = h("div", { class: "wf-ruler" },
-      ticks.map((v) => h("span", { class: "wf-tick", style: `left:${((100 * v) / total).toFixed(3)}%` }, fmtDuration(v))));
+      ticks.map((v) => h("span", { class: "wf-tick", style: `left:${((100 * v) / total).toFixed(3)}%` }, v === 0 ? "0" : fmtDuration(v))));
     const grid = h("div", { class: "wf-gridlines", "aria-hidden": "true" }, h("div"), h("div"),
       h("div", { class: "wf-gridcell" }, ticks.map((v) => h("span", { style: `left:${((100 * v) / total).toFixed(3)}%` }))));
 
@@ -172,11 +172,15 @@ export function mount(root, traceId, params) {
       bar.style.left = `${left.toFixed(3)}%`;
       bar.style.width = `${width.toFixed(3)}%`;
       dur.textContent = fmtDuration(s.duration_ns ?? s.end_ns - s.start_ns);
-      // The label sits right of the bar, or left of it when the bar reaches the right edge.
-      if (left + width > 80) {
+      // The label sits right of the bar; near the right edge, inside a wide bar or left of a narrow one.
+      if (left + width <= 82) dur.style.left = `${(left + width).toFixed(3)}%`;
+      else if (width >= 12) {
+        dur.style.right = `${(100 - left - width).toFixed(3)}%`;
+        dur.className = "wf-dur inside";
+      } else {
         dur.style.right = `${(100 - left).toFixed(3)}%`;
         dur.className = "wf-dur before";
-      } else dur.style.left = `${(left + width).toFixed(3)}%`;
+      }
       rowEls[row.index] = el;
       frag.append(el);
     }

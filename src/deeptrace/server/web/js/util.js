@@ -53,9 +53,10 @@ export function fmtMs(ms) {
   return fmtDuration(ms * NS_PER_MS);
 }
 
+/** Three significant digits without trailing zeros: 8 ms, 12.5 ms, 1.25 s, 196 ms. */
 function sig(x) {
   const a = Math.abs(x);
-  return a >= 100 ? x.toFixed(0) : a >= 10 ? x.toFixed(1) : x.toFixed(2);
+  return String(Number(a >= 100 ? x.toFixed(0) : a >= 10 ? x.toFixed(1) : x.toFixed(2)));
 }
 
 export function fmtNumber(n) {
@@ -66,8 +67,9 @@ export function fmtNumber(n) {
 export function fmtRate(perS) {
   if (perS === null || perS === undefined || Number.isNaN(perS)) return "–";
   if (perS === 0) return "0/s";
-  if (perS < 0.1) return `${(perS * 60).toFixed(1)}/min`;
-  return `${sig(perS)}/s`;
+  if (perS >= 0.1) return `${sig(perS)}/s`;
+  // Slow services read better per minute or per hour than as 0.00/s.
+  return perS * 60 >= 0.1 ? `${sig(perS * 60)}/min` : `${sig(perS * 3600)}/h`;
 }
 
 export function fmtPercent(fraction) {
