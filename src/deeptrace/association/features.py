@@ -36,13 +36,17 @@ def fields_of(span: SpanRef, head: bytes) -> frozenset[str]:
 
 def request_fields(span: SpanRef) -> frozenset[str]:
     """Fields in the request a span carried."""
-    return fields_of(span, span.req_head)
+    if span.req_fields is None:
+        span.req_fields = fields_of(span, span.req_head)
+    return span.req_fields
 
 
 def span_fields(span: SpanRef) -> frozenset[str]:
     """Fields in the request and the response (an order id made by a call comes back in
     its response and goes on in the parent's)."""
-    return fields_of(span, span.req_head) | fields_of(span, span.resp_head)
+    if span.all_fields is None:
+        span.all_fields = request_fields(span) | fields_of(span, span.resp_head)
+    return span.all_fields
 
 
 class FieldWeights:

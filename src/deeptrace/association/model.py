@@ -43,6 +43,9 @@ class SpanRef:
     attributes: dict
     req_head: bytes
     resp_head: bytes
+    # Fields found in the heads (features.py), kept: a streaming window links a span many times.
+    req_fields: frozenset[str] | None = None
+    all_fields: frozenset[str] | None = None
 
     @property
     def process(self) -> tuple[str, int]:

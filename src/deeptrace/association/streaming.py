@@ -34,6 +34,14 @@ class StreamingAssociator:
         self.published: list[dict] = []  # context: already out, ids fixed
         self.stats = StreamStats()
         self._splits_seen: set[str] = set()
+        self._refs: dict[str, SpanRef] = {}  # decoded once per span, not once per pass
+
+    def _ref(self, index: int, d: dict) -> SpanRef:
+        ref = self._refs.get(d["span_id"])
+        if ref is None:
+            ref = self._refs[d["span_id"]] = SpanRef.from_json(index, d)
+        ref.index = index
+        return ref
 
     def push(self, spans: list[dict]) -> None:
         self.pending.extend(spans)
@@ -54,7 +62,7 @@ class StreamingAssociator:
         self.stats.passes += 1
         self.published = [d for d in self.published if d["end_ns"] >= now_ns - self.context_ns]
         spans = self.published + self.pending
-        refs = [SpanRef.from_json(i, d) for i, d in enumerate(spans)]
+        refs = [self._ref(i, d) for i, d in enumerate(spans)]
         links = link_spans(refs, self.algorithm, self.header_ids)
         n_old = len(self.published)
         fixed = {i: d["trace_id"] for i, d in enumerate(self.published)}
@@ -76,6 +84,8 @@ class StreamingAssociator:
             out.append(d)
         self.pending = keep
         self.published.extend(out)
+        live = {d["span_id"] for d in self.published} | {d["span_id"] for d in self.pending}
+        self._refs = {k: r for k, r in self._refs.items() if k in live}
         self.stats.spans_out += len(out)
         return out
 
