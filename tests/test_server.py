@@ -106,6 +106,8 @@ def test_services_operations_map_and_timeseries(loaded):
     assert len(points) == 12 and sum(p["requests"] for p in points) == 30
     edge_points = srv.get("/api/v1/timeseries", source="gateway", target="users", step_s=600).json()["points"]
     assert sum(p["requests"] for p in edge_points) == 30
+    redis = srv.get("/api/v1/timeseries", service="redis 10.0.0.9:6379", step_s=600).json()["points"]
+    assert sum(p["requests"] for p in redis) == 30  # not traced: measured by its callers, as on the map
     assert srv.get("/api/v1/timeseries").status_code == 400
 
 

@@ -162,8 +162,10 @@ class DuckDBStore(Store):
 
     def timeseries(self, start_ns: int, end_ns: int, step_ns: int, service: str | None = None,
                    edge: tuple[str, str] | None = None) -> list[tuple[int, Red]]:  # fmt: skip
-        query, who = sql.timeseries(self._dialect, service, edge)
-        rows = self._read().execute(query, [start_ns, step_ns, *who, start_ns, end_ns]).fetchall()
+        cur = self._read()
+        as_peer = edge is None and not cur.execute(sql.answers_requests(), [service, start_ns, end_ns]).fetchone()[0]
+        query, who = sql.timeseries(self._dialect, service, edge, as_peer)
+        rows = cur.execute(query, [start_ns, step_ns, *who, start_ns, end_ns]).fetchall()
         by_bucket = {int(r[0]): _red(r[1:], step_ns / 1e9) for r in rows}
         n = max(0, -(-(end_ns - start_ns) // step_ns))
         empty = (0, 0, None, None, None)

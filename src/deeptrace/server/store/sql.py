@@ -83,6 +83,10 @@ def traces(n: int, columns: str) -> str:
     return f"SELECT {columns} FROM spans WHERE trace_id IN ({marks}) ORDER BY start_ns, span_id"
 
 
+def answers_requests() -> str:
+    return "SELECT count(*) FROM spans WHERE kind = 'SERVER' AND service = ? AND start_ns >= ? AND start_ns <= ?"
+
+
 def node_red(d: Dialect) -> str:
     """RED of the requests each service answered (its SERVER spans)."""
     return (f"SELECT service, {red_columns(d)} FROM spans "
@@ -102,9 +106,14 @@ def peer_red(d: Dialect) -> str:
             f"WHERE kind = 'CLIENT' AND start_ns >= ? AND start_ns <= ? GROUP BY peer_service")  # fmt: skip
 
 
-def timeseries(d: Dialect, service: str | None, edge: tuple[str, str] | None) -> tuple[str, list]:
+def timeseries(d: Dialect, service: str | None, edge: tuple[str, str] | None, as_peer: bool = False
+               ) -> tuple[str, list]:  # fmt: skip
+    """Per-bucket RED of a service's SERVER spans, of an edge's CLIENT spans, or (as_peer) of
+    the calls into a service nothing traced answers for, as the map measures such nodes."""
     if edge is not None:
         who, params = "kind = 'CLIENT' AND service = ? AND peer_service = ?", list(edge)
+    elif as_peer:
+        who, params = "kind = 'CLIENT' AND peer_service = ?", [service]
     else:
         who, params = "kind = 'SERVER' AND service = ?", [service]
     sql = (f"SELECT floor((start_ns - ?) / ?) AS bucket, {red_columns(d)} FROM spans "
