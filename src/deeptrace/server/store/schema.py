@@ -58,7 +58,7 @@ def span_to_columns(spans: list[dict]) -> dict[str, list]:
         row = dict(d)
         row["req_seq_start"], row["req_seq_end"] = req_seq
         row["resp_seq_start"], row["resp_seq_end"] = resp_seq
-        row["attributes"] = json.dumps(d.get("attributes") or {}, separators=(",", ":"))
+        row["attributes"] = json.dumps(d.get("attributes") or {}, separators=(",", ":"), ensure_ascii=False)
         row["duration_ns"] = d["end_ns"] - d["start_ns"]
         for c in COLUMN_NAMES:
             cols[c].append(row.get(c))

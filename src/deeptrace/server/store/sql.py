@@ -55,9 +55,18 @@ def span_filter(d: Dialect, q: TraceQuery) -> tuple[str, list]:
             where.append("status = ?")
             params.append("error" if value.lower() == "true" else "ok")
         else:
+            # The plain substring test goes first: far cheaper than parsing every row's JSON,
+            # it leaves the JSON read only the rows that can match.
+            if value.isprintable() and '"' not in value and "\\" not in value:  # JSON holds it as is
+                where.append("attributes LIKE ? ESCAPE '\\'")
+                params.append(f"%{_like_escape(value)}%")
             where.append(f"{d.json_text('attributes')} = ?")
             params.extend([d.json_path(key), value])
     return " AND ".join(where), params
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def search(d: Dialect, q: TraceQuery) -> tuple[str, list, str, list]:
