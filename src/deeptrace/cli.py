@@ -155,10 +155,11 @@ def agent(timeout_s, fmt, stats_interval, host_name, associate, algorithm, no_he
           token, spool_dir, spool_max_bytes, agent_id, **opts) -> None:  # fmt: skip
     """Trace processes and write one JSON span per request/response exchange (or ship them to a
     server with --server)."""
+    from deeptrace.agent.services import ServiceNames
     from deeptrace.pipeline import SpanPipeline
     from deeptrace.spans import format_text
 
-    pipeline = SpanPipeline(host=host_name, timeout_ns=int(timeout_s * 1e9))
+    pipeline = SpanPipeline(host=host_name, timeout_ns=int(timeout_s * 1e9), service_name=ServiceNames())
     shipper, kernel = None, {"drops": 0}  # kernel drops: counted on this thread, read by the heartbeat's
     if server_url is not None:
         from click.core import ParameterSource
