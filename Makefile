@@ -16,7 +16,7 @@ APT_PACKAGES := clang llvm libbpf1 libbpf-dev bpftool gcc libc6-dev make \
                 curl wrk dnsmasq-base bind9-dnsutils tshark \
                 iproute2 procps chromium
 
-.PHONY: all setup deps node venv web bpf test demo bench bench-accuracy bench-server clean
+.PHONY: all setup deps node venv web bpf test demo demo-two-hosts bench bench-accuracy bench-server clean
 
 all: setup
 
@@ -74,7 +74,12 @@ test: setup
 	DEEPTRACE_REQUIRE_BPF=1 DEEPTRACE_REQUIRE_BROWSER=1 $(VPY) -m pytest -v
 
 demo: setup
-	bash scripts/demo.sh
+	bash scripts/demo.sh $(ARGS)
+
+# `make demo`'s shop split over two network namespaces ("hosts"), an agent in each
+# (demo/README.md). ARGS passes options to demo/launch.py in both, e.g. ARGS="--seconds 60".
+demo-two-hosts: setup
+	bash scripts/demo-two-hosts.sh $(ARGS)
 
 bench: setup
 	$(VPY) bench/overhead/run.py
