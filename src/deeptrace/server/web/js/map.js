@@ -297,7 +297,7 @@ export function mount(root, _arg, params) {
     }
     const charts = h("div", { class: "charts", id: "map-charts" }, h("p", { class: "muted" }, "loading time series…"));
     clear(side).append(title, figures ? redTable(figures) : h("p", { class: "muted" }, "No figures for it in this range."),
-      note, h("div", { class: "link-row" }, links), charts);
+      ...(note ? [note] : []), h("div", { class: "link-row" }, links), charts);  // append(null) would print "null"
     if (!figures || !q) {
       clear(charts);
       return;
