@@ -407,7 +407,8 @@ def test_service_map_nodes_edges_and_time_series(page, server, seed):
     assert int(page.get_attribute("#map-charts", "data-points")) > 0
     assert page.locator("#map-charts svg.chart").count() == 3
     assert "node=users" in page.url
-    assert "Requests" in page.inner_text("#map-side")
+    side = page.inner_text("#map-side")
+    assert "Requests" in side and "null" not in side and "undefined" not in side
     shot(page, "map")
 
     # Redis is only seen through its clients: drawn dashed, its charts are its busiest caller's calls.
