@@ -327,6 +327,14 @@ def test_retention_deletes_old_spans(tmp_path):
     store.write_spans(old + new, [])
     assert store.apply_retention(time.time_ns(), max_age_ns=3600 * 10**9, max_bytes=None) == 4
     assert store.trace("old") == [] and len(store.trace("new")) == 4
+    # Over the size limit: the oldest tenth goes each pass, newest kept.
+    t0 = time.time_ns() // 1000
+    many = [d for i in range(50) for d in shop_trace(t0 + i * 10_000, seq=100_000 * (i + 1))]
+    store.write_spans(many, [])
+    before = store.stats().spans
+    deleted = store.apply_retention(time.time_ns(), max_age_ns=None, max_bytes=1)
+    assert 0 < deleted <= before // 5 and store.stats().spans == before - deleted
+    assert store.span(many[-1]["span_id"]) is not None and store.span(many[0]["span_id"]) is None
     store.close()
 
 
