@@ -94,11 +94,7 @@ async def clients(app: web.Application):
 
 
 def main() -> None:
-    app = web.Application()
-    app.add_routes(routes)
-    app.cleanup_ctx.append(clients)
-    addr, port = env.listen()
-    web.run_app(app, host=addr, port=port, access_log=None, print=None)
+    env.run_aiohttp(routes, clients)
 
 
 if __name__ == "__main__":

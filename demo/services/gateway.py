@@ -62,11 +62,7 @@ async def http_client(app: web.Application):
 
 
 def main() -> None:
-    app = web.Application()
-    app.add_routes(routes)
-    app.cleanup_ctx.append(http_client)
-    addr, port = env.listen()
-    web.run_app(app, host=addr, port=port, access_log=None, print=None)
+    env.run_aiohttp(routes, http_client)
 
 
 if __name__ == "__main__":

@@ -413,11 +413,13 @@ class Shipper:
             detail = _detail(r)
             # Kept aside, not deleted: a server bug or a parser change may make it worth a look.
             self.rejected.put(body, entry.n_spans)
+            error = f"server rejected a batch of {entry.n_spans} spans ({status}): {detail}"
+            self.spool.remove(entry)
+            log.error("deeptrace: %s; kept in %s", error, self.rejected.dir)
+            # Counted after the log line, so whoever sees the count also finds the reason.
+            self._stats.last_error = error
             self._stats.rejected_batches += 1
             self._stats.rejected_spans += entry.n_spans
-            self._stats.last_error = f"server rejected a batch of {entry.n_spans} spans ({status}): {detail}"
-            self.spool.remove(entry)
-            log.error("deeptrace: %s; kept in %s", self._stats.last_error, self.rejected.dir)
             self._recovered()
             return 0.0
         self.spool.release(entry)
