@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,14 +13,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+from servers import free_port
 
 TOKEN = "test-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:

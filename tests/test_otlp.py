@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,6 +15,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 from opentelemetry.proto.trace.v1 import trace_pb2
+from servers import free_port
 
 import deeptrace
 from deeptrace.server.otlp import OtlpExporter, convert_spans, id_bytes, spans_to_request, traces_url
@@ -149,12 +149,6 @@ def value(v):
     if which == "array_value":
         return [value(x) for x in v.array_value.values]
     return getattr(v, which) if which else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import spanmaker
+from servers import free_port
 
 from deeptrace import __version__
 from deeptrace.agent import selfstats
@@ -36,12 +37,6 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # Fast retries: the tests exercise the schedule's logic, not its real-world pace.
 FAST = {"backoff_min_s": 0.02, "backoff_max_s": 0.2, "flush_interval_s": 0.05, "heartbeat_s": 0.2,
         "request_timeout_s": 2.0}  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(predicate, timeout_s: float = 10.0, what: str = "condition") -> None:

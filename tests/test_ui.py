@@ -15,15 +15,13 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 import ui_seed
+from serverproc import running_server
 
 TESTS = Path(__file__).parent
 ARTIFACTS = TESTS / "artifacts" / "ui"
@@ -65,51 +63,11 @@ def require_browser() -> None:
     pytest.skip(reason)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def deeptrace_command() -> list[str]:
-    script = Path(sys.executable).parent / "deeptrace"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "deeptrace.cli"]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     require_browser()
-    tmp = tmp_path_factory.mktemp("ui-server")
-    port = free_port()
-    log = open(tmp / "server.log", "w+")  # noqa: SIM115 -- the server writes to it for the whole module
-    proc = subprocess.Popen([*deeptrace_command(), "server", "--listen", f"127.0.0.1:{port}", "--db",
-                             str(tmp / "x.duckdb"), "--token", TOKEN, "--hold", "0.5"],
-                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    try:
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"deeptrace server exited with {proc.returncode}:\n{log.read()}", pytrace=False)
-            try:
-                if httpx.get(f"{base}/api/v1/status", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"deeptrace server did not answer within 60 s:\n{log.read()}", pytrace=False)
-            time.sleep(0.2)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+    with running_server(tmp_path_factory.mktemp("ui-server"), token=TOKEN) as srv:
+        yield srv.url
 
 
 @pytest.fixture(scope="module")

@@ -38,12 +38,13 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from serverproc import ServerProcess  # noqa: E402
-from synth import shop_spans  # noqa: E402
+from serverproc import ServerProcess
+from synth import shop_spans
 
-from deeptrace.association.streaming import StreamingAssociator  # noqa: E402
-from deeptrace.server import ingest  # noqa: E402
-from deeptrace.server.store.duckdb_store import DuckDBStore  # noqa: E402
+from deeptrace.agent import selfstats
+from deeptrace.association.streaming import StreamingAssociator
+from deeptrace.server import ingest
+from deeptrace.server.store.duckdb_store import DuckDBStore
 
 HOUR_NS = 3600 * 10**9
 
@@ -107,8 +108,7 @@ def bench_ingest_http(spans: list[dict], tmp: Path, uploaders: int = 4) -> dict:
 
 def _proc_cpu(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return selfstats.cpu_seconds(f.read())
 
 
 def bench_write(spans: list[dict], tmp: Path) -> dict:

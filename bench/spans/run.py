@@ -27,11 +27,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from servers import nginx, redis  # noqa: E402  (the test suite's real-server helpers)
+from servers import nginx, redis
 
-from deeptrace.agent.collector import Collector, CollectorConfig  # noqa: E402
-from deeptrace.agent.selection import Selection  # noqa: E402
-from deeptrace.pipeline import SpanPipeline  # noqa: E402
+from deeptrace.agent.collector import Collector, CollectorConfig
+from deeptrace.agent.selection import Selection
+from deeptrace.pipeline import SpanPipeline
 
 TARGET = 100_000
 

@@ -60,7 +60,13 @@ class StreamingAssociator:
 
     def _pass(self, ready, now_ns: int) -> list[dict]:
         self.stats.passes += 1
-        self.published = [d for d in self.published if d["end_ns"] >= now_ns - self.context_ns]
+        keep_from, context = now_ns - self.context_ns, []
+        for d in self.published:
+            if d["end_ns"] >= keep_from:
+                context.append(d)
+            else:  # out of the window: its decoded form goes with it
+                self._refs.pop(d["span_id"], None)
+        self.published = context
         spans = self.published + self.pending
         refs = [self._ref(i, d) for i, d in enumerate(spans)]
         links = link_spans(refs, self.algorithm, self.header_ids)
@@ -84,8 +90,6 @@ class StreamingAssociator:
             out.append(d)
         self.pending = keep
         self.published.extend(out)
-        live = {d["span_id"] for d in self.published} | {d["span_id"] for d in self.pending}
-        self._refs = {k: r for k, r in self._refs.items() if k in live}
         self.stats.spans_out += len(out)
         return out
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
@@ -70,6 +71,7 @@ class Server:
         self.config = config
         self.store = store or open_store(config.db)
         self.ingest = IngestStats()
+        self._counting = threading.Lock()
         self.started_ns = time.time_ns()
         self.metrics = Metrics(self.health, self.store.agents)
         self.exporter = None
@@ -103,25 +105,30 @@ class Server:
                 "backlog_spans": self.linker.backlog, "store": asdict(st),
                 "otlp": asdict(self.exporter.stats) if self.exporter is not None else None}  # fmt: skip
 
+    def count(self, **deltas: int) -> None:
+        """Ingest counters: bumped from several worker threads at once, where `+=` can lose one."""
+        with self._counting:
+            for name, n in deltas.items():
+                setattr(self.ingest, name, getattr(self.ingest, name) + n)
+
     def accept(self, raw: bytes, content_encoding: str | None) -> dict:
         """Parse, store durably, hand to the linker. Runs on a worker thread."""
-        self.ingest.bytes += len(raw)
+        self.count(bytes=len(raw))
         try:
             batch = ingest.read_batch(raw, content_encoding)
         except ingest.BadBatch:
-            self.ingest.rejected += 1
+            self.count(rejected=1)
             raise
         if self.linker.backlog + len(batch.spans) > self.config.max_backlog_spans:
-            self.ingest.refused_backlog += 1
+            self.count(refused_backlog=1)
             raise Backlogged()
         try:
             self.store.accept_batch(batch.agent_id, batch.batch_id, batch.body_gz, len(batch.spans), time.time_ns())
         except DuplicateBatch:
-            self.ingest.duplicates += 1
+            self.count(duplicates=1)
             return {"accepted": 0, "duplicate": True}
         self.linker.submit(batch.agent_id, batch.batch_id, batch.spans)
-        self.ingest.batches += 1
-        self.ingest.spans += len(batch.spans)
+        self.count(batches=1, spans=len(batch.spans))
         return {"accepted": len(batch.spans), "duplicate": False}
 
     def retention_pass(self) -> int:
@@ -141,7 +148,7 @@ def require_token(request: Request) -> None:
     given = request.headers.get("authorization", "")
     scheme, _, value = given.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
-        request.app.state.server.ingest.unauthorized += 1
+        request.app.state.server.count(unauthorized=1)
         raise HTTPException(401, "missing or wrong token: send Authorization: Bearer TOKEN",
                             headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
 

@@ -51,14 +51,14 @@ class Batch:
 
 def read_batch(raw: bytes, content_encoding: str | None) -> Batch:
     """A request body as it came, to a checked batch."""
-    body = decode(raw, content_encoding)
-    # Kept compressed: a durable copy of each batch is written before it is acknowledged.
-    gz = raw if (content_encoding or "").strip().lower() == "gzip" else gzip.compress(body, 1)
-    return parse(body, gz)
-
-
-def decode(raw: bytes, content_encoding: str | None) -> bytes:
     encoding = (content_encoding or "identity").strip().lower()
+    body = decode(raw, encoding)
+    # Kept compressed: a durable copy of each batch is written before it is acknowledged.
+    return parse(body, raw if encoding == "gzip" else gzip.compress(body, 1))
+
+
+def decode(raw: bytes, encoding: str) -> bytes:
+    """The body, decompressed; encoding is the Content-Encoding, lower case."""
     if encoding == "gzip":
         try:
             # Bounded: a small gzip bomb must not take the server's memory.
@@ -70,7 +70,7 @@ def decode(raw: bytes, content_encoding: str | None) -> bytes:
             raise TooLarge(f"body is larger than {MAX_BODY_BYTES} bytes decompressed")
         raw = out
     elif encoding != "identity":
-        raise BadBatch(f"unsupported Content-Encoding {content_encoding!r}: use gzip or none")
+        raise BadBatch(f"unsupported Content-Encoding {encoding!r}: use gzip or none")
     if len(raw) > MAX_BODY_BYTES:
         raise TooLarge(f"body is larger than {MAX_BODY_BYTES} bytes")
     return raw

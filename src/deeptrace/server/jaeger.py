@@ -101,7 +101,7 @@ def service_operations(service: str, request: Request):
 
 
 @router.get("/operations")
-def operations(request: Request, service: str, spanKind: str | None = None):  # noqa: N803 (Jaeger's name)
+def operations(request: Request, service: str, spanKind: str | None = None):
     ops = [{"name": n, "spanKind": k.lower()} for n, k in _store(request).operations(service)
            if spanKind in (None, "", k.lower())]  # fmt: skip
     return envelope(ops)
@@ -118,8 +118,8 @@ def get_trace(trace_id: str, request: Request):
 @router.get("/traces")
 def find_traces(request: Request, service: str | None = None, operation: str | None = None, tags: str | None = None,
                 tag_pairs: list[str] = Query(default=[], alias="tag"), start: int | None = None,
-                end: int | None = None, lookback: str | None = None, minDuration: str | None = None,  # noqa: N803
-                maxDuration: str | None = None, limit: int = 20):  # noqa: N803 (Jaeger's parameter names)
+                end: int | None = None, lookback: str | None = None, minDuration: str | None = None,
+                maxDuration: str | None = None, limit: int = 20):
     try:
         q = _trace_query(service, operation, tags, tag_pairs, start, end, lookback, minDuration, maxDuration, limit)
     except BadQuery as e:
@@ -161,7 +161,7 @@ def _trace_query(service, operation, tags, tag_pairs, start, end, lookback, min_
 
 
 @router.get("/dependencies")
-def dependencies(request: Request, endTs: int | None = None, lookback: int | None = None):  # noqa: N803
+def dependencies(request: Request, endTs: int | None = None, lookback: int | None = None):
     end_ms = endTs if endTs is not None else time.time_ns() // 10**6
     back_ms = lookback if lookback is not None else 24 * 3600 * 1000
     m = _store(request).service_map((end_ms - back_ms) * 10**6, end_ms * 10**6)
