@@ -14,44 +14,19 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 import ui_seed
+from browser import browser_unavailable_reason, chromium
 from serverproc import running_server
 
 TESTS = Path(__file__).parent
 ARTIFACTS = TESTS / "artifacts" / "ui"
-WEB = TESTS.parent / "src" / "deeptrace" / "server" / "web"
 TOKEN = "ui-test-token"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 WAIT_MS = 15_000
-
-
-def chromium_path() -> str | None:
-    if os.environ.get("DEEPTRACE_CHROMIUM"):
-        return os.environ["DEEPTRACE_CHROMIUM"]
-    if Path("/usr/bin/chromium").exists():
-        return "/usr/bin/chromium"
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def browser_unavailable_reason() -> str | None:
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "UI tests need Playwright for Python (pip install -e '.[test]')"
-    path = chromium_path()
-    if path is None or not Path(path).exists():
-        return (f"UI tests need Chromium: {path or '/usr/bin/chromium'} not found "
-                "(apt-get install chromium, or set DEEPTRACE_CHROMIUM to its path)")  # fmt: skip
-    if not (WEB / "node_modules" / "cytoscape" / "dist" / "cytoscape.min.js").exists():
-        return f"UI tests need the web UI's libraries: run `npm ci --prefix {WEB.relative_to(TESTS.parent)}`"
-    return None
 
 
 def require_browser() -> None:
@@ -60,7 +35,7 @@ def require_browser() -> None:
         return
     if os.environ.get("DEEPTRACE_REQUIRE_BROWSER") == "1":
         pytest.fail(f"DEEPTRACE_REQUIRE_BROWSER=1 but {reason}", pytrace=False)
-    pytest.skip(reason)
+    pytest.skip(f"UI tests skipped: {reason}")
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +55,9 @@ def seed(server):
 
 @pytest.fixture(scope="module")
 def browser(server):
-    from playwright.sync_api import sync_playwright
-
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 @pytest.fixture
