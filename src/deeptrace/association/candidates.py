@@ -10,22 +10,32 @@ from deeptrace.association.model import SpanRef
 
 
 class Containment:
+    """Servers are kept in tiers by duration (powers of two), each sorted by start. A query
+    looks back in each tier only as far as that tier's longest server: with one list, one
+    long request anywhere would make every call scan every server started since it, and
+    the longest request grows with the window."""
+
     def __init__(self, servers: list[SpanRef]) -> None:
-        self.servers = sorted(servers, key=lambda s: s.start_ns)
-        self._starts = [s.start_ns for s in self.servers]
-        self._longest = max((s.end_ns - s.start_ns for s in self.servers), default=0)
+        ordered = sorted(servers, key=lambda s: s.start_ns)
+        tiers: dict[int, list[tuple[int, SpanRef]]] = {}
+        for rank, s in enumerate(ordered):
+            tiers.setdefault(max(0, s.end_ns - s.start_ns).bit_length(), []).append((rank, s))
+        self._tiers = [([s.start_ns for _, s in members], members, max(s.end_ns - s.start_ns for _, s in members))
+                       for members in tiers.values()]  # fmt: skip
 
     def containing(self, start_ns: int, end_ns: int) -> list[SpanRef]:
         """Servers with start <= start_ns and end >= end_ns, latest start first."""
-        out = []
-        i = bisect_right(self._starts, start_ns) - 1
-        earliest = start_ns - self._longest
-        servers = self.servers
-        while i >= 0:
-            s = servers[i]
-            if s.start_ns < earliest:
-                break
-            if s.end_ns >= end_ns:
-                out.append(s)
-            i -= 1
-        return out
+        found = []
+        for starts, members, longest in self._tiers:
+            earliest = start_ns - longest
+            i = bisect_right(starts, start_ns) - 1
+            while i >= 0:
+                rank, s = members[i]
+                if s.start_ns < earliest:
+                    break
+                if s.end_ns >= end_ns:
+                    found.append((rank, s))
+                i -= 1
+        if len(found) > 1:
+            found.sort(key=lambda rs: -rs[0])
+        return [s for _, s in found]

@@ -11,6 +11,9 @@ import math
 import re
 from collections import Counter
 
+import numpy as np
+from scipy.sparse import csr_matrix
+
 from deeptrace.association.model import SpanRef
 
 _TOKEN = re.compile(rb"[A-Za-z0-9_.@-]{3,64}")
@@ -64,13 +67,6 @@ class FieldWeights:
         weight = self._idf.get(field)
         return self._log_n if weight is None else weight
 
-    def shared_weight(self, a: frozenset[str], b: frozenset[str]) -> float:
-        """Sum of the weights of the fields both carry: evidence that they belong together."""
-        if not a or not b:
-            return 0.0
-        idf = self._idf
-        return sum(idf.get(f, self._log_n) for f in (a & b))
-
     def similarity(self, a: frozenset[str], b: frozenset[str]) -> float:
         """TF-IDF cosine similarity of two field sets (each field counted once)."""
         shared = a & b
@@ -80,3 +76,18 @@ class FieldWeights:
         na = math.sqrt(sum(self.idf(f) ** 2 for f in a))
         nb = math.sqrt(sum(self.idf(f) ** 2 for f in b))
         return num / (na * nb) if na and nb else 0.0
+
+
+def shared_weights(a: list[frozenset[str]], b: list[frozenset[str]], pa: np.ndarray, pb: np.ndarray) -> np.ndarray:
+    """For each pair k, the summed IDF weight of the fields both a[pa[k]] and b[pb[k]] carry
+    (IDF over a + b): evidence that they belong together. Sparse products, not a loop per
+    pair: a busy process has millions of candidate pairs in a window."""
+    vocabulary: dict[str, int] = {}
+    cols = [[vocabulary.setdefault(f, len(vocabulary)) for fields in sets for f in fields] for sets in (a, b)]
+    if not vocabulary or not len(pa):
+        return np.zeros(len(pa))
+    ma, mb = (csr_matrix((np.ones(len(c)), (np.repeat(np.arange(len(sets)), [len(f) for f in sets]), c)),
+                         shape=(len(sets), len(vocabulary))) for sets, c in zip((a, b), cols))  # fmt: skip
+    frequency = np.asarray(ma.sum(axis=0)).ravel() + np.asarray(mb.sum(axis=0)).ravel()
+    idf = np.log(len(a) + len(b) + 1) - np.log(frequency + 1)
+    return np.asarray(ma[pa].multiply(mb[pb]) @ idf).ravel()

@@ -35,7 +35,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 from deeptrace.association.candidates import Containment
-from deeptrace.association.features import FieldWeights, span_fields
+from deeptrace.association.features import shared_weights, span_fields
 from deeptrace.association.model import INFERRED, ROOT, Link, ProcessSpans, SpanRef
 from deeptrace.association.threads import ServingThreads, measure, thread_links
 
@@ -131,11 +131,7 @@ class Inference:
     def _field_bins(self, servers: list[SpanRef], calls: list[SpanRef]) -> np.ndarray:
         s_fields = [span_fields(s) for s in servers]
         c_fields = [span_fields(c) for c in calls]
-        weights = FieldWeights(s_fields + c_fields)
-        shared = np.zeros(len(self.pc))
-        for p, (c, s) in enumerate(zip(self.pc.tolist(), self.ps.tolist())):
-            if c_fields[c] and s_fields[s]:
-                shared[p] = weights.shared_weight(c_fields[c], s_fields[s])
+        shared = shared_weights(c_fields, s_fields, self.pc, self.ps)
         return np.searchsorted(_FIELD_BINS, shared, side="right")
 
     def run(self) -> dict[int, Link]:
@@ -207,9 +203,12 @@ class Inference:
         """prices[request op, call op, k]: log of how likely a request of that operation
         makes at least k calls of that operation, given it made k-1 (k >= 1)."""
         counts = np.minimum(self._counts(assign), MAX_SLOTS)
-        at_least = np.zeros((self.n_ops, self.n_ops, MAX_SLOTS + 2))
-        for k in range(MAX_SLOTS + 1):
-            np.add.at(at_least[:, :, k], self.s_op, (counts >= k).astype(float))
+        # How many requests of each op made exactly v calls of each op, then "at least k" from the top down.
+        n, v = MAX_SLOTS + 1, self.n_ops
+        key = (self.s_op[:, None] * v + np.arange(v)[None, :]) * n + counts
+        exactly = np.bincount(key.ravel(), minlength=v * v * n).reshape(v, v, n)
+        at_least = np.zeros((v, v, MAX_SLOTS + 2))
+        at_least[:, :, :n] = np.cumsum(exactly[:, :, ::-1], axis=2)[:, :, ::-1]
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = at_least[:, :, 1:] / at_least[:, :, :-1]
         prices = np.full((self.n_ops, self.n_ops, MAX_SLOTS + 2), _LOG_UNSEEN)
@@ -238,19 +237,22 @@ class Inference:
         hard = np.flatnonzero(~clear)
         hard = hard[np.argsort(self.c_start[hard], kind="stable")]
         if len(hard):
-            pairs_of = np.split(order, np.flatnonzero(first)[1:])  # pairs of each call, in call order
+            # Each call's pairs are a run of `order`: where it begins and how long it is.
+            runs = (np.flatnonzero(first), np.diff(np.r_[np.flatnonzero(first), len(order)]), order)
             for i in range(0, len(hard), CHUNK):
-                self._match(hard[i : i + CHUNK], pairs_of, score, prices, counts, assign)
+                self._match(hard[i : i + CHUNK], runs, score, prices, counts, assign)
         return assign
 
-    def _match(self, calls: np.ndarray, pairs_of: list, score: np.ndarray, prices: np.ndarray,
+    def _match(self, calls: np.ndarray, runs: tuple, score: np.ndarray, prices: np.ndarray,
                counts: np.ndarray, assign: np.ndarray) -> None:  # fmt: skip
         """Min-cost matching of calls to request slots: each request has, per call
         operation, slots priced by its call pattern (the k-th slot costs what having k
         such calls costs); each call takes one slot; an overflow column per call keeps
         it feasible. Fills `assign` and `counts`."""
-        pairs = np.concatenate([pairs_of[c] for c in calls])
-        row = np.repeat(np.arange(len(calls)), [len(pairs_of[c]) for c in calls])
+        run_start, run_len, order = runs
+        lens = run_len[calls]
+        row = np.repeat(np.arange(len(calls)), lens)
+        pairs = order[np.repeat(run_start[calls] - np.r_[0, np.cumsum(lens)[:-1]], lens) + np.arange(lens.sum())]
         group = self.ps[pairs] * self.n_ops + self.c_op[self.pc[pairs]]  # (request, call op)
         groups, inverse, want = np.unique(group, return_inverse=True, return_counts=True)
         g_req, g_op = groups // self.n_ops, groups % self.n_ops
@@ -280,7 +282,7 @@ class Inference:
         matched = cols >= len(calls)
         assign[calls[rows[matched]]] = slot_owner[cols[matched] - len(calls)]
         # A call left on its overflow column keeps its best candidate (already in assign).
-        np.add.at(counts, assign[calls] * self.n_ops + self.c_op[calls], 1)
+        counts += np.bincount(assign[calls] * self.n_ops + self.c_op[calls], minlength=len(counts))
 
     def _confidence(self, score: np.ndarray, prices: np.ndarray, assign: np.ndarray) -> np.ndarray:
         """Softmax of the chosen parent's score among the call's candidates, each priced
