@@ -186,6 +186,45 @@ def test_streaming_holds_spans_until_their_parent_arrives_and_keeps_trace_ids():
     assert assoc.stats.late_links == 1 and assoc.stats.split_traces == 0
 
 
+def test_streaming_keeps_published_links_and_decides_only_the_held_spans():
+    """A published call is evidence, not decided again: its parent stays what was published,
+    a published root stays a root, and the held calls are decided with it in view."""
+    first, second = server(1, 0, 10_000, name="GET /a"), server(1, 0, 10_000, name="GET /a")
+    early = client(1, 100, 200, name="GET k")
+    lone = client(1, 20_000, 20_100, name="GET k")  # inside no request: a root
+    assoc = StreamingAssociator(hold_s=1.0, context_s=60.0)
+    assoc.push([first, second, early, lone])
+    published = assoc.pop_ready(lone["end_ns"] + 2_000_000_000)
+    assert len(published) == 4
+    chosen = next(d for d in published if d["span_id"] == early["span_id"])["parent_span_id"]
+    assert chosen in {first["span_id"], second["span_id"]}
+    assert next(d for d in published if d["span_id"] == lone["span_id"])["parent_span_id"] is None
+    late = client(1, 300, 400, name="GET k")
+    assoc.push([late])
+    (out,) = assoc.pop_ready(lone["end_ns"] + 4_000_000_000)
+    assert out["parent_span_id"] in {first["span_id"], second["span_id"]} and out["link_method"] == "inferred"
+    # The window's published spans were handed to the linker as fixed, exactly as published.
+    spans = assoc.published
+    pinned = StreamingAssociator._pinned(spans, len(spans))
+    by_id = {d["span_id"]: i for i, d in enumerate(spans)}
+    assert pinned[by_id[early["span_id"]]].parent == by_id[chosen]
+    assert pinned[by_id[lone["span_id"]]].parent is None
+
+
+def test_fixed_links_are_kept_as_given_and_only_open_calls_are_decided():
+    from deeptrace.association.associate import link_spans
+    from deeptrace.association.model import Link, SpanRef
+
+    spans = [server(1, 0, 1_000), server(1, 5_000, 6_000), client(1, 100, 200), client(1, 5_100, 5_200)]
+    refs = [SpanRef.from_json(i, d) for i, d in enumerate(spans)]
+    # Call 2 was published under request 1 (not one that contains it): that stands.
+    fixed = {0: Link(None, "root", 1.0), 1: Link(None, "root", 1.0), 2: Link(1, "inferred", 0.6)}
+    links = link_spans(refs, "joint", fixed=fixed)
+    assert links[2] == Link(1, "inferred", 0.6)
+    assert links[3].parent == 1 and links[3].method == "inferred"
+    assert link_spans(refs, "joint")[2].parent == 0  # decided afresh, it would be request 0
+
+
 def test_cli_associates_a_file(tmp_path):
     spans, truth = event_loop_service(200, 500, seed=3)
     c, s = call_pair(900, 901, 100, 900, seq=4242)

@@ -66,11 +66,14 @@ def level_dir(out: Path, rate: float) -> Path:
 
 def associate_timed(spans: list[dict], name: str, t: truth.Truth) -> tuple[list[dict], float]:
     from standins import STANDINS
+    from streamed import STREAMED
 
     copies = [dict(d) for d in spans]  # associate() fills the dicts in place
     t0 = time.perf_counter()
     if name in STANDINS:
         linked = STANDINS[name](copies, t)
+    elif name in STREAMED:
+        linked = STREAMED[name](copies)
     else:
         from deeptrace.association.associate import associate
 
@@ -135,7 +138,8 @@ def main() -> None:
     ap.add_argument(
         "--reuse", type=Path, metavar="DIR", help="score the data of an earlier run, record nothing"
     )
-    ap.add_argument("--algorithms", default=",".join(ALGORITHMS), help="comma-separated")
+    ap.add_argument("--algorithms", default=",".join([*ALGORITHMS, "joint-stream"]),
+                    help="comma-separated; joint-stream is joint as the server runs it (streamed.py)")
     ap.add_argument(
         "--standins", action="store_true", help="also score `oracle` and `random` (checks the scorer)"
     )

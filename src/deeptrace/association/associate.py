@@ -26,7 +26,9 @@ ALGORITHMS: dict[str, Algorithm] = {
 assert tuple(ALGORITHMS) == ALGORITHM_NAMES
 
 
-def processes(spans: list[SpanRef], known: dict[int, Link]) -> list[ProcessSpans]:
+def processes(spans: list[SpanRef], known: dict[int, Link], settled: frozenset[int] = frozenset()) -> list[ProcessSpans]:
+    """Each process's requests and calls; a call with a known parent is evidence, a settled
+    one (decided earlier, its parent gone) is left out, the rest are open."""
     by_key: dict[tuple, ProcessSpans] = {}
     for s in spans:
         p = by_key.get(s.process)
@@ -40,22 +42,27 @@ def processes(spans: list[SpanRef], known: dict[int, Link]) -> list[ProcessSpans
             link = known.get(c.index)
             if link is not None and link.parent is not None:
                 p.known[c.index] = link.parent
-            else:
+            elif c.index not in settled:
                 p.open_clients.append(c)
     return list(by_key.values())
 
 
-def link_spans(spans: list[SpanRef], algorithm: str = DEFAULT_ALGORITHM, header_ids: bool = True) -> dict[int, Link]:
-    """A Link for every span."""
+def link_spans(spans: list[SpanRef], algorithm: str = DEFAULT_ALGORITHM, header_ids: bool = True,
+               fixed: dict[int, Link] | None = None) -> dict[int, Link]:  # fmt: skip
+    """A Link for every span. `fixed` holds links decided earlier (a streaming window's
+    published spans): they are kept as they are and are evidence for the rest."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown association algorithm {algorithm!r}: choose from {', '.join(ALGORITHMS)}")
     choose = ALGORITHMS[algorithm]
+    fixed = fixed or {}
     links = seq_join(spans)
     exact_calls = header_links(spans) if header_ids else {}
     links.update(exact_calls)
-    for process in processes(spans, exact_calls):
+    known = {**exact_calls, **{i: lk for i, lk in fixed.items() if spans[i].kind == "CLIENT"}}
+    for process in processes(spans, known, frozenset(fixed)):
         if process.open_clients:
             links.update(choose(process))
+    links.update(fixed)
     for s in spans:
         if s.index not in links:
             links[s.index] = Link(None, ROOT, 1.0)

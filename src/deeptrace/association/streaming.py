@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from deeptrace.association.associate import DEFAULT_ALGORITHM, link_spans
-from deeptrace.association.model import SpanRef
+from deeptrace.association.model import Link, SpanRef
 from deeptrace.association.traces import trace_ids
 
 
@@ -27,8 +27,9 @@ class StreamStats:
 
 class StreamingAssociator:
     def __init__(self, algorithm: str = DEFAULT_ALGORITHM, header_ids: bool = True, hold_s: float = 5.0,
-                 context_s: float = 10.0) -> None:  # fmt: skip
+                 context_s: float = 10.0, relink_published: bool = False) -> None:  # fmt: skip
         self.algorithm, self.header_ids = algorithm, header_ids
+        self.relink_published = relink_published
         self.hold_ns, self.context_ns = int(hold_s * 1e9), int(context_s * 1e9)
         self.pending: list[dict] = []
         self.published: list[dict] = []  # context: already out, ids fixed
@@ -69,8 +70,8 @@ class StreamingAssociator:
         self.published = context
         spans = self.published + self.pending
         refs = [self._ref(i, d) for i, d in enumerate(spans)]
-        links = link_spans(refs, self.algorithm, self.header_ids)
         n_old = len(self.published)
+        links = link_spans(refs, self.algorithm, self.header_ids, None if self.relink_published else self._pinned(spans, n_old))
         fixed = {i: d["trace_id"] for i, d in enumerate(self.published)}
         traces = trace_ids(spans, links, fixed)
         self._count_splits(spans, links, n_old, fixed)
@@ -92,6 +93,13 @@ class StreamingAssociator:
         self.published.extend(out)
         self.stats.spans_out += len(out)
         return out
+
+    @staticmethod
+    def _pinned(spans: list[dict], n_old: int) -> dict[int, Link]:
+        """Published spans' links as published: evidence for the pending ones, not decided again."""
+        position = {d["span_id"]: i for i, d in enumerate(spans)}
+        return {i: Link(position.get(d["parent_span_id"]), d["link_method"], d["link_confidence"])
+                for i, d in enumerate(spans[:n_old])}  # fmt: skip
 
     def _count_splits(self, spans: list[dict], links, n_old: int, fixed: dict[int, str]) -> None:
         """A link between two published spans of different traces: counted once."""
