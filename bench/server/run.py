@@ -5,14 +5,18 @@
               durable insert into the embedded store), in process, 1,000-span batches; and the
               same over HTTP into a real `deeptrace server` from 4 concurrent uploaders.
   write       spans/s of linked spans into the store's spans table (what the linker does).
-  link        spans/s through the streaming associator (the linker's other half).
+  link        the linker's loop (streaming association, `joint`) on a virtual clock at several
+              arrival rates: its busy share of one core and how long after a span ends it is
+              published.
   queries     at --spans stored spans (default 1M, one hour of a 4-span shop trace), through a
               real server over HTTP: trace by id, filtered searches, the service map over the
               hour; p50/p99 of each.
+  ui          at the same store, in headless Chromium: seconds from navigation until each view
+              of the web UI (searches, a waterfall, the service map, a time series) is drawn.
 
 Run from the repository root:
 
-    .venv/bin/python bench/server/run.py [--spans 1000000] [--quick]
+    .venv/bin/python bench/server/run.py [--spans 1000000] [--ui-loads 10] [--quick]
 
 The last line of output is one JSON object with every figure.
 """
@@ -38,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from browser import browser_unavailable_reason, chromium
 from serverproc import ServerProcess
 from synth import shop_spans
 
@@ -121,23 +126,38 @@ def bench_write(spans: list[dict], tmp: Path) -> dict:
     return {"spans": len(spans), "wall_s": round(wall, 3), "spans_per_s": round(len(spans) / wall)}
 
 
-def bench_link(spans: list[dict]) -> dict:
-    """Spans pushed a second's worth at a time, linked as the server's linker does."""
-    assoc = StreamingAssociator("joint", hold_s=5, context_s=10)
-    spans = sorted((dict(d) for d in spans), key=lambda d: d["end_ns"])
-    t0, out = time.perf_counter(), 0
-    i = 0
-    while i < len(spans):
-        second = spans[i]["end_ns"] + 10**9
+def bench_link(rate: int, seconds: int, hold_s: float = 5.0, interval_s: float = 0.5,
+               ship_delay_s: float = 1.0) -> dict:
+    """The server's linker loop on a virtual clock: spans arrive at `rate` per second, each
+    `ship_delay_s` after it ended (the agent's batching); a pass runs `interval_s` after the
+    previous one finished, as in linker.py, and the clock moves on by what the pass really
+    took. Keeping up means spans come out a steady time after they end, not later and later."""
+    t_start = 10**18
+    sec = 10**9
+    spans = shop_spans(rate * seconds // 4, t_start, t_start + seconds * sec, random.Random(5))
+    spans.sort(key=lambda d: d["end_ns"])
+    assoc = StreamingAssociator("joint", hold_s=hold_s, context_s=10)
+    now, i, busy, passes, latencies = t_start, 0, 0.0, 0, []
+    warm = t_start + 15 * sec  # the window is full from here on
+    while now < t_start + seconds * sec:
+        now += int(interval_s * sec)
         j = i
-        while j < len(spans) and spans[j]["end_ns"] < second:
+        while j < len(spans) and spans[j]["end_ns"] + ship_delay_s * sec <= now:
             j += 1
         assoc.push(spans[i:j])
-        out += len(assoc.pop_ready(second))
         i = j
-    out += len(assoc.close(spans[-1]["end_ns"] + 10**9))
-    wall = time.perf_counter() - t0
-    return {"spans": out, "wall_s": round(wall, 3), "spans_per_s": round(out / wall)}
+        t0 = time.perf_counter()
+        out = assoc.pop_ready(now)
+        took = time.perf_counter() - t0
+        busy, passes, now = busy + took, passes + 1, now + int(took * sec)
+        latencies += [(now - d["end_ns"]) / sec for d in out if d["end_ns"] >= warm]
+    latencies.sort()
+    elapsed = (now - t_start) / sec
+    return {"rate": rate, "seconds": seconds, "passes": passes, "busy_share": round(busy / elapsed, 3),
+            "cpu_us_per_span": round(busy / max(1, assoc.stats.spans_out) * 1e6, 1),
+            "held_at_end": len(assoc.pending),
+            "latency_p50_s": round(latencies[len(latencies) // 2], 2) if latencies else None,
+            "latency_p99_s": round(latencies[int(len(latencies) * 0.99)], 2) if latencies else None}  # fmt: skip
 
 
 def fill_store(path: Path, n_spans: int, end_ns: int) -> list[str]:
@@ -163,12 +183,52 @@ def timed(get, n: int) -> dict:
         r = get(i)
         times.append((time.perf_counter() - t0) * 1000)
         assert r.status_code == 200, r.text
-    times.sort()
+    return _percentiles(times)
+
+
+# What a person opens, and what shows it is drawn: each view a fresh page load.
+UI_VIEWS = {
+    "search_last_hour": ("#/traces", "#results[data-state=ready]"),
+    "search_service_error": ("#/traces?service=checkout&status=error", "#results[data-state=ready]"),
+    "search_longest_first": ("#/traces?sort=duration", "#results[data-state=ready]"),
+    "search_attribute": ("#/traces?attr=http.response.status_code%3D409", "#results[data-state=ready]"),
+    "trace_waterfall": ("#/trace/{trace_id}", "#waterfall[data-state=ready]"),
+    "service_map_1h": ("#/map", "#service-map[data-state=ready]"),
+    "service_time_series": ("#/map?node=checkout", "#map-charts[data-points]"),
+}
+
+
+def bench_ui(url: str, trace_ids: list[str], n: int) -> dict:
+    """Seconds from navigation until each view is drawn, in headless Chromium."""
+    reason = browser_unavailable_reason()
+    if reason is not None:
+        print(f"  UI views not timed: {reason}", file=sys.stderr)
+        return {"skipped": reason}
+    rng, out = random.Random(4), {}
+    with chromium() as browser:
+        page = browser.new_context(viewport={"width": 1440, "height": 900}).new_page()
+        page.set_default_timeout(60_000)
+        for name, (hash_, ready) in UI_VIEWS.items():
+            times = []
+            for _ in range(n):
+                page.goto("about:blank")
+                t0 = time.perf_counter()
+                page.goto(url + "/" + hash_.format(trace_id=rng.choice(trace_ids)))
+                page.wait_for_selector(ready)
+                times.append((time.perf_counter() - t0) * 1000)
+            out[name] = _percentiles(times)
+            print(f"  {name}: p50 {out[name]['p50_ms']} ms", file=sys.stderr)
+    return out
+
+
+def _percentiles(times: list[float]) -> dict:
+    times = sorted(times)
+    n = len(times)
     return {"n": n, "p50_ms": round(statistics.median(times), 1),
             "p99_ms": round(times[min(n - 1, int(n * 0.99))], 1), "max_ms": round(times[-1], 1)}  # fmt: skip
 
 
-def bench_queries(tmp: Path, n_spans: int, n_queries: int) -> dict:
+def bench_queries(tmp: Path, n_spans: int, n_queries: int, ui_loads: int) -> dict:
     end_ns = time.time_ns()
     db = tmp / "queries.duckdb"
     t0 = time.perf_counter()
@@ -199,6 +259,9 @@ def bench_queries(tmp: Path, n_spans: int, n_queries: int) -> dict:
                     "start_ns": start, "end_ns": end_ns}), max(5, n_queries // 5)),
             }  # fmt: skip
         out["db_bytes"] = db.stat().st_size
+        if ui_loads:
+            print(f"UI views at {len(trace_ids):,} stored traces, {ui_loads} page loads each", file=sys.stderr)
+            out["ui"] = bench_ui(srv.url, trace_ids, ui_loads)
         return out
     finally:
         srv.stop()
@@ -209,10 +272,15 @@ def main() -> None:
     ap.add_argument("--spans", type=int, default=1_000_000, help="stored spans for the query benchmark")
     ap.add_argument("--ingest-spans", type=int, default=200_000)
     ap.add_argument("--queries", type=int, default=100, help="queries per kind")
+    ap.add_argument("--link-rates", type=lambda v: [int(x) for x in v.split(",")], default=[2000, 5000, 10000, 20000],
+                    help="arrival rates (spans/s) for the linker, comma separated")
+    ap.add_argument("--link-seconds", type=int, default=40, help="virtual seconds of arrivals per rate")
+    ap.add_argument("--ui-loads", type=int, default=10, help="page loads per UI view (0: do not time the UI)")
     ap.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     args = ap.parse_args()
     if args.quick:
-        args.spans, args.ingest_spans, args.queries = 40_000, 20_000, 20
+        args.spans, args.ingest_spans, args.queries, args.ui_loads = 40_000, 20_000, 20, 2
+        args.link_rates, args.link_seconds = [2000], 20
     now = time.time_ns()
     spans = shop_spans(args.ingest_spans // 4, now - 600 * 10**9, now, random.Random(3))
     results = {}
@@ -223,14 +291,18 @@ def main() -> None:
         pin_to_one_core()
         results["ingest_in_process"] = bench_ingest_in_process(spans, tmp)
         results["write_linked"] = bench_write(spans, tmp)
-        results["link"] = bench_link(spans[: min(len(spans), 100_000)])
+        results["link"] = []
+        for rate in args.link_rates:
+            print(f"linking at {rate:,} spans/s for {args.link_seconds} s (virtual clock)", file=sys.stderr)
+            results["link"].append(bench_link(rate, args.link_seconds))
+            print(f"  {json.dumps(results['link'][-1])}", file=sys.stderr)
         os.sched_setaffinity(0, pinned)
         print(json.dumps(results, indent=1), file=sys.stderr)
         print("ingest over HTTP: 4 uploaders -> deeptrace server", file=sys.stderr)
         results["ingest_http"] = bench_ingest_http(spans, tmp)
         print(json.dumps(results["ingest_http"]), file=sys.stderr)
         print(f"queries at {args.spans:,} stored spans", file=sys.stderr)
-        results["queries"] = bench_queries(tmp, args.spans, args.queries)
+        results["queries"] = bench_queries(tmp, args.spans, args.queries, args.ui_loads)
     print(json.dumps(results))
 
 
