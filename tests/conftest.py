@@ -36,13 +36,18 @@ def bpf_unavailable_reason() -> str | None:
     return None
 
 
-def require_bpf() -> None:
-    reason = bpf_unavailable_reason()
+def require(reason: str | None, must_run_var: str) -> None:
+    """Skip with the reason why this cannot run here, or fail where `must_run_var`=1 says it
+    must run (make test, CI)."""
     if reason is None:
         return
-    if os.environ.get("DEEPTRACE_REQUIRE_BPF") == "1":
-        pytest.fail(f"DEEPTRACE_REQUIRE_BPF=1 but {reason}", pytrace=False)
+    if os.environ.get(must_run_var) == "1":
+        pytest.fail(f"{must_run_var}=1 but {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+def require_bpf() -> None:
+    require(bpf_unavailable_reason(), "DEEPTRACE_REQUIRE_BPF")
 
 
 class RecordStore:

@@ -12,7 +12,6 @@ where that is a failure.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import httpx
 import pytest
 import ui_seed
 from browser import browser_unavailable_reason, chromium
+from conftest import require
 from serverproc import running_server
 
 TESTS = Path(__file__).parent
@@ -30,12 +30,7 @@ WAIT_MS = 15_000
 
 
 def require_browser() -> None:
-    reason = browser_unavailable_reason()
-    if reason is None:
-        return
-    if os.environ.get("DEEPTRACE_REQUIRE_BROWSER") == "1":
-        pytest.fail(f"DEEPTRACE_REQUIRE_BROWSER=1 but {reason}", pytrace=False)
-    pytest.skip(f"UI tests skipped: {reason}")
+    require(browser_unavailable_reason(), "DEEPTRACE_REQUIRE_BROWSER")
 
 
 @pytest.fixture(scope="module")
