@@ -225,6 +225,22 @@ def test_fixed_links_are_kept_as_given_and_only_open_calls_are_decided():
     assert link_spans(refs, "joint")[2].parent == 0  # decided afresh, it would be request 0
 
 
+@pytest.mark.parametrize("relink", [False, True])
+def test_a_caller_arriving_after_its_callee_was_published_joins_its_trace(relink):
+    c, s = call_pair(1, 2, 100, 900, seq=4242, caller_host="a", callee_host="b")
+    assoc = StreamingAssociator(hold_s=1.0, context_s=30.0, relink_published=relink)
+    assoc.push([s])
+    (alone,) = assoc.pop_ready(s["end_ns"] + 2_000_000_000)  # the caller's host is late past the hold
+    assert alone["parent_span_id"] is None
+    assoc.push([c])
+    (caller,) = assoc.pop_ready(c["end_ns"] + 4_000_000_000)
+    assert caller["trace_id"] == alone["trace_id"]  # one trace: the published id is the trace's
+    assert assoc.stats.split_traces == 0
+    assert assoc.stats.late_links == 1
+    assoc.pop_ready(c["end_ns"] + 6_000_000_000)
+    assert assoc.stats.late_links == 1  # counted once
+
+
 def test_cli_associates_a_file(tmp_path):
     spans, truth = event_loop_service(200, 500, seed=3)
     c, s = call_pair(900, 901, 100, 900, seq=4242)
