@@ -272,7 +272,7 @@ def main() -> None:
     ap.add_argument("--spans", type=int, default=1_000_000, help="stored spans for the query benchmark")
     ap.add_argument("--ingest-spans", type=int, default=200_000)
     ap.add_argument("--queries", type=int, default=100, help="queries per kind")
-    ap.add_argument("--link-rates", type=lambda v: [int(x) for x in v.split(",")], default=[2000, 5000, 10000, 20000],
+    ap.add_argument("--link-rates", type=lambda v: [int(x) for x in v.split(",")], default=[2000, 5000, 7500, 10000],
                     help="arrival rates (spans/s) for the linker, comma separated")
     ap.add_argument("--link-seconds", type=int, default=40, help="virtual seconds of arrivals per rate")
     ap.add_argument("--ui-loads", type=int, default=10, help="page loads per UI view (0: do not time the UI)")
