@@ -241,6 +241,25 @@ def test_a_caller_arriving_after_its_callee_was_published_joins_its_trace(relink
     assert assoc.stats.late_links == 1  # counted once
 
 
+@pytest.mark.parametrize("relink", [False, True])
+def test_two_published_traces_found_to_be_one_are_counted_once(relink):
+    """The gateway's request is out; the backend's SERVER span is out as a root (its caller
+    was not there); then the gateway's call arrives. It belongs to both published traces."""
+    gateway = server(1, 0, 10_000, host="a", name="GET /")
+    c, s = call_pair(1, 2, 100, 900, seq=777, caller_host="a", callee_host="b")
+    assoc = StreamingAssociator(hold_s=1.0, context_s=30.0, relink_published=relink)
+    assoc.push([gateway, s])
+    first = assoc.pop_ready(gateway["end_ns"] + 2_000_000_000)
+    assert len({d["trace_id"] for d in first}) == 2
+    assoc.push([c])
+    (call,) = assoc.pop_ready(gateway["end_ns"] + 4_000_000_000)
+    assert call["parent_span_id"] == gateway["span_id"] and call["trace_id"] == gateway["trace_id"]
+    for t in (6, 8):  # later passes (a pass needs something ready: other traffic)
+        assoc.push([server(9, 1_000 * t, 1_000 * t + 10, host="z")])
+        assoc.pop_ready(gateway["end_ns"] + t * 1_000_000_000)
+    assert assoc.stats.split_traces == 1
+
+
 def test_cli_associates_a_file(tmp_path):
     spans, truth = event_loop_service(200, 500, seed=3)
     c, s = call_pair(900, 901, 100, 900, seq=4242)

@@ -50,19 +50,22 @@ def processes(spans: list[SpanRef], known: dict[int, Link], settled: frozenset[i
 def link_spans(spans: list[SpanRef], algorithm: str = DEFAULT_ALGORITHM, header_ids: bool = True,
                fixed: dict[int, Link] | None = None) -> dict[int, Link]:  # fmt: skip
     """A Link for every span. `fixed` holds links decided earlier (a streaming window's
-    published spans): they are kept as they are and are evidence for the rest."""
+    published spans): they are kept as they are and are evidence for the rest, except that
+    a fixed root can still be seq-joined to its caller (a caller whose host shipped late)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown association algorithm {algorithm!r}: choose from {', '.join(ALGORITHMS)}")
     choose = ALGORITHMS[algorithm]
     fixed = fixed or {}
-    links = seq_join(spans)
-    exact_calls = header_links(spans) if header_ids else {}
+    links = seq_join(spans, skip={i for i, lk in fixed.items() if lk.parent is not None})
+    exact_calls = header_links(spans, skip=fixed) if header_ids else {}
     links.update(exact_calls)
     known = {**exact_calls, **{i: lk for i, lk in fixed.items() if spans[i].kind == "CLIENT"}}
     for process in processes(spans, known, frozenset(fixed)):
         if process.open_clients:
             links.update(choose(process))
-    links.update(fixed)
+    for i, lk in fixed.items():
+        if lk.parent is not None or i not in links:
+            links[i] = lk
     for s in spans:
         if s.index not in links:
             links[s.index] = Link(None, ROOT, 1.0)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Container
 
 from deeptrace.association.model import HEADER_ID, SEQ_JOIN, Link, SpanRef
 
@@ -26,10 +27,10 @@ def _overlap(a: SpanRef, b: SpanRef, slack_ns: int) -> bool:
     return a.start_ns <= b.end_ns + slack_ns and b.start_ns <= a.end_ns + slack_ns
 
 
-def seq_join(spans: list[SpanRef], slack_ns: int = 5_000_000_000) -> dict[int, Link]:
-    """Parent CLIENT span for each SERVER span whose caller we saw. Hosts' clocks may
-    differ, so time only breaks ties (`slack_ns` of skew is tolerated); a join whose
-    addresses do not mirror (NAT in between) is still a join, on the bytes alone."""
+def seq_join(spans: list[SpanRef], slack_ns: int = 5_000_000_000, skip: Container[int] = ()) -> dict[int, Link]:
+    """Parent CLIENT span for each SERVER span whose caller we saw (but those in `skip`).
+    Hosts' clocks may differ, so time only breaks ties (`slack_ns` of skew is tolerated); a
+    join whose addresses do not mirror (NAT in between) is still a join, on the bytes alone."""
     by_seq: dict[tuple, list[SpanRef]] = defaultdict(list)
     by_stream: dict[tuple, list[SpanRef]] = defaultdict(list)
     for s in spans:
@@ -41,7 +42,7 @@ def seq_join(spans: list[SpanRef], slack_ns: int = 5_000_000_000) -> dict[int, L
             by_stream[(s.laddr, s.lport, s.raddr, s.rport, s.attributes["http2.stream_id"])].append(s)
     links: dict[int, Link] = {}
     for s in spans:
-        if s.kind != "SERVER":
+        if s.kind != "SERVER" or s.index in skip:
             continue
         if s.req_seq is not None:
             callers = by_seq.get(s.req_seq, ())
@@ -65,7 +66,12 @@ def _best_caller(server: SpanRef, callers, slack_ns: int) -> SpanRef | None:
 
 def propagated_id(span: SpanRef) -> str | None:
     """The trace-wide id a request carries, whichever convention it uses."""
-    a = span.attributes
+    if span.header_id == "":  # not looked for yet: a streaming window asks at every pass
+        span.header_id = _propagated_id(span.attributes)
+    return span.header_id
+
+
+def _propagated_id(a: dict) -> str | None:
     if (v := a.get(_HEADER + "traceparent")) and v.count("-") >= 3:
         return v.split("-")[1]
     if v := a.get(_HEADER + "x-b3-traceid"):
@@ -80,16 +86,16 @@ def propagated_id(span: SpanRef) -> str | None:
     return None
 
 
-def header_links(spans: list[SpanRef]) -> dict[int, Link]:
-    """Parent SERVER span for each CLIENT span that went out with the id its process's
-    request came in with, and that ran inside that request."""
+def header_links(spans: list[SpanRef], skip: Container[int] = ()) -> dict[int, Link]:
+    """Parent SERVER span for each CLIENT span (but those in `skip`) that went out with the
+    id its process's request came in with, and that ran inside that request."""
     servers: dict[tuple, list[SpanRef]] = defaultdict(list)
     for s in spans:
         if s.kind == "SERVER" and (pid := propagated_id(s)) is not None:
             servers[(s.process, pid)].append(s)
     links: dict[int, Link] = {}
     for c in spans:
-        if c.kind != "CLIENT" or (pid := propagated_id(c)) is None:
+        if c.kind != "CLIENT" or c.index in skip or (pid := propagated_id(c)) is None:
             continue
         inside = [s for s in servers.get((c.process, pid), ()) if s.start_ns <= c.start_ns and c.end_ns <= s.end_ns]
         if inside:

@@ -42,7 +42,7 @@ from deeptrace.association.threads import ServingThreads, measure, thread_links
 ROUNDS = 4
 TEMPERATURE = 1.4  # set on simulated event loops (tests/loopsim.py), checked by bench/accuracy
 CLEAR_MARGIN = 6.0  # nats: a call this much surer of one request is not matched jointly
-CHUNK = 2000  # calls per joint matching
+CHUNK = 500  # calls per joint matching: smaller matchings are faster, and as accurate on bench/accuracy
 MAX_SLOTS = 32  # calls of one operation a request can be priced for
 _FIELD_BINS = np.array([0.5, 2.0, 4.0, 6.0, 9.0])
 _LOG_UNSEEN = float(np.log(1e-3))  # a call count never observed

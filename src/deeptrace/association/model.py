@@ -46,6 +46,7 @@ class SpanRef:
     # Fields found in the heads (features.py), kept: a streaming window links a span many times.
     req_fields: frozenset[str] | None = None
     all_fields: frozenset[str] | None = None
+    header_id: str | None = ""  # the propagated trace id (exact.py); "" until looked for
 
     @property
     def process(self) -> tuple[str, int]:

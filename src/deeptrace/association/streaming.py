@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from deeptrace.association.associate import DEFAULT_ALGORITHM, link_spans
-from deeptrace.association.exact import seq_join
 from deeptrace.association.model import Link, SpanRef
 from deeptrace.association.traces import trace_ids
 
@@ -76,12 +75,9 @@ class StreamingAssociator:
         refs = [self._ref(i, d) for i, d in enumerate(spans)]
         n_old = len(self.published)
         fixed = {i: d["trace_id"] for i, d in enumerate(self.published)}
-        if self.relink_published:
-            links = link_spans(refs, self.algorithm, self.header_ids)
-            self._count_splits(spans, links, n_old, fixed)
-        else:
-            links = link_spans(refs, self.algorithm, self.header_ids, self._pinned(spans, n_old))
-            links.update(self._late_callers(refs, links, n_old))
+        pinned = None if self.relink_published else self._pinned(spans, n_old)
+        links = link_spans(refs, self.algorithm, self.header_ids, pinned)
+        self._count_splits(spans, links, n_old, fixed)
         traces = trace_ids(spans, links, fixed)
         # Held spans with a child already out: counted as late links when they go out.
         parents_late = {lk.parent for c, lk in links.items()
@@ -113,16 +109,11 @@ class StreamingAssociator:
                 for i, d in enumerate(spans[:n_old])}  # fmt: skip
 
     def _count_splits(self, spans: list[dict], links, n_old: int, fixed: dict[int, str]) -> None:
-        """A link between two published spans of different traces: counted once. Only
-        re-linking can find one: a published span's own link is otherwise never revised."""
+        """A link between two published spans of different traces: counted once. Pinned,
+        only a published root's link can change (its late caller, by the bytes), so the
+        case is: the caller went out in its own request's trace, which was published too."""
         for child, link in links.items():
             if (link.parent is not None and child < n_old and link.parent < n_old
                     and fixed[child] != fixed[link.parent] and spans[child]["span_id"] not in self._splits_seen):
                     self._splits_seen.add(spans[child]["span_id"])
                     self.stats.split_traces += 1
-
-    @staticmethod
-    def _late_callers(refs: list[SpanRef], links, n_old: int) -> dict[int, Link]:
-        """Published roots whose caller came after them (its host shipped late): the bytes
-        join them, and though the root's own record is out, the caller joins its trace."""
-        return {c: lk for c, lk in seq_join(refs).items() if c < n_old and links[c].parent is None and lk.parent >= n_old}
