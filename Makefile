@@ -96,7 +96,7 @@ $(VENV)/.bench-installed: pyproject.toml
 	$(VPY) -m pip install -q -e '.[test,bench]'
 	touch $@
 
-# The server's ingest and query budgets (bench/server/run.py; about 3 minutes).
+# The server's ingest, linking, query and UI budgets (bench/server/run.py; about 10 minutes).
 bench-server: setup
 	$(VPY) bench/server/run.py $(ARGS)
 
