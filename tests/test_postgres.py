@@ -80,6 +80,59 @@ def test_large_result_skipped_through_a_hole():
     assert resp.partial and resp.size == len(big)
 
 
+def big_insert_batch(value_bytes: int) -> bytes:
+    """psycopg's extended query: Parse, Bind (the parameters), Describe, Execute, Sync in one write."""
+    value = b"x" * value_bytes
+    parse = msg(b"P", b"\0INSERT INTO notes (body) VALUES ($1)\0\0\0")
+    bind = msg(b"B", b"\0\0\0\0\0\x01" + struct.pack("!i", len(value)) + value + b"\0\0")
+    return parse + bind + msg(b"D", b"P\0") + msg(b"E", b"\0" + bytes(4)) + msg(b"S", b"")
+
+
+INSERTED = msg(b"1", b"") + msg(b"2", b"") + msg(b"n", b"") + msg(b"C", b"INSERT 0 1\0") + READY
+
+
+@pytest.mark.parametrize("captured", [1024, 200, 60])
+def test_bind_larger_than_the_capture_still_makes_its_request(captured):
+    """The capture ends inside the Bind: Execute and Sync were never seen. The reply ends the batch."""
+    conn = connected()
+    batch = big_insert_batch(20_000)
+    assert conn.feed(True, chunk(batch[:captured], size=len(batch))) == []
+    req, resp = conn.feed(False, chunk(INSERTED, t=3))
+    assert (req.is_request, req.name, req.partial) == (True, "INSERT notes", True)
+    # Parse and Bind by their lengths; Describe, Execute and Sync were in the uncaptured bytes.
+    assert len(batch) - 30 < req.size <= len(batch)
+    assert req.attributes["db.postgresql.protocol"] == "extended"
+    assert resp.attributes["db.response.tag"] == "INSERT 0 1"
+    # In step again: the next exchange is whole.
+    (nxt,) = conn.feed(True, chunk(msg(b"Q", b"select 1\0"), t=4))
+    (done,) = conn.feed(False, chunk(msg(b"C", b"SELECT 1\0") + READY, t=5))
+    assert nxt.name == "SELECT" and done.attributes["db.response.tag"] == "SELECT 1"
+
+
+def test_reply_longer_than_the_capture_is_ended_by_the_next_request():
+    conn = connected()
+    conn.feed(True, chunk(msg(b"Q", b"select body from notes\0"), t=1))
+    row = msg(b"D", b"\0\x01" + struct.pack("!i", 20_000) + b"x" * 20_000)
+    reply = msg(b"T", b"\0\x01body\0" + bytes(18)) + row + msg(b"C", b"SELECT 1\0") + READY
+    assert conn.feed(False, chunk(reply[:1024], size=len(reply), t=2)) == []  # CommandComplete, Ready: not seen
+    first, nxt = conn.feed(True, chunk(msg(b"Q", b"select 1\0"), t=4))
+    assert (first.is_request, first.partial, first.attributes["db.response.returned_rows"]) == (False, True, 1)
+    assert nxt.is_request and nxt.name == "SELECT"
+    (done,) = conn.feed(False, chunk(msg(b"C", b"SELECT 1\0") + READY, t=5))
+    assert done.attributes["db.response.tag"] == "SELECT 1"
+
+
+def test_pipelined_requests_do_not_cut_a_reply_short():
+    """In step, a request sent while a reply is still coming is pipelining, not a lost end."""
+    conn = connected()
+    conn.feed(True, chunk(msg(b"Q", b"select 1\0"), t=1))
+    assert conn.feed(False, chunk(ROWS[:40], t=2)) == []
+    (second,) = conn.feed(True, chunk(msg(b"Q", b"select 2\0"), t=3))
+    assert second.is_request
+    out = conn.feed(False, chunk(ROWS[40:] + msg(b"C", b"SELECT 1\0") + READY, t=4))
+    assert [m.attributes["db.response.returned_rows"] for m in out] == [3, 0]
+
+
 def test_ssl_request_then_tls_is_left_alone():
     conn = PostgresConnection()
     conn.feed(True, chunk(struct.pack("!ii", 8, 80877103)))
@@ -97,6 +150,33 @@ def test_detection():
 def test_arbitrary_bytes_never_raise(parts):
     for conn in (PostgresConnection(), connected()):
         feed_alternating(conn, parts)
+
+
+def test_live_insert_larger_than_the_capture(collector, store):
+    """psycopg sends a 20 kB parameter; the agent captures 1,024 bytes of each write."""
+    psycopg = pytest.importorskip("psycopg", reason="the live INSERT test needs psycopg (pip install -e '.[test]')")
+    from servers import postgres
+
+    with postgres() as (pid, port):
+        collector.trace(pid)
+        with psycopg.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres", autocommit=True) as db:
+            db.execute("CREATE TABLE notes (body text)")
+            for _ in range(3):
+                db.execute("INSERT INTO notes (body) VALUES (%s)", ["x" * 20_000])
+            assert len(db.execute("SELECT body FROM notes").fetchall()) == 3  # 60 kB of rows
+            assert db.execute("SELECT count(*) FROM notes").fetchone() == (3,)
+        store.wait_for(pid, lambda rs: False, timeout_s=0.5)
+        recs = [r for rs in store.by_tgid.values() for r in rs if r.lport == port]
+    assert any(r.size > len(r.payload) for r in recs)  # writes really were cut by the capture
+    spans = SpanPipeline().push(recs)
+    inserts = [s for s in spans if s.name == "INSERT notes"]
+    assert len(inserts) == 3
+    assert all(s.status == "ok" and s.attributes["db.response.tag"] == "INSERT 0 1" for s in inserts)
+    assert all(s.req_size > 20_000 for s in inserts)
+    # The long rows' reply lost its end (ReadyForQuery) to the capture; the next query ends it.
+    rows, count = [s for s in spans if s.name == "SELECT notes"]
+    assert rows.status == "ok" and rows.resp_size > 20_000  # what could be framed before the cut
+    assert count.status == "ok" and count.attributes["db.response.tag"] == "SELECT 1"
 
 
 def test_live_psql_and_pgbench_and_their_capture(collector, store, tmp_path):

@@ -106,10 +106,14 @@ class DirectionFramer:
 
     def hole(self, nbytes: int, chunk: Chunk, out: list[Framed]) -> None:
         """nbytes moved but were not captured (truncation or lost records)."""
-        if self._open is not None and (self._open.remaining is None or self._open.remaining >= nbytes):
+        if self._open is not None:
             self._open.partial = True
-            self._skip(nbytes, chunk, out, b"")
-            return
+            if self._open.remaining is None or self._open.remaining >= nbytes:
+                self._skip(nbytes, chunk, out, b"")
+                return
+            # It ends inside the hole: it is whole (if not all seen); what follows it is unknown.
+            nbytes -= self._open.remaining
+            self._skip(self._open.remaining, chunk, out, b"")
         # A header cut short, a body of unknown length cut, or a hole past the end of the
         # message we knew: out of step. Keep what can be said of a message begun here.
         if self._buf and self._salvage is not None:
@@ -234,7 +238,7 @@ class DirectionFramer:
 class FramedConnection(ConnectionParser):
     """A connection parser made of one framer per side and a handler per side that
     turns a framed piece into a Message, or None when the piece is not a message of
-    its own (part of a larger one, connection set-up, a push)."""
+    its own (part of a larger one, connection set-up, a push), or a list of Messages."""
 
     def __init__(self, requests: DirectionFramer, responses: DirectionFramer) -> None:
         self._requests = requests
@@ -242,10 +246,17 @@ class FramedConnection(ConnectionParser):
 
     def feed(self, is_request: bool, chunk: Chunk) -> list[Message]:
         framer, handle = (self._requests, self._request) if is_request else (self._responses, self._response)
-        return [msg for f in framer.feed(chunk) if (msg := handle(f)) is not None]
+        out: list[Message] = []
+        for f in framer.feed(chunk):
+            got = handle(f)
+            if got.__class__ is list:  # a piece that also ends an exchange whose end was never seen
+                out += got
+            elif got is not None:
+                out.append(got)
+        return out
 
-    def _request(self, f: Framed) -> Message | None:
+    def _request(self, f: Framed) -> Message | list[Message] | None:
         raise NotImplementedError
 
-    def _response(self, f: Framed) -> Message | None:
+    def _response(self, f: Framed) -> Message | list[Message] | None:
         raise NotImplementedError

@@ -51,12 +51,20 @@ def _typed(buf: bytes, types: frozenset) -> Frame | str:
     length = _I32.unpack_from(buf, 1)[0]
     if not 4 <= length < MAX_MESSAGE:
         return INVALID
-    # Messages whose fields we read wait for the start of their body (the fields are near
-    # the start); the rest (rows above all) are framed from their header alone, so a
-    # large one is skipped by its length even when most of it was never captured.
-    if buf[0] in _READ_BODY and len(buf) < min(1 + length, 1024):
+    # Short messages whose fields we read wait to be whole. The rest (rows above all, and a
+    # Query or Bind longer than we read) are framed from what is here, so a large one is
+    # skipped by its length even when most of it was never captured.
+    if buf[0] in _READ_BODY and 1 + length <= 1024 and len(buf) < 1 + length:
         return NEED_MORE
     return Frame(1 + length, {"type": chr(buf[0]), "body": buf[5 : min(1 + length, 1024)]})
+
+
+def _salvage_frontend(buf: bytes) -> dict | None:
+    """A message whose body we waited for, cut by bytes never captured (the capture ends
+    inside a large Bind or Query): its start is still worth reading."""
+    if len(buf) < 5 or buf[0] not in FRONTEND_TYPES or not 4 <= _I32.unpack_from(buf, 1)[0] < MAX_MESSAGE:
+        return None
+    return {"type": chr(buf[0]), "body": buf[5:1024]}
 
 
 def _cstrings(body: bytes, n: int) -> list[str]:
@@ -83,7 +91,7 @@ class PostgresConnection(FramedConnection):
         self._statements: dict[str, str] = {}  # prepared statement name -> query text
         self._batch: list[Framed] = []  # frontend messages of an extended query, up to Sync
         self._reply: list[Framed] = []  # backend messages of the current response, up to ReadyForQuery
-        super().__init__(DirectionFramer(self._frame_frontend, starts_request),
+        super().__init__(DirectionFramer(self._frame_frontend, starts_request, _salvage_frontend),
                          DirectionFramer(self._frame_backend, lambda data: bool(data) and data[0] in BACKEND_TYPES))
 
     # ---- framing (one wire message at a time) ----
@@ -109,7 +117,16 @@ class PostgresConnection(FramedConnection):
     def feed(self, is_request: bool, chunk: Chunk) -> list[Message]:
         return [] if self.tls else super().feed(is_request, chunk)
 
-    def _request(self, f: Framed) -> Message | None:
+    def _request(self, f: Framed) -> Message | list[Message] | None:
+        msg = self._request_part(f)
+        if self._reply and not self._responses.in_step and f.fields["type"] in "QPBS":
+            # The reply in progress lost its end in bytes never captured (a row longer than
+            # the capture, then its ReadyForQuery): the next request says it is over.
+            reply, self._reply = self._reply, []
+            return [self._reply_message(reply)] + ([msg] if msg is not None else [])
+        return msg
+
+    def _request_part(self, f: Framed) -> Message | None:
         kind = f.fields["type"]
         if kind == "startup":
             if f.fields["code"] == SSL_REQUEST or f.fields["code"] == GSSENC_REQUEST:
@@ -129,11 +146,16 @@ class PostgresConnection(FramedConnection):
             self._batch.append(f)
             return None
         if kind == "S":
-            batch, self._batch = self._batch + [f], []
-            if any(b.fields["type"] == "E" for b in batch):
-                return self._query(batch, self._batch_query(batch), "extended")
-            return self._query(batch, self._batch_query(batch), "prepare")  # Parse/Describe without Execute
+            self._batch.append(f)
+            return self._end_batch()
         return None  # password, terminate, copy data: not requests of their own
+
+    def _end_batch(self) -> Message:
+        batch, self._batch = self._batch, []
+        # A Bind runs the statement too when the Execute after it was never captured.
+        if any(b.fields["type"] in "EB" for b in batch):
+            return self._query(batch, self._batch_query(batch), "extended")
+        return self._query(batch, self._batch_query(batch), "prepare")  # Parse/Describe without Execute
 
     def _batch_query(self, batch: list[Framed]) -> str:
         for f in batch:
@@ -163,6 +185,10 @@ class PostgresConnection(FramedConnection):
         if kind in "NAS" and not self._reply:
             return None  # notices, notifications, parameter changes arrive on their own
         self._reply.append(f)
+        if len(self._reply) == 1 and self._batch and not self._requests.in_step and kind != "Z":
+            # A reply has begun to a batch whose Sync we never saw: it was past the captured
+            # bytes of the write (a Bind with large parameters). The reply ends the batch.
+            return self._end_batch()
         if kind != "Z":
             return None
         reply, self._reply = self._reply, []
