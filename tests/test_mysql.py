@@ -164,3 +164,36 @@ def test_live_mariadb_client_and_prepared_statements_and_their_capture(collector
     executed = [s for s in spans if s.attributes.get("db.operation.name") == "STMT_EXECUTE"]
     assert [s.name for s in executed] == ["SELECT users"] * 3
     assert all(s.attributes["db.response.returned_rows"] == 1 and s.status == "ok" for s in executed)
+
+
+def test_row_longer_than_the_capture_is_ended_by_the_next_command():
+    conn = connected(True)
+    (req,) = conn.feed(True, chunk(pkt(0, b"\x03SELECT body FROM notes"), t=1))
+    row = pkt(3, b"\xfc" + (20_000).to_bytes(2, "little") + b"y" * 20_000)
+    reply = pkt(1, b"\x01") + pkt(2, b"\x03def" + bytes(20)) + row + pkt(4, b"\xfe\x00\x00\x02\x00\x00\x00")
+    assert conn.feed(False, chunk(reply[:1024], size=len(reply), t=2)) == []  # the terminator was not captured
+    ended, nxt = conn.feed(True, chunk(pkt(0, b"\x03SELECT 1"), t=3))
+    assert (ended.is_request, ended.partial, nxt.is_request, nxt.name) == (False, True, True, "SELECT")
+    (ok,) = conn.feed(False, chunk(pkt(1, OK), t=4))
+    assert ok.attributes["db.response.affected_rows"] == 1
+
+
+def test_live_statements_longer_than_the_capture(collector, store):
+    """A 20 kB INSERT and a 20 kB row; the agent captures 1,024 bytes of each read and write."""
+    from servers import mariadb, need
+
+    with mariadb() as (pid, port):
+        cli = [need("mariadb"), "-h", "127.0.0.1", "-P", str(port), "-u", "root"]
+        subprocess.run([*cli, "-e", "CREATE DATABASE shop; CREATE TABLE shop.notes (body MEDIUMTEXT)"], check=True)
+        collector.trace(pid)
+        script = f"INSERT INTO notes VALUES ('{'x' * 20_000}');\nSELECT body FROM notes;\nSELECT 1;\n"
+        out = subprocess.run([*cli, "shop"], input=script, check=True, capture_output=True, text=True)
+        assert "x" * 20_000 in out.stdout
+        store.wait_for(pid, lambda rs: any(r.syscall == "close" and r.l4 == "tcp" for r in rs))
+        recs = store.settle(pid, quiet_s=0.5)
+    assert any(r.size > len(r.payload) for r in recs)  # really cut by the capture
+    spans = [s for s in SpanPipeline().push(recs) if s.protocol == "mysql"]
+    by_name = {s.name: s for s in spans}
+    assert by_name["INSERT notes"].status == "ok" and by_name["INSERT notes"].req_size > 20_000
+    assert by_name["SELECT notes"].status == "ok" and by_name["SELECT notes"].resp_size > 20_000
+    assert by_name["SELECT"].status == "ok"
