@@ -126,7 +126,7 @@ def bench_write(spans: list[dict], tmp: Path) -> dict:
     return {"spans": len(spans), "wall_s": round(wall, 3), "spans_per_s": round(len(spans) / wall)}
 
 
-def bench_link(rate: int, seconds: int, hold_s: float = 5.0, interval_s: float = 0.5,
+def bench_link(rate: int, seconds: int, hold_s: float = 5.0, interval_s: float = 1.0,
                ship_delay_s: float = 1.0) -> dict:
     """The server's linker loop on a virtual clock: spans arrive at `rate` per second, each
     `ship_delay_s` after it ended (the agent's batching); a pass runs `interval_s` after the

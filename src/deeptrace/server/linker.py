@@ -39,10 +39,12 @@ class LinkerStats:
 
 class Linker:
     def __init__(self, store: Store, algorithm: str, header_ids: bool = True, hold_s: float = 5.0,
-                 context_s: float = 10.0, interval_s: float = 0.5,
+                 context_s: float = 10.0, interval_s: float = 1.0,
                  on_published: list[Callable[[list[dict]], None]] | None = None) -> None:  # fmt: skip
         self.store = store
         self.assoc = StreamingAssociator(algorithm, header_ids=header_ids, hold_s=hold_s, context_s=context_s)
+        # Held spans are linked again at every pass until their hold is over: a pass a second
+        # costs a third less than two (bench/server) and publishes at most 0.5 s later.
         self.interval_s = interval_s
         self.on_published = on_published or []
         self.stats = LinkerStats()
