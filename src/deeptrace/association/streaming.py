@@ -70,6 +70,7 @@ class StreamingAssociator:
                 context.append(d)
             else:  # out of the window: its decoded form goes with it
                 self._refs.pop(d["span_id"], None)
+                self._splits_seen.discard(d["span_id"])
         self.published = context
         spans = self.published + self.pending
         refs = [self._ref(i, d) for i, d in enumerate(spans)]
