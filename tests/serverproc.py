@@ -34,7 +34,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
             try:
-                if httpx.get(self.url + "/api/v1/status", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/api/v1/status", timeout=1).status_code in (200, 401):  # 401: --read-auth
                     return self
             except httpx.HTTPError:
                 pass

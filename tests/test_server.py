@@ -6,6 +6,8 @@ from __future__ import annotations
 import gzip
 import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 from typing import Literal
@@ -227,6 +229,46 @@ def test_auth_is_required_for_ingest(tmp_path):
         assert srv.get("/api/v1/agents").json()["agents"] == []
 
 
+def test_reads_ask_for_the_password_with_read_auth(tmp_path):
+    """With --read-auth the UI, the query and Jaeger APIs, /metrics and the status ask for HTTP
+    Basic credentials; agents still write with their token alone."""
+    args = ("--hold", "0.5", "--read-auth", "alice:s3cret")
+    with running_server(tmp_path, args=args) as srv:
+        s, c = sm.call_pair(1, 2, 1000, 9000, seq=1)
+        assert srv.post([s, c]).status_code == 200
+        agent = {"host": "h", "kernel": "k", "version": "v", "started_ns": 1, "stats": {}}
+        put = httpx.put(srv.url + "/api/v1/agents/a1", json=agent, timeout=30,
+                        headers={"Authorization": f"Bearer {srv.token}"})  # fmt: skip
+        assert put.status_code == 200
+        def status() -> dict:
+            return httpx.get(srv.url + "/api/v1/status", auth=("alice", "s3cret"), timeout=30).json()
+
+        refused_before = status()["ingest"]["read_refused"]  # the start-up's own polls count too
+        for path in ["/", "/js/main.js", "/api/v1/traces", "/api/v1/status", "/api/traces?service=svc1", "/metrics",
+                     "/api/v1/agents"]:  # fmt: skip
+            refused = httpx.get(srv.url + path, timeout=30)
+            assert refused.status_code == 401 and refused.headers["www-authenticate"].startswith("Basic"), path
+            assert httpx.get(srv.url + path, auth=("alice", "wrong"), timeout=30).status_code == 401, path
+            assert httpx.get(srv.url + path, auth=("bob", "s3cret"), timeout=30).status_code == 401, path
+        assert httpx.get(srv.url + "/", auth=("alice", "s3cret"), timeout=30).status_code == 200
+        ok = status()
+        deadline = time.monotonic() + 30
+        while ok["store"]["spans"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            ok = status()
+        assert ok["store"]["spans"] == 2
+        assert ok["ingest"]["read_refused"] - refused_before == 21 and ok["ingest"]["unauthorized"] == 0
+        # The agents' token is not a way in for reads.
+        assert httpx.get(srv.url + "/api/v1/traces", headers={"Authorization": f"Bearer {srv.token}"},
+                         timeout=30).status_code == 401  # fmt: skip
+
+
+def test_read_auth_must_be_user_and_password(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "deeptrace.cli", "server", "--db", str(tmp_path / "x.duckdb"),
+                        "--token", "t", "--read-auth", "alice"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 2 and "USER:PASSWORD" in r.stderr
+
+
 def test_malformed_batches_are_rejected_whole(tmp_path):
     with running_server(tmp_path) as srv:
         good = shop_trace(time.time_ns() // 1000, seq=5)
@@ -339,9 +381,6 @@ def test_retention_deletes_old_spans(tmp_path):
 
 
 def test_server_refuses_to_start_without_a_token(tmp_path):
-    import subprocess
-    import sys
-
     r = subprocess.run([sys.executable, "-m", "deeptrace.cli", "server", "--db", str(tmp_path / "x.duckdb")],
                        capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})  # fmt: skip
     assert r.returncode == 2 and "token" in r.stderr

@@ -354,6 +354,31 @@ def test_service_map_nodes_edges_and_time_series(page, server, seed):
     assert f"of {len(users_traces(seed))}" in page.inner_text("#results-summary")
 
 
+# --- Read authentication ------------------------------------------------------------------
+
+
+def test_with_read_auth_the_ui_works_after_logging_in(browser, tmp_path):
+    """--read-auth: without credentials the page is refused; with them (as a browser sends them
+    after its password prompt) every view and its API calls work."""
+    creds = ("viewer", "pw-123")
+    with running_server(tmp_path, args=("--hold", "0.5", "--read-auth", ":".join(creds)), token=TOKEN) as srv:
+        s = ui_seed.build(n_users=3, n_catalog=2, big_calls=5)
+        ui_seed.send(srv.url, TOKEN, s)
+        ui_seed.wait_published(srv.url, s, auth=creds)
+        anonymous = browser.new_context(base_url=srv.url)
+        assert anonymous.request.get("/").status == 401  # (a page would wait for the password prompt)
+        anonymous.close()
+        ctx = browser.new_context(base_url=srv.url, http_credentials={"username": creds[0], "password": creds[1]})
+        pg = ctx.new_page()
+        pg.set_default_timeout(WAIT_MS)
+        open_view(pg, "#/traces", "#results[data-state=ready]")
+        assert sorted(result_ids(pg)) == sorted(s.traces)
+        open_view(pg, f"#/trace/{result_ids(pg)[0]}", "#waterfall[data-state=ready]")
+        open_view(pg, "#/map", "#service-map[data-state=ready]")
+        open_view(pg, "#/agents", "#agents[data-state=ready]")
+        ctx.close()
+
+
 # --- Agents -------------------------------------------------------------------------------
 
 

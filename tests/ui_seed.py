@@ -320,13 +320,14 @@ def send(base_url: str, token: str, seed: Seed) -> None:
         assert r.json()["accepted"] == len(seed.spans), r.text
 
 
-def wait_published(base_url: str, seed: Seed, timeout_s: float = 60.0) -> dict:
-    """Poll the search until every seeded trace is there with all its spans; returns the last answer."""
+def wait_published(base_url: str, seed: Seed, timeout_s: float = 60.0, auth: tuple[str, str] | None = None) -> dict:
+    """Poll the search until every seeded trace is there with all its spans; returns the last answer.
+    `auth`: the server's --read-auth user and password."""
     start_ns = min(s["start_ns"] for s in seed.spans) - 10**9
     end_ns = max(s["end_ns"] for s in seed.spans) + 10**9
     deadline = time.monotonic() + timeout_s
     last = None
-    with httpx.Client(base_url=base_url, timeout=30) as c:
+    with httpx.Client(base_url=base_url, timeout=30, auth=auth) as c:
         while time.monotonic() < deadline:
             r = c.get("/api/v1/traces", params={"start_ns": start_ns, "end_ns": end_ns, "limit": 1000})
             if r.status_code == 200:

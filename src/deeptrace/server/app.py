@@ -4,6 +4,7 @@ routes of the query API, Jaeger's API, metrics and the web UI."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import logging
 import threading
@@ -43,6 +44,7 @@ class ServerConfig:
     max_backlog_spans: int = 2_000_000
     otlp_endpoint: str | None = None
     otlp_headers: dict[str, str] = field(default_factory=dict)
+    read_auth: tuple[str, str] | None = None  # (user, password) for everything but the agents' writes
 
 
 class AgentReport(BaseModel):
@@ -62,6 +64,7 @@ class IngestStats:
     refused_backlog: int = 0
     unauthorized: int = 0
     bytes: int = 0
+    read_refused: int = 0  # reads (UI, APIs, /metrics) without the --read-auth password
 
 
 class Server:
@@ -89,7 +92,8 @@ class Server:
         out = {"ingest_batches_total": s.batches, "ingest_spans_total": s.spans,
                "ingest_duplicate_batches_total": s.duplicates, "ingest_rejected_batches_total": s.rejected,
                "ingest_refused_backlog_total": s.refused_backlog, "ingest_unauthorized_total": s.unauthorized,
-               "ingest_bytes_total": s.bytes, "linker_backlog_spans": self.linker.backlog,
+               "ingest_bytes_total": s.bytes, "read_unauthorized_total": s.read_refused,
+               "linker_backlog_spans": self.linker.backlog,
                "linker_published_spans_total": ln.spans_published, "linker_last_pass_seconds": ln.last_pass_s,
                "linker_write_errors_total": ln.write_errors, "linker_late_links_total": ln.late_links,
                "uptime_seconds": (time.time_ns() - self.started_ns) / 1e9}  # fmt: skip
@@ -153,6 +157,26 @@ def require_token(request: Request) -> None:
                             headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
 
 
+def _agent_write(request: Request) -> bool:
+    """What agents send, under their own token: spans and their reports."""
+    path = request.url.path
+    return (request.method == "POST" and path == "/api/v1/spans") or (
+        request.method == "PUT" and path.startswith("/api/v1/agents/"))  # fmt: skip
+
+
+def _basic_auth_ok(header: str, user: str, password: str) -> bool:
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        given_user, _, given_password = base64.b64decode(value.strip(), validate=True).decode().partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return False
+    # Both compared, always: how long a refusal takes must not say which part was wrong.
+    user_ok = hmac.compare_digest(given_user.encode(), user.encode())
+    return hmac.compare_digest(given_password.encode(), password.encode()) and user_ok
+
+
 def create_app(config: ServerConfig, store: Store | None = None) -> FastAPI:
     server = Server(config, store)
 
@@ -172,6 +196,19 @@ def create_app(config: ServerConfig, store: Store | None = None) -> FastAPI:
 
     app = FastAPI(title="DeepTrace", version=__version__, lifespan=lifespan)
     app.state.server = server
+
+    if config.read_auth is not None:
+        user, password = config.read_auth
+
+        @app.middleware("http")
+        async def require_read_auth(request: Request, call_next):
+            # The UI, the query and Jaeger APIs, /metrics and the status: payload heads and
+            # attributes can hold secrets. A browser asks for the password on its own.
+            if _agent_write(request) or _basic_auth_ok(request.headers.get("authorization", ""), user, password):
+                return await call_next(request)
+            server.count(read_refused=1)
+            return JSONResponse({"detail": "log in: HTTP Basic authentication (the server's --read-auth)"},
+                                status_code=401, headers={"WWW-Authenticate": 'Basic realm="DeepTrace"'})  # fmt: skip
 
     @app.post("/api/v1/spans", dependencies=[Depends(require_token)])
     async def post_spans(request: Request):

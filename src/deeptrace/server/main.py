@@ -18,6 +18,17 @@ def _listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+def _user_password(value: str) -> tuple[str, str]:
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise click.BadParameter("expected USER:PASSWORD, both not empty", param_hint="--read-auth")
+    return user, password
+
+
+def _loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def _headers(pairs: tuple[str, ...]) -> dict[str, str]:
     out = {}
     for pair in pairs:
@@ -36,6 +47,11 @@ def _headers(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--token-file", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Read the token from this file.")
 @click.option("--no-auth", is_flag=True, help="Accept spans without a token (trusted networks only).")
+@click.option("--read-auth", envvar="DEEPTRACE_READ_AUTH", default=None, metavar="USER:PASSWORD",
+              help="Ask for this user and password (HTTP Basic) before the UI, the query and Jaeger APIs "
+                   "and /metrics (env DEEPTRACE_READ_AUTH).")
+@click.option("--read-auth-file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Read USER:PASSWORD for --read-auth from this file.")
 @click.option("--algorithm", type=click.Choice(ALGORITHM_NAMES), default=DEFAULT_ALGORITHM, show_default=True,
               help="How calls are linked to requests when no exact link exists.")
 @click.option("--no-header-ids", is_flag=True, help="Ignore propagated ids in the traffic.")
@@ -48,8 +64,8 @@ def _headers(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--otlp-header", "otlp_headers", multiple=True, help="KEY=VALUE header for OTLP export (repeatable).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)  # fmt: skip
-def server(listen, db, token, token_file, no_auth, algorithm, no_header_ids, hold, retention_hours,
-           retention_bytes, otlp_endpoint, otlp_headers, log_level) -> None:  # fmt: skip
+def server(listen, db, token, token_file, no_auth, read_auth, read_auth_file, algorithm, no_header_ids, hold,
+           retention_hours, retention_bytes, otlp_endpoint, otlp_headers, log_level) -> None:  # fmt: skip
     """Receive spans from agents, link them into traces, store them, serve the UI and APIs."""
     import uvicorn
 
@@ -62,9 +78,13 @@ def server(listen, db, token, token_file, no_auth, algorithm, no_header_ids, hol
     if not token and not no_auth:
         raise click.UsageError("give agents a token to send: --token TOKEN, --token-file FILE or DEEPTRACE_TOKEN "
                                "(or --no-auth on a trusted network)")  # fmt: skip
+    if read_auth_file:
+        with open(read_auth_file) as f:
+            read_auth = f.read().strip()
     config = ServerConfig(db=db, token=token or None, algorithm=algorithm, header_ids=not no_header_ids,
                           hold_s=hold, retention_hours=retention_hours or None, retention_bytes=retention_bytes,
-                          otlp_endpoint=otlp_endpoint, otlp_headers=_headers(otlp_headers))  # fmt: skip
+                          otlp_endpoint=otlp_endpoint, otlp_headers=_headers(otlp_headers),
+                          read_auth=_user_password(read_auth) if read_auth else None)  # fmt: skip
     logging.basicConfig(level=log_level.upper(), format="deeptrace server: %(levelname)s %(message)s")
     try:
         app = create_app(config)
@@ -72,4 +92,7 @@ def server(listen, db, token, token_file, no_auth, algorithm, no_header_ids, hol
         click.echo(f"deeptrace: error: {e}", err=True)
         sys.exit(2)
     click.echo(f"deeptrace server: store {os.path.abspath(db)}; UI and API on http://{host}:{port}/", err=True)
+    if config.read_auth is None and not _loopback(host):
+        click.echo(f"deeptrace server: warning: the UI and query APIs are open to anyone who reaches {host}:{port}; "
+                   "ask for a password with --read-auth USER:PASSWORD", err=True)  # fmt: skip
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
