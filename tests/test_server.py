@@ -269,6 +269,21 @@ def test_read_auth_must_be_user_and_password(tmp_path):
     assert r.returncode == 2 and "USER:PASSWORD" in r.stderr
 
 
+def test_a_full_backlog_answers_503_and_stores_nothing_of_the_refused_batch(tmp_path):
+    """More accepted spans waiting for the linker than --max-backlog-spans: the next batch is
+    refused with Retry-After (agents keep it in their spool), counted, and not stored."""
+    with running_server(tmp_path, args=("--hold", "3600", "--max-backlog-spans", "10")) as srv:
+        first = [d for i in range(4) for d in sm.call_pair(1, 2, 1000 * i, 1000 * i + 900, seq=100 + i)]
+        assert srv.post(first).status_code == 200  # 8 waiting
+        refused = srv.post([*sm.call_pair(1, 2, 9000, 9900, seq=200), sm.server(3, 1, 2)])  # 11 > 10
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
+        assert "backlog" in refused.json()["detail"]
+        status = srv.get("/api/v1/status").json()
+        assert status["ingest"]["refused_backlog"] == 1 and status["ingest"]["spans"] == 8
+        assert status["backlog_spans"] == 8 and status["store"]["incoming_batches"] == 1
+        assert srv.post(list(sm.call_pair(1, 2, 9000, 9900, seq=300))).status_code == 200  # 10 fit
+
+
 def test_malformed_batches_are_rejected_whole(tmp_path):
     with running_server(tmp_path) as srv:
         good = shop_trace(time.time_ns() // 1000, seq=5)

@@ -57,6 +57,8 @@ def _headers(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--no-header-ids", is_flag=True, help="Ignore propagated ids in the traffic.")
 @click.option("--hold", type=float, default=5.0, show_default=True,
               help="Seconds a span waits after it ended for its parent to arrive from any host.")
+@click.option("--max-backlog-spans", type=click.IntRange(min=1), default=2_000_000, show_default=True,
+              help="Accepted spans that may wait for the linker; past this ingest answers 503 and agents spool.")
 @click.option("--retention-hours", type=float, default=72.0, show_default=True,
               help="Delete spans older than this (0: keep).")
 @click.option("--retention-bytes", type=int, default=None, help="Delete the oldest spans when the store is larger.")
@@ -65,7 +67,7 @@ def _headers(pairs: tuple[str, ...]) -> dict[str, str]:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)  # fmt: skip
 def server(listen, db, token, token_file, no_auth, read_auth, read_auth_file, algorithm, no_header_ids, hold,
-           retention_hours, retention_bytes, otlp_endpoint, otlp_headers, log_level) -> None:  # fmt: skip
+           max_backlog_spans, retention_hours, retention_bytes, otlp_endpoint, otlp_headers, log_level) -> None:  # fmt: skip
     """Receive spans from agents, link them into traces, store them, serve the UI and APIs."""
     import uvicorn
 
@@ -82,7 +84,8 @@ def server(listen, db, token, token_file, no_auth, read_auth, read_auth_file, al
         with open(read_auth_file) as f:
             read_auth = f.read().strip()
     config = ServerConfig(db=db, token=token or None, algorithm=algorithm, header_ids=not no_header_ids,
-                          hold_s=hold, retention_hours=retention_hours or None, retention_bytes=retention_bytes,
+                          hold_s=hold, max_backlog_spans=max_backlog_spans,
+                          retention_hours=retention_hours or None, retention_bytes=retention_bytes,
                           otlp_endpoint=otlp_endpoint, otlp_headers=_headers(otlp_headers),
                           read_auth=_user_password(read_auth) if read_auth else None)  # fmt: skip
     logging.basicConfig(level=log_level.upper(), format="deeptrace server: %(levelname)s %(message)s")
