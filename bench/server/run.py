@@ -16,7 +16,8 @@
 
 Run from the repository root:
 
-    .venv/bin/python bench/server/run.py [--spans 1000000] [--ui-loads 10] [--quick]
+    .venv/bin/python bench/server/run.py [--spans 1000000] [--link-rates 2000,5000,7500,10000]
+                                         [--ui-loads 10] [--quick]
 
 The last line of output is one JSON object with every figure.
 """
@@ -49,6 +50,8 @@ from synth import shop_spans
 from deeptrace.agent import selfstats
 from deeptrace.association.streaming import StreamingAssociator
 from deeptrace.server import ingest
+from deeptrace.server.app import ServerConfig
+from deeptrace.server.linker import PASS_INTERVAL_S
 from deeptrace.server.store.duckdb_store import DuckDBStore
 
 HOUR_NS = 3600 * 10**9
@@ -126,21 +129,22 @@ def bench_write(spans: list[dict], tmp: Path) -> dict:
     return {"spans": len(spans), "wall_s": round(wall, 3), "spans_per_s": round(len(spans) / wall)}
 
 
-def bench_link(rate: int, seconds: int, hold_s: float = 5.0, interval_s: float = 1.0,
-               ship_delay_s: float = 1.0) -> dict:
-    """The server's linker loop on a virtual clock: spans arrive at `rate` per second, each
-    `ship_delay_s` after it ended (the agent's batching); a pass runs `interval_s` after the
-    previous one finished, as in linker.py, and the clock moves on by what the pass really
-    took. Keeping up means spans come out a steady time after they end, not later and later."""
+def bench_link(rate: int, seconds: int, ship_delay_s: float = 1.0) -> dict:
+    """The server's linker loop on a virtual clock, with the server's defaults (hold, context,
+    pass interval): spans arrive at `rate` per second, each `ship_delay_s` after it ended (the
+    agent's batching); a pass runs the linker's interval after the previous one finished, and
+    the clock moves on by what the pass really took. Keeping up means spans come out a steady
+    time after they end, not later and later."""
     t_start = 10**18
     sec = 10**9
     spans = shop_spans(rate * seconds // 4, t_start, t_start + seconds * sec, random.Random(5))
     spans.sort(key=lambda d: d["end_ns"])
-    assoc = StreamingAssociator("joint", hold_s=hold_s, context_s=10)
+    server = ServerConfig()
+    assoc = StreamingAssociator(server.algorithm, hold_s=server.hold_s, context_s=server.context_s)
     now, i, busy, passes, latencies = t_start, 0, 0.0, 0, []
-    warm = t_start + 15 * sec  # the window is full from here on
+    warm = t_start + int((server.hold_s + server.context_s) * sec)  # the window is full from here on
     while now < t_start + seconds * sec:
-        now += int(interval_s * sec)
+        now += int(PASS_INTERVAL_S * sec)
         j = i
         while j < len(spans) and spans[j]["end_ns"] + ship_delay_s * sec <= now:
             j += 1

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from servers import nginx, redis
+from servers import nginx, redis  # the test suite's real-server helpers
 
 from deeptrace.agent.collector import Collector, CollectorConfig
 from deeptrace.agent.selection import Selection

@@ -23,6 +23,10 @@ from deeptrace.spans import new_id
 
 log = logging.getLogger("deeptrace.server")
 BATCH_KEY = "_batch"  # where a span remembers the incoming batch it came in
+# Held spans are linked again at every pass until their hold is over: a pass a second costs
+# a third less than two (bench/server, which runs this loop with it) and publishes at most
+# 0.5 s later.
+PASS_INTERVAL_S = 1.0
 
 
 @dataclass
@@ -39,12 +43,10 @@ class LinkerStats:
 
 class Linker:
     def __init__(self, store: Store, algorithm: str, header_ids: bool = True, hold_s: float = 5.0,
-                 context_s: float = 10.0, interval_s: float = 1.0,
+                 context_s: float = 10.0, interval_s: float = PASS_INTERVAL_S,
                  on_published: list[Callable[[list[dict]], None]] | None = None) -> None:  # fmt: skip
         self.store = store
         self.assoc = StreamingAssociator(algorithm, header_ids=header_ids, hold_s=hold_s, context_s=context_s)
-        # Held spans are linked again at every pass until their hold is over: a pass a second
-        # costs a third less than two (bench/server) and publishes at most 0.5 s later.
         self.interval_s = interval_s
         self.on_published = on_published or []
         self.stats = LinkerStats()
