@@ -234,7 +234,8 @@ def test_reads_ask_for_the_password_with_read_auth(tmp_path):
     Basic credentials; agents still write with their token alone."""
     args = ("--hold", "0.5", "--read-auth", "alice:s3cret")
     with running_server(tmp_path, args=args) as srv:
-        s, c = sm.call_pair(1, 2, 1000, 9000, seq=1)
+        t0 = time.time_ns() // 1000
+        s, c = sm.call_pair(1, 2, t0, t0 + 8000, seq=1)
         assert srv.post([s, c]).status_code == 200
         agent = {"host": "h", "kernel": "k", "version": "v", "started_ns": 1, "stats": {}}
         put = httpx.put(srv.url + "/api/v1/agents/a1", json=agent, timeout=30,
@@ -273,15 +274,16 @@ def test_a_full_backlog_answers_503_and_stores_nothing_of_the_refused_batch(tmp_
     """More accepted spans waiting for the linker than --max-backlog-spans: the next batch is
     refused with Retry-After (agents keep it in their spool), counted, and not stored."""
     with running_server(tmp_path, args=("--hold", "3600", "--max-backlog-spans", "10")) as srv:
-        first = [d for i in range(4) for d in sm.call_pair(1, 2, 1000 * i, 1000 * i + 900, seq=100 + i)]
+        t0 = time.time_ns() // 1000
+        first = [d for i in range(4) for d in sm.call_pair(1, 2, t0 + 1000 * i, t0 + 1000 * i + 900, seq=100 + i)]
         assert srv.post(first).status_code == 200  # 8 waiting
-        refused = srv.post([*sm.call_pair(1, 2, 9000, 9900, seq=200), sm.server(3, 1, 2)])  # 11 > 10
+        refused = srv.post([*sm.call_pair(1, 2, t0 + 9000, t0 + 9900, seq=200), sm.server(3, t0, t0 + 1)])  # 11 > 10
         assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
         assert "backlog" in refused.json()["detail"]
         status = srv.get("/api/v1/status").json()
         assert status["ingest"]["refused_backlog"] == 1 and status["ingest"]["spans"] == 8
         assert status["backlog_spans"] == 8 and status["store"]["incoming_batches"] == 1
-        assert srv.post(list(sm.call_pair(1, 2, 9000, 9900, seq=300))).status_code == 200  # 10 fit
+        assert srv.post(list(sm.call_pair(1, 2, t0 + 9000, t0 + 9900, seq=300))).status_code == 200  # 10 fit
 
 
 def test_malformed_batches_are_rejected_whole(tmp_path):
@@ -290,7 +292,7 @@ def test_malformed_batches_are_rejected_whole(tmp_path):
         bad = [dict(d) for d in good]
         del bad[1]["start_ns"]
         r = srv.post(bad)
-        assert r.status_code == 400 and r.json()["detail"] == "span 1: start_ns is required and must be int"
+        assert r.status_code == 400 and r.json()["detail"] == "span 1: start_ns is required"
         bad[1]["start_ns"], bad[2]["kind"] = good[1]["start_ns"], "SIDEWAYS"
         assert "span 2: kind must be one of" in srv.post(bad).json()["detail"]
         headers = {"Authorization": "Bearer test-token", "Content-Encoding": "gzip"}

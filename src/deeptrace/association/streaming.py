@@ -47,9 +47,31 @@ class StreamingAssociator:
         ref.index = index
         return ref
 
-    def push(self, spans: list[dict]) -> None:
-        self.pending.extend(spans)
-        self.stats.spans_in += len(spans)
+    def push(self, spans: list[dict]) -> list[tuple[dict, str]]:
+        """Hold spans for linking. Each is decoded now, so that one that cannot be is handed
+        back with why (and not held) instead of failing every later pass."""
+        rejected = []
+        for d in spans:
+            try:
+                self._ref(0, d)
+            except Exception as e:  # noqa: BLE001 - whatever a bad span breaks, it stays out
+                rejected.append((d, f"cannot be linked: {type(e).__name__}: {e}"))
+                continue
+            self.pending.append(d)
+            self.stats.spans_in += 1
+        return rejected
+
+    def pop_unlinked(self, now_ns: int | None) -> list[dict]:
+        """The spans due now (all with None), each its own trace: for when linking them
+        failed. They are not kept as context, since they may be what made it fail."""
+        cut = None if now_ns is None else now_ns - self.hold_ns
+        out = [d for d in self.pending if cut is None or d["end_ns"] < cut]
+        self.pending = [d for d in self.pending if not (cut is None or d["end_ns"] < cut)]
+        for d in out:
+            d["parent_span_id"], d["link_method"], d["link_confidence"] = None, None, None
+            self._refs.pop(d["span_id"], None)
+        self.stats.spans_out += len(out)
+        return out
 
     def pop_ready(self, now_ns: int) -> list[dict]:
         """Spans that ended more than hold_s ago, linked; call about once a second."""

@@ -4,6 +4,12 @@ Batches arrive from ingest already durable (the store's `incoming`); here they w
 the streaming associator until their parents can have arrived from any host, are linked,
 written, and only then is their incoming batch forgotten. After a crash, `recover` feeds
 the batches still in `incoming` back, minus spans already written.
+
+One bad span must never hold up the others: a span that cannot be linked or written is
+moved aside as a dead letter (kept with why, counted, listed by the API), its batch is
+done with all the same, and everyone else's spans are written. A store that takes no
+writes at all (disk full) is another matter: then nothing is dead-lettered, and the spans
+wait in memory for the next pass.
 """
 
 from __future__ import annotations
@@ -13,12 +19,13 @@ import json
 import logging
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from deeptrace.association.streaming import StreamingAssociator
-from deeptrace.server.store.base import Store
+from deeptrace.server import ingest
+from deeptrace.server.store.base import DeadLetter, Store, StoreUnavailable
 from deeptrace.spans import new_id
 
 log = logging.getLogger("deeptrace.server")
@@ -27,6 +34,7 @@ BATCH_KEY = "_batch"  # where a span remembers the incoming batch it came in
 # a third less than two (bench/server, which runs this loop with it) and publishes at most
 # 0.5 s later.
 PASS_INTERVAL_S = 1.0
+MAX_LETTER_BYTES = 1 << 20  # of a refused batch's body kept in its dead letter
 
 
 @dataclass
@@ -36,7 +44,9 @@ class LinkerStats:
     spans_recovered: int = 0
     passes: int = 0
     last_pass_s: float = 0.0
-    write_errors: int = 0
+    write_errors: int = 0  # writes that failed (the spans were retried or dead-lettered)
+    link_errors: int = 0  # passes whose linking failed (their spans went out unlinked)
+    dead_letters: int = 0  # spans moved aside: they could not be linked or written
     late_links: int = 0
     split_traces: int = 0
 
@@ -52,13 +62,18 @@ class Linker:
         self.stats = LinkerStats()
         self._queue: deque[tuple[tuple[str, str], list[dict]]] = deque()
         self._remaining: dict[tuple[str, str], int] = {}  # spans of a batch not yet written
+        # Linked but not written yet (the store was unavailable), dead letters to write, and
+        # batches with nothing left to write: all go in the next write.
+        self._unwritten: list[dict] = []
+        self._dead: list[DeadLetter] = []
+        self._empty: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="deeptrace-linker", daemon=True)
 
     @property
     def backlog(self) -> int:
-        """Spans accepted and not yet written."""
+        """Spans accepted and not yet written (nor dead-lettered)."""
         with self._lock:
             return sum(self._remaining.values())
 
@@ -69,15 +84,33 @@ class Linker:
             self.stats.spans_accepted += len(spans)
 
     def recover(self) -> None:
-        """Before start: what was accepted but not written when the server last stopped."""
+        """Before start: what was accepted but not written when the server last stopped.
+        Batches are checked again as ingest checks them: one accepted by an older server
+        that this one would refuse is dead-lettered whole instead of failing every pass."""
         for agent_id, batch_id, body_gz in self.store.incoming():
-            spans = json.loads(gzip.decompress(body_gz))["spans"]
+            try:
+                spans = ingest.parse(ingest.decode(body_gz, "gzip"), body_gz).spans
+            except ingest.BadBatch as e:
+                self._refuse_batch(agent_id, batch_id, body_gz, str(e))
+                continue
             stored = self.store.stored_span_ids([d["span_id"] for d in spans])
             spans = [d for d in spans if d["span_id"] not in stored]
             self.submit(agent_id, batch_id, spans)
             self.stats.spans_recovered += len(spans)
         if self.stats.spans_recovered:
             log.info("recovered %d accepted spans not yet linked", self.stats.spans_recovered)
+        if self._dead or self._empty:
+            self._write_pending()
+
+    def _refuse_batch(self, agent_id: str, batch_id: str, body_gz: bytes, reason: str) -> None:
+        log.error("an accepted batch %s/%s is refused now: %s; kept as a dead letter", agent_id, batch_id, reason)
+        self._empty.append((agent_id, batch_id))
+        try:
+            text = gzip.decompress(body_gz)[:MAX_LETTER_BYTES].decode("utf-8", "replace")
+        except (OSError, EOFError) as e:
+            text = f"(not gzip: {e})"
+        self._dead.append(DeadLetter(agent_id, batch_id, "", time.time_ns(), f"batch: {reason}", text))
+        self.stats.dead_letters += 1
 
     def start(self) -> None:
         self._thread.start()
@@ -94,52 +127,124 @@ class Linker:
 
     def _pass(self, final: bool) -> None:
         t0 = time.perf_counter()
-        empty_batches = self._take()
+        self._take()
+        now = time.time_ns()
         try:
-            now = time.time_ns()
             out = self.assoc.close(now) if final else self.assoc.pop_ready(now)
-            if out or empty_batches:
-                self._publish(out, empty_batches)
-        except Exception:  # a bad pass must not kill the thread; spans stay in incoming for replay
-            self.stats.write_errors += 1
-            log.exception("linking or writing spans failed")
+        except Exception:  # a bad pass must not kill the thread, nor hold these spans back forever
+            self.stats.link_errors += 1
+            log.exception("linking failed: the spans due now are written unlinked")
+            out = self.assoc.pop_unlinked(None if final else now)
+        if out:
+            set_peer_services(out, self.assoc.published + self.assoc.pending)
+            self._unwritten += out
+        if self._unwritten or self._dead or self._empty:
+            self._write_pending()
         self.stats.passes += 1
         self.stats.last_pass_s = time.perf_counter() - t0
         self.stats.late_links, self.stats.split_traces = self.assoc.stats.late_links, self.assoc.stats.split_traces
 
-    def _take(self) -> list[tuple[str, str]]:
+    def _take(self) -> None:
         with self._lock:
             taken = list(self._queue)
             self._queue.clear()
-        empty = []
         for key, spans in taken:
             if not spans:
-                empty.append(key)
+                self._empty.append(key)
             for d in spans:
                 d[BATCH_KEY] = key
                 if not d.get("trace_id"):
                     d["trace_id"] = new_id(16)
                 d.setdefault("service", "unknown")
-            self.assoc.push(spans)
-        return empty
+            for d, reason in self.assoc.push(spans):
+                self._dead_letter(d, reason)
 
-    def _publish(self, out: list[dict], done: list[tuple[str, str]]) -> None:
-        set_peer_services(out, self.assoc.published + self.assoc.pending)
+    def _dead_letter(self, d: dict, reason: str) -> None:
+        agent_id, batch_id = d[BATCH_KEY]
+        try:
+            text = json.dumps({k: v for k, v in d.items() if k != BATCH_KEY}, default=repr)
+        except (TypeError, ValueError, RecursionError) as e:
+            text = f"(not JSON: {e})"
+        self._dead.append(DeadLetter(agent_id, batch_id, str(d.get("span_id", "")), time.time_ns(), reason, text))
+        self.stats.dead_letters += 1
+        log.error("span %s of batch %s/%s moved aside as a dead letter: %s", d.get("span_id"), agent_id, batch_id,
+                  reason)  # fmt: skip
+
+    def _write_pending(self) -> None:
+        """Write what is linked, the dead letters and the batches they complete. A write that
+        fails for its data is cut in halves until the spans that fail alone are found: they
+        become dead letters and the rest is written. Unavailable store: all waits."""
+        spans, written, bad = self._unwritten, [], []
+        try:
+            try:
+                self.store.write_spans(spans, self._completed(spans), self._dead)
+                written = spans
+            except StoreUnavailable:
+                raise
+            except Exception as e:
+                self.stats.write_errors += 1
+                log.warning("writing %d spans failed (%s): looking for the ones that cannot be written", len(spans), e)
+                bad = self._isolate(spans, written)
+                for d, reason in bad:
+                    self._dead_letter(d, reason)
+                self.store.write_spans([], self._completed(written), self._dead)
+        except StoreUnavailable as e:
+            self.stats.write_errors += 1
+            handled = {id(d) for d in written} | {id(d) for d, _ in bad}
+            self._unwritten = [d for d in spans if id(d) not in handled]
+            self._forget(written, [])  # in the store already; their batches wait for the rest
+            log.error("the store takes no writes (%s): %d spans wait for the next pass", e, len(self._unwritten))
+            return
+        self._forget(written, self._dead)
+        self._unwritten, self._dead, self._empty = [], [], []
+        self.stats.spans_published += len(written)
+        self._notify(written)
+
+    def _isolate(self, spans: list[dict], written: list[dict]) -> list[tuple[dict, str]]:
+        """Write spans in halves; the ones that fail alone, with why. Appends what was written."""
+        try:
+            self.store.write_spans(spans, [])
+            written += spans
+            return []
+        except StoreUnavailable:
+            raise
+        except Exception as e:
+            if len(spans) == 1:
+                return [(spans[0], f"cannot be written: {type(e).__name__}: {e}")]
+        mid = len(spans) // 2
+        return self._isolate(spans[:mid], written) + self._isolate(spans[mid:], written)
+
+    def _completed(self, spans: list[dict]) -> list[tuple[str, str]]:
+        """The batches that are done once these spans and the pending dead letters are written."""
+        counts = _per_batch(spans, self._dead)
         with self._lock:
-            for d in out:
-                key = d[BATCH_KEY]
-                self._remaining[key] -= 1
-                if self._remaining[key] == 0:
-                    done.append(key)
-            for key in done:
+            full = [k for k, n in counts.items() if self._remaining.get(k) == n]
+        return full + self._empty
+
+    def _forget(self, spans: list[dict], dead: list[DeadLetter]) -> None:
+        """These spans and dead letters are written: their batches have that many fewer to wait for."""
+        with self._lock:
+            for key, n in _per_batch(spans, dead).items():
+                left = self._remaining.get(key, 0) - n
+                if left > 0:
+                    self._remaining[key] = left
+                else:
+                    self._remaining.pop(key, None)
+            for key in self._empty:
                 self._remaining.pop(key, None)
-        self.store.write_spans(out, done)
-        self.stats.spans_published += len(out)
+
+    def _notify(self, spans: list[dict]) -> None:
         for callback in self.on_published:
             try:
-                callback(out)
+                callback(spans)
             except Exception:
                 log.exception("a consumer of published spans failed")
+
+
+def _per_batch(spans: list[dict], dead: list[DeadLetter]) -> Counter:
+    counts = Counter(d[BATCH_KEY] for d in spans)
+    counts.update((x.agent_id, x.batch_id) for x in dead if x.span_id)  # a whole batch's letter has no span
+    return counts
 
 
 def set_peer_services(out: list[dict], window: list[dict]) -> None:

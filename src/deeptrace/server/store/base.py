@@ -83,14 +83,33 @@ class AgentInfo:
 
 
 @dataclass
+class DeadLetter:
+    """A span that was accepted but could not be linked or written: kept aside with why,
+    so that it blocks nobody else's spans and can still be looked at."""
+
+    agent_id: str
+    batch_id: str
+    span_id: str
+    failed_ns: int
+    reason: str
+    span: str  # the span as JSON text, as far as it could be written out
+
+
+@dataclass
 class StoreStats:
     spans: int
     incoming_batches: int
     bytes_on_disk: int
+    dead_letters: int = 0
 
 
 class DuplicateBatch(Exception):
     """This (agent, batch) was stored before."""
+
+
+class StoreUnavailable(Exception):
+    """The store takes no writes now (disk full, I/O error): try again later. Any other
+    exception from a write is about the data written."""
 
 
 class Store(ABC):
@@ -104,12 +123,19 @@ class Store(ABC):
         """(agent_id, batch_id, body_gz) of every batch not yet fully linked, oldest first."""
 
     @abstractmethod
-    def write_spans(self, spans: list[dict], done_batches: list[tuple[str, str]]) -> None:
-        """Store linked spans and forget the incoming batches they completed, atomically."""
+    def write_spans(self, spans: list[dict], done_batches: list[tuple[str, str]],
+                    dead: list[DeadLetter] = ()) -> None:  # fmt: skip
+        """Store linked spans and dead letters, and forget the incoming batches they completed,
+        atomically. Raises StoreUnavailable when the store itself cannot write."""
 
     @abstractmethod
     def stored_span_ids(self, span_ids: list[str]) -> set[str]:
-        """Which of these are stored already (for replaying incoming batches after a crash)."""
+        """Which of these are stored or dead-lettered already (for replaying incoming batches
+        after a crash)."""
+
+    @abstractmethod
+    def dead_letters(self, limit: int, offset: int = 0) -> tuple[list[DeadLetter], int]:
+        """A page of dead letters, newest first, and how many there are."""
 
     # --- queries ---
     @abstractmethod

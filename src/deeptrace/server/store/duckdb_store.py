@@ -16,8 +16,8 @@ import duckdb
 import pyarrow as pa
 
 from deeptrace.server.store import sql
-from deeptrace.server.store.base import (AgentInfo, DuplicateBatch, MapEdge, MapNode, Red, ServiceMap, Store,
-                                         StoreStats, TraceQuery, TraceSummary)  # fmt: skip
+from deeptrace.server.store.base import (AgentInfo, DeadLetter, DuplicateBatch, MapEdge, MapNode, Red, ServiceMap,
+                                         Store, StoreStats, StoreUnavailable, TraceQuery, TraceSummary)  # fmt: skip
 from deeptrace.server.store.schema import COLUMN_NAMES, SPAN_COLUMNS, row_to_span, span_to_columns
 
 ARROW_TYPES = {"VARCHAR": pa.string(), "BIGINT": pa.int64(), "DOUBLE": pa.float64()}
@@ -60,6 +60,8 @@ class DuckDBStore(Store):
             self._db.execute("CREATE TABLE IF NOT EXISTS agents (agent_id VARCHAR PRIMARY KEY, host VARCHAR, "
                              "kernel VARCHAR, version VARCHAR, started_ns BIGINT, last_seen_ns BIGINT, "
                              "stats VARCHAR)")  # fmt: skip
+            self._db.execute("CREATE TABLE IF NOT EXISTS dead_letters (agent_id VARCHAR, batch_id VARCHAR, "
+                             "span_id VARCHAR, failed_ns BIGINT, reason VARCHAR, span VARCHAR)")  # fmt: skip
             self._db.execute("CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
             self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
 
@@ -85,30 +87,48 @@ class DuckDBStore(Store):
         rows = self._read().execute("SELECT agent_id, batch_id, body_gz FROM incoming ORDER BY received_ns")
         return rows.fetchall()
 
-    def write_spans(self, spans: list[dict], done_batches: list[tuple[str, str]]) -> None:
+    def write_spans(self, spans: list[dict], done_batches: list[tuple[str, str]],
+                    dead: list[DeadLetter] = ()) -> None:  # fmt: skip
         table = pa.table(span_to_columns(spans), schema=self._arrow_schema) if spans else None
         with self._write:
             db = self._db
-            db.execute("BEGIN")
             try:
-                if table is not None:
-                    db.register("new_spans", table)
-                    db.execute(f"INSERT INTO spans SELECT {', '.join(COLUMN_NAMES)} FROM new_spans")
-                    db.unregister("new_spans")
-                if done_batches:
-                    db.executemany("DELETE FROM incoming WHERE agent_id = ? AND batch_id = ?", done_batches)
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+                db.execute("BEGIN")
+                try:
+                    if table is not None:
+                        db.register("new_spans", table)
+                        db.execute(f"INSERT INTO spans SELECT {', '.join(COLUMN_NAMES)} FROM new_spans")
+                        db.unregister("new_spans")
+                    if dead:
+                        # Once per span, even when a crash makes it fail again after a restart.
+                        db.executemany("DELETE FROM dead_letters WHERE span_id = ?", [[x.span_id] for x in dead])
+                        db.executemany("INSERT INTO dead_letters VALUES (?, ?, ?, ?, ?, ?)",
+                                       [[x.agent_id, x.batch_id, x.span_id, x.failed_ns, x.reason, x.span]
+                                        for x in dead])  # fmt: skip
+                    if done_batches:
+                        db.executemany("DELETE FROM incoming WHERE agent_id = ? AND batch_id = ?", done_batches)
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+            except (duckdb.IOException, duckdb.OutOfMemoryException, duckdb.FatalException, OSError) as e:
+                raise StoreUnavailable(str(e)) from e
 
     def stored_span_ids(self, span_ids: list[str]) -> set[str]:
         if not span_ids:
             return set()
         cur = self._read()
         cur.register("wanted", pa.table({"span_id": pa.array(span_ids, pa.string())}))
-        rows = cur.execute("SELECT s.span_id FROM spans s JOIN wanted w ON s.span_id = w.span_id").fetchall()
+        rows = cur.execute("SELECT s.span_id FROM spans s JOIN wanted w ON s.span_id = w.span_id UNION "
+                           "SELECT d.span_id FROM dead_letters d JOIN wanted w ON d.span_id = w.span_id").fetchall()  # fmt: skip
         return {r[0] for r in rows}
+
+    def dead_letters(self, limit: int, offset: int = 0) -> tuple[list[DeadLetter], int]:
+        cur = self._read()
+        (total,) = cur.execute("SELECT count(*) FROM dead_letters").fetchone()
+        rows = cur.execute("SELECT agent_id, batch_id, span_id, failed_ns, reason, span FROM dead_letters "
+                           "ORDER BY failed_ns DESC LIMIT ? OFFSET ?", [limit, offset]).fetchall()  # fmt: skip
+        return [DeadLetter(*r) for r in rows], total
 
     # --- queries ---
     def trace(self, trace_id: str) -> list[dict]:
@@ -192,6 +212,7 @@ class DuckDBStore(Store):
                 cut = now_ns - max_age_ns
                 deleted += db.execute("DELETE FROM spans WHERE end_ns < ?", [cut]).fetchone()[0]
                 db.execute("DELETE FROM batches WHERE received_ns < ?", [cut])
+                db.execute("DELETE FROM dead_letters WHERE failed_ns < ?", [cut])
             if max_bytes is not None and self._bytes() > max_bytes:
                 # Freed blocks are reused, not returned: the file stops growing rather than
                 # shrinking, so a tenth of the spans goes each time the limit is crossed.
@@ -212,7 +233,8 @@ class DuckDBStore(Store):
         cur = self._read()
         (spans,) = cur.execute("SELECT count(*) FROM spans").fetchone()
         (incoming,) = cur.execute("SELECT count(*) FROM incoming").fetchone()
-        return StoreStats(spans, incoming, self._bytes())
+        (dead,) = cur.execute("SELECT count(*) FROM dead_letters").fetchone()
+        return StoreStats(spans, incoming, self._bytes(), dead)
 
     def close(self) -> None:
         with self._write:
