@@ -13,14 +13,16 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from deeptrace import __version__
+from deeptrace.schema import AGENT_ID, AGENT_ID_RULE, INT64_MAX
 from deeptrace.server import api, ingest, jaeger
+from deeptrace.server.bodylimit import BodyLimit
 from deeptrace.server.linker import Linker
 from deeptrace.server.metrics import CONTENT_TYPE, Metrics
 from deeptrace.server.store import open_store
@@ -28,6 +30,8 @@ from deeptrace.server.store.base import AgentInfo, DuplicateBatch, Store
 
 log = logging.getLogger("deeptrace.server")
 WEB_DIR = Path(__file__).parent / "web"
+MAX_AGENT_REPORT_BYTES = 256 << 10  # an agent's heartbeat: host, kernel, version and its counters
+MAX_OTHER_BODY_BYTES = 64 << 10
 
 
 @dataclass
@@ -51,8 +55,8 @@ class AgentReport(BaseModel):
     host: str = Field(max_length=255)
     kernel: str = Field(default="", max_length=255)
     version: str = Field(default="", max_length=64)
-    started_ns: int = 0
-    stats: dict = Field(default_factory=dict)
+    started_ns: int = Field(default=0, ge=0, le=INT64_MAX)
+    stats: dict = Field(default_factory=dict, max_length=256)
 
 
 @dataclass
@@ -96,6 +100,8 @@ class Server:
                "linker_backlog_spans": self.linker.backlog,
                "linker_published_spans_total": ln.spans_published, "linker_last_pass_seconds": ln.last_pass_s,
                "linker_write_errors_total": ln.write_errors, "linker_late_links_total": ln.late_links,
+               "linker_link_errors_total": ln.link_errors, "linker_dead_letters_total": ln.dead_letters,
+               "store_dead_letters": self.store.stats().dead_letters,
                "uptime_seconds": (time.time_ns() - self.started_ns) / 1e9}  # fmt: skip
         if self.exporter is not None:
             e = self.exporter.stats
@@ -225,6 +231,8 @@ def create_app(config: ServerConfig, store: Store | None = None) -> FastAPI:
 
     @app.put("/api/v1/agents/{agent_id}", dependencies=[Depends(require_token)])
     async def put_agent(agent_id: str, report: AgentReport):
+        if not AGENT_ID.match(agent_id):
+            raise HTTPException(400, f"agent id must be {AGENT_ID_RULE}")
         info = AgentInfo(agent_id, report.host, report.kernel, report.version, report.started_ns, time.time_ns(),
                          report.stats)  # fmt: skip
         await run_in_threadpool(server.store.upsert_agent, info)
@@ -238,6 +246,12 @@ def create_app(config: ServerConfig, store: Store | None = None) -> FastAPI:
     def status():
         return server.status()
 
+    @app.get("/api/v1/dead-letters")
+    def dead_letters(limit: int = Query(50, ge=1, le=1000), offset: int = Query(0, ge=0, le=1_000_000)):
+        """Spans accepted but impossible to link or write, newest first, with why."""
+        letters, total = server.store.dead_letters(limit, offset)
+        return {"dead_letters": [asdict(x) for x in letters], "total": total, "limit": limit, "offset": offset}
+
     app.include_router(api.router)
     app.include_router(jaeger.router)
     vendor = WEB_DIR / "node_modules"
@@ -245,7 +259,17 @@ def create_app(config: ServerConfig, store: Store | None = None) -> FastAPI:
         app.mount("/vendor", StaticFiles(directory=vendor), name="vendor")
     if WEB_DIR.is_dir():
         app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")
+    app.add_middleware(BodyLimit, limit_for=body_limit,
+                       on_refused=lambda path: server.count(rejected=1) if path == "/api/v1/spans" else None)  # fmt: skip
     return app
+
+
+def body_limit(method: str, path: str) -> int:
+    if method == "POST" and path == "/api/v1/spans":
+        return ingest.MAX_BODY_BYTES
+    if method == "PUT" and path.startswith("/api/v1/agents/"):
+        return MAX_AGENT_REPORT_BYTES
+    return MAX_OTHER_BODY_BYTES
 
 
 async def _retention_loop(server: Server) -> None:

@@ -77,7 +77,7 @@ class _Health:
         for a in self.agents():
             for k, fam in families.items():
                 value = a.stats.get(k)
-                if isinstance(value, (int, float)):
+                if isinstance(value, (int, float)) and abs(value) < 1e300:  # float() of a huge int raises
                     fam.add_metric([a.agent_id, a.host], float(value))
             seen.add_metric([a.agent_id, a.host], (now - a.last_seen_ns) / 1e9)
         yield from families.values()
