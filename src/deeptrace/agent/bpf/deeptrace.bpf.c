@@ -233,9 +233,12 @@ static __always_inline struct conn *conn_of(__u64 sk, __u8 role, bool fresh)
 		return c;
 	}
 	/* Unique without atomics (which need a newer kernel): first-seen time with
-	 * the CPU in the low byte; one CPU never sees two sockets in the same ns. */
+	 * the CPU in the low byte; one CPU never sees two sockets in the same ns.
+	 * Kept below 2^63, where spans store it as int64: the shift passes that
+	 * after 417 days of uptime, and the top bit of a boot-relative time is
+	 * never what tells two live connections apart. */
 	struct conn n = {
-		.id = (bpf_ktime_get_ns() << 8) | (bpf_get_smp_processor_id() & 0xff),
+		.id = ((bpf_ktime_get_ns() << 8) | (bpf_get_smp_processor_id() & 0xff)) & 0x7fffffffffffffffULL,
 		.role = role,
 	};
 	if (bpf_map_update_elem(&CONNS, &sk, &n, BPF_ANY)) {
