@@ -7,6 +7,7 @@ the real `deeptrace server`.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
 import logging
@@ -28,6 +29,7 @@ from servers import free_port
 
 from deeptrace import __version__
 from deeptrace.agent import selfstats
+from deeptrace.agent import spool as spool_mod
 from deeptrace.agent.shipper import Shipper
 from deeptrace.agent.spool import Spool
 from deeptrace.errors import DeepTraceError
@@ -156,7 +158,7 @@ class Receiver:
 
     def start_times(self) -> list[int]:
         with self.lock:
-            return [s["start_ns"] for b in self.batches for s in b["spans"]]
+            return [s["start_ns"] - T0_US * 1000 for b in self.batches for s in b["spans"]]
 
 
 @pytest.fixture
@@ -181,8 +183,11 @@ def shippers():
         s.close(timeout_s=0.5)
 
 
+T0_US = 1_767_225_600_000_000  # 2026-01-01: times the server takes as plausible
+
+
 def spans(n: int) -> list[dict]:
-    return [spanmaker.server(100, i, i + 5) for i in range(n)]
+    return [spanmaker.server(100, T0_US + i, T0_US + i + 5) for i in range(n)]
 
 
 def ids(span_dicts: list[dict]) -> list[str]:
@@ -228,7 +233,80 @@ def test_spool_never_evicts_the_batch_in_flight(tmp_path):
 def test_spool_refuses_a_batch_larger_than_itself_and_counts_it(tmp_path):
     sp = Spool(tmp_path, max_bytes=100)
     assert sp.put(b"x" * 101, 7) is None
-    assert sp.stats == type(sp.stats)(0, 0, 0, 1, 7)
+    assert sp.stats == type(sp.stats)(0, 0, 0, 1, 7, 0, 0)
+
+
+class FullDisk:
+    """Stands in for the spool module's open(): each write puts half the bytes on disk, then fails
+    the way a full disk does, leaving a partial file behind for the spool to clean up."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, path, mode="r", *args, **kw):
+        f = open(path, mode, *args, **kw)
+        if "w" not in mode:
+            return f
+        self.calls += 1
+        real_write = f.write
+
+        def write(data):
+            real_write(data[: len(data) // 2])
+            f.flush()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        f.write = write
+        return f
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def spool_errors(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == spool_mod.__name__ and r.levelno >= logging.ERROR]  # fmt: skip
+
+
+def test_a_failed_spool_write_drops_the_newest_batch_counted_apart_and_logged_sparingly(
+    tmp_path, monkeypatch, caplog
+):
+    clock = Clock()
+    monkeypatch.setattr(spool_mod, "time", clock)
+    sp = Spool(tmp_path, max_bytes=100_000)
+    first = sp.put(b"a" * 300, 3)
+    disk = FullDisk()
+    monkeypatch.setattr(spool_mod, "open", disk, raising=False)
+    with caplog.at_level(logging.INFO):
+        for _ in range(50):
+            clock.now += 0.5  # 25 s of failures: within one log interval
+            assert sp.put(b"b" * 300, 7) is None
+    assert disk.calls == 50
+    st = sp.stats
+    # Counted as failed writes, not as evictions; the batch already queued is untouched.
+    assert (st.write_failed_batches, st.write_failed_spans) == (50, 50 * 7)
+    assert (st.dropped_batches, st.dropped_spans) == (0, 0)
+    assert (st.batches, st.spans) == (1, 3)
+    # No partial file is left to be sent later as a corrupt batch.
+    assert [p.name for p in tmp_path.iterdir()] == [first.path.name]
+    errors = spool_errors(caplog)
+    assert len(errors) == 1 and "No space left on device" in errors[0] and "7 spans" in errors[0]
+
+    caplog.clear()
+    clock.now += 60  # past the interval: one line with how many failed since the last one
+    assert sp.put(b"b" * 300, 7) is None
+    errors = spool_errors(caplog)
+    assert len(errors) == 1 and "50 more batches (350 spans)" in errors[0], errors
+
+    monkeypatch.undo()  # space is back
+    second = sp.put(b"c" * 300, 4)
+    assert second is not None and second.read() == b"c" * 300
+    assert sp.oldest() == first and sp.stats.batches == 2 and sp.stats.write_failed_batches == 51
+    assert Spool(tmp_path, max_bytes=100_000).stats.spans == 3 + 4
 
 
 def test_spool_in_an_unusable_place_is_a_clear_error(tmp_path):
@@ -325,6 +403,28 @@ def test_a_full_spool_drops_the_oldest_batches_and_counts_them(shippers, tmp_pat
         receiver.stop()
 
 
+def test_a_disk_that_refuses_writes_loses_only_those_batches_and_reports_them(
+    receiver, shippers, tmp_path, monkeypatch
+):
+    sh = shippers(receiver.url, TOKEN, tmp_path, batch_spans=10)
+    sent = spans(60)
+    with monkeypatch.context() as m:
+        m.setattr(spool_mod, "open", FullDisk(), raising=False)
+        for i in range(0, 30, 10):
+            sh.submit(sent[i : i + 10])
+            sh.flush()
+    st = sh.stats
+    assert (st.spool_write_failed_batches, st.spool_write_failed_spans) == (3, 30)
+    assert (st.spool_dropped_batches, st.spool_dropped_spans) == (0, 0)
+    assert "disk write failed 30" in st.describe() and "spool full" not in st.describe()
+    sh.submit(sent[30:])  # the disk has room again
+    assert sh.drain(10)
+    assert receiver.span_ids() == ids(sent[30:])
+    wait_until(lambda: any(b["stats"]["sent_spans"] == 30 for _, b in receiver.heartbeats), 5, "a heartbeat")
+    stats = receiver.heartbeats[-1][1]["stats"]
+    assert (stats["spool_write_failed_batches"], stats["spool_write_failed_spans"]) == (3, 30)
+
+
 def test_a_refused_token_keeps_every_batch_and_says_so_once(receiver, shippers, tmp_path, caplog):
     receiver.mode = "401"
     sent = spans(120)
@@ -379,7 +479,7 @@ def test_a_batch_the_server_can_never_accept_is_moved_aside_and_counted(receiver
 def test_a_bad_span_is_dropped_alone_and_counted(receiver, shippers, tmp_path, caplog):
     """The server refuses a whole batch for one bad span: the agent leaves it out instead."""
     good = spans(5)
-    bad = [spanmaker.server(1, 0, 1) for _ in range(5)]
+    bad = [spanmaker.server(1, T0_US, T0_US + 1) for _ in range(5)]
     bad[0]["req_head"] = b"raw"
     bad[1]["attributes"] = {"x": float("nan")}
     bad[2]["end_ns"] = bad[2]["start_ns"] - 1
@@ -395,7 +495,7 @@ def test_a_bad_span_is_dropped_alone_and_counted(receiver, shippers, tmp_path, c
 
 
 def test_batches_are_split_below_the_servers_body_limit(receiver, shippers, tmp_path):
-    big = [spanmaker.server(100, i, i + 1, req=b"x" * 3000) for i in range(40)]
+    big = [spanmaker.server(100, T0_US + i, T0_US + i + 1, req=b"x" * 3000) for i in range(40)]
     sh = shippers(receiver.url, TOKEN, tmp_path, batch_spans=40, max_batch_bytes=20_000)
     sh.submit(big)
     assert sh.drain(5)
@@ -473,7 +573,8 @@ def test_heartbeat_registers_the_agent_with_its_stats(receiver, shippers, tmp_pa
     stats = body["stats"]
     assert (stats["records"], stats["spans"], stats["drops"]) == (12, 3, 1)
     for key in ("spool_batches", "spool_bytes", "spool_dropped_batches", "spool_dropped_spans",
-                "sent_batches", "send_failures"):  # fmt: skip
+                "spool_write_failed_batches", "spool_write_failed_spans", "sent_batches",
+                "send_failures"):  # fmt: skip
         assert isinstance(stats[key], int)
     assert stats["cpu_seconds"] > 0 and stats["rss_bytes"] > 10 << 20
 
@@ -506,9 +607,10 @@ DRIVER = textwrap.dedent("""
     from deeptrace.agent.shipper import Shipper
 
     url, spool, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    T0_US = {t0_us}
     sh = Shipper(url, {token!r}, spool, batch_spans=25, flush_interval_s=0.05, backoff_min_s=0.02,
                  backoff_max_s=0.1, request_timeout_s=2.0)
-    sh.submit([spanmaker.server(7, i, i + 1) for i in range(n)])
+    sh.submit([spanmaker.server(7, T0_US + i, T0_US + i + 1) for i in range(n)])
     sh.flush()
     print(sh.agent_id, flush=True)
     time.sleep(60)
@@ -517,7 +619,7 @@ DRIVER = textwrap.dedent("""
 
 def run_driver(tmp_path: Path, url: str, spool: Path, n: int) -> tuple[subprocess.Popen, str]:
     script = tmp_path / "driver.py"
-    script.write_text(DRIVER.format(tests=str(Path(__file__).parent), token=TOKEN))
+    script.write_text(DRIVER.format(tests=str(Path(__file__).parent), token=TOKEN, t0_us=T0_US))
     proc = subprocess.Popen([sys.executable, str(script), url, str(spool), str(n)], stdout=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONPATH": str(SRC)})  # fmt: skip
     agent_id = proc.stdout.readline().strip()

@@ -7,7 +7,8 @@
 The hot path only appends to a list. A batch's id is fixed when it is sealed, and the file holds
 the exact request body, so a batch re-sent after a timeout or a restart is the same request and
 the server stores it once. Nothing the spool accepted is deleted before the server answered 200,
-except the oldest batches when the spool is full, and those are counted.
+except the oldest batches when the spool is full, and those are counted. A batch the disk refuses
+to store (full, I/O error) was never accepted: it is lost, counted apart.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from deeptrace import __version__
 from deeptrace.agent import selfstats
 from deeptrace.agent.spool import Spool, SpoolEntry, write_atomically
 from deeptrace.errors import DeepTraceError
-from deeptrace.server.ingest import MAX_BODY_BYTES, check_span  # the server's own rules
+from deeptrace.schema import check_span  # the server's own rules
+from deeptrace.server.ingest import MAX_BODY_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +64,10 @@ class ShipperStats:
     spool_batches: int = 0
     spool_bytes: int = 0
     spool_spans: int = 0
-    spool_dropped_batches: int = 0  # the spool was full (or the disk failed): oldest batches dropped
+    spool_dropped_batches: int = 0  # the spool was full: the oldest batches dropped to make room
     spool_dropped_spans: int = 0
+    spool_write_failed_batches: int = 0  # the disk refused them (full, I/O error): the newest, lost
+    spool_write_failed_spans: int = 0
     last_error: str | None = None
 
     def counters(self) -> dict:
@@ -75,8 +79,9 @@ class ShipperStats:
         line = (f"sent {self.sent_spans} spans in {self.sent_batches} batches, {self.send_failures} failed "
                 f"attempts; spooled {self.spool_spans} spans in {self.spool_batches} batches "
                 f"({self.spool_bytes} bytes)")  # fmt: skip
-        dropped = {"spool full": self.spool_dropped_spans, "rejected by the server": self.rejected_spans,
-                   "overflow": self.overflow_spans, "bad": self.bad_spans}  # fmt: skip
+        dropped = {"spool full": self.spool_dropped_spans, "disk write failed": self.spool_write_failed_spans,
+                   "rejected by the server": self.rejected_spans, "overflow": self.overflow_spans,
+                   "bad": self.bad_spans}  # fmt: skip
         return line + "; spans dropped: " + (", ".join(f"{k} {v}" for k, v in dropped.items() if v) or "0")
 
 
@@ -509,7 +514,9 @@ class Shipper:
             pending = len(self._pending)
         return replace(self._stats, pending_spans=pending, spool_batches=sp.batches, spool_bytes=sp.bytes,
                        spool_spans=sp.spans, spool_dropped_batches=sp.dropped_batches,
-                       spool_dropped_spans=sp.dropped_spans)  # fmt: skip
+                       spool_dropped_spans=sp.dropped_spans,
+                       spool_write_failed_batches=sp.write_failed_batches,
+                       spool_write_failed_spans=sp.write_failed_spans)  # fmt: skip
 
     def drain(self, timeout_s: float) -> bool:
         """Seal what is open and wait until the server has every spooled batch; False if it did

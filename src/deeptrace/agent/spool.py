@@ -8,10 +8,12 @@ and accounted for from a directory listing alone, without opening any file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import threading
+import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -46,8 +48,10 @@ class SpoolStats:
     batches: int
     bytes: int
     spans: int
-    dropped_batches: int
+    dropped_batches: int  # evicted (the oldest) to stay within the bound, larger than it, or unreadable
     dropped_spans: int
+    write_failed_batches: int  # the disk refused them (full, quota, I/O error): the newest, never queued
+    write_failed_spans: int
 
 
 def _name(seq: int, n_spans: int) -> str:
@@ -78,9 +82,33 @@ def write_atomically(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        # Failing to clean up must not hide why the write failed; a leftover .tmp is never sent
+        # (it does not look like a batch) and the next start removes it.
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+class _Throttle:
+    """When to log a failure that may repeat many times a second: the first at once, then at most
+    one line per interval, carrying the count of those kept quiet since. Not thread-safe."""
+
+    def __init__(self, interval_s: float):
+        self.interval_s = interval_s
+        self._last_line: float | None = None
+        self._batches = self._spans = 0  # failures not yet in a line
+
+    def failed(self, n_spans: int, now: float) -> tuple[int, int] | None:
+        """Count one failure; (batches, spans) failed since the last line if one is due, else None."""
+        self._batches += 1
+        self._spans += n_spans
+        if self._last_line is not None and now - self._last_line < self.interval_s:
+            return None
+        self._last_line = now
+        due = self._batches, self._spans
+        self._batches = self._spans = 0
+        return due
 
 
 class Spool:
@@ -90,7 +118,13 @@ class Spool:
     handed out by oldest() is in flight until remove() or release(): eviction skips it, so a
     batch the server may already hold is never counted as dropped (the bound may therefore be
     exceeded by that one batch).
+
+    Two ways a batch is lost, counted apart: eviction when the spool is full drops the oldest
+    queued batch; a write the disk refuses (full disk, quota, I/O error) drops the batch being
+    written, the newest, and leaves the queue as it was.
     """
+
+    WRITE_FAILURE_LOG_INTERVAL_S = 60.0
 
     def __init__(self, directory: str | os.PathLike, max_bytes: int):
         self.dir = Path(directory)
@@ -101,6 +135,9 @@ class Spool:
         self._spans = 0
         self._dropped_batches = 0
         self._dropped_spans = 0
+        self._write_failed_batches = 0
+        self._write_failed_spans = 0
+        self._write_failures = _Throttle(self.WRITE_FAILURE_LOG_INTERVAL_S)
         self._in_flight: int | None = None
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -134,15 +171,16 @@ class Spool:
     @property
     def stats(self) -> SpoolStats:
         with self._lock:
-            return SpoolStats(len(self._entries), self._bytes, self._spans, self._dropped_batches,
-                              self._dropped_spans)  # fmt: skip
+            return SpoolStats(len(self._entries), self._bytes, self._spans,
+                              self._dropped_batches, self._dropped_spans,
+                              self._write_failed_batches, self._write_failed_spans)  # fmt: skip
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def put(self, body_gz: bytes, n_spans: int) -> SpoolEntry | None:
-        """Store a sealed batch durably. Never raises: a batch larger than the whole bound, or
-        one the disk refuses, is dropped and counted (None)."""
+        """Store a sealed batch durably. Never raises: a batch larger than the whole bound is
+        dropped and counted as dropped, one the disk refuses as write_failed (None for both)."""
         size = len(body_gz)
         if size > self.max_bytes:
             with self._lock:
@@ -160,11 +198,14 @@ class Spool:
         try:
             write_atomically(path, body_gz)
         except OSError as e:
+            # The disk is full or failing: this batch is lost, the ones already queued stay, and
+            # the next put tries again. A full disk fails every batch: log a count, not each one.
             with self._lock:
-                self._dropped_batches += 1
-                self._dropped_spans += n_spans
-            log.error("deeptrace: cannot write a batch to the spool %s (%s): %d spans dropped",
-                      self.dir, e.strerror or e, n_spans)  # fmt: skip
+                self._write_failed_batches += 1
+                self._write_failed_spans += n_spans
+                due = self._write_failures.failed(n_spans, time.monotonic())
+            if due is not None:
+                self._log_write_failure(e, *due)
             return None
         entry = SpoolEntry(seq, n_spans, size, path)
         with self._lock:
@@ -175,6 +216,16 @@ class Spool:
             if len(self._entries) > 1 and self._entries[-2].seq > seq:
                 self._entries = deque(sorted(self._entries, key=lambda e: e.seq))
         return entry
+
+    def _log_write_failure(self, e: OSError, batches: int, spans: int) -> None:
+        if batches == 1:
+            log.error("deeptrace: cannot write a batch to the spool %s (%s): its %d spans are dropped "
+                      "(the newest batch; queued ones are kept; repeats are logged at most every %g s)",
+                      self.dir, e.strerror or e, spans, self._write_failures.interval_s)  # fmt: skip
+        else:
+            log.error("deeptrace: still cannot write to the spool %s (%s): %d more batches (%d spans) "
+                      "dropped since the last message",
+                      self.dir, e.strerror or e, batches, spans)  # fmt: skip
 
     def _evict(self, incoming: int) -> None:
         """Drop the oldest batches until `incoming` more bytes fit. Caller holds the lock."""

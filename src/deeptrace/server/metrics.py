@@ -68,7 +68,8 @@ class _Health:
             g.add_metric([], value)
             yield g
         agent_stats = ("records", "spans", "drops", "cpu_seconds", "rss_bytes", "spool_batches", "spool_bytes",
-                       "spool_dropped_batches", "spool_dropped_spans", "sent_batches", "sent_spans", "send_failures")  # fmt: skip
+                       "spool_dropped_batches", "spool_dropped_spans", "spool_write_failed_batches",
+                       "spool_write_failed_spans", "sent_batches", "sent_spans", "send_failures")  # fmt: skip
         families = {k: GaugeMetricFamily(f"deeptrace_agent_{k}", f"Agent's own count: {k.replace('_', ' ')}.",
                                          labels=["agent_id", "host"]) for k in agent_stats}  # fmt: skip
         seen = GaugeMetricFamily("deeptrace_agent_last_seen_seconds", "Seconds since the agent last reported.",
