@@ -107,8 +107,9 @@ def dnsmasq(tmp_path: Path):
 
 
 @contextmanager
-def postgres():
-    """A throwaway PostgreSQL cluster (trust authentication) run by the postgres user."""
+def postgres(password: str | None = None):
+    """A throwaway PostgreSQL cluster run by the postgres user: trust authentication, or with
+    a password, the cleartext `password` method over TCP (the password crosses the wire)."""
     import os
     import tempfile
 
@@ -121,7 +122,12 @@ def postgres():
         shutil.chown(d, "postgres", "postgres")
         os.chmod(d, 0o700)
         as_postgres = ["runuser", "-u", "postgres", "--"]
-        subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", f"{d}/data", "--auth=trust", "-U", "postgres"],
+        auth = ["--auth=trust"]
+        if password is not None:
+            Path(d, "pw").write_text(password + "\n")
+            shutil.chown(Path(d, "pw"), "postgres", "postgres")
+            auth = ["--auth-local=trust", "--auth-host=password", f"--pwfile={d}/pw"]
+        subprocess.run([*as_postgres, str(bindir / "initdb"), "-D", f"{d}/data", *auth, "-U", "postgres"],
                        check=True, capture_output=True)  # fmt: skip
         argv = [*as_postgres, str(bindir / "postgres"), "-D", f"{d}/data", "-p", str(port), "-k", d,
                 "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"]  # fmt: skip

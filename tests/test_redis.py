@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from parsing import chunk, feed_alternating, feed_split
 
+from deeptrace.protocols.redaction import redis_head
 from deeptrace.protocols.redis import RedisConnection
 
 SET = b"*3\r\n$3\r\nSET\r\n$7\r\nuser:42\r\n$5\r\nalice\r\n"
@@ -52,7 +53,7 @@ def test_large_bulk_reply_skips_what_was_not_captured():
 
 def test_auth_password_is_redacted():
     (msg,) = RedisConnection().feed(True, chunk(b"*2\r\n$4\r\nAUTH\r\n$6\r\nhunter\r\n"))
-    assert b"hunter" not in msg.head and "db.redis.key" not in msg.attributes
+    assert b"hunter" not in redis_head(msg.head) and "db.redis.key" not in msg.attributes
 
 
 def test_resp3_push_is_not_a_response():

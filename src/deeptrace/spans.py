@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from deeptrace.protocols.base import Message
+from deeptrace.protocols.redaction import redact_span_parts
 
 MAX_PENDING = 1024  # requests awaiting a response on one connection
 
@@ -132,22 +133,25 @@ def _seq(msg: Message) -> tuple[int, int] | None:
 
 def make_span(kind: str, endpoint: Endpoint, req: Message, resp: Message | None, reason: str = "") -> Span:
     """A span for a request and its response; without a response, an error span that says
-    why (or an ok one for a request that expects none)."""
+    why (or an ok one for a request that expects none). Every span is redacted here, so no
+    parser can let a secret out."""
     attrs = req.attributes  # the request message ends here: its dict becomes the span's
     if resp is not None:
         attrs.update(resp.attributes)
+    req_head, resp_head = redact_span_parts(req.protocol, attrs, req.head, resp.head if resp is not None else b"")
+    if resp is not None:
         if req.partial or resp.partial:
             attrs["deeptrace.partial"] = True
         return Span(kind, req.name or req.protocol, req.protocol, endpoint, req.start_ns, resp.end_ns,
                     "error" if resp.error else "ok", resp.status_code, req.tid_start, resp.tid_end, req.size,
-                    resp.size, _seq(req), _seq(resp), attrs, req.head, resp.head)  # fmt: skip
+                    resp.size, _seq(req), _seq(resp), attrs, req_head, resp_head)  # fmt: skip
     if not req.expects_response:  # one-way by design: done when sent
         attrs["deeptrace.one_way"] = True
         return Span(kind, req.name or req.protocol, req.protocol, endpoint, req.start_ns, req.end_ns, "ok", None,
-                    req.tid_start, None, req.size, 0, _seq(req), None, attrs, req.head, b"")  # fmt: skip
+                    req.tid_start, None, req.size, 0, _seq(req), None, attrs, req_head, b"")  # fmt: skip
     attrs["deeptrace.no_response"] = reason
     return Span(kind, req.name or req.protocol, req.protocol, endpoint, req.start_ns, req.end_ns, "error", reason,
-                req.tid_start, None, req.size, 0, _seq(req), None, attrs, req.head, b"")  # fmt: skip
+                req.tid_start, None, req.size, 0, _seq(req), None, attrs, req_head, b"")  # fmt: skip
 
 
 class Pairing:

@@ -169,8 +169,10 @@ class DirectionFramer:
                 return data  # incomplete, running on, or not a message: the general path decides
             length = result.length
             seq = _seq_at(chunk, base)
-            out.append(Framed(result.fields, length, data[:HEAD_BYTES], chunk.start_ns, chunk.end_ns, chunk.tid,
-                              chunk.tid, seq, False))  # fmt: skip
+            # A head is its own message's bytes only: what follows in the same syscall
+            # (a pipelined AUTH, another request's token) belongs to the next one.
+            out.append(Framed(result.fields, length, data[: min(length, HEAD_BYTES)], chunk.start_ns, chunk.end_ns,
+                              chunk.tid, chunk.tid, seq, False))  # fmt: skip
             data = data[length:]
             base += length
         return data

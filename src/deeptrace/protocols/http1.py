@@ -19,7 +19,6 @@ KEPT_HEADERS = (
     "host", "user-agent", "content-type", "content-length", "transfer-encoding", "x-request-id",
     "x-correlation-id", "traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "uber-trace-id",
 )  # fmt: skip
-SECRET_HEADERS = re.compile(rb"(?im)^(authorization|proxy-authorization|cookie|set-cookie|x-api-key):[^\r\n]*")
 MAX_HEADER = 64 << 10
 # Numbers, UUIDs, long hex, and codes with a run of 3+ digits (SKU-40079, order_1234);
 # `v1` or `oauth2` stay as they are.
@@ -43,11 +42,10 @@ def starts_response(data: bytes) -> bool:
 
 _FRAMING_HEADERS = ("content-length", "transfer-encoding")
 _KEPT_ATTRIBUTE = {name: f"http.request.header.{name}" for name in KEPT_HEADERS}
-_SECRET_NAMES = ("authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key")
 # Only the headers we keep or frame by are looked at: one scan in C per message.
 _WANTED = re.compile(
     rb"(?im)^("
-    + b"|".join(re.escape(h.encode()) for h in KEPT_HEADERS + _FRAMING_HEADERS + _SECRET_NAMES)
+    + b"|".join(re.escape(h.encode()) for h in KEPT_HEADERS + _FRAMING_HEADERS)
     + rb")[ \t]*:[ \t]*([^\r\n]*)"
 )
 
@@ -209,14 +207,6 @@ def response_attributes(fields: dict) -> dict:
     return attrs
 
 
-def redact(head: bytes, headers: dict[str, str]) -> bytes:
-    """The head with credential values replaced; the headers were already scanned for
-    them while framing, so a head without any is returned untouched (no second scan)."""
-    if not any(name in headers for name in _SECRET_NAMES):
-        return head
-    return SECRET_HEADERS.sub(lambda m: m.group(1) + b": [REDACTED]", head)
-
-
 class Http1Connection(FramedConnection):
     protocol = PROTOCOL
 
@@ -238,7 +228,7 @@ class Http1Connection(FramedConnection):
     def _request(self, f: Framed) -> Message:
         self._methods.append(f.fields["method"])
         return message_from(f, PROTOCOL, True, name=request_name(f.fields), attributes=request_attributes(f.fields),
-                            head=redact(f.head, f.fields["headers"]))  # fmt: skip
+                            head=f.head)  # fmt: skip
 
     def _response(self, f: Framed) -> Message | None:
         status = f.fields["status"]
@@ -249,4 +239,4 @@ class Http1Connection(FramedConnection):
         if f.fields.get("upgrade"):
             self.upgraded = True
         return message_from(f, PROTOCOL, False, error=status >= 400, status_code=str(status),
-                            attributes=response_attributes(f.fields), head=redact(f.head, f.fields["headers"]))  # fmt: skip
+                            attributes=response_attributes(f.fields), head=f.head)  # fmt: skip

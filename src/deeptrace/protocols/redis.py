@@ -4,6 +4,7 @@ type and errors of responses, pipelining. Pure functions of bytes."""
 from __future__ import annotations
 
 from deeptrace.protocols.base import Message, message_from
+from deeptrace.protocols.redaction import REDIS_ALL_ARGS
 from deeptrace.protocols.framing import INVALID, NEED_MORE, DirectionFramer, Frame, Framed, FramedConnection
 
 PROTOCOL = "redis"
@@ -12,7 +13,6 @@ AGGREGATES = frozenset(b"*%~>|")  # element counts follow; maps and attributes c
 MAX_ELEMENTS = 1 << 20
 MAX_DEPTH = 16
 MAX_LINE = 64 << 10
-SECRET_COMMANDS = frozenset({"AUTH", "HELLO", "MIGRATE"})
 
 
 class _Short(Exception):
@@ -101,7 +101,7 @@ def frame_request(buf: bytes) -> Frame | str:
         return INVALID
     command = args[0].decode("latin-1").upper()
     fields = {"command": command, "args": len(args) - 1}
-    if len(args) > 1 and command not in SECRET_COMMANDS:
+    if len(args) > 1 and command not in REDIS_ALL_ARGS:  # no password as a key
         fields["key"] = args[1][:128].decode("utf-8", "replace")
     return Frame(end, fields)
 
@@ -137,13 +137,6 @@ _TYPE_NAMES = {
 }  # fmt: skip
 
 
-def redact(head: bytes, fields: dict) -> bytes:
-    """AUTH and HELLO carry passwords: keep only the command."""
-    if fields.get("command") in SECRET_COMMANDS:
-        return head[: head.upper().find(fields["command"].encode()) + len(fields["command"])] + b" [REDACTED]"
-    return head
-
-
 class RedisConnection(FramedConnection):
     protocol = PROTOCOL
 
@@ -156,7 +149,7 @@ class RedisConnection(FramedConnection):
         if "key" in f.fields:
             attrs["db.redis.key"] = f.fields["key"]
         return message_from(f, PROTOCOL, True, name=f"redis {f.fields['command']}", attributes=attrs,
-                            head=redact(f.head, f.fields))  # fmt: skip
+                            head=f.head)  # fmt: skip
 
     @staticmethod
     def _response(f: Framed) -> Message | None:

@@ -1,0 +1,211 @@
+"""Secrets never leave the host: one place that knows what a secret looks like on the wire.
+
+Every span the agent makes passes through `redact_span_parts` (spans.make_span): its payload
+heads and its attributes, whatever the protocol parser put there. The lists below are the
+whole policy, and the README lists them for users:
+
+- header names (HTTP/1 and HTTP/2): those in SECRET_HEADERS, and any whose name has a word
+  from SECRET_WORDS (`X-Auth-Token`, `X-Vault-Token`, `Proxy-Authorization`);
+- query and form keys (the request target, `url.query`, a urlencoded or JSON body in a head):
+  the same words (`password`, `api_key`, `access_token`, `client_secret`, ...);
+- Redis commands: AUTH, HELLO, MIGRATE (everything after the command), ACL SETUSER (the rules
+  after the user), CONFIG SET / SENTINEL SET of a parameter named with a secret word;
+- SQL text (`db.query.text`, PostgreSQL and MySQL heads): the literal after PASSWORD,
+  IDENTIFIED BY, SECRET; a PostgreSQL password message whole.
+
+A value is replaced by `[REDACTED]`; a head that ends inside a secret is cut there.
+"""
+
+from __future__ import annotations
+
+import re
+
+REDACTED = "[REDACTED]"
+_R = REDACTED.encode()
+SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "api-key",
+                            "x-amz-security-token", "x-goog-api-key"})  # fmt: skip
+# Words of a name (split at '-', '_', '.') that mark its value as a secret.
+SECRET_WORDS = frozenset({"auth", "authorization", "cookie", "token", "secret", "password", "passwd", "pwd", "pass",
+                          "apikey", "passphrase", "credential", "credentials", "signature", "sig", "jwt", "session",
+                          "sessionid", "otp"})  # fmt: skip
+SECRET_KEYS = frozenset({"api_key", "api-key", "access_key", "private_key", "client_secret", "x-amz-credential"})
+REDIS_ALL_ARGS = frozenset({"AUTH", "HELLO", "MIGRATE"})
+
+# Cheap tests before any work: nearly every head has none of these.
+_MAYBE = re.compile(rb"(?i)auth|cookie|token|secret|pass|pwd|key|sig|credential|jwt|session|otp")
+_REDIS_MAYBE = re.compile(rb"(?i)auth|hello|migrate|setuser|pass|secret|token")
+_WORD_SPLIT = re.compile(r"[-_.\s]+")
+
+
+def secret_name(name: str) -> bool:
+    name = name.strip().lower()
+    return name in SECRET_HEADERS or name in SECRET_KEYS or any(w in SECRET_WORDS for w in _WORD_SPLIT.split(name))
+
+
+# --- HTTP: header lines, the request target's query, a form or JSON body ---
+
+_HEADER_LINE = re.compile(rb"^([!#$%&'*+.^_`|~0-9A-Za-z:-]+)[ \t]*:")
+_QUERY_PAIR = re.compile(rb"([^&=?#\s]+)=([^&#\s]*)")
+_JSON_PAIR = re.compile(rb'"([^"\\]{1,64})"\s*:\s*("(?:[^"\\]|\\.)*"?|[^,}\s]+)')
+
+
+def _query(text: bytes) -> bytes:
+    return _QUERY_PAIR.sub(lambda m: m.group(1) + b"=" + _R if secret_name(m.group(1).decode("latin-1")) else m.group(0),
+                           text)  # fmt: skip
+
+
+def _body(body: bytes) -> bytes:
+    if body.lstrip()[:1] in (b"{", b"["):
+        return _JSON_PAIR.sub(lambda m: b'"' + m.group(1) + b'": "' + _R + b'"'
+                              if secret_name(m.group(1).decode("latin-1")) else m.group(0), body)  # fmt: skip
+    return _query(body) if b"=" in body else body
+
+
+def http_head(head: bytes) -> bytes:
+    """An HTTP/1 message's head, or an HTTP/2 one's decoded `name: value` lines."""
+    if not _MAYBE.search(head):
+        return head
+    header_end = head.find(b"\r\n\r\n")
+    sep_len = 4
+    if header_end < 0:
+        header_end, sep_len = head.find(b"\n\n"), 2
+    headers, body = (head, b"") if header_end < 0 else (head[:header_end], head[header_end + sep_len :])
+    lines = headers.split(b"\n")
+    secret_value = False  # a folded line continues the header before it
+    for i, line in enumerate(lines):
+        if i == 0 and not _HEADER_LINE.match(line):  # the request or status line
+            lines[i] = _query(line)
+            continue
+        if line[:1] in (b" ", b"\t"):
+            if secret_value:
+                lines[i] = line[:1] + _R + (b"\r" if line.endswith(b"\r") else b"")
+            continue
+        m = _HEADER_LINE.match(line)
+        if m is None:
+            secret_value = False
+            continue
+        name = m.group(1).decode("latin-1")
+        if name.startswith(":") and name != ":":  # HTTP/2 pseudo-headers: ":path: /x?token=1"
+            secret_value = False
+            if name == ":path":
+                lines[i] = _query(line)
+            continue
+        secret_value = secret_name(name)
+        if secret_value:
+            lines[i] = line[: m.end()] + b" " + _R + (b"\r" if line.endswith(b"\r") else b"")
+    out = b"\n".join(lines)
+    return out if header_end < 0 else out + head[header_end : header_end + sep_len] + _body(body)
+
+
+# --- Redis ---
+
+def _redis_args(head: bytes) -> list[tuple[int, int]]:
+    """Where each argument's bytes lie in a request head (RESP or inline), as far as captured."""
+    spans = []
+    if head[:1] == b"*":
+        pos = head.find(b"\r\n") + 2
+        while 0 < pos < len(head) and head[pos : pos + 1] == b"$":
+            eol = head.find(b"\r\n", pos)
+            if eol < 0:
+                break
+            try:
+                n = int(head[pos + 1 : eol])
+            except ValueError:
+                break
+            start = eol + 2
+            spans.append((start, min(start + n, len(head))))
+            pos = start + n + 2
+        return spans
+    line_end = head.find(b"\r\n")
+    line_end = len(head) if line_end < 0 else line_end
+    return [(m.start(), m.end()) for m in re.finditer(rb"\S+", head[:line_end])]
+
+
+def _redis_secret_args(args: list[bytes]) -> list[int]:
+    command = args[0].upper()
+    if command.decode("latin-1") in REDIS_ALL_ARGS:
+        return list(range(1, len(args)))
+    sub = args[1].upper() if len(args) > 1 else b""
+    if command == b"ACL" and sub == b"SETUSER":
+        return list(range(3, len(args)))
+    if (command == b"CONFIG" and sub == b"SET") or (command == b"SENTINEL" and sub in (b"SET", b"CONFIG")):
+        # Name-value pairs; a parameter named with a secret word ("masterauth", "auth-pass",
+        # "requirepass") hides its value.
+        return [i + 1 for i in range(2, len(args)) if _secret_param(args[i])]
+    return []
+
+
+def _secret_param(name: bytes) -> bool:
+    low = name.decode("latin-1").lower()
+    return secret_name(low) or any(w in low for w in ("pass", "auth", "secret", "token"))
+
+
+def redis_head(head: bytes) -> bytes:
+    if not _REDIS_MAYBE.search(head):
+        return head
+    where = _redis_args(head)
+    if not where:
+        return head
+    args = [head[a:b] for a, b in where]
+    secret = set(_redis_secret_args(args))
+    if not secret:
+        return head
+    out, last = [], 0
+    for i, (a, b) in enumerate(where):
+        if i in secret:
+            out += [head[last:a], _R]
+            last = b
+    out.append(head[last:])
+    return b"".join(out)
+
+
+# --- SQL text ---
+
+_SQL_SECRET = re.compile(
+    r"(?i)\b(PASSWORD|IDENTIFIED\s+(?:WITH\s+\S+\s+)?BY|SECRET)(\s*(?:=\s*)?(?:PASSWORD\s*)?\(?\s*)"
+    r"('(?:[^'\\]|''|\\.)*'?|\"(?:[^\"\\]|\\.)*\"?)"
+)
+
+
+def sql_text(text: str) -> str:
+    return _SQL_SECRET.sub(lambda m: m.group(1) + m.group(2) + "'" + REDACTED + "'", text)
+
+
+_SQL_MAYBE = re.compile(rb"(?i)password|identified|secret")
+
+
+def sql_head(head: bytes) -> bytes:
+    """A MySQL or PostgreSQL message: the SQL in it with its password literals hidden."""
+    if not _SQL_MAYBE.search(head):
+        return head
+    return sql_text(head.decode("latin-1")).encode("latin-1")  # latin-1 keeps every byte as it was
+
+
+def postgres_head(head: bytes) -> bytes:
+    if head[:1] == b"p":  # PasswordMessage, or a SASL response: nothing in it is for anyone to read
+        return head[:5] + _R
+    return sql_head(head)
+
+
+# --- a span's parts ---
+
+_HEADS = {"http": http_head, "http2": http_head, "redis": redis_head, "postgresql": postgres_head, "mysql": sql_head}
+
+
+def redact_span_parts(protocol: str, attributes: dict, req_head: bytes, resp_head: bytes) -> tuple[bytes, bytes]:
+    """Redacts attributes in place; returns the heads, redacted."""
+    for key in [k for k in attributes if k in ("url.query", "db.query.text") or k.startswith("http.")]:
+        value = attributes[key]
+        if not isinstance(value, str):
+            continue
+        if key == "url.query":
+            attributes[key] = _query(value.encode("utf-8", "surrogateescape")).decode("utf-8", "surrogateescape")
+        elif key == "db.query.text":
+            attributes[key] = sql_text(value)
+        elif ".header." in key and secret_name(key.rsplit(".header.", 1)[1]):
+            attributes[key] = REDACTED
+    redact = _HEADS.get(protocol)
+    if redact is not None:
+        req_head = redact(req_head) if req_head else req_head
+        resp_head = redact(resp_head) if resp_head else resp_head
+    return req_head, resp_head
