@@ -5,33 +5,59 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
+from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
 
+from deeptrace.schema import INT64_MAX
+from deeptrace.server.errors_http import answering_400
 from deeptrace.server.store.base import Red, TraceQuery
 
-router = APIRouter(prefix="/api/v1")
+router = APIRouter(prefix="/api/v1",
+                   route_class=answering_400(lambda msg: JSONResponse({"detail": msg}, status_code=400)))  # fmt: skip
 HOUR_NS = 3600 * 10**9
-MAX_LIMIT = 1000
 MAX_POINTS = 2000
+
+# The bounds of every query parameter, here and in Jaeger's API (jaeger.py); docs/server.md
+# lists them. Times are int64 nanoseconds as the store keeps them (0 to the year 2262), so
+# any two subtract in SQL's BIGINT without overflow. Durations and steps stay far enough
+# inside int64 that converting them from float ms or s cannot round past it.
+MAX_TIME_NS = INT64_MAX
+MAX_DURATION_NS = 10**18  # about 31.7 years
+MAX_LIMIT = 1000
+MAX_ROWS = 1_000_000  # the most traces a query may skip (offset) or ask for before clamping
+MIN_STEP_S = 0.001
+
+TimeNs = Annotated[int | None, Query(ge=0, le=MAX_TIME_NS)]
+DurationMs = Annotated[float | None, Query(ge=0, le=MAX_DURATION_NS / 1e6, allow_inf_nan=False)]
 
 
 def time_range(start_ns: int | None, end_ns: int | None) -> tuple[int, int]:
     """The given range, or the last hour; refuses a range that ends before it starts."""
     end = end_ns if end_ns is not None else time.time_ns()
-    start = start_ns if start_ns is not None else end - HOUR_NS
+    start = start_ns if start_ns is not None else max(0, end - HOUR_NS)
     if end < start:
         raise HTTPException(400, "end_ns is before start_ns")
     return start, end
+
+
+def attr_key_ok(key: str) -> bool:
+    # The store finds an attribute by a JSON path, which cannot spell an empty key, nor a
+    # backslash before the closing quote; no attribute name plausibly holds one.
+    return bool(key) and "\\" not in key
 
 
 def parse_attrs(pairs: list[str]) -> dict[str, str]:
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
+        key = key.strip()
         if not sep or not key:
-            raise HTTPException(400, f"attr must be KEY=VALUE, got {pair!r}")
-        out[key.strip()] = value.strip()
+            raise HTTPException(400, f"attr: must be KEY=VALUE, got {pair!r}")
+        if not attr_key_ok(key):
+            raise HTTPException(400, f"attr: a key must not hold a backslash, got {key!r}")
+        out[key] = value.strip()
     return out
 
 
@@ -54,11 +80,12 @@ def get_trace(trace_id: str, request: Request):
 @router.get("/traces")
 def search_traces(request: Request, service: str | None = None, operation: str | None = None,
                   status: str | None = Query(None, pattern="^(ok|error)$"),
-                  min_duration_ms: float | None = Query(None, ge=0), max_duration_ms: float | None = Query(None, ge=0),
-                  start_ns: int | None = None, end_ns: int | None = None, attr: list[str] = Query(default=[]),
+                  min_duration_ms: DurationMs = None, max_duration_ms: DurationMs = None,
+                  start_ns: TimeNs = None, end_ns: TimeNs = None, attr: list[str] = Query(default=[]),
                   sort: str = Query("start", pattern="^(start|duration)$"),
                   order: str = Query("desc", pattern="^(asc|desc)$"),
-                  limit: int = Query(20, ge=1, le=MAX_LIMIT), offset: int = Query(0, ge=0)):  # fmt: skip
+                  limit: int = Query(20, ge=1, le=MAX_LIMIT),
+                  offset: int = Query(0, ge=0, le=MAX_ROWS)):  # fmt: skip
     start, end = time_range(start_ns, end_ns)
     q = TraceQuery(start, end, service or None, operation or None, status,
                    int(min_duration_ms * 1e6) if min_duration_ms is not None else None,
@@ -87,7 +114,7 @@ def operations(service: str, request: Request):
 
 
 @router.get("/service-map")
-def service_map(request: Request, start_ns: int | None = None, end_ns: int | None = None):
+def service_map(request: Request, start_ns: TimeNs = None, end_ns: TimeNs = None):
     start, end = time_range(start_ns, end_ns)
     m = _store(request).service_map(start, end)
     return {"start_ns": start, "end_ns": end,
@@ -97,7 +124,9 @@ def service_map(request: Request, start_ns: int | None = None, end_ns: int | Non
 
 @router.get("/timeseries")
 def timeseries(request: Request, service: str | None = None, source: str | None = None, target: str | None = None,
-               start_ns: int | None = None, end_ns: int | None = None, step_s: float = Query(60, gt=0)):  # fmt: skip
+               start_ns: TimeNs = None, end_ns: TimeNs = None,
+               step_s: float = Query(60, ge=MIN_STEP_S, le=MAX_DURATION_NS / 1e9,
+                                     allow_inf_nan=False)):  # fmt: skip
     if (service is None) == (source is None or target is None):
         raise HTTPException(400, "give either service, or source and target")
     start, end = time_range(start_ns, end_ns)
@@ -112,3 +141,11 @@ def timeseries(request: Request, service: str | None = None, source: str | None 
 @router.get("/agents")
 def agents(request: Request):
     return {"agents": [asdict(a) for a in _store(request).agents()]}
+
+
+@router.get("/dead-letters")
+def dead_letters(request: Request, limit: int = Query(50, ge=1, le=MAX_LIMIT),
+                 offset: int = Query(0, ge=0, le=MAX_ROWS)):  # fmt: skip
+    """Spans accepted but impossible to link or write, newest first, with why."""
+    letters, total = _store(request).dead_letters(limit, offset)
+    return {"dead_letters": [asdict(x) for x in letters], "total": total, "limit": limit, "offset": offset}

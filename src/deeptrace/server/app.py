@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
@@ -21,7 +21,7 @@ from starlette.concurrency import run_in_threadpool
 
 from deeptrace import __version__
 from deeptrace.schema import AGENT_ID, AGENT_ID_RULE, INT64_MAX
-from deeptrace.server import api, ingest, jaeger
+from deeptrace.server import api, errors_http, ingest, jaeger
 from deeptrace.server.bodylimit import BodyLimit
 from deeptrace.server.linker import Linker
 from deeptrace.server.metrics import CONTENT_TYPE, Metrics
@@ -246,12 +246,6 @@ def create_app(config: ServerConfig, store: Store | None = None) -> FastAPI:
     def status():
         return server.status()
 
-    @app.get("/api/v1/dead-letters")
-    def dead_letters(limit: int = Query(50, ge=1, le=1000), offset: int = Query(0, ge=0, le=1_000_000)):
-        """Spans accepted but impossible to link or write, newest first, with why."""
-        letters, total = server.store.dead_letters(limit, offset)
-        return {"dead_letters": [asdict(x) for x in letters], "total": total, "limit": limit, "offset": offset}
-
     app.include_router(api.router)
     app.include_router(jaeger.router)
     vendor = WEB_DIR / "node_modules"
@@ -259,6 +253,7 @@ def create_app(config: ServerConfig, store: Store | None = None) -> FastAPI:
         app.mount("/vendor", StaticFiles(directory=vendor), name="vendor")
     if WEB_DIR.is_dir():
         app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")
+    errors_http.install(app)
     app.add_middleware(BodyLimit, limit_for=body_limit,
                        on_refused=lambda path: server.count(rejected=1) if path == "/api/v1/spans" else None)  # fmt: skip
     return app

@@ -10,14 +10,19 @@ from __future__ import annotations
 import json
 import re
 import time
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
+from deeptrace.server.api import MAX_DURATION_NS, MAX_ROWS, MAX_TIME_NS, attr_key_ok
+from deeptrace.server.errors_http import answering_400
 from deeptrace.server.store.base import TraceQuery
 
-router = APIRouter(prefix="/api")
-MAX_TRACES = 1500
+router = APIRouter(prefix="/api", route_class=answering_400(lambda msg: error(400, msg)))
+MAX_TRACES = 1500  # a larger limit is clamped to it, not refused
+TimeUs = Annotated[int | None, Query(ge=0, le=MAX_TIME_NS // 10**3)]
+TimeMs = Annotated[int | None, Query(ge=0, le=MAX_TIME_NS // 10**6)]
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h|d)")
 _UNIT_NS = {"ns": 1, "us": 10**3, "µs": 10**3, "ms": 10**6, "s": 10**9, "m": 60 * 10**9, "h": 3600 * 10**9,
             "d": 86400 * 10**9}  # fmt: skip
@@ -40,13 +45,16 @@ def error(status: int, msg: str):
     return envelope(None, 0, [{"code": status, "msg": msg}], status)
 
 
-def parse_duration_ns(text: str) -> int:
+def parse_duration_ns(text: str, name: str) -> int:
     """Go-style durations as Jaeger takes them: `1.5ms`, `100us`, `1m30s`."""
     text = text.strip()
     parts = _DURATION.findall(text)
     if not parts or "".join(n + u for n, u in parts) != text:
-        raise BadQuery(f"bad duration {text!r}: use e.g. 1.2ms, 100us, 2s, 1h")
-    return int(sum(float(n) * _UNIT_NS[u] for n, u in parts))
+        raise BadQuery(f"{name}: bad duration {text!r}: use e.g. 1.2ms, 100us, 2s, 1h")
+    ns = sum(float(n) * _UNIT_NS[u] for n, u in parts)  # inf for a long enough run of digits
+    if not ns <= MAX_DURATION_NS:
+        raise BadQuery(f"{name}: at most {MAX_DURATION_NS // (86400 * 10**9)}d")
+    return int(ns)
 
 
 def tag(key: str, value) -> dict:
@@ -117,9 +125,9 @@ def get_trace(trace_id: str, request: Request):
 
 @router.get("/traces")
 def find_traces(request: Request, service: str | None = None, operation: str | None = None, tags: str | None = None,
-                tag_pairs: list[str] = Query(default=[], alias="tag"), start: int | None = None,
-                end: int | None = None, lookback: str | None = None, minDuration: str | None = None,
-                maxDuration: str | None = None, limit: int = 20):
+                tag_pairs: list[str] = Query(default=[], alias="tag"), start: TimeUs = None,
+                end: TimeUs = None, lookback: str | None = None, minDuration: str | None = None,
+                maxDuration: str | None = None, limit: int = Query(20, ge=0, le=MAX_ROWS)):
     try:
         q = _trace_query(service, operation, tags, tag_pairs, start, end, lookback, minDuration, maxDuration, limit)
     except BadQuery as e:
@@ -136,33 +144,37 @@ def _trace_query(service, operation, tags, tag_pairs, start, end, lookback, min_
     if start is not None:
         start_us = start
     elif lookback and lookback != "custom":
-        start_us = end_us - parse_duration_ns(lookback) // 1000
+        start_us = max(0, end_us - parse_duration_ns(lookback, "lookback") // 1000)
     else:
-        start_us = end_us - 3600 * 10**6
+        start_us = max(0, end_us - 3600 * 10**6)
     attrs: dict[str, str] = {}
     if tags:
         try:
             parsed = json.loads(tags)
-        except json.JSONDecodeError as e:
-            raise BadQuery(f"tags must be a JSON object: {e}") from None
-        if not isinstance(parsed, dict):
-            raise BadQuery("tags must be a JSON object")
+        except (ValueError, RecursionError) as e:  # also too many digits, or too deep a nesting
+            raise BadQuery(f"tags: must be a JSON object: {e}") from None
+        if not isinstance(parsed, dict) or any(isinstance(v, (dict, list)) for v in parsed.values()):
+            raise BadQuery("tags: must be a JSON object of strings, numbers or booleans")
+        if not all(attr_key_ok(k) for k in parsed):
+            raise BadQuery("tags: a key must not be empty nor hold a backslash")
         attrs.update({str(k): str(v) for k, v in parsed.items()})
     for pair in tag_pairs:  # the older tag=key:value form
         key, sep, value = pair.partition(":")
-        if not sep:
-            raise BadQuery(f"tag must be key:value, got {pair!r}")
+        if not sep or not attr_key_ok(key):
+            raise BadQuery(f"tag: must be key:value, the key not empty nor holding a backslash: {pair!r}")
         attrs[key] = value
     return TraceQuery(
         start_us * 1000, end_us * 1000, service or None, operation or None, None,
-        parse_duration_ns(min_d) if min_d else None, parse_duration_ns(max_d) if max_d else None,
+        parse_duration_ns(min_d, "minDuration") if min_d else None,
+        parse_duration_ns(max_d, "maxDuration") if max_d else None,
         attrs, "start", True, max(1, min(limit or 20, MAX_TRACES)), 0,
     )  # fmt: skip
 
 
 @router.get("/dependencies")
-def dependencies(request: Request, endTs: int | None = None, lookback: int | None = None):
+def dependencies(request: Request, endTs: TimeMs = None,
+                 lookback: int | None = Query(None, ge=0, le=MAX_DURATION_NS // 10**6)):  # fmt: skip
     end_ms = endTs if endTs is not None else time.time_ns() // 10**6
     back_ms = lookback if lookback is not None else 24 * 3600 * 1000
-    m = _store(request).service_map((end_ms - back_ms) * 10**6, end_ms * 10**6)
+    m = _store(request).service_map(max(0, end_ms - back_ms) * 10**6, end_ms * 10**6)
     return envelope([{"parent": e.source, "child": e.target, "callCount": e.red.requests} for e in m.edges])
