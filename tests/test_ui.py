@@ -390,6 +390,7 @@ def test_agents_table(page, seed):
     for host in ["web-1", "gw-1", "users-1", "batch-1"]:
         assert host in text
     assert "6.8.0-45-generic" in text and "48 MiB" in text and "1,998" in text
+    assert "disk refused 2 batches, 140 spans" in text  # batch-1's spool writes that failed
     assert page.locator("#agents tr[data-stale='1']").count() == 0
     shot(page, "agents")
 

@@ -298,7 +298,9 @@ def build(now_ns: int | None = None, n_users: int = 28, n_catalog: int = 12, big
             "host": host, "kernel": KERNELS[host], "version": "0.1.0", "started_ns": now_ns - 3600 * 10**9,
             "stats": {"records": n * 4, "spans": n, "drops": 3 if host == "batch-1" else 0, "cpu_seconds": 12.5,
                       "rss_bytes": 48 << 20, "spool_batches": 0, "spool_bytes": 0, "spool_dropped_batches": 0,
-                      "spool_dropped_spans": 0, "sent_batches": 12, "sent_spans": n, "send_failures": 0},
+                      "spool_dropped_spans": 0, "spool_write_failed_batches": 2 if host == "batch-1" else 0,
+                      "spool_write_failed_spans": 140 if host == "batch-1" else 0, "sent_batches": 12,
+                      "sent_spans": n, "send_failures": 0},
         }  # fmt: skip
     return Seed(b.spans, agents, traces)
 

@@ -37,8 +37,6 @@ MAX_ATTRIBUTE_CHARS = 4096  # a string attribute value
 MAX_HEAD_BYTES = 4096  # a payload head, decoded
 TRUNCATED = "…[truncated]"
 TRUNCATED_BYTES = b"...[truncated]"
-# Computed by the server (linker, store): what an agent sends for them is ignored.
-SERVER_KEYS = ("duration_ns", "peer_service", "link_method", "link_confidence")
 
 
 class SpanError(ValueError):
@@ -47,43 +45,6 @@ class SpanError(ValueError):
 
 def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - len(TRUNCATED)] + TRUNCATED
-
-
-def _int(lo: int, hi: int):
-    def check(key: str, v):
-        if v.__class__ is not int or not lo <= v <= hi:
-            raise SpanError(f"{key} must be an integer from {lo} to {hi}")
-        return v
-
-    return check
-
-
-def _choice(choices: tuple[str, ...]):
-    def check(key: str, v):
-        if v not in choices:
-            raise SpanError(f"{key} must be one of {', '.join(choices)}")
-        return v
-
-    return check
-
-
-def _text(limit: int, cut: bool = False):
-    def check(key: str, v):
-        if v.__class__ is not str:
-            raise SpanError(f"{key} must be a string")
-        if len(v) > limit:
-            if not cut:
-                raise SpanError(f"{key} is longer than {limit} characters")
-            return _cut(v, limit)
-        return v
-
-    return check
-
-
-def _id(key: str, v):
-    if v.__class__ is not str or not 0 < len(v) <= MAX_SPAN_ID_CHARS or not ID_CHARS.match(v):
-        raise SpanError(f"{key} must be 1 to {MAX_SPAN_ID_CHARS} characters of [0-9A-Za-z._:@-]")
-    return v
 
 
 def _seq(key: str, v):
@@ -130,28 +91,28 @@ def _attributes(key: str, v):
     return v if out is None else out
 
 
-def _times(key: str, v):
-    if v.__class__ is not int or not EARLIEST_NS <= v <= LATEST_NS:
-        raise SpanError(f"{key} must be Unix nanoseconds between 2000-01-01 and 2100-01-01")
-    return v
-
-
-# key -> (check that returns the value as stored, may the value be null?). Keys not listed
-# are dropped; REQUIRED keys must be present and not null.
+# How each key is checked: (kind, bound, bound, may it be null?). INT: from lo to hi; TEXT: at
+# most n characters, cut with the marker or refused; CHOICE: one of a set; ID: a span id;
+# CHECK: a function that returns the value as stored. Plain tuples, tested inline: ingest
+# runs this for every span.
+INT, TEXT, CHOICE, ID, CHECK = range(5)
+_RANGE_NAMES = {EARLIEST_NS: "2000-01-01", LATEST_NS: "2100-01-01"}
 FIELDS: dict[str, tuple] = {
-    "span_id": (_id, False), "trace_id": (_id, True), "parent_span_id": (_id, True),
-    "kind": (_choice(KINDS), False), "name": (_text(MAX_NAME_CHARS, cut=True), False),
-    "protocol": (_text(MAX_PROTOCOL_CHARS), True), "service": (_text(MAX_LABEL_CHARS), True),
-    "host": (_text(MAX_LABEL_CHARS), True), "pid": (_int(0, U32_MAX), False), "tid": (_int(0, U32_MAX), True),
-    "resp_tid": (_int(0, U32_MAX), True), "start_ns": (_times, False), "end_ns": (_times, False),
-    "status": (_choice(STATUSES), True), "status_code": (_text(MAX_STATUS_CODE_CHARS, cut=True), True),
-    "laddr": (_text(MAX_ADDR_CHARS), True), "lport": (_int(0, 65535), True),
-    "raddr": (_text(MAX_ADDR_CHARS), True), "rport": (_int(0, 65535), True),
-    "conn_id": (_int(0, INT64_MAX), True), "req_size": (_int(0, INT64_MAX), True),
-    "resp_size": (_int(0, INT64_MAX), True), "req_seq": (_seq, True), "resp_seq": (_seq, True),
-    "attributes": (_attributes, True), "req_head": (_head, True), "resp_head": (_head, True),
+    "span_id": (ID, None, None, False), "trace_id": (ID, None, None, True),
+    "parent_span_id": (ID, None, None, True), "kind": (CHOICE, KINDS, None, False),
+    "name": (TEXT, MAX_NAME_CHARS, True, False), "protocol": (TEXT, MAX_PROTOCOL_CHARS, False, True),
+    "service": (TEXT, MAX_LABEL_CHARS, False, True), "host": (TEXT, MAX_LABEL_CHARS, False, True),
+    "pid": (INT, 0, U32_MAX, False), "tid": (INT, 0, U32_MAX, True), "resp_tid": (INT, 0, U32_MAX, True),
+    "start_ns": (INT, EARLIEST_NS, LATEST_NS, False), "end_ns": (INT, EARLIEST_NS, LATEST_NS, False),
+    "status": (CHOICE, STATUSES, None, True), "status_code": (TEXT, MAX_STATUS_CODE_CHARS, True, True),
+    "laddr": (TEXT, MAX_ADDR_CHARS, False, True), "lport": (INT, 0, 65535, True),
+    "raddr": (TEXT, MAX_ADDR_CHARS, False, True), "rport": (INT, 0, 65535, True),
+    "conn_id": (INT, 0, INT64_MAX, True), "req_size": (INT, 0, INT64_MAX, True),
+    "resp_size": (INT, 0, INT64_MAX, True), "req_seq": (CHECK, _seq, None, True),
+    "resp_seq": (CHECK, _seq, None, True), "attributes": (CHECK, _attributes, None, True),
+    "req_head": (CHECK, _head, None, True), "resp_head": (CHECK, _head, None, True),
 }  # fmt: skip
-REQUIRED = tuple(k for k, (_, nullable) in FIELDS.items() if not nullable)
+REQUIRED = frozenset(k for k, spec in FIELDS.items() if not spec[3])
 
 
 def validate_span(span) -> dict:
@@ -160,15 +121,42 @@ def validate_span(span) -> dict:
     if span.__class__ is not dict:
         raise SpanError("not a JSON object")
     out = {}
-    for key, (check, nullable) in FIELDS.items():
-        v = span.get(key)
-        if v is None:
-            if not nullable:
-                raise SpanError(f"{key} is required")
-            if key in span:
-                out[key] = None
+    for key, v in span.items():
+        spec = FIELDS.get(key)
+        if spec is None:
             continue
-        out[key] = check(key, v)
+        kind = spec[0]
+        if v is None:
+            if not spec[3]:
+                break  # a required key: reported as missing below
+            out[key] = None
+        elif kind is INT:
+            if v.__class__ is not int or not spec[1] <= v <= spec[2]:
+                if spec[1] in _RANGE_NAMES:
+                    raise SpanError(f"{key} must be Unix nanoseconds between {_RANGE_NAMES[spec[1]]} and "
+                                    f"{_RANGE_NAMES[spec[2]]}")  # fmt: skip
+                raise SpanError(f"{key} must be an integer from {spec[1]} to {spec[2]}")
+            out[key] = v
+        elif kind is ID:
+            if v.__class__ is not str or not 0 < len(v) <= MAX_SPAN_ID_CHARS or not ID_CHARS.match(v):
+                raise SpanError(f"{key} must be 1 to {MAX_SPAN_ID_CHARS} characters of [0-9A-Za-z._:@-]")
+            out[key] = v
+        elif kind is TEXT:
+            if v.__class__ is not str:
+                raise SpanError(f"{key} must be a string")
+            if len(v) > spec[1]:
+                if not spec[2]:
+                    raise SpanError(f"{key} is longer than {spec[1]} characters")
+                v = _cut(v, spec[1])
+            out[key] = v
+        elif kind is CHOICE:
+            if v not in spec[1]:
+                raise SpanError(f"{key} must be one of {', '.join(spec[1])}")
+            out[key] = v
+        else:
+            out[key] = spec[1](key, v)
+    if not REQUIRED <= out.keys():
+        raise SpanError(f"{next(k for k in FIELDS if k in REQUIRED and k not in out)} is required")
     if out["end_ns"] < out["start_ns"]:
         raise SpanError("end_ns is before start_ns")
     return out
