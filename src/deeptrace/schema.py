@@ -5,13 +5,19 @@ and charset, times in a plausible range), so one span can never make a batch unw
 that may grow with the traffic (names, status codes, attribute values, payload heads) is cut
 with a marker; what identifies a span (ids, service, host, addresses) is refused instead,
 because a cut id would be a different id. The limits are documented in docs/server.md.
-"""
 
-from __future__ import annotations
+The types are checked by msgspec while it parses (in C: ingest parses and checks a batch in
+about the time a plain JSON parse takes); what it cannot say (cuts, base64, end after start)
+is `_finish`, in Python, per span.
+"""
 
 import binascii
 import math
 import re
+from typing import Annotated, Literal, NotRequired, Optional, Required, TypedDict, Union
+
+import msgspec
+from msgspec import Meta
 
 INT64_MAX = (1 << 63) - 1
 U32_MAX = (1 << 32) - 1
@@ -20,9 +26,7 @@ STATUSES = ("ok", "error")
 # Spans outside these times are a clock or a bug, not traffic: 2000-01-01 to 2100-01-01.
 EARLIEST_NS = 946_684_800 * 10**9
 LATEST_NS = 4_102_444_800 * 10**9
-# Span, trace and parent ids; agent and batch ids (ingest) have their own, longer bound.
-MAX_SPAN_ID_CHARS = 64
-ID_CHARS = re.compile(r"[0-9A-Za-z._:@-]+\Z")
+MAX_SPAN_ID_CHARS = 64  # span, trace and parent ids
 # Who sent a batch, and which batch: what agents are named by and deduplicated on.
 AGENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 AGENT_ID_RULE = "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
@@ -38,128 +42,91 @@ MAX_HEAD_BYTES = 4096  # a payload head, decoded
 TRUNCATED = "…[truncated]"
 TRUNCATED_BYTES = b"...[truncated]"
 
+_Id = Annotated[str, Meta(pattern=rf"^[0-9A-Za-z._:@-]{{1,{MAX_SPAN_ID_CHARS}}}$")]
+_U32 = Annotated[int, Meta(ge=0, le=U32_MAX)]
+_Count = Annotated[int, Meta(ge=0, le=INT64_MAX)]
+_Ns = Annotated[int, Meta(ge=EARLIEST_NS, le=LATEST_NS)]
+_Port = Annotated[int, Meta(ge=0, le=65535)]
+_Seq = Annotated[list[_U32], Meta(min_length=2, max_length=2)]  # [start, end] TCP sequence numbers
+_Label = Annotated[str, Meta(max_length=MAX_LABEL_CHARS)]
+_Addr = Annotated[str, Meta(max_length=MAX_ADDR_CHARS)]
+_AttrValue = Union[str, Annotated[int, Meta(ge=-INT64_MAX - 1, le=INT64_MAX)], float, bool, None]
+_Attributes = Annotated[dict[Annotated[str, Meta(max_length=MAX_ATTRIBUTE_KEY_CHARS)], _AttrValue],
+                        Meta(max_length=MAX_ATTRIBUTES)]  # fmt: skip
+
+# THE span as agents send it. Keys not listed are dropped, among them what the server
+# computes itself (duration_ns, peer_service, link_method, link_confidence).
+Span = TypedDict("Span", {
+    "span_id": Required[_Id], "kind": Required[Literal[KINDS]], "name": Required[str], "pid": Required[_U32],
+    "start_ns": Required[_Ns], "end_ns": Required[_Ns], "trace_id": NotRequired[Optional[_Id]],
+    "parent_span_id": NotRequired[Optional[_Id]],
+    "protocol": NotRequired[Optional[Annotated[str, Meta(max_length=MAX_PROTOCOL_CHARS)]]],
+    "service": NotRequired[Optional[_Label]], "host": NotRequired[Optional[_Label]],
+    "tid": NotRequired[Optional[_U32]], "resp_tid": NotRequired[Optional[_U32]],
+    "status": NotRequired[Optional[Literal[STATUSES]]], "status_code": NotRequired[Optional[str]],
+    "laddr": NotRequired[Optional[_Addr]], "lport": NotRequired[Optional[_Port]],
+    "raddr": NotRequired[Optional[_Addr]], "rport": NotRequired[Optional[_Port]],
+    "conn_id": NotRequired[Optional[_Count]], "req_size": NotRequired[Optional[_Count]],
+    "resp_size": NotRequired[Optional[_Count]], "req_seq": NotRequired[Optional[_Seq]],
+    "resp_seq": NotRequired[Optional[_Seq]], "attributes": NotRequired[Optional[_Attributes]],
+    "req_head": NotRequired[Optional[str]], "resp_head": NotRequired[Optional[str]],
+})  # fmt: skip
+
+
+class Batch(msgspec.Struct):
+    """What an agent posts: who, which batch (the pair is deduplicated on), and the spans."""
+
+    agent_id: str  # both must match AGENT_ID: ingest says so in its own words
+    batch_id: str
+    spans: list[Span]
+
 
 class SpanError(ValueError):
     """A span no store can take; the message names the key."""
 
 
-def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - len(TRUNCATED)] + TRUNCATED
+_BATCH_DECODER = msgspec.json.Decoder(Batch)
+_WHERE = re.compile(r" - at (`key` in )?`\$(?:\.spans\[(\d+)\])?\.?([^`]*)`$")
 
 
-def _seq(key: str, v):
-    if v.__class__ is not list or len(v) != 2 or not all(x.__class__ is int and 0 <= x <= U32_MAX for x in v):
-        raise SpanError(f"{key} must be [start, end], TCP sequence numbers from 0 to {U32_MAX}")
-    return v
+def _message(e: msgspec.ValidationError) -> tuple[int | None, str]:
+    """(span index or None, `key: what is wrong`) from msgspec's `Expected ... - at `$.spans[3].pid``."""
+    text = str(e)
+    text = text[:1].lower() + text[1:]
+    m = _WHERE.search(text)
+    if m is None:
+        return None, text
+    what, key, index, path = text[: m.start()], m.group(1), m.group(2), m.group(3)
+    if key:
+        path += " (a key)"
+    return (int(index) if index else None), (f"{path}: {what}" if path else what)
 
 
-def _head(key: str, v):
-    if v.__class__ is not str:
-        raise SpanError(f"{key} must be a base64 string")
+def decode_batch(body: bytes) -> Batch:
+    """A batch's JSON, checked and as it will be stored; raises SpanError (span and key named)
+    or ValueError (not JSON, or not a batch)."""
     try:
-        raw = binascii.a2b_base64(v, strict_mode=True)
-    except (binascii.Error, ValueError):
-        raise SpanError(f"{key} must be base64") from None
-    if len(raw) > MAX_HEAD_BYTES:
-        raw = raw[: MAX_HEAD_BYTES - len(TRUNCATED_BYTES)] + TRUNCATED_BYTES
-        return binascii.b2a_base64(raw, newline=False).decode()
-    return v
-
-
-def _attributes(key: str, v):
-    if v.__class__ is not dict:
-        raise SpanError(f"{key} must be an object")
-    if len(v) > MAX_ATTRIBUTES:
-        raise SpanError(f"{key} has more than {MAX_ATTRIBUTES} keys")
-    out = None
-    for k, x in v.items():
-        if len(k) > MAX_ATTRIBUTE_KEY_CHARS:
-            raise SpanError(f"{key}: a key is longer than {MAX_ATTRIBUTE_KEY_CHARS} characters")
-        cls = x.__class__
-        if cls is str:
-            if len(x) > MAX_ATTRIBUTE_CHARS:
-                out = out or dict(v)
-                out[k] = _cut(x, MAX_ATTRIBUTE_CHARS)
-        elif cls is int:
-            if not -INT64_MAX - 1 <= x <= INT64_MAX:
-                raise SpanError(f"{key}.{k} is outside the int64 range")
-        elif cls is float:
-            if not math.isfinite(x):
-                raise SpanError(f"{key}.{k} is not a finite number")
-        elif cls is not bool and x is not None:
-            raise SpanError(f"{key}.{k} must be a string, number, boolean or null")
-    return v if out is None else out
-
-
-# How each key is checked: (kind, bound, bound, may it be null?). INT: from lo to hi; TEXT: at
-# most n characters, cut with the marker or refused; CHOICE: one of a set; ID: a span id;
-# CHECK: a function that returns the value as stored. Plain tuples, tested inline: ingest
-# runs this for every span.
-INT, TEXT, CHOICE, ID, CHECK = range(5)
-_RANGE_NAMES = {EARLIEST_NS: "2000-01-01", LATEST_NS: "2100-01-01"}
-FIELDS: dict[str, tuple] = {
-    "span_id": (ID, None, None, False), "trace_id": (ID, None, None, True),
-    "parent_span_id": (ID, None, None, True), "kind": (CHOICE, KINDS, None, False),
-    "name": (TEXT, MAX_NAME_CHARS, True, False), "protocol": (TEXT, MAX_PROTOCOL_CHARS, False, True),
-    "service": (TEXT, MAX_LABEL_CHARS, False, True), "host": (TEXT, MAX_LABEL_CHARS, False, True),
-    "pid": (INT, 0, U32_MAX, False), "tid": (INT, 0, U32_MAX, True), "resp_tid": (INT, 0, U32_MAX, True),
-    "start_ns": (INT, EARLIEST_NS, LATEST_NS, False), "end_ns": (INT, EARLIEST_NS, LATEST_NS, False),
-    "status": (CHOICE, STATUSES, None, True), "status_code": (TEXT, MAX_STATUS_CODE_CHARS, True, True),
-    "laddr": (TEXT, MAX_ADDR_CHARS, False, True), "lport": (INT, 0, 65535, True),
-    "raddr": (TEXT, MAX_ADDR_CHARS, False, True), "rport": (INT, 0, 65535, True),
-    "conn_id": (INT, 0, INT64_MAX, True), "req_size": (INT, 0, INT64_MAX, True),
-    "resp_size": (INT, 0, INT64_MAX, True), "req_seq": (CHECK, _seq, None, True),
-    "resp_seq": (CHECK, _seq, None, True), "attributes": (CHECK, _attributes, None, True),
-    "req_head": (CHECK, _head, None, True), "resp_head": (CHECK, _head, None, True),
-}  # fmt: skip
-REQUIRED = frozenset(k for k, spec in FIELDS.items() if not spec[3])
+        batch = _BATCH_DECODER.decode(body)
+    except msgspec.ValidationError as e:
+        index, what = _message(e)
+        raise SpanError(what if index is None else f"span {index}: {what}") from None
+    except msgspec.DecodeError as e:
+        raise ValueError(f"body is not JSON (UTF-8): {e}") from None
+    for i, span in enumerate(batch.spans):
+        try:
+            _finish(span)
+        except SpanError as e:
+            raise SpanError(f"span {i}: {e}") from None
+    return batch
 
 
 def validate_span(span) -> dict:
-    """The span as it will be stored: only known keys, long text cut with a marker; raises
-    SpanError naming the first key that no store could take."""
-    if span.__class__ is not dict:
-        raise SpanError("not a JSON object")
-    out = {}
-    for key, v in span.items():
-        spec = FIELDS.get(key)
-        if spec is None:
-            continue
-        kind = spec[0]
-        if v is None:
-            if not spec[3]:
-                break  # a required key: reported as missing below
-            out[key] = None
-        elif kind is INT:
-            if v.__class__ is not int or not spec[1] <= v <= spec[2]:
-                if spec[1] in _RANGE_NAMES:
-                    raise SpanError(f"{key} must be Unix nanoseconds between {_RANGE_NAMES[spec[1]]} and "
-                                    f"{_RANGE_NAMES[spec[2]]}")  # fmt: skip
-                raise SpanError(f"{key} must be an integer from {spec[1]} to {spec[2]}")
-            out[key] = v
-        elif kind is ID:
-            if v.__class__ is not str or not 0 < len(v) <= MAX_SPAN_ID_CHARS or not ID_CHARS.match(v):
-                raise SpanError(f"{key} must be 1 to {MAX_SPAN_ID_CHARS} characters of [0-9A-Za-z._:@-]")
-            out[key] = v
-        elif kind is TEXT:
-            if v.__class__ is not str:
-                raise SpanError(f"{key} must be a string")
-            if len(v) > spec[1]:
-                if not spec[2]:
-                    raise SpanError(f"{key} is longer than {spec[1]} characters")
-                v = _cut(v, spec[1])
-            out[key] = v
-        elif kind is CHOICE:
-            if v not in spec[1]:
-                raise SpanError(f"{key} must be one of {', '.join(spec[1])}")
-            out[key] = v
-        else:
-            out[key] = spec[1](key, v)
-    if not REQUIRED <= out.keys():
-        raise SpanError(f"{next(k for k in FIELDS if k in REQUIRED and k not in out)} is required")
-    if out["end_ns"] < out["start_ns"]:
-        raise SpanError("end_ns is before start_ns")
-    return out
+    """One span (a Python dict, as the agent makes them) as it would be stored; raises SpanError."""
+    try:
+        out = msgspec.convert(span, Span)
+    except msgspec.ValidationError as e:
+        raise SpanError(_message(e)[1]) from None
+    return _finish(out)
 
 
 def check_span(span) -> str | None:
@@ -169,3 +136,42 @@ def check_span(span) -> str | None:
     except SpanError as e:
         return str(e)
     return None
+
+
+def _finish(d: dict) -> dict:
+    """What the types cannot say, in place: long text cut, heads base64, end after start."""
+    if d["end_ns"] < d["start_ns"]:
+        raise SpanError("end_ns: is before start_ns")
+    if len(d["name"]) > MAX_NAME_CHARS:
+        d["name"] = _cut(d["name"], MAX_NAME_CHARS)
+    code = d.get("status_code")
+    if code is not None and len(code) > MAX_STATUS_CODE_CHARS:
+        d["status_code"] = _cut(code, MAX_STATUS_CODE_CHARS)
+    attributes = d.get("attributes")
+    if attributes:
+        for k, v in attributes.items():
+            if v.__class__ is str:
+                if len(v) > MAX_ATTRIBUTE_CHARS:
+                    attributes[k] = _cut(v, MAX_ATTRIBUTE_CHARS)
+            elif v.__class__ is float and not math.isfinite(v):  # JSON has none; a Python caller may
+                raise SpanError(f"attributes.{k}: is not a finite number")
+    for key in ("req_head", "resp_head"):
+        head = d.get(key)
+        if head:
+            d[key] = _head(key, head)
+    return d
+
+
+def _cut(text: str, limit: int) -> str:
+    return text[: limit - len(TRUNCATED)] + TRUNCATED
+
+
+def _head(key: str, text: str) -> str:
+    try:
+        raw = binascii.a2b_base64(text, strict_mode=True)
+    except (binascii.Error, ValueError):
+        raise SpanError(f"{key}: must be base64") from None
+    if len(raw) > MAX_HEAD_BYTES:
+        raw = raw[: MAX_HEAD_BYTES - len(TRUNCATED_BYTES)] + TRUNCATED_BYTES
+        return binascii.b2a_base64(raw, newline=False).decode()
+    return text
