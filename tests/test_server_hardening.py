@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import os
 import socket
 import time
 import uuid
@@ -288,3 +289,80 @@ def test_a_poison_batch_accepted_by_an_older_server_no_longer_blocks_after_a_res
         assert srv.get("/api/v1/status").json()["store"]["dead_letters"] == 1
     finally:
         srv.stop()
+
+
+# --- what a review found ---
+
+def test_a_span_from_the_far_future_is_refused_naming_the_clock(live):
+    spans = recent_pair(seq=3000)
+    spans[1]["end_ns"] = time.time_ns() + 3600 * 10**9  # would be held, with its batch, for an hour
+    r = live.post(spans)
+    assert r.status_code == 400 and "after the server's clock" in r.json()["detail"]
+    assert r.json()["detail"].startswith("span 1: end_ns")
+
+
+def test_a_duplicate_span_id_is_a_dead_letter_and_links_nothing_wrong(tmp_path):
+    with _client(DuckDBStore(tmp_path / "s.duckdb")) as client:
+        first = recent_pair(seq=10)
+        again = [dict(first[0])]  # the same id once more, in another batch
+        assert client.post("/api/v1/spans", content=body(first + again), headers=HEADERS).status_code == 200
+        status = _wait(client, 2)
+        _wait(client, 1, key="dead_letters")
+        status = client.get("/api/v1/status").json()
+        assert status["store"]["spans"] == 2 and status["store"]["dead_letters"] == 1
+        assert status["linker"]["link_errors"] == 0 and status["backlog_spans"] == 0
+        assert "duplicate span_id" in client.get("/api/v1/dead-letters").json()["dead_letters"][0]["reason"]
+        assert client.get(f"/api/v1/spans/{first[1]['span_id']}").json()["link_method"] == "seq-join"
+
+
+def test_whole_batch_dead_letters_do_not_replace_each_other(tmp_path):
+    from deeptrace.server.store.base import DeadLetter
+
+    store = DuckDBStore(tmp_path / "s.duckdb")
+    for batch in ("b1", "b2"):
+        store.write_spans([], [], [DeadLetter("a", batch, "", time.time_ns(), "batch: bad", "{}")])
+    assert store.dead_letters(10)[1] == 2
+    store.close()
+
+
+def test_an_unauthenticated_upload_is_refused_before_its_body_is_read(live):
+    head = (b"POST /api/v1/spans HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 20000000\r\n\r\n")  # fmt: skip
+    with socket.create_connection(("127.0.0.1", live.port), timeout=10) as s:
+        s.sendall(head + b"{")  # 20 MB announced, one byte sent: a reader of the body would wait
+        answer = s.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 401")
+
+
+def test_a_full_disk_is_waited_out_not_dead_lettered(tmp_path):
+    """A store on a 4 MiB tmpfs fills up: its writes fail with DuckDB's I/O error (and the
+    ROLLBACK after a failed COMMIT with one of its own). Nothing may be dead-lettered, the
+    linker must live on, and once there is room again everything is written."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)]).returncode != 0:
+        pytest.fail("mounting a tmpfs failed: this test needs root (make test runs as root)", pytrace=False)
+    try:
+        store = DuckDBStore(disk / "s.duckdb")
+        with _client(store) as client:
+            spans = [d for i in range(300) for d in recent_pair(seq=10_000 + i * 10_000)]
+            for d in spans:  # a few MB that neither gzip nor DuckDB can squeeze: more than the disk holds
+                d["attributes"] = {"pad": base64.b64encode(os.urandom(3000)).decode()}
+            codes = [client.post("/api/v1/spans", content=body(spans[i:i + 50]), headers=HEADERS).status_code
+                     for i in range(0, len(spans), 50)]  # fmt: skip
+            assert set(codes) <= {200, 500}, codes  # 500: the disk was full when the batch came
+            deadline = time.monotonic() + 20
+            while client.get("/api/v1/status").json()["linker"]["write_errors"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            status = client.get("/api/v1/status").json()
+            assert status["linker"]["write_errors"] >= 1, "the disk never filled: nothing was tested"
+            assert status["linker"]["dead_letters"] == 0
+            accepted = status["ingest"]["spans"]
+            subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)  # room again
+            status = _wait(client, accepted, timeout_s=60)
+            assert status["store"]["spans"] == accepted and status["store"]["dead_letters"] == 0
+            assert status["backlog_spans"] == 0
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])

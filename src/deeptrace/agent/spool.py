@@ -121,7 +121,8 @@ class Spool:
 
     Two ways a batch is lost, counted apart: eviction when the spool is full drops the oldest
     queued batch; a write the disk refuses (full disk, quota, I/O error) drops the batch being
-    written, the newest, and leaves the queue as it was.
+    written, the newest, and nothing else (the queue keeps what it had, less what was evicted
+    to make room for this batch before the write: when the spool is full too, both go).
     """
 
     WRITE_FAILURE_LOG_INTERVAL_S = 60.0

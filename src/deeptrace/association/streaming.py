@@ -52,6 +52,9 @@ class StreamingAssociator:
         back with why (and not held) instead of failing every later pass."""
         rejected = []
         for d in spans:
+            if d["span_id"] in self._refs:  # held or in the context window: ids must be unique there
+                rejected.append((d, f"duplicate span_id {d['span_id']}: a span with that id is being linked"))
+                continue
             try:
                 self._ref(0, d)
             except Exception as e:  # noqa: BLE001 - whatever a bad span breaks, it stays out

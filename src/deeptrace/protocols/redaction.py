@@ -24,29 +24,35 @@ REDACTED = "[REDACTED]"
 _R = REDACTED.encode()
 SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "api-key",
                             "x-amz-security-token", "x-goog-api-key"})  # fmt: skip
-# Words of a name (split at '-', '_', '.') that mark its value as a secret.
+# Words of a name (split at '-', '_', '.', and between camelCase words) that mark its value as a secret.
 SECRET_WORDS = frozenset({"auth", "authorization", "cookie", "token", "secret", "password", "passwd", "pwd", "pass",
-                          "apikey", "passphrase", "credential", "credentials", "signature", "sig", "jwt", "session",
-                          "sessionid", "otp"})  # fmt: skip
+                          "apikey", "key", "passphrase", "credential", "credentials", "signature", "sig", "jwt",
+                          "session", "sessionid", "jsessionid", "phpsessid", "otp"})  # fmt: skip
 SECRET_KEYS = frozenset({"api_key", "api-key", "access_key", "private_key", "client_secret", "x-amz-credential"})
 REDIS_ALL_ARGS = frozenset({"AUTH", "HELLO", "MIGRATE"})
 
 # Cheap tests before any work: nearly every head has none of these.
-_MAYBE = re.compile(rb"(?i)auth|cookie|token|secret|pass|pwd|key|sig|credential|jwt|session|otp")
+_MAYBE = re.compile(rb"(?i)auth|cookie|token|secret|pass|pwd|key|sig|credential|jwt|sess|otp")
 _REDIS_MAYBE = re.compile(rb"(?i)auth|hello|migrate|setuser|pass|secret|token")
 _WORD_SPLIT = re.compile(r"[-_.\s]+")
+_CAMEL = re.compile(r"([a-z0-9])([A-Z])")
 
 
 def secret_name(name: str) -> bool:
+    words = _CAMEL.sub(r"\1_\2", name.strip()).lower()
     name = name.strip().lower()
-    return name in SECRET_HEADERS or name in SECRET_KEYS or any(w in SECRET_WORDS for w in _WORD_SPLIT.split(name))
+    return name in SECRET_HEADERS or name in SECRET_KEYS or any(w in SECRET_WORDS for w in _WORD_SPLIT.split(words))
 
 
 # --- HTTP: header lines, the request target's query, a form or JSON body ---
 
 _HEADER_LINE = re.compile(rb"^([!#$%&'*+.^_`|~0-9A-Za-z:-]+)[ \t]*:")
-_QUERY_PAIR = re.compile(rb"([^&=?#\s]+)=([^&#\s]*)")
-_JSON_PAIR = re.compile(rb'"([^"\\]{1,64})"\s*:\s*("(?:[^"\\]|\\.)*"?|[^,}\s]+)')
+# A key starts the text or follows a separator: tried only there, so a long run without
+# separators costs one pass, not one per character.
+_QUERY_PAIR = re.compile(rb"(?:^|(?<=[?&;\s]))([^&=?#;\s]+)=([^&#;\s]*)")
+_JSON_PAIR = re.compile(rb'"([^"\\]{1,64})"\s*:\s*("(?:[^"\\]|\\.)*"?|[^,}\s{\[]+)')
+_JSON_NESTED = re.compile(rb'"([^"\\]{1,64})"\s*:\s*[{\[]')
+_MULTIPART = re.compile(rb'(?i)(name="([^"]{1,64})"[^\r\n]*\r?\n(?:[^\r\n]+\r?\n)*\r?\n)([^\r\n]*)')
 
 
 def _query(text: bytes) -> bytes:
@@ -54,10 +60,26 @@ def _query(text: bytes) -> bytes:
                            text)  # fmt: skip
 
 
+def _json_value(m: re.Match) -> bytes:
+    return b'"' + m.group(1) + b'": "' + _R + b'"' if secret_name(m.group(1).decode("latin-1")) else m.group(0)
+
+
+def _json(body: bytes) -> bytes:
+    # An object or array under a secret key: the head is cut there (its end is not sought).
+    for m in _JSON_NESTED.finditer(body):
+        if secret_name(m.group(1).decode("latin-1")):
+            body = body[: m.start()] + b'"' + m.group(1) + b'": "' + _R + b'"'
+            break
+    return _JSON_PAIR.sub(_json_value, body)
+
+
 def _body(body: bytes) -> bytes:
-    if body.lstrip()[:1] in (b"{", b"["):
-        return _JSON_PAIR.sub(lambda m: b'"' + m.group(1) + b'": "' + _R + b'"'
-                              if secret_name(m.group(1).decode("latin-1")) else m.group(0), body)  # fmt: skip
+    """A body's start, whatever its framing (chunked, multipart): JSON pairs, form pairs and
+    multipart fields under a secret name."""
+    if b'"' in body:
+        body = _json(body)
+        body = _MULTIPART.sub(lambda m: m.group(1) + _R if secret_name(m.group(2).decode("latin-1")) else m.group(0),
+                              body)  # fmt: skip
     return _query(body) if b"=" in body else body
 
 
@@ -113,6 +135,10 @@ def _redis_args(head: bytes) -> list[tuple[int, int]]:
             except ValueError:
                 break
             start = eol + 2
+            if n < 0:  # a null bulk: no bytes, and the next argument follows at once
+                spans.append((start, start))
+                pos = start
+                continue
             spans.append((start, min(start + n, len(head))))
             pos = start + n + 2
         return spans
@@ -163,7 +189,8 @@ def redis_head(head: bytes) -> bytes:
 
 _SQL_SECRET = re.compile(
     r"(?i)\b(PASSWORD|IDENTIFIED\s+(?:WITH\s+\S+\s+)?BY|SECRET)(\s*(?:=\s*)?(?:PASSWORD\s*)?\(?\s*)"
-    r"('(?:[^'\\]|''|\\.)*'?|\"(?:[^\"\\]|\\.)*\"?)"
+    r"([EU]&?'(?:[^'\\]|''|\\.)*'?|'(?:[^'\\]|''|\\.)*'?|\"(?:[^\"\\]|\\.)*\"?|(\$\w*\$).*?(?:\4|$))",
+    re.DOTALL,
 )
 
 

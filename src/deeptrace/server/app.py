@@ -151,13 +151,15 @@ class Backlogged(Exception):
     pass
 
 
-def require_token(request: Request) -> None:
-    token = request.app.state.server.config.token
+def token_ok(authorization: str, token: str | None) -> bool:
     if token is None:
-        return
-    given = request.headers.get("authorization", "")
-    scheme, _, value = given.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+        return True
+    scheme, _, value = authorization.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+
+
+def require_token(request: Request) -> None:
+    if not token_ok(request.headers.get("authorization", ""), request.app.state.server.config.token):
         request.app.state.server.count(unauthorized=1)
         raise HTTPException(401, "missing or wrong token: send Authorization: Bearer TOKEN",
                             headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
@@ -165,9 +167,11 @@ def require_token(request: Request) -> None:
 
 def _agent_write(request: Request) -> bool:
     """What agents send, under their own token: spans and their reports."""
-    path = request.url.path
-    return (request.method == "POST" and path == "/api/v1/spans") or (
-        request.method == "PUT" and path.startswith("/api/v1/agents/"))  # fmt: skip
+    return _agent_write_path(request.method, request.url.path)
+
+
+def _agent_write_path(method: str, path: str) -> bool:
+    return (method == "POST" and path == "/api/v1/spans") or (method == "PUT" and path.startswith("/api/v1/agents/"))
 
 
 def _basic_auth_ok(header: str, user: str, password: str) -> bool:
@@ -254,7 +258,14 @@ def create_app(config: ServerConfig, store: Store | None = None) -> FastAPI:
     if WEB_DIR.is_dir():
         app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")
     errors_http.install(app)
-    app.add_middleware(BodyLimit, limit_for=body_limit,
+    def admits(scope: dict) -> bool:
+        """Agents' writes are read only with their token (the route refuses the rest unread)."""
+        if not _agent_write_path(scope["method"], scope["path"]):
+            return True
+        authorization = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        return token_ok(authorization, config.token)
+
+    app.add_middleware(BodyLimit, limit_for=body_limit, admits=admits,
                        on_refused=lambda path: server.count(rejected=1) if path == "/api/v1/spans" else None)  # fmt: skip
     return app
 

@@ -14,10 +14,13 @@ BodyLimitFor = Callable[[str, str], int | None]  # (method, path) -> max bytes, 
 
 
 class BodyLimit:
-    """ASGI middleware: reads the body up to the limit, then hands it on as if unread."""
+    """ASGI middleware: reads the body up to the limit, then hands it on as if unread. A request
+    `admits` turns away (no or a wrong token) is handed on unread, so that the app refuses it
+    without the server reading its body first."""
 
-    def __init__(self, app, limit_for: BodyLimitFor, on_refused: Callable[[str], None] = lambda path: None) -> None:
-        self.app, self.limit_for, self.on_refused = app, limit_for, on_refused
+    def __init__(self, app, limit_for: BodyLimitFor, on_refused: Callable[[str], None] = lambda path: None,
+                 admits: Callable[[dict], bool] = lambda scope: True) -> None:  # fmt: skip
+        self.app, self.limit_for, self.on_refused, self.admits = app, limit_for, on_refused, admits
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
@@ -26,6 +29,8 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             return await self._refuse(scope, send, limit)
+        if not self.admits(scope):
+            return await self.app(scope, receive, send)
         chunks, size = [], 0
         while True:
             message = await receive()

@@ -7,12 +7,14 @@ never be re-sent and stored twice.
 from __future__ import annotations
 
 import gzip
+import time
 import zlib
 from dataclasses import dataclass
 
 from deeptrace.schema import AGENT_ID, AGENT_ID_RULE, decode_batch
 
 MAX_BODY_BYTES = 32 << 20  # decompressed, and as sent
+MAX_AHEAD_NS = 900 * 10**9  # how far past the server's clock a span may end (clocks drift)
 
 
 class BadBatch(ValueError):
@@ -36,7 +38,7 @@ def read_batch(raw: bytes, content_encoding: str | None) -> Batch:
     encoding = (content_encoding or "identity").strip().lower()
     body = decode(raw, encoding)
     # Kept compressed: a durable copy of each batch is written before it is acknowledged.
-    return parse(body, raw if encoding == "gzip" else gzip.compress(body, 1))
+    return parse(body, raw if encoding == "gzip" else gzip.compress(body, 1), time.time_ns())
 
 
 def decode(raw: bytes, encoding: str) -> bytes:
@@ -58,7 +60,8 @@ def decode(raw: bytes, encoding: str) -> bytes:
     return raw
 
 
-def parse(body: bytes, body_gz: bytes) -> Batch:
+def parse(body: bytes, body_gz: bytes, now_ns: int | None = None) -> Batch:
+    """A batch from its JSON; with now_ns, spans may not end more than MAX_AHEAD_NS after it."""
     try:
         doc = decode_batch(body)  # parsed and checked in one go, in C
     except ValueError as e:  # SpanError included: the message names span and key
@@ -66,4 +69,11 @@ def parse(body: bytes, body_gz: bytes) -> Batch:
     for key, value in (("agent_id", doc.agent_id), ("batch_id", doc.batch_id)):
         if not AGENT_ID.match(value):
             raise BadBatch(f"{key} must be {AGENT_ID_RULE}")
+    if now_ns is not None:
+        # The linker holds a span until it has ended: one from the far future would wait (and
+        # keep its batch waiting) until then.
+        for i, d in enumerate(doc.spans):
+            if d["end_ns"] > now_ns + MAX_AHEAD_NS:
+                raise BadBatch(f"span {i}: end_ns is {(d['end_ns'] - now_ns) / 1e9:.0f} s after the server's clock "
+                               f"(at most {MAX_AHEAD_NS // 10**9} s): check the agent host's clock")  # fmt: skip
     return Batch(doc.agent_id, doc.batch_id, doc.spans, body_gz)

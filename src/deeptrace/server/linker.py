@@ -89,7 +89,7 @@ class Linker:
         that this one would refuse is dead-lettered whole instead of failing every pass."""
         for agent_id, batch_id, body_gz in self.store.incoming():
             try:
-                spans = ingest.parse(ingest.decode(body_gz, "gzip"), body_gz).spans
+                spans = ingest.parse(ingest.decode(body_gz, "gzip"), body_gz, time.time_ns()).spans
             except ingest.BadBatch as e:
                 self._refuse_batch(agent_id, batch_id, body_gz, str(e))
                 continue
@@ -139,7 +139,11 @@ class Linker:
             set_peer_services(out, self.assoc.published + self.assoc.pending)
             self._unwritten += out
         if self._unwritten or self._dead or self._empty:
-            self._write_pending()
+            try:
+                self._write_pending()
+            except Exception:  # nothing may end this thread: what is not written waits for the next pass
+                self.stats.write_errors += 1
+                log.exception("writing spans failed; they wait for the next pass")
         self.stats.passes += 1
         self.stats.last_pass_s = time.perf_counter() - t0
         self.stats.late_links, self.stats.split_traces = self.assoc.stats.late_links, self.assoc.stats.split_traces
@@ -193,6 +197,8 @@ class Linker:
             handled = {id(d) for d in written} | {id(d) for d, _ in bad}
             self._unwritten = [d for d in spans if id(d) not in handled]
             self._forget(written, [])  # in the store already; their batches wait for the rest
+            self.stats.spans_published += len(written)
+            self._notify(written)
             log.error("the store takes no writes (%s): %d spans wait for the next pass", e, len(self._unwritten))
             return
         self._forget(written, self._dead)

@@ -7,6 +7,7 @@ a time would cost more than the association that produced them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -100,16 +101,23 @@ class DuckDBStore(Store):
                         db.execute(f"INSERT INTO spans SELECT {', '.join(COLUMN_NAMES)} FROM new_spans")
                         db.unregister("new_spans")
                     if dead:
-                        # Once per span, even when a crash makes it fail again after a restart.
-                        db.executemany("DELETE FROM dead_letters WHERE span_id = ?", [[x.span_id] for x in dead])
+                        # Once per span (or batch), even when a crash makes it fail again after a restart.
+                        db.executemany("DELETE FROM dead_letters WHERE agent_id = ? AND batch_id = ? AND span_id = ?",
+                                       [[x.agent_id, x.batch_id, x.span_id] for x in dead])  # fmt: skip
                         db.executemany("INSERT INTO dead_letters VALUES (?, ?, ?, ?, ?, ?)",
                                        [[x.agent_id, x.batch_id, x.span_id, x.failed_ns, x.reason, x.span]
                                         for x in dead])  # fmt: skip
                     if done_batches:
                         db.executemany("DELETE FROM incoming WHERE agent_id = ? AND batch_id = ?", done_batches)
-                    db.execute("COMMIT")
+                    try:
+                        db.execute("COMMIT")
+                    except duckdb.Error as e:  # the data went in: what failed is writing it out
+                        raise StoreUnavailable(str(e)) from e
                 except BaseException:
-                    db.execute("ROLLBACK")
+                    # A failed COMMIT has rolled back already: the ROLLBACK's own error must not
+                    # hide why the write failed (a full disk would look like bad data).
+                    with contextlib.suppress(duckdb.Error):
+                        db.execute("ROLLBACK")
                     raise
             except (duckdb.IOException, duckdb.OutOfMemoryException, duckdb.FatalException, OSError) as e:
                 raise StoreUnavailable(str(e)) from e
