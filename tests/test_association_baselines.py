@@ -32,10 +32,11 @@ class Proc:
         self.spans: list[SpanRef] = []
         self.known: dict[int, int] = {}
 
-    def _add(self, kind, start, end, name, tid, req, protocol) -> SpanRef:
+    def _add(self, kind, start, end, name, tid, req, protocol, rport=None) -> SpanRef:
         i = len(self.spans)
         ref = SpanRef(i, f"{i + 1:016x}", kind, name, protocol, "svc", "h1", 1, tid, tid, int(start * 1000),
-                      int(end * 1000), "10.0.0.1", 8080, "10.0.0.2", 40000 + i, None, None, {}, req, b"")  # fmt: skip
+                      int(end * 1000), "10.0.0.1", 8080, "10.0.0.2", rport or 40000 + i, None, None, {}, req,
+                      b"")  # fmt: skip
         self.spans.append(ref)
         return ref
 
@@ -43,9 +44,10 @@ class Proc:
         return self._add("SERVER", start, end, name, tid, req, protocol)
 
     def client(
-        self, start, end, name="redis GET", tid=1, req=b"", protocol="redis", known: SpanRef | None = None
+        self, start, end, name="redis GET", tid=1, req=b"", protocol="redis", known: SpanRef | None = None,
+        rport: int | None = None,
     ):
-        c = self._add("CLIENT", start, end, name, tid, req, protocol)
+        c = self._add("CLIENT", start, end, name, tid, req, protocol, rport)
         if known is not None:
             self.known[c.index] = known.index
         return c
@@ -82,6 +84,25 @@ def test_fifo_takes_the_oldest_request_even_when_the_newer_one_made_the_call():
     call = p.client(200, 300, tid=2)  # made by b: its thread, right after it was read
     assert fifo(p.process()) == {call.index: Link(a.index, INFERRED, 0.5)}
     assert vpath(p.process())[call.index].parent == b.index
+
+
+def test_fifo_gives_a_request_at_most_one_call_per_callee_address():
+    """The original DeepTrace's rule: the oldest request has called B already, so the next
+    call to B goes to the next oldest; a call to C may go to the oldest again."""
+    p, a, b = two_overlapping_requests()
+    to_b = p.client(200, 300, rport=8001)
+    to_b_again = p.client(400, 500, rport=8001)
+    to_c = p.client(600, 700, rport=8002)
+    links = fifo(p.process())
+    assert [links[c.index].parent for c in (to_b, to_b_again, to_c)] == [a.index, b.index, a.index]
+    assert links[to_b_again.index].confidence == 1.0  # one request was left that had not called B
+
+
+def test_fifo_counts_exactly_linked_calls_as_made():
+    p, a, b = two_overlapping_requests()
+    p.client(150, 180, rport=8001, known=a)  # a's call to B, joined by its bytes
+    call = p.client(200, 300, rport=8001)
+    assert fifo(p.process())[call.index].parent == b.index
 
 
 def test_wap5_takes_the_latest_request_even_when_the_older_one_made_the_call():

@@ -51,3 +51,54 @@ def test_shared_weights_sum_the_idf_of_the_fields_both_carry(a, b, data):
     got = shared_weights(a, b, pa, pb)
     assert got.shape == (n,)
     assert np.allclose(got, want)
+
+
+def _parsed_span(conn, request: bytes, response: bytes) -> SpanRef:
+    """A span exactly as the agent writes it, from a real parser, read back as association reads it."""
+    from parsing import chunk
+
+    from deeptrace.spans import Endpoint, make_span
+
+    (req,) = conn.feed(True, chunk(request))
+    resp = [m for m in conn.feed(False, chunk(response, t=5))][-1]
+    span = make_span("SERVER", Endpoint("svc", "h", 1, "10.0.0.1", 80, "10.0.0.2", 5000, 1), req, resp)
+    return SpanRef.from_json(0, span.to_json_dict())
+
+
+def test_fields_of_real_http1_spans_leave_the_headers_out():
+    """The protocol names here once were "http1" while spans said "http": header lines, a
+    propagated id among them, counted as transaction fields."""
+    from deeptrace.association.features import request_fields
+    from deeptrace.protocols.http1 import Http1Connection
+
+    ref = _parsed_span(Http1Connection(),
+                       b"POST /orders/ord-98765 HTTP/1.1\r\nHost: shop-7\r\nX-Request-ID: req-12345\r\n"
+                       b"traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n"
+                       b"Content-Length: 17\r\n\r\n{\"user\":\"u-4242\"}",
+                       b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")  # fmt: skip
+    fields = request_fields(ref)
+    assert {"ord-98765", "u-4242"} <= fields
+    assert not any("12345" in f or "4bf92f" in f or "shop-7" in f for f in fields), fields
+
+
+def test_fields_of_real_http2_spans_keep_the_path_and_body_only():
+    import hpack
+    from test_http2 import SETTINGS, request_bytes, response_bytes
+
+    from deeptrace.association.features import request_fields
+    from deeptrace.protocols.http2 import PREFACE, Http2Connection
+
+    request = PREFACE + SETTINGS + request_bytes(hpack.Encoder(), 1, "/orders/ord-98765", b'{"user":"u-4242"}',
+                                                   grpc=False)  # fmt: skip
+    ref = _parsed_span(Http2Connection(), request, SETTINGS + response_bytes(hpack.Encoder(), 1))
+    fields = request_fields(ref)
+    assert {"ord-98765", "u-4242"} <= fields
+    assert "svc:50051" not in fields and not any("50051" in f for f in fields), fields
+
+
+def test_fields_of_real_redis_spans_are_the_arguments():
+    from deeptrace.association.features import request_fields
+    from deeptrace.protocols.redis import RedisConnection
+
+    ref = _parsed_span(RedisConnection(), b"*2\r\n$3\r\nGET\r\n$11\r\ncart:u-4242\r\n", b"$2\r\nok\r\n")
+    assert request_fields(ref) == {"u-4242"}

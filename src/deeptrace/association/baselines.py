@@ -4,7 +4,10 @@ Each takes one process's spans and returns a Link for every call in
 `process.open_clients`: a parent among the process's requests (SERVER spans) that
 contain the call in time, or a root when none does.
 
-- fifo: the oldest request still open (the earliest start among those containing the call).
+- fifo: the oldest request still open (the earliest start among those containing the call)
+  that has not yet made a call to the same callee address (IP and port): the original
+  DeepTrace's FIFO rule, under which a request takes at most one call per callee. Where all
+  of them have, the oldest.
 - wap5: the nearest preceding request (the latest start). WAP5 scores candidates by an
   exponential density of the delay from parent to child; that density falls with the
   delay whatever its fitted mean, so its choice is always the shortest delay.
@@ -77,8 +80,21 @@ _MAX_GRID = 4096  # grid points per density; coarser than that only past this
 
 
 def fifo(process: ProcessSpans) -> dict[int, Link]:
-    # `containing` lists the latest start first, so the oldest request is last.
-    return _pick_by_time(process, lambda found: found[-1])
+    """The oldest containing request that has not called this callee address yet (calls in
+    start order; calls linked exactly count as made). Only when every one has: the oldest."""
+    within = Containment(process.servers)
+    made = {(parent, c.raddr, c.rport) for c in process.clients if (parent := process.known.get(c.index)) is not None}
+    links = {}
+    for c in process.open_clients:
+        found = within.containing(c.start_ns, c.end_ns)
+        if not found:
+            links[c.index] = Link(None, ROOT, 1.0)
+            continue
+        free = [s for s in found if (s.index, c.raddr, c.rport) not in made] or found
+        parent = free[-1]  # `containing` lists the latest start first: the oldest is last
+        made.add((parent.index, c.raddr, c.rport))
+        links[c.index] = Link(parent.index, INFERRED, 1.0 / len(free))
+    return links
 
 
 def wap5(process: ProcessSpans) -> dict[int, Link]:

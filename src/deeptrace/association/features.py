@@ -15,18 +15,24 @@ import numpy as np
 from scipy.sparse import csr_matrix
 
 from deeptrace.association.model import SpanRef
+from deeptrace.protocols import http1, http2, redis
 
 _TOKEN = re.compile(rb"[A-Za-z0-9_.@-]{3,64}")
-# Framing that carries no transaction data: HTTP header lines (lengths, hosts, agents)
-# and RESP's length lines.
+# Framing that carries no transaction data: HTTP header lines (lengths, hosts, agents, and
+# propagated ids, which count only as header ids) and RESP's length lines.
 _HTTP_HEADERS = re.compile(rb"\r\n.*?\r\n\r\n", re.DOTALL)
 _RESP_LENGTHS = re.compile(rb"(?m)^[*$][0-9-]+\r?$")
+_H2_PATH = re.compile(rb"(?m)^:path: ([^\n]*)$")
 
 
 def _data_part(span: SpanRef, head: bytes) -> bytes:
-    if span.protocol == "http1":
+    if span.protocol == http1.PROTOCOL:
         return _HTTP_HEADERS.sub(b" ", head, count=1)
-    if span.protocol == "redis":
+    if span.protocol == http2.PROTOCOL:  # decoded `name: value` lines, a blank line, the body
+        headers, _, body = head.partition(b"\n\n")
+        path = _H2_PATH.search(headers)
+        return (path.group(1) if path else b"") + b" " + body
+    if span.protocol == redis.PROTOCOL:
         return _RESP_LENGTHS.sub(b" ", head)
     return head
 
