@@ -71,6 +71,11 @@ def propagated_id(span: SpanRef) -> str | None:
     return span.header_id
 
 
+# The request headers that carry a propagated id: a trace's, or a request's own.
+REQUEST_ID_HEADERS = ("x-request-id", "x-correlation-id")
+PROPAGATION_HEADERS = ("traceparent", "x-b3-traceid", "b3", "uber-trace-id", *REQUEST_ID_HEADERS)
+
+
 def _propagated_id(a: dict) -> str | None:
     if (v := a.get(_HEADER + "traceparent")) and v.count("-") >= 3:
         return v.split("-")[1]
@@ -80,7 +85,7 @@ def _propagated_id(a: dict) -> str | None:
         return v.split("-")[0]
     if (v := a.get(_HEADER + "uber-trace-id")) and ":" in v:
         return v.split(":")[0]
-    for name in ("x-request-id", "x-correlation-id"):
+    for name in REQUEST_ID_HEADERS:
         if v := a.get(_HEADER + name):
             return v
     return None

@@ -14,24 +14,21 @@ from collections import Counter
 import numpy as np
 from scipy.sparse import csr_matrix
 
+from deeptrace.association.exact import PROPAGATION_HEADERS
 from deeptrace.association.model import SpanRef
 from deeptrace.protocols import http1, http2, redis
 
 _TOKEN = re.compile(rb"[A-Za-z0-9_.@-]{3,64}")
-# Framing that carries no transaction data: HTTP header lines (lengths, hosts, agents, and
-# propagated ids, which count only as header ids) and RESP's length lines.
-_HTTP_HEADERS = re.compile(rb"\r\n.*?\r\n\r\n", re.DOTALL)
+# What carries no transaction data: RESP's length lines, and propagated ids, which link only
+# as header ids (exact.py) so that `--no-header-ids` really leaves them out. Other HTTP headers
+# stay: a service may pass a user or tenant id along in one.
 _RESP_LENGTHS = re.compile(rb"(?m)^[*$][0-9-]+\r?$")
-_H2_PATH = re.compile(rb"(?m)^:path: ([^\n]*)$")
+_PROPAGATED = re.compile(rb"(?im)^(?:" + b"|".join(h.encode() for h in PROPAGATION_HEADERS) + rb")[ \t]*:[^\n]*")
 
 
 def _data_part(span: SpanRef, head: bytes) -> bytes:
-    if span.protocol == http1.PROTOCOL:
-        return _HTTP_HEADERS.sub(b" ", head, count=1)
-    if span.protocol == http2.PROTOCOL:  # decoded `name: value` lines, a blank line, the body
-        headers, _, body = head.partition(b"\n\n")
-        path = _H2_PATH.search(headers)
-        return (path.group(1) if path else b"") + b" " + body
+    if span.protocol in (http1.PROTOCOL, http2.PROTOCOL):
+        return _PROPAGATED.sub(b"", head)
     if span.protocol == redis.PROTOCOL:
         return _RESP_LENGTHS.sub(b" ", head)
     return head
