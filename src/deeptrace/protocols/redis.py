@@ -4,8 +4,8 @@ type and errors of responses, pipelining. Pure functions of bytes."""
 from __future__ import annotations
 
 from deeptrace.protocols.base import Message, message_from
-from deeptrace.protocols.redaction import REDIS_ALL_ARGS
 from deeptrace.protocols.framing import INVALID, NEED_MORE, DirectionFramer, Frame, Framed, FramedConnection
+from deeptrace.protocols.redaction import REDIS_ALL_ARGS
 
 PROTOCOL = "redis"
 REPLY_TYPES = frozenset(b"+-:$*_,#!=(%~>|")

@@ -258,6 +258,7 @@ def create_app(config: ServerConfig, store: Store | None = None) -> FastAPI:
     if WEB_DIR.is_dir():
         app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")
     errors_http.install(app)
+
     def admits(scope: dict) -> bool:
         """Agents' writes are read only with their token (the route refuses the rest unread)."""
         if not _agent_write_path(scope["method"], scope["path"]):

@@ -29,7 +29,7 @@ class TooLarge(BadBatch):
 class Batch:
     agent_id: str
     batch_id: str
-    spans: list[dict]  # as they will be stored (schema.validate_span)
+    spans: list[dict]  # as they will be stored (schema.decode_batch)
     body_gz: bytes  # the batch as received, gzip-compressed, kept for replay after a crash
 
 
