@@ -1,20 +1,20 @@
-"""Starts the five services when a line arrives on stdin, stops them on SIGTERM/SIGINT.
+"""Starts the services it is given when their list arrives on stdin, stops them on SIGTERM/SIGINT.
 
 The agent traces this process and, through forks, everything it starts: started first
 and released by that line, it sees the services from their first syscall (connection
 set-up and HTTP/2 header tables included). The load driver is not started from here, so
-it is not traced and the gateway's requests are trace roots.
+it is not traced and the entry service's requests are trace roots.
+
+stdin: one JSON line, a list of {"argv": [...], "cwd": DIR, "env": {...}}.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
-
-SERVICES = ("pricing", "inventory", "users", "orders", "gateway")
-HERE = Path(__file__).resolve().parent / "services"
 
 
 class Stop(Exception):
@@ -30,9 +30,8 @@ def main() -> None:
     signal.signal(signal.SIGINT, stop)
     procs = []
     try:
-        sys.stdin.readline()
-        for name in SERVICES:
-            procs.append(subprocess.Popen([sys.executable, f"{name}.py"], cwd=HERE))
+        for cmd in json.loads(sys.stdin.readline()):
+            procs.append(subprocess.Popen(cmd["argv"], cwd=cmd.get("cwd"), env={**os.environ, **cmd.get("env", {})}))
         while True:
             signal.pause()
     except Stop:

@@ -1,10 +1,12 @@
 """Open-loop load on the gateway: Poisson arrivals at a fixed rate, whatever the latency.
 
 Run as its own process, started by the benchmark and not by the traced launcher, so its
-calls are not traced. Payloads are realistic and carry no request id: a user id from a
-large range, three random SKUs, an address of random length.
+calls are not traced. The shop's payloads are realistic and carry no request id: a user
+id from a large range, three random SKUs, an address of random length. The mesh's
+(`--mesh MIX MODE`) are a route of the mix, with a random id (`fields`) or without one
+(`timing`: every request of a route the same bytes).
 
-    python load.py PORT RATE SECONDS SEED OUT.json
+    python load.py PORT RATE SECONDS SEED OUT.json [--mesh MIX MODE]
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import time
 
 import aiohttp
 
+from workloads import MIXES
+
 CHECKOUT_SHARE = 0.7
 
 
@@ -28,6 +32,12 @@ def request(rng: random.Random) -> tuple[str, str, dict | None]:
     items = [f"SKU-{rng.randint(10_000, 59_999)}" for _ in range(3)]
     address = "".join(rng.choices(string.ascii_letters + " ", k=rng.randint(20, 2000)))
     return "POST", "/checkout", {"user_id": user_id, "items": items, "address": address}
+
+
+def mesh_request(rng: random.Random, mix: str, mode: str) -> tuple[str, str, None]:
+    routes = MIXES[mix]
+    route = rng.choices(list(routes), weights=list(routes.values()))[0]
+    return "GET", route if mode == "timing" else f"{route}?id={rng.randint(1, 10**9)}", None
 
 
 class InFlight:
@@ -49,8 +59,9 @@ class InFlight:
         return self.area / max(1e-9, self.since - self.start)
 
 
-async def drive(port: int, rate: float, seconds: float, seed: int) -> dict:
+async def drive(port: int, rate: float, seconds: float, seed: int, mesh: tuple[str, str] | None) -> dict:
     rng = random.Random(seed)
+    make = request if mesh is None else lambda rng: mesh_request(rng, *mesh)
     inflight, latencies, errors = InFlight(), [], []
 
     async def one(session: aiohttp.ClientSession, method: str, path: str, body) -> None:
@@ -59,7 +70,7 @@ async def drive(port: int, rate: float, seconds: float, seed: int) -> dict:
         try:
             async with session.request(method, f"http://127.0.0.1:{port}{path}", json=body) as resp:
                 await resp.read()
-                if resp.status != 200:
+                if resp.status != 200 and not (mesh and resp.status == 503):  # /retry may give up: an answer
                     errors.append(f"HTTP {resp.status}")
                 else:
                     latencies.append(time.monotonic() - t0)
@@ -75,7 +86,7 @@ async def drive(port: int, rate: float, seconds: float, seed: int) -> dict:
         start = due = loop.time()
         while (due := due + rng.expovariate(rate)) < start + seconds:
             await asyncio.sleep(due - loop.time())  # negative when late: go at once, stay on schedule
-            task = asyncio.create_task(one(session, *request(rng)))
+            task = asyncio.create_task(one(session, *make(rng)))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         sent_for = loop.time() - start
@@ -104,7 +115,8 @@ def main() -> None:
         int(sys.argv[4]),
         sys.argv[5],
     )
-    result = asyncio.run(drive(port, rate, seconds, seed))
+    mesh = (sys.argv[7], sys.argv[8]) if sys.argv[6:7] == ["--mesh"] else None
+    result = asyncio.run(drive(port, rate, seconds, seed, mesh))
     with open(out, "w") as f:
         json.dump(result, f)
 

@@ -34,7 +34,7 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 
 def targets(results: dict) -> list[tuple[str, bool | None, str]]:
-    """(target, met?, the figures that decide it); None when this run cannot tell."""
+    """(target, met?, the figures that decide it) for one workload; None when this run cannot tell."""
     levels = results["levels"]
     out = []
     if levels and all(OURS in lv["algorithms"] for lv in levels):
@@ -107,7 +107,11 @@ def _scale(scale: dict) -> str:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"Workload: {results['workload']}", ""]
+    return "\n".join(_workload(w) for w in results["workloads"])
+
+
+def _workload(results: dict) -> str:
+    lines = [f"### {results['name']}", "", f"Workload: {results['workload']}", ""]
     lines += [LEVELS_NOTE, ""]
     lines += _levels(results)
     lines += ["", ASSOCIATION_NOTE, ""]

@@ -1,18 +1,20 @@
 #!/usr/bin/env python3
-"""Accuracy of trace association on a real microservice workload traced by the real agent.
+"""Accuracy of trace association on real microservice workloads traced by the real agent.
 
-Five Python services (aiohttp gateway, FastAPI users, Flask/gunicorn gthread inventory,
-aiohttp orders, gRPC pricing) call each other, Redis and PostgreSQL over keep-alive pools,
-with no request id anywhere on the wire. For each load level (open-loop Poisson arrivals)
-the services run under `deeptrace agent`; each service logs its own causal pairs (the
-ground truth); every association algorithm then links the agent's spans with
-header_ids=False and is scored against that truth. Last, the highest level's spans are
-tiled to 1M and linked on one core.
+Workloads (workloads.py): `shop`, five Python services of ours (aiohttp gateway, FastAPI
+users, Flask/gunicorn gthread inventory, aiohttp orders, gRPC pricing) calling each other,
+Redis and PostgreSQL over keep-alive pools; and `mesh`, one small service written in Go,
+Java and Node.js with their standard libraries (foreign/), with an id in every request or
+with none. No request id of a tracing system is anywhere on the wire. For each load level
+(open-loop Poisson arrivals) the services run under `deeptrace agent`; each service logs
+its own causal pairs (the ground truth); every association algorithm then links the
+agent's spans with header_ids=False and is scored against that truth. Last, the shop's
+highest level is tiled to 1M spans and linked on one core.
 
-    sudo .venv/bin/python bench/accuracy/run.py [--levels 10,50,100,150] [--seconds 20]
+    sudo .venv/bin/python bench/accuracy/run.py [--workloads shop,go,java,node] [--levels ...] [--seconds 20]
     .venv/bin/python bench/accuracy/run.py --reuse bench/accuracy/out/run-...   # score again
 
-Each level's data stays in OUT/rps-NNNN/ (spans.jsonl, truth.jsonl, load.json, logs).
+Each level's data stays in OUT/WORKLOAD/rps-NNNN/ (spans.jsonl, truth.jsonl, load.json, logs).
 Writes OUT/results.json and OUT/results.md, copies the Markdown to bench/accuracy/results.md,
 and prints one JSON line last.
 """
@@ -33,17 +35,18 @@ sys.path.insert(0, str(HERE))
 import report
 import score
 import truth
+import workloads
 
-WORKLOAD = ("gateway (aiohttp) -> users (FastAPI: Redis, PostgreSQL), 3 x inventory in parallel (Flask, "
-            "gunicorn gthread 2x8: PostgreSQL), orders (aiohttp: PostgreSQL, gRPC pricing: Redis MGET, Redis x2); "
-            "70% checkout, 30% profile (users only)")  # fmt: skip
+# Requests/s: the shop saturates this 2-core machine at about 130; the mesh's a holds about
+# 32 requests in flight at 400 (its leaves take 40 ms).
+DEFAULT_LEVELS = {"shop": "10,50,100,150", "mesh": "25,100,200,400"}
 
 
 def log(msg: str) -> None:
     print(f"[accuracy {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def record(out: Path, levels: list[float], seconds: float) -> None:
+def record(out: Path, wl, levels: list[float], seconds: float) -> None:
     import infra
     import workload
 
@@ -51,11 +54,12 @@ def record(out: Path, levels: list[float], seconds: float) -> None:
         raise SystemExit("recording needs root (the agent loads eBPF programs): sudo .venv/bin/python ...")
     if not any((infra.ROOT / "src/deeptrace/agent/bpf").glob("*.bpf.o")):
         raise SystemExit("the BPF objects are not built: make bpf")
-    log("starting redis-server and postgresql, seeding the shop's data")
-    with infra.datastores() as stores:
+    wl.build(out.parent / "build")
+    log(f"{wl.name}: starting what it needs besides its services")
+    with wl.infra() as stores:
         for i, rate in enumerate(levels):
-            log(f"level {rate:g} req/s for {seconds:g} s: services under the agent, load from outside")
-            summary = workload.record_level(level_dir(out, rate), rate, seconds, stores, seed=i + 1)
+            log(f"{wl.name}: level {rate:g} req/s for {seconds:g} s: services under the agent, load from outside")
+            summary = workload.record_level(level_dir(out, rate), rate, seconds, stores, seed=i + 1, workload=wl)
             log(f"  sent {summary['sent']}, ok {summary['ok']} ({summary['achieved_rps']} req/s), "
                 f"errors {summary['errors']}, in-flight mean {summary['inflight_mean']} peak {summary['inflight_peak']}")  # fmt: skip
 
@@ -81,11 +85,11 @@ def associate_timed(spans: list[dict], name: str, t: truth.Truth) -> tuple[list[
     return linked, time.perf_counter() - t0
 
 
-def evaluate(out: Path, algorithms: list[str]) -> list[dict]:
+def evaluate(out: Path, wl, algorithms: list[str]) -> list[dict]:
     levels = []
     for d in sorted(out.glob("rps-*"), key=lambda p: float(p.name[4:])):
         spans, records = truth.load_jsonl(d / "spans.jsonl"), truth.load_jsonl(d / "truth.jsonl")
-        t = truth.build(spans, records)
+        t = truth.build(spans, records, wl.root_service)
         cov = t.coverage
         log(f"{d.name}: {len(spans)} spans, {len(records)} truth records; {cov['records_mapped']} records on a span, "
             f"{cov['spans_with_truth']} spans with truth, {cov['complete_traces']}/{cov['requests']} complete traces")  # fmt: skip
@@ -98,7 +102,7 @@ def evaluate(out: Path, algorithms: list[str]) -> list[dict]:
             r["seconds"] = round(seconds, 3)
             r["seconds_per_10k"] = round(seconds / max(1, len(spans)) * 10_000, 3)
             level["algorithms"][name] = r
-            log(f"  {name:7} pair {r['pair_accuracy']['all']}, calls {r['pair_accuracy']['calls']}, "
+            log(f"  {name:12} pair {r['pair_accuracy']['all']}, calls {r['pair_accuracy']['calls']}, "
                 f"trace {r['trace_accuracy']}, ECE {r['calibration_all']['ece']}, {seconds:.2f} s")  # fmt: skip
         levels.append(level)
     return levels
@@ -132,7 +136,11 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     # About 130 requests/s saturate a 2-core machine (services and agent); 150 runs past it.
-    ap.add_argument("--levels", default="10,50,100,150", help="requests/s, comma-separated")
+    ap.add_argument("--workloads", default="shop",
+                    help="comma-separated: shop, and RUNTIME[-MIX[-MODE]] with runtime go, java or node, "
+                         "mix seq or mix, mode fields or timing (go: every mix and mode)")  # fmt: skip
+    ap.add_argument("--levels", help=f"requests/s, comma-separated (default: shop {DEFAULT_LEVELS['shop']}, "
+                                     f"mesh {DEFAULT_LEVELS['mesh']})")  # fmt: skip
     ap.add_argument("--seconds", type=float, default=20.0, help="load duration of each level")
     ap.add_argument("--out", type=Path, help="output directory (default: bench/accuracy/out/run-TIME)")
     ap.add_argument(
@@ -153,19 +161,30 @@ def main() -> None:
 
     if args.reuse:
         out = args.reuse
+        if any(out.glob("rps-*")):  # a run from before there were several workloads: the shop's
+            (out / "shop").mkdir(exist_ok=True)
+            for d in out.glob("rps-*"):
+                d.rename(out / "shop" / d.name)
+        chosen = [workloads.by_name(d.name) for d in sorted(out.iterdir()) if any(d.glob("rps-*"))]
     else:
-        out = args.out or HERE / "out" / time.strftime("run-%Y%m%d-%H%M%S")
-        out.mkdir(parents=True, exist_ok=True)
-        levels = [float(x) for x in args.levels.split(",")]
-        (out / "run.json").write_text(json.dumps({"levels": levels, "seconds": args.seconds}))
-        record(out, levels, args.seconds)
+        out = (args.out or HERE / "out" / time.strftime("run-%Y%m%d-%H%M%S")).resolve()
+        chosen = workloads.parse(args.workloads)
+        for wl in chosen:
+            kind = "shop" if wl.name == "shop" else "mesh"
+            levels = [float(x) for x in (args.levels or DEFAULT_LEVELS[kind]).split(",")]
+            (out / wl.name).mkdir(parents=True, exist_ok=True)
+            (out / wl.name / "run.json").write_text(json.dumps({"levels": levels, "seconds": args.seconds}))
+            record(out / wl.name, wl, levels, args.seconds)
     log(f"data in {out}; associating")
-    results = {"workload": WORKLOAD, "levels": evaluate(out, algorithms)}
-    if not results["levels"]:
-        raise SystemExit(f"no recorded levels (rps-*/) in {out}")
-    if args.scale_spans:
-        rate = args.scale_level or results["levels"][-1]["target_rps"]
-        results["scale"] = run_scale(level_dir(out, rate) / "spans.jsonl", args.scale_spans)
+    results = {"workloads": []}
+    for wl in chosen:
+        result = {"name": wl.name, "workload": wl.description, "levels": evaluate(out / wl.name, wl, algorithms)}
+        if not result["levels"]:
+            raise SystemExit(f"no recorded levels (rps-*/) in {out / wl.name}")
+        if args.scale_spans and wl.name == "shop":
+            rate = args.scale_level or result["levels"][-1]["target_rps"]
+            result["scale"] = run_scale(level_dir(out / wl.name, rate) / "spans.jsonl", args.scale_spans)
+        results["workloads"].append(result)
     results["wall_seconds"] = round(time.monotonic() - started)
     print(report.write(results, out, HERE / "results.md"))
     print(json.dumps({"benchmark": "accuracy", "out": str(out), **results}))

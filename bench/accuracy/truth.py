@@ -17,7 +17,10 @@ read once, after the fact, to check the placement (`payload_check`), never to ma
   with the least squared delays wins (as for SERVER records on an HTTP/2 connection).
 - A callee's SERVER record -> the caller's CLIENT record with the same key (what was
   asked, e.g. "user:42"), the callee's peer port as its local port when known, and the
-  callee's handler inside the call.
+  callee's handler inside the call. Without a key (the mesh's `timing` mode: nothing on
+  the wire tells requests apart), by the ports and time alone: the call whose local port
+  is the callee's peer port, or (Java's HttpClient does not tell its local port) the
+  placement of all of them with the least squared delays, counted as ambiguous.
 """
 
 from __future__ import annotations
@@ -34,14 +37,16 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 SLACK_NS = 20_000  # ns; the same clock on both sides: this only absorbs the agent's conversion to wall time
-ROOT_SERVICE = "gateway"
 UNKNOWN = -1  # a record whose parent record was not found
-# Where each kind of call carries its first id on the wire (for payload_check).
+# Where each kind of call carries its first id on the wire (for payload_check): the shop's
+# keys name what was asked ("user:42"), the mesh's the route ("/b:42", as ?id=42).
+_MESH_ID = re.compile(rb"[?&]id=(\d+)")
 _WHERE_ID = {
     "user": re.compile(rb"/users/(\d+)"),
     "stock": re.compile(rb"/stock/(SKU-\d+)"),
     "order": re.compile(rb'"user_id": (\d+)'),
     "quote": re.compile(rb'"user_id": (\d+)'),
+    **{route: _MESH_ID for route in ("/b", "/c", "/deep", "/flaky")},
 }
 
 
@@ -172,7 +177,7 @@ def map_records(records: list[dict], spans: list[dict]) -> tuple[dict[int, int],
     return primary, extra, ambiguous
 
 
-def payload_check(records: list[dict], spans: list[dict], primary: dict[int, int]) -> tuple[int, int]:
+def payload_check(records: list[dict], spans: list[dict], primary: dict[int, int], root_service: str) -> tuple[int, int]:
     """A check of this mapping, not an input to it: a span placed from a record that names
     what was asked (e.g. "user:42") should carry the same id where the protocol puts it, in
     the bytes the agent saw. Heads are cut short, so records whose span does not show the
@@ -180,7 +185,7 @@ def payload_check(records: list[dict], spans: list[dict], primary: dict[int, int
     checked = agree = 0
     for r, s in primary.items():
         key = records[r]["key"]
-        if key is None or records[r]["service"] == ROOT_SERVICE and records[r]["kind"] == "SERVER":
+        if key is None or records[r]["service"] == root_service and records[r]["kind"] == "SERVER":
             continue
         kind, asked = key.split(":", 1)
         seen = _WHERE_ID[kind].search(base64.b64decode(spans[s].get("req_head") or ""))
@@ -190,32 +195,43 @@ def payload_check(records: list[dict], spans: list[dict], primary: dict[int, int
     return checked, agree
 
 
-def callers(records: list[dict]) -> tuple[dict[int, int], int]:
-    """Callee SERVER record -> caller CLIENT record, matched on what the services logged."""
+def callers(records: list[dict], root_service: str) -> tuple[dict[int, int], int]:
+    """Callee SERVER record -> caller CLIENT record, matched on what the services logged:
+    the key, else the local port, else time; and how many had to be told apart by time."""
     by_key: dict[tuple, list[int]] = defaultdict(list)
     for q, rec in enumerate(records):
-        if rec["kind"] == "CLIENT" and rec["key"] is not None:
+        if rec["kind"] == "CLIENT":
             by_key[(rec["peer_port"], rec["key"])].append(q)
-    pairs = []
+    index = {}
+    for k, calls in by_key.items():
+        calls.sort(key=lambda q: records[q]["t0"])
+        index[k] = (calls, [records[q]["t0"] for q in calls], max(records[q]["t1"] - records[q]["t0"] for q in calls))
+    exact, timed = [], []
     for r, rec in enumerate(records):
-        if rec["kind"] != "SERVER" or rec["service"] == ROOT_SERVICE:
+        if rec["kind"] != "SERVER" or rec["service"] == root_service:
             continue
-        for q in by_key.get((rec["port"], rec["key"]), ()):
+        calls, starts, longest = index.get((rec["port"], rec["key"]), ((), (), 0))
+        for q in calls[bisect_left(starts, rec["t0"] - longest) : bisect_left(starts, rec["t0"] + 1)]:
             call = records[q]
-            if call["lport"] not in (None, rec["peer_port"]):
+            if call["lport"] not in (None, rec["peer_port"]) or rec["t1"] > call["t1"]:
                 continue
-            if call["t0"] <= rec["t0"] and rec["t1"] <= call["t1"]:
-                pairs.append((r, q, (rec["t0"] - call["t0"]) + (call["t1"] - rec["t1"])))
-    return _greedy(pairs)
+            delays = (rec["t0"] - call["t0"], call["t1"] - rec["t1"])
+            if rec["key"] is not None or call["lport"] is not None:
+                exact.append((r, q, sum(delays)))
+            else:
+                timed.append((r, q, delays))
+    chosen, _ = _greedy(exact)
+    by_time, ambiguous = _closest_in_time([p for p in timed if p[0] not in chosen])
+    return {**chosen, **by_time}, ambiguous
 
 
 class _Records:
     """The records with their place among the spans and among each other."""
 
-    def __init__(self, records: list[dict], spans: list[dict]) -> None:
-        self.records, self.spans = records, spans
+    def __init__(self, records: list[dict], spans: list[dict], root_service: str) -> None:
+        self.records, self.spans, self.root_service = records, spans, root_service
         self.primary, extra, self.ambiguous_spans = map_records(records, spans)
-        self.caller, self.ambiguous_callers = callers(records)
+        self.caller, self.ambiguous_callers = callers(records, root_service)
         self.span_record = {**{s: r for r, s in self.primary.items()}, **extra}
         self.extra = len(extra)
         self._index = {rec["id"]: r for r, rec in enumerate(records)}
@@ -225,7 +241,7 @@ class _Records:
         rec = self.records[r]
         if rec["kind"] == "CLIENT":  # a call made outside any request has no parent
             return self._index.get(rec["parent"], UNKNOWN) if rec["parent"] else None
-        if rec["service"] == ROOT_SERVICE:
+        if rec["service"] == self.root_service:
             return None
         return self.caller.get(r, UNKNOWN)
 
@@ -274,17 +290,17 @@ class _Records:
         return traces, len(roots)
 
 
-def build(spans: list[dict], records: list[dict]) -> Truth:
-    placed = _Records(records, spans)
+def build(spans: list[dict], records: list[dict], root_service: str = "gateway") -> Truth:
+    placed = _Records(records, spans, root_service)
     parent, kind = placed.span_parents()
     traces, requests = placed.traces(parent)
-    checked, agree = payload_check(records, spans, placed.primary)
+    checked, agree = payload_check(records, spans, placed.primary, root_service)
     service_of_pid = {rec["pid"]: rec["service"] for rec in records}
     unmapped = Counter(f"{rec['service']} {rec['kind']} {rec['op']}"
                        for r, rec in enumerate(records) if r not in placed.primary)  # fmt: skip
     no_truth = Counter(f"{service_of_pid.get(s['pid'], s['pid'])} {s['kind']} {s['name']}"
                        for i, s in enumerate(spans) if i not in placed.span_record)  # fmt: skip
-    callees = sum(1 for rec in records if rec["kind"] == "SERVER" and rec["service"] != ROOT_SERVICE)
+    callees = sum(1 for rec in records if rec["kind"] == "SERVER" and rec["service"] != root_service)
     coverage = {
         "records": len(records), "records_mapped": len(placed.primary),
         "spans": len(spans), "spans_with_truth": len(parent), "extra_spans": placed.extra,

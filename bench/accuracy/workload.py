@@ -21,7 +21,6 @@ import infra
 HERE = Path(__file__).resolve().parent
 AGENT = [str(infra.ROOT / ".venv/bin/deeptrace"), "agent"]
 CAPTURE = 16384  # payload bytes per record
-SERVICES = ("gateway", "users", "inventory", "orders", "pricing")
 
 
 def listening(port: int) -> bool:
@@ -85,23 +84,15 @@ def cpu_seconds(root: int) -> dict[int, float]:
     return tree
 
 
-def free_ports() -> dict[str, int]:
-    return {name: infra.servers.free_port() for name in SERVICES}
-
-
-def record_level(level_dir: Path, rate: float, seconds: float, stores: dict, seed: int) -> dict:
+def record_level(level_dir: Path, rate: float, seconds: float, stores: dict, seed: int, workload) -> dict:
     """Run the workload at `rate` requests/s for `seconds` under the agent; returns the load summary."""
     level_dir.mkdir(parents=True, exist_ok=True)
     truth_dir = level_dir / "truth"
     truth_dir.mkdir(exist_ok=True)
-    infra.reset_redis(stores["redis_port"])
-    ports = free_ports()
-    env = {
-        **os.environ,
-        "ACCURACY_CONFIG": json.dumps({"ports": ports, "truth_dir": str(truth_dir), **stores}),
-    }
+    workload.before_level(stores)
+    ports = {name: infra.servers.free_port() for name in workload.services}
     launcher = [sys.executable, str(HERE / "launch.py")]
-    with running(launcher, level_dir / "services.log", stdin=subprocess.PIPE, env=env) as services:
+    with running(launcher, level_dir / "services.log", stdin=subprocess.PIPE) as services:
         agent_log = level_dir / "agent.log"
         agent = AGENT + [
             "--pid",
@@ -120,7 +111,7 @@ def record_level(level_dir: Path, rate: float, seconds: float, stores: dict, see
                 60,
                 lambda: tracer.poll() is None,
             )
-            services.stdin.write(b"go\n")
+            services.stdin.write(json.dumps(workload.commands(ports, truth_dir, stores)).encode() + b"\n")
             services.stdin.close()
             wait_until(
                 "services",
@@ -129,8 +120,8 @@ def record_level(level_dir: Path, rate: float, seconds: float, stores: dict, see
                 lambda: services.poll() is None,
             )
             load_out = level_dir / "load.json"
-            subprocess.run([sys.executable, str(HERE / "load.py"), str(ports["gateway"]), str(rate), str(seconds),
-                            str(seed), str(load_out)], check=True)  # fmt: skip
+            subprocess.run([sys.executable, str(HERE / "load.py"), str(ports[workload.entry]), str(rate), str(seconds),
+                            str(seed), str(load_out), *workload.load_args()], check=True)  # fmt: skip
             time.sleep(1)  # the last responses' bytes reach the agent
             cpu = {"services": cpu_seconds(services.pid), "agent": cpu_seconds(tracer.pid)[tracer.pid]}
             services.terminate()  # services first: their connections close while the agent still watches
@@ -146,9 +137,18 @@ def record_level(level_dir: Path, rate: float, seconds: float, stores: dict, see
 
 
 def merge_truth(truth_dir: Path, out: Path) -> None:
-    """One file per service process while running (no interleaved writes), one file after."""
+    """One file per service process while running (no interleaved writes), one file after,
+    every time on the wall clock (Java and Node log CLOCK_MONOTONIC: their wall clocks
+    are coarser; the offset is the one the agent adds to the kernel's stamps)."""
+    offset = time.time_ns() - time.monotonic_ns()
     with open(out, "w") as f:
         for part in sorted(truth_dir.glob("*.jsonl")):
-            f.write(part.read_text())
+            for line in part.read_text().splitlines():
+                rec = json.loads(line)
+                if rec.pop("clock", None) == "monotonic":
+                    for key in ("t0", "t1", "t_conn", "t_done"):
+                        if rec.get(key) is not None:
+                            rec[key] += offset
+                f.write(json.dumps(rec) + "\n")
             part.unlink()
     truth_dir.rmdir()

@@ -37,12 +37,14 @@ from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 from deeptrace.association.candidates import Containment
 from deeptrace.association.features import shared_weights, span_fields
 from deeptrace.association.model import INFERRED, ROOT, Link, ProcessSpans, SpanRef
+from deeptrace.association.refine import refine
 from deeptrace.association.threads import ServingThreads, measure, thread_links
 
 ROUNDS = 4
 TEMPERATURE = 1.4  # set on simulated event loops (tests/loopsim.py), checked by bench/accuracy
 CLEAR_MARGIN = 6.0  # nats: a call this much surer of one request is not matched jointly
 CHUNK = 500  # calls per joint matching: smaller matchings are faster, and as accurate on bench/accuracy
+MATCH_CANDIDATES = 1000  # best-scored candidates per call offered to the matching
 MAX_SLOTS = 32  # calls of one operation a request can be priced for
 _FIELD_BINS = np.array([0.5, 2.0, 4.0, 6.0, 9.0])
 _LOG_UNSEEN = float(np.log(1e-3))  # a call count never observed
@@ -50,7 +52,9 @@ _GAP_BINS = 64  # log2 bins of a gap in ns
 _OVERFLOW = 1e6
 
 
-def link(process: ProcessSpans) -> dict[int, Link]:
+def link(process: ProcessSpans, inference: type[Inference] | None = None) -> dict[int, Link]:
+    """Links for the process's open calls; `inference` replaces the inference (benchmarks
+    run it with a model fitted on the truth)."""
     threads = ServingThreads(process.servers)
     use = measure(process, threads)
     links = thread_links(process, threads, use)
@@ -58,7 +62,7 @@ def link(process: ProcessSpans) -> dict[int, Link]:
     if rest:
         fixed = dict(process.known)
         fixed.update({i: lk.parent for i, lk in links.items()})
-        links.update(Inference(process, rest, fixed).run())
+        links.update((inference or Inference)(process, rest, fixed).run())
     return links
 
 
@@ -71,6 +75,12 @@ def _log2_bins(gaps: np.ndarray) -> np.ndarray:
     pos = gaps > 0
     out[pos] = np.minimum(np.log2(gaps[pos]).astype(np.int64) + 1, _GAP_BINS - 1)
     return out
+
+
+def _log_share(values: np.ndarray, size: int) -> np.ndarray:
+    """Each value's log frequency among `values`, add-one smoothed."""
+    counts = np.bincount(values, minlength=size).astype(float)
+    return np.log((counts[values] + 1) / (counts.sum() + np.count_nonzero(counts) + 1))
 
 
 def _log_ratio(values: np.ndarray, true: np.ndarray, size: int) -> np.ndarray:
@@ -104,7 +114,7 @@ class Inference:
             return
         ops: dict[str, int] = {}
         self.s_op = _codes([s.name for s in servers], ops)
-        self.c_op = _codes([c.name for c in calls], ops)
+        self.c_op = _codes([_call_op(c) for c in calls], ops)
         self.s_start = np.array([s.start_ns for s in servers], dtype=np.int64)
         self.s_end = np.array([s.end_ns for s in servers], dtype=np.int64)
         self.c_start = np.array([c.start_ns for c in calls], dtype=np.int64)
@@ -117,7 +127,7 @@ class Inference:
         self.f_row = np.array([r for r, _ in known], dtype=np.int64)
         self.f_start = np.array([c.start_ns for _, c in known], dtype=np.int64)
         self.f_end = np.array([c.end_ns for _, c in known], dtype=np.int64)
-        self.f_op = _codes([c.name for _, c in known], ops)
+        self.f_op = _codes([_call_op(c) for _, c in known], ops)
         self.n_ops = len(ops)
         self.pc, self.ps = np.array(pc, dtype=np.int64), np.array(ps, dtype=np.int64)
         self.t0 = int(min(self.s_start.min(), self.c_start.min()))
@@ -138,60 +148,125 @@ class Inference:
         links = {c.index: Link(None, ROOT, 1.0 if not self.process.servers else 0.9) for c in self.roots}
         if not self.calls:
             return links
-        # Round 0: the strongest shared field, then the latest start (a lone candidate wins anyway).
-        order = np.lexsort((self.s_start[self.ps], self.field_bin, self.pc))
-        last_of_call = np.r_[self.pc[order][1:] != self.pc[order][:-1], True]
-        assign = np.empty(len(self.calls), dtype=np.int64)
-        assign[self.pc[order][last_of_call]] = self.ps[order][last_of_call]
-        score = np.zeros(len(self.pc))
-        for _ in range(ROUNDS):
-            score, slots = self._learn(assign)
-            previous, assign = assign, self._assign(score, slots)
-            if np.array_equal(assign, previous):
-                break  # settled: another round would learn the same ratios
+        assign, score, slots = self._infer()
         conf = self._confidence(score, slots, assign)
         for i, c in enumerate(self.calls):
             links[c.index] = Link(int(self.server_index[assign[i]]), INFERRED, float(conf[i]))
         return links
 
+    def _infer(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Each call's request (a row of the servers), the pairs' scores and the slot prices."""
+        # Learning from an assignment can settle where that assignment put it: start from
+        # two unlike ones and keep the result that explains the data best (the features of
+        # the pairs it chose most predictable, as a description length).
+        best = None
+        for assign in (self._latest_start(), self._first_come()):
+            score, slots, fit = self._learn(assign)
+            candidates = [(fit, assign, score, slots)]
+            for _ in range(ROUNDS):
+                previous, assign = assign, self._assign(score, slots)
+                if np.array_equal(assign, previous):
+                    break  # settled: another round would learn the same ratios
+                score, slots, fit = self._learn(assign)
+                candidates.append((fit, assign, score, slots))
+            top = max(candidates, key=lambda c: c[0])
+            if best is None or top[0] > best[0]:
+                best = top
+        _, assign, score, slots = best
+        margin = self._margin(score)
+        if (margin < CLEAR_MARGIN).any():
+            self._learn(assign)  # the tables of the assignment kept
+            assign = refine(self, assign, score, margin, CLEAR_MARGIN)
+            score, slots, _ = self._learn(assign)
+        return assign, score, slots
+
+    def _latest_start(self) -> np.ndarray:
+        """The strongest shared field, then the latest start (a lone candidate wins anyway)."""
+        order = np.lexsort((self.s_start[self.ps], self.field_bin, self.pc))
+        last_of_call = np.r_[self.pc[order][1:] != self.pc[order][:-1], True]
+        assign = np.empty(len(self.calls), dtype=np.int64)
+        assign[self.pc[order][last_of_call]] = self.ps[order][last_of_call]
+        return assign
+
+    def _first_come(self) -> np.ndarray:
+        """Calls in start order, each to the oldest candidate that has not yet made a call
+        of its operation (its callee included), else the oldest: requests served in the
+        order they came, each making each call once (the original DeepTrace's FIFO rule)."""
+        made = set(zip(self.f_row.tolist(), self.f_op.tolist()))
+        bounds = np.searchsorted(self.pc, np.arange(len(self.calls) + 1)).tolist()
+        ps, c_op = self.ps.tolist(), self.c_op.tolist()
+        assign = np.empty(len(self.calls), dtype=np.int64)
+        for c in np.argsort(self.c_start, kind="stable").tolist():
+            cands = ps[bounds[c] : bounds[c + 1]]  # latest start first
+            free = [s for s in cands if (s, c_op[c]) not in made] or cands
+            assign[c] = free[-1]
+            made.add((free[-1], c_op[c]))
+        return assign
+
     # -- learning: likelihood ratios of each feature, and call patterns -----------------
 
-    def _gaps(self, assign: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Per pair: time from the parent's latest event before the call to the call's
-        start, and from the call's end to the parent's next event, under `assign`."""
+    def _gaps(self, assign: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per pair, under `assign`: time from the parent's latest event before the call to
+        the call's start, and which kind of event that was (its start: 0, a sibling call's
+        start: 1, a sibling's end: 2); and time from the call's end to the parent's next
+        event, and which (its response: 0, a sibling's start: 1). A handler waiting for
+        each call starts the next right after the last one ended; one that fans out starts
+        them right after each other; gaps by kind tell them apart."""
         t0, w = self.t0, self.width
         pc, ps = self.pc, self.ps
         c_start, c_end = self.c_start[pc], self.c_end[pc]
-        rows = np.concatenate([np.arange(len(self.s_start)), assign, assign, self.f_row, self.f_row])
+        n_s = len(self.s_start)
+        rows = np.concatenate([np.arange(n_s), assign, assign, self.f_row, self.f_row])
         times = np.concatenate([self.s_start, self.c_start, self.c_end, self.f_start, self.f_end])
-        keys = np.sort(rows * w + (times - t0))
+        n_c, n_f = len(self.c_start), len(self.f_start)
+        kinds = np.repeat(np.array([0, 1, 2, 1, 2]), [n_s, n_c, n_c, n_f, n_f])
+        keys = rows * w + (times - t0)
+        order = np.argsort(keys, kind="stable")
+        keys, kinds = keys[order], kinds[order]
         i = np.searchsorted(keys, ps * w + (c_start - t0), side="left") - 1
-        ok = (i >= 0) & (keys[np.maximum(i, 0)] // w == ps)
-        before = np.where(ok, keys[np.maximum(i, 0)] % w + t0, self.s_start[ps])
-        rows = np.concatenate([np.arange(len(self.s_end)), assign, self.f_row])
+        ii = np.maximum(i, 0)
+        ok = (i >= 0) & (keys[ii] // w == ps)
+        before = np.where(ok, keys[ii] % w + t0, self.s_start[ps])
+        before_kind = np.where(ok, kinds[ii], 0)
+        rows = np.concatenate([np.arange(n_s), assign, self.f_row])
         times = np.concatenate([self.s_end, self.c_start, self.f_start])
-        keys = np.sort(rows * w + (times - t0))
+        kinds = np.repeat(np.array([0, 1, 1]), [n_s, n_c, n_f])
+        keys = rows * w + (times - t0)
+        order = np.argsort(keys, kind="stable")
+        keys, kinds = keys[order], kinds[order]
         j = np.searchsorted(keys, ps * w + (c_end - t0), side="right")
         jj = np.minimum(j, len(keys) - 1)
         ok = (j < len(keys)) & (keys[jj] // w == ps)
         after = np.where(ok, keys[jj] % w + t0, self.s_end[ps])
-        return c_start - before, after - c_end
+        after_kind = np.where(ok, kinds[jj], 0)
+        return c_start - before, before_kind, after - c_end, after_kind
 
-    def _learn(self, assign: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        true = assign[self.pc] == self.ps
-        trigger, nxt = self._gaps(assign)
-        c_op = self.c_op[self.pc]
-        features = (
+    def _features(self, assign: np.ndarray) -> list[tuple[np.ndarray, int]]:
+        """Per pair, each feature's value (an integer below its size), under `assign`."""
+        trigger, trigger_kind, nxt, nxt_kind = self._gaps(assign)
+        c_op, n = self.c_op[self.pc], self.n_ops
+        return [
             (self.field_bin, len(_FIELD_BINS) + 1),
-            (self.pair_op, self.n_ops * self.n_ops),
+            (self.pair_op, n * n),
             (self.thread_rel, 4),
-            (c_op * _GAP_BINS + _log2_bins(trigger), self.n_ops * _GAP_BINS),
-            (c_op * _GAP_BINS + _log2_bins(nxt), self.n_ops * _GAP_BINS),
-        )
+            ((c_op * 3 + trigger_kind) * _GAP_BINS + _log2_bins(trigger), n * 3 * _GAP_BINS),
+            ((c_op * 2 + nxt_kind) * _GAP_BINS + _log2_bins(nxt), n * 2 * _GAP_BINS),
+        ]
+
+    def _learn(self, assign: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        """Each pair's score (the sum of its features' log likelihood ratios), the slot
+        prices, and how well `assign` explains the data (`_fit`)."""
+        true = assign[self.pc] == self.ps
         score = np.zeros(len(self.pc))
-        for values, size in features:
-            score += _log_ratio(values, true, size)[values]
-        return score, self._slot_prices(assign)
+        fit = 0.0
+        self.tables = []
+        for values, size in self._features(assign):
+            table = _log_ratio(values, true, size)
+            self.tables.append(table)
+            score += table[values]
+            fit += _log_share(values[true], size).sum()
+        slots, counts_fit = self._slot_prices(assign)
+        return score, slots, (fit + counts_fit) / len(self.calls)
 
     def _counts(self, assign: np.ndarray) -> np.ndarray:
         """Calls of each operation per request: (requests, operations)."""
@@ -199,9 +274,10 @@ class Inference:
         key = np.concatenate([assign * self.n_ops + self.c_op, self.f_row * self.n_ops + self.f_op])
         return np.bincount(key, minlength=n * self.n_ops).reshape(n, self.n_ops)
 
-    def _slot_prices(self, assign: np.ndarray) -> np.ndarray:
+    def _slot_prices(self, assign: np.ndarray) -> tuple[np.ndarray, float]:
         """prices[request op, call op, k]: log of how likely a request of that operation
-        makes at least k calls of that operation, given it made k-1 (k >= 1)."""
+        makes at least k calls of that operation, given it made k-1 (k >= 1); and the
+        log likelihood of every request's call counts under those frequencies."""
         counts = np.minimum(self._counts(assign), MAX_SLOTS)
         # How many requests of each op made exactly v calls of each op, then "at least k" from the top down.
         n, v = MAX_SLOTS + 1, self.n_ops
@@ -213,9 +289,18 @@ class Inference:
             ratio = at_least[:, :, 1:] / at_least[:, :, :-1]
         prices = np.full((self.n_ops, self.n_ops, MAX_SLOTS + 2), _LOG_UNSEEN)
         prices[:, :, 1:] = np.log(np.maximum(np.nan_to_num(ratio, nan=0.0), np.exp(_LOG_UNSEEN)))
-        return prices
+        return prices, float(_log_share(key.ravel(), v * v * n).sum())
 
     # -- joint assignment ------------------------------------------------------------
+
+    def _margin(self, score: np.ndarray) -> np.ndarray:
+        """Per call: its best candidate's score less its second best's (inf: one candidate)."""
+        order = np.lexsort((-score, self.pc))
+        first = np.r_[True, self.pc[order][1:] != self.pc[order][:-1]]
+        second = np.full(len(self.calls), -np.inf)
+        runner = np.flatnonzero(~first & np.r_[False, first[:-1]])
+        second[self.pc[order[runner]]] = score[order[runner]]
+        return score[order[first]] - second
 
     def _assign(self, score: np.ndarray, prices: np.ndarray) -> np.ndarray:
         """Clear winners take their request at once; the rest are matched jointly, in
@@ -238,7 +323,10 @@ class Inference:
         hard = hard[np.argsort(self.c_start[hard], kind="stable")]
         if len(hard):
             # Each call's pairs are a run of `order`: where it begins and how long it is.
-            runs = (np.flatnonzero(first), np.diff(np.r_[np.flatnonzero(first), len(order)]), order)
+            # Only its best few are offered: under overload a call has hundreds of candidates,
+            # and the matching's cost grows with its edges while the far ones never win.
+            lengths = np.minimum(np.diff(np.r_[np.flatnonzero(first), len(order)]), MATCH_CANDIDATES)
+            runs = (np.flatnonzero(first), lengths, order)
             for i in range(0, len(hard), CHUNK):
                 self._match(hard[i : i + CHUNK], runs, score, prices, counts, assign)
         return assign
@@ -285,21 +373,49 @@ class Inference:
         counts += np.bincount(assign[calls] * self.n_ops + self.c_op[calls], minlength=len(counts))
 
     def _confidence(self, score: np.ndarray, prices: np.ndarray, assign: np.ndarray) -> np.ndarray:
-        """Softmax of the chosen parent's score among the call's candidates, each priced
-        for the slot it would give the call with every other call where it is: a request
-        whose calls of that operation are complete is an unlikely second home."""
+        """Softmax of the chosen parent's score among the call's alternatives. An
+        alternative is another candidate taking the call, either as one more call there
+        (priced for the slot it would take: a request whose calls of that operation are
+        complete is an unlikely second home) or in exchange for its own call of that
+        operation, which comes here: where two requests could have swapped their calls,
+        confidence must say it."""
         n = len(self.calls)
         c_op = self.c_op[self.pc]
         own = assign[self.pc] == self.ps
         k = self._counts(assign)[self.ps, c_op] + 1 - own
-        score = score + prices[self.s_op[self.ps], c_op, np.minimum(k, MAX_SLOTS + 1)]
+        moved = score + prices[self.s_op[self.ps], c_op, np.minimum(k, MAX_SLOTS + 1)]
+        # The swap: the candidate's call d of this operation and this call trade places.
+        # d's pairs with its own parent and with this call's parent are looked up by key.
+        n_s = len(self.s_start)
+        slot_key = assign * self.n_ops + self.c_op
+        by_slot = np.argsort(slot_key, kind="stable")
+        found = np.searchsorted(slot_key[by_slot], self.ps * self.n_ops + c_op)
+        found = np.minimum(found, n - 1)
+        d = by_slot[found]
+        has_d = (slot_key[d] == self.ps * self.n_ops + c_op) & ~own
+        pair_key = self.pc * n_s + self.ps
+        by_pair = np.argsort(pair_key, kind="stable")
+        sorted_keys = pair_key[by_pair]
+
+        def pair_of(calls: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            want = calls * n_s + rows
+            at = np.minimum(np.searchsorted(sorted_keys, want), len(sorted_keys) - 1)
+            return by_pair[at], sorted_keys[at] == want
+
+        d_there, ok_there = pair_of(d, assign[self.pc])  # d under this call's parent
+        d_home, _ = pair_of(d, self.ps)  # d where it is
+        swap = has_d & ok_there
+        own_price = np.zeros(n)
+        own_price[self.pc[own]] = (moved - score)[own]
+        swapped = score + np.where(swap, score[d_there] - score[d_home], 0) + own_price[self.pc]
+        alt = np.where(swap, np.maximum(moved, swapped), moved)
+        alt[own] = moved[own]
         top = np.full(n, -np.inf)
-        np.maximum.at(top, self.pc, score)
-        weight = np.exp((score - top[self.pc]) / TEMPERATURE)
+        np.maximum.at(top, self.pc, alt)
+        weight = np.exp((alt - top[self.pc]) / TEMPERATURE)
         total = np.bincount(self.pc, weights=weight, minlength=n)
         chosen = np.zeros(n)
-        mask = assign[self.pc] == self.ps
-        chosen[self.pc[mask]] = weight[mask]
+        chosen[self.pc[own]] = weight[own]
         return chosen / total
 
 
@@ -315,3 +431,9 @@ def _running_min_per_group(values: np.ndarray, starts: np.ndarray) -> np.ndarray
 def _known_calls(process: ProcessSpans, fixed: dict[int, int]):
     by_index = {c.index: c for c in process.clients}
     return [(by_index[c], s) for c, s in fixed.items() if c in by_index]
+
+
+def _call_op(call: SpanRef) -> str:
+    """A call's operation: what it asked and of whom. Two services may serve the same path
+    (`GET /` on b and on c); the callee's address tells their calls apart."""
+    return f"{call.name} -> {call.raddr}:{call.rport}"

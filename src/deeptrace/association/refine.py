@@ -1,0 +1,156 @@
+"""Local search over whole requests, after joint inference has settled.
+
+Inference scores a call against each candidate with the candidate's other calls where the
+last assignment put them, so two requests that took each other's calls stay that way:
+moving either call alone looks worse. Here a move is judged by both requests' complete
+scores before and after it (every call's gaps and event kinds recomputed among its new
+siblings, and each request's call counts): a call moves to another candidate, or trades
+places with that candidate's call of the same operation, when the two requests together
+score higher. Only calls without a clear winner are tried, against their best few
+candidates, in start order, until a pass moves nothing.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+
+import numpy as np
+
+PASSES = 3
+ALTERNATIVES = 3  # candidates tried per call, best scored first
+HOPELESS = 12.0  # nats below a call's best candidate: not tried
+BUDGET = 8  # request evaluations per call of the process
+COUNT_PRIOR = 0.5  # pseudo-count of every call count, so an unseen count is unlikely, not impossible
+
+
+def refine(inf, assign: np.ndarray, score: np.ndarray, margin: np.ndarray, unsure: float) -> np.ndarray:
+    """A better assignment than `assign` by the learnt scores (inf.tables). Calls whose
+    best candidate leads by less than `unsure` nats are tried, in start order (a request's
+    earlier calls settled first give its later ones their siblings), within a budget of
+    request evaluations per call of the process: under overload nearly every call is
+    unsure, and the search must not cost more than the inference."""
+    if not BUDGET:
+        return assign
+    calls = np.flatnonzero(margin < unsure)
+    calls = calls[np.argsort(inf.c_start[calls], kind="stable")]
+    return _Search(inf, assign.copy(), score, BUDGET * len(margin)).run(calls)
+
+
+class _Search:
+    def __init__(self, inf, assign: np.ndarray, score: np.ndarray, budget: int) -> None:
+        self.n = n = inf.n_ops
+        self.budget = budget
+        self.assign = assign
+        self.t_trigger, self.t_next = inf.tables[3].tolist(), inf.tables[4].tolist()
+        self.gap_bins = len(self.t_trigger) // (3 * n)
+        self.s_start, self.s_end, self.s_op = inf.s_start.tolist(), inf.s_end.tolist(), inf.s_op.tolist()
+        self.c_start, self.c_end, self.c_op = inf.c_start.tolist(), inf.c_end.tolist(), inf.c_op.tolist()
+        static = (
+            inf.tables[0][inf.field_bin] + inf.tables[1][inf.pair_op] + inf.tables[2][inf.thread_rel]
+        ).tolist()
+        self.pair: dict[tuple[int, int], float] = {}  # (call, request) -> the score that does not move
+        self.candidates: dict[int, list[int]] = {}  # call -> its candidates worth a try, best first
+        order = np.lexsort((-score, inf.pc))
+        best = np.full(len(inf.calls), -np.inf)
+        np.maximum.at(best, inf.pc, score)
+        for k, c, s, sc in zip(order.tolist(), inf.pc[order].tolist(), inf.ps[order].tolist(), score[order].tolist()):
+            self.pair[(c, s)] = static[k]
+            tried = self.candidates.setdefault(c, [])
+            if len(tried) <= ALTERNATIVES and sc > best[c] - HOPELESS:
+                tried.append(s)
+        self.known: dict[int, list[tuple[int, int, int]]] = {}
+        for r, st, en, op in zip(inf.f_row.tolist(), inf.f_start.tolist(), inf.f_end.tolist(), inf.f_op.tolist()):
+            self.known.setdefault(r, []).append((st, en, op))
+        self.members: dict[int, set[int]] = {}
+        for c, s in enumerate(assign.tolist()):
+            self.members.setdefault(s, set()).add(c)
+        self.count_score = self._count_scores(inf._counts(assign), inf.s_op)
+        self.cache: dict[int, float] = {}
+
+    def _count_scores(self, counts: np.ndarray, s_op: np.ndarray) -> list:
+        """[request op][call op][m]: log share of requests of that operation making exactly m calls of it."""
+        n, top = self.n, int(counts.max(initial=0)) + 2
+        key = (s_op[:, None] * n + np.arange(n)[None, :]) * top + np.minimum(counts, top - 1)
+        seen = np.bincount(key.ravel(), minlength=n * n * top).astype(float).reshape(n, n, top)
+        return np.log((seen + COUNT_PRIOR) / (seen.sum(axis=2, keepdims=True) + COUNT_PRIOR * top)).tolist()
+
+    def _bin(self, gap: int) -> int:
+        return min(gap.bit_length(), self.gap_bins - 1) if gap > 0 else 0
+
+    def request_score(self, s: int, calls: set[int]) -> float:
+        """Request s with exactly `calls` (and its known calls): every call's score among
+        these siblings, and the likelihood of its call counts."""
+        self.budget -= 1
+        n, c_start, c_end, c_op = self.n, self.c_start, self.c_end, self.c_op
+        events = [(c_start[c], c_end[c], c_op[c]) for c in calls] + self.known.get(s, [])
+        per_op = [0] * n
+        for _, _, op in events:
+            per_op[op] += 1
+        counts = self.count_score[self.s_op[s]]
+        total = sum(counts[op][min(m, len(counts[op]) - 1)] for op, m in enumerate(per_op))
+        start_times = sorted(st for st, _, _ in events)
+        end_times = sorted(en for _, en, _ in events)
+        bins = self.gap_bins
+        for c in calls:
+            static = self.pair.get((c, s))
+            if static is None:
+                return -np.inf  # s does not contain c
+            t, e, op = c_start[c], c_end[c], c_op[c]
+            # The latest event before the call's start (a sibling's start or end, else the
+            # request's own start), and the first after its end (a sibling's start, else the
+            # response). The call's own start and end are never strictly before / after itself.
+            latest, kind = self.s_start[s], 0
+            i = bisect_left(start_times, t) - 1
+            if i >= 0 and start_times[i] > latest:
+                latest, kind = start_times[i], 1
+            i = bisect_left(end_times, t) - 1
+            if i >= 0 and end_times[i] > latest:
+                latest, kind = end_times[i], 2
+            nxt, next_kind = self.s_end[s], 0
+            i = bisect_right(start_times, e)
+            if i < len(start_times) and start_times[i] < nxt:
+                nxt, next_kind = start_times[i], 1
+            total += static + self.t_trigger[(op * 3 + kind) * bins + self._bin(t - latest)]
+            total += self.t_next[(op * 2 + next_kind) * bins + self._bin(nxt - e)]
+        return total
+
+    def _score(self, s: int) -> float:
+        if s not in self.cache:
+            self.cache[s] = self.request_score(s, self.members.get(s, set()))
+        return self.cache[s]
+
+    def _try(self, c: int) -> bool:
+        s1 = int(self.assign[c])
+        mine = self.members[s1]
+        for s2 in self.candidates[c]:
+            if s2 == s1:
+                continue
+            theirs = self.members.get(s2, set())
+            before = self._score(s1) + self._score(s2)
+            best = None
+            trades = [None] + [d for d in theirs if self.c_op[d] == self.c_op[c]]
+            for d in trades:
+                a1, a2 = (mine - {c}, theirs | {c}) if d is None else (mine - {c} | {d}, theirs - {d} | {c})
+                v1, v2 = self.request_score(s1, a1), self.request_score(s2, a2)
+                if v1 + v2 > before + 1e-9 and (best is None or v1 + v2 > best[0]):
+                    best = (v1 + v2, d, a1, a2, v1, v2)
+            if best is not None:
+                _, d, a1, a2, v1, v2 = best
+                self.members[s1], self.members[s2] = a1, a2
+                self.cache[s1], self.cache[s2] = v1, v2
+                self.assign[c] = s2
+                if d is not None:
+                    self.assign[d] = s1
+                return True
+        return False
+
+    def run(self, calls: np.ndarray) -> np.ndarray:
+        for _ in range(PASSES):
+            moved = False
+            for c in calls.tolist():
+                if self.budget <= 0:
+                    return self.assign
+                moved |= self._try(c)
+            if not moved:
+                break
+        return self.assign
