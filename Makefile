@@ -16,7 +16,7 @@ APT_PACKAGES := clang llvm libbpf1 libbpf-dev bpftool gcc libc6-dev make \
                 curl wrk dnsmasq-base bind9-dnsutils tshark \
                 iproute2 procps chromium
 
-.PHONY: all setup deps node venv web bpf test demo demo-two-hosts bench bench-accuracy bench-server clean
+.PHONY: all setup deps node venv web bpf test demo demo-two-hosts bench bench-accuracy bench-accuracy-foreign bench-server clean
 
 all: setup
 
@@ -91,6 +91,13 @@ bench: setup
 # need the `bench` extra. ARGS passes options, e.g. make bench-accuracy ARGS="--seconds 10".
 bench-accuracy: setup $(VENV)/.bench-installed
 	$(VPY) bench/accuracy/run.py $(ARGS)
+
+# The same benchmark on the mesh written in Go, Java and Node.js (bench/accuracy/foreign/;
+# about 25 minutes): Go comes from Debian, Java 17 and Node.js with the machine.
+bench-accuracy-foreign: setup $(VENV)/.bench-installed
+	@command -v go >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends golang-go)
+	@command -v javac >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openjdk-17-jdk-headless)
+	$(VPY) bench/accuracy/run.py --workloads go,java-mix,node-mix --scale-spans 0 $(ARGS)
 
 $(VENV)/.bench-installed: pyproject.toml
 	$(VPY) -m pip install -q -e '.[test,bench]'

@@ -146,8 +146,9 @@ def main() -> None:
     ap.add_argument(
         "--reuse", type=Path, metavar="DIR", help="score the data of an earlier run, record nothing"
     )
-    ap.add_argument("--algorithms", default=",".join([*ALGORITHMS, "joint-stream"]),
-                    help="comma-separated; joint-stream is joint as the server runs it (streamed.py)")
+    ap.add_argument("--algorithms", default=",".join([*ALGORITHMS, "joint-stream", "oracle-timing"]),
+                    help="comma-separated; joint-stream is joint as the server runs it (streamed.py), "
+                         "oracle-timing joint with its model fitted on the truth (standins.py)")  # fmt: skip
     ap.add_argument(
         "--standins", action="store_true", help="also score `oracle` and `random` (checks the scorer)"
     )

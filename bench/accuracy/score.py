@@ -5,7 +5,8 @@
   to the request that made it, inside one process: where the algorithms differ), `cross`
   (a callee's SERVER span to its caller's CLIENT span) and `roots` (gateway requests).
 - trace accuracy: requests whose whole tree came out exactly right: every span in it has
-  its true parent and no other span hangs from it.
+  its true parent and no other span with known truth hangs from it (spans without truth,
+  e.g. Go's DNS lookups, are neither required nor held against it).
 - calibration: link_confidence against how often links at that confidence are right, in
   10 bins; the expected calibration error (weighted mean gap) and the largest gap over
   bins holding at least MIN_BIN links.
@@ -37,10 +38,12 @@ def trace_accuracy(predicted: dict[str, str | None], truth: Truth) -> float | No
     for sid, parent in predicted.items():
         if parent is not None:
             children[parent].append(sid)
+    # A child with no known truth (a DNS lookup no service logs) is not held against a trace.
     exact = [
-        all(predicted.get(sid) == truth.parent[sid] and all(c in ids for c in children[sid]) for sid in ids)
+        all(predicted.get(sid) == truth.parent[sid] and all(c in ids or c not in truth.parent for c in children[sid])
+            for sid in ids)
         for ids in truth.traces
-    ]
+    ]  # fmt: skip
     return _share(exact)
 
 

@@ -65,6 +65,7 @@ class _Search:
         for c, s in enumerate(assign.tolist()):
             self.members.setdefault(s, set()).add(c)
         self.count_score = self._count_scores(inf._counts(assign), inf.s_op)
+        self.no_calls = [sum(row[0] for row in by_op) for by_op in self.count_score]
         self.cache: dict[int, float] = {}
 
     def _count_scores(self, counts: np.ndarray, s_op: np.ndarray) -> list:
@@ -74,20 +75,20 @@ class _Search:
         seen = np.bincount(key.ravel(), minlength=n * n * top).astype(float).reshape(n, n, top)
         return np.log((seen + COUNT_PRIOR) / (seen.sum(axis=2, keepdims=True) + COUNT_PRIOR * top)).tolist()
 
-    def _bin(self, gap: int) -> int:
-        return min(gap.bit_length(), self.gap_bins - 1) if gap > 0 else 0
-
     def request_score(self, s: int, calls: set[int]) -> float:
         """Request s with exactly `calls` (and its known calls): every call's score among
         these siblings, and the likelihood of its call counts."""
         self.budget -= 1
         n, c_start, c_end, c_op = self.n, self.c_start, self.c_end, self.c_op
         events = [(c_start[c], c_end[c], c_op[c]) for c in calls] + self.known.get(s, [])
-        per_op = [0] * n
+        per_op: dict[int, int] = {}
         for _, _, op in events:
-            per_op[op] += 1
+            per_op[op] = per_op.get(op, 0) + 1
         counts = self.count_score[self.s_op[s]]
-        total = sum(counts[op][min(m, len(counts[op]) - 1)] for op, m in enumerate(per_op))
+        # Every operation's count: none, but for the operations the request did make.
+        total = self.no_calls[self.s_op[s]]
+        for op, m in per_op.items():
+            total += counts[op][min(m, len(counts[op]) - 1)] - counts[op][0]
         start_times = sorted(st for st, _, _ in events)
         end_times = sorted(en for _, en, _ in events)
         bins = self.gap_bins
@@ -110,8 +111,9 @@ class _Search:
             i = bisect_right(start_times, e)
             if i < len(start_times) and start_times[i] < nxt:
                 nxt, next_kind = start_times[i], 1
-            total += static + self.t_trigger[(op * 3 + kind) * bins + self._bin(t - latest)]
-            total += self.t_next[(op * 2 + next_kind) * bins + self._bin(nxt - e)]
+            # log2 bins of the gaps, as joint._log2_bins (a gap <= 0 is bin 0)
+            total += static + self.t_trigger[(op * 3 + kind) * bins + min(max(t - latest, 0).bit_length(), bins - 1)]
+            total += self.t_next[(op * 2 + next_kind) * bins + min(max(nxt - e, 0).bit_length(), bins - 1)]
         return total
 
     def _score(self, s: int) -> float:
@@ -122,16 +124,24 @@ class _Search:
     def _try(self, c: int) -> bool:
         s1 = int(self.assign[c])
         mine = self.members[s1]
+        without = mine - {c}
+        alone = None  # s1 without c: the same for every candidate c might move to
         for s2 in self.candidates[c]:
             if s2 == s1:
                 continue
             theirs = self.members.get(s2, set())
             before = self._score(s1) + self._score(s2)
             best = None
-            trades = [None] + [d for d in theirs if self.c_op[d] == self.c_op[c]]
-            for d in trades:
-                a1, a2 = (mine - {c}, theirs | {c}) if d is None else (mine - {c} | {d}, theirs - {d} | {c})
-                v1, v2 = self.request_score(s1, a1), self.request_score(s2, a2)
+            for d in [None] + [d for d in theirs if self.c_op[d] == self.c_op[c]]:
+                if d is None:
+                    a1, a2 = without, theirs | {c}
+                    if alone is None:
+                        alone = self.request_score(s1, without)
+                    v1 = alone
+                else:
+                    a1, a2 = without | {d}, theirs - {d} | {c}
+                    v1 = self.request_score(s1, a1)
+                v2 = self.request_score(s2, a2)
                 if v1 + v2 > before + 1e-9 and (best is None or v1 + v2 > best[0]):
                     best = (v1 + v2, d, a1, a2, v1, v2)
             if best is not None:
