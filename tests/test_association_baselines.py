@@ -47,7 +47,7 @@ class Proc:
         self, start, end, name="redis GET", tid=1, req=b"", protocol="redis", known: SpanRef | None = None,
         rport: int | None = None,
     ):
-        c = self._add("CLIENT", start, end, name, tid, req, protocol, rport)
+        c = self._add("CLIENT", start, end, name, tid, req, protocol, rport or 6379)  # one callee unless said
         if known is not None:
             self.known[c.index] = known.index
         return c
@@ -284,6 +284,25 @@ def test_txn_decides_each_call_alone_so_two_can_take_one_request():
     assert b.index not in {lk.parent for lk in links.values()}
 
 
+def test_txn_learns_each_callee_its_own_delay_though_both_are_asked_the_same():
+    """`GET /` to b goes out 100 µs after the request is read, `GET /` to c 600 µs after
+    (and only every third request calls c). A call to c 600 µs after a was read and 100
+    µs after b was: a's, though 100 µs is the delay most calls named `GET /` have."""
+    p = Proc()
+    rnd = random.Random(4)
+    for i in range(30):
+        t = -100_000 + i * 3000
+        s = p.server(t, t + 1000)
+        b0, c0 = t + 100 + rnd.uniform(-5, 5), t + 600 + rnd.uniform(-5, 5)
+        p.client(b0, b0 + 300, name="GET /", rport=8001, known=s)
+        if i % 3 == 0:
+            p.client(c0, c0 + 300, name="GET /", rport=8002, known=s)
+    a = p.server(0, 5000)
+    b = p.server(500, 5000)
+    to_c = p.client(600, 900, name="GET /", rport=8002)
+    assert txn(p.process())[to_c.index].parent == a.index
+
+
 def test_txn_with_a_single_candidate_is_sure_of_it():
     p = Proc()
     s = p.server(0, 1000)
@@ -373,8 +392,11 @@ def test_api_affinity_is_the_pearson_correlation_of_windowed_counts():
             out[i // TRAFFIC_WINDOW] += s.kind == kind and s.name == name
         return out
 
-    for request_op, call_op in [("GET /a", "SELECT"), ("GET /b", "SELECT"), ("GET /a", "redis GET")]:
-        expected = statistics.correlation(counts("SERVER", request_op), counts("CLIENT", call_op))
-        assert traffic.affinity(request_op, call_op) == pytest.approx(expected, abs=1e-9)
-    assert traffic.affinity("GET /a", "SELECT") > 0.5 > -0.5 > traffic.affinity("GET /b", "SELECT")
-    assert traffic.affinity("GET /a", "never called") == 0.0
+    def op(name):  # a call's operation names its callee, every call here the same one
+        return f"{name} -> 10.0.0.2:6379"
+
+    for request_op, call in [("GET /a", "SELECT"), ("GET /b", "SELECT"), ("GET /a", "redis GET")]:
+        expected = statistics.correlation(counts("SERVER", request_op), counts("CLIENT", call))
+        assert traffic.affinity(request_op, op(call)) == pytest.approx(expected, abs=1e-9)
+    assert traffic.affinity("GET /a", op("SELECT")) > 0.5 > -0.5 > traffic.affinity("GET /b", op("SELECT"))
+    assert traffic.affinity("GET /a", op("never called")) == 0.0

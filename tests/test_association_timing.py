@@ -13,7 +13,7 @@ from spanmaker import client, server
 
 from deeptrace.association import joint
 from deeptrace.association.associate import associate, processes
-from deeptrace.association.model import SpanRef
+from deeptrace.association.model import SpanRef, call_op
 from deeptrace.association.refine import refine
 
 
@@ -45,7 +45,7 @@ def test_identical_requests_on_migrating_threads_are_told_apart_by_timing(shapes
 def test_calls_to_two_callees_on_one_path_are_two_operations():
     a = client(1, 10, 20, name="GET /", raddr="10.0.0.2", rport=8080)
     b = client(1, 30, 40, name="GET /", raddr="10.0.0.3", rport=8080)
-    ops = {joint._call_op(SpanRef.from_json(i, d)) for i, d in enumerate((a, b))}
+    ops = {call_op(SpanRef.from_json(i, d)) for i, d in enumerate((a, b))}
     assert len(ops) == 2
 
 

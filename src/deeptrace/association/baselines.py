@@ -35,18 +35,25 @@ as traffic-intensity correlation (Pearson coefficient) between APIs, and persist
 similarity as TF-IDF-weighted cosine similarity, "fused with metrics (delays, durations)
 via entropy-weighted adaptive scoring", with automatic, entropy-driven weights.
 
-Confirmed from the code: candidates are the same process's incoming spans that contain
-the outgoing span; per candidate pair it scores (1) endpoint affinity from counts of each
+Confirmed from the code: candidates are the same process's incoming spans open at the
+outgoing span's start; per candidate pair it scores (1) endpoint affinity from counts of each
 endpoint per window of 100 consecutive spans, (2) TF-IDF cosine similarity of the two
 spans' contents, (3) a Gaussian KDE (scipy's gaussian_kde, Scott's bandwidth) of the
 start delay, child start - parent start, and (4) of the end delay, parent end - child
-end, each per (parent endpoint, child endpoint), plus 2-D KDEs of the two durations and
-of the two sizes. The KDEs are learnt without ground truth: every candidate pair is a
+end, each per (parent endpoint, child endpoint), an endpoint being the request's Host
+header (a call's names its callee), plus 2-D KDEs of the two durations and of the
+two sizes. The KDEs are learnt without ground truth: every candidate pair is a
 sample weighted 1/(number of candidates of its child). Each feature is min-max scaled
 over the process's candidate pairs, the weighted sum scored, and each call takes its
 best candidate independently of the others (a lone candidate is taken as is).
 
 Where this re-implementation departs, and why:
+- Candidates are the requests containing the whole call, as for the other baselines; the
+  code takes every request open at the call's start. On the original's rps100 spans
+  (ids wiped) that alone moves end-to-end accuracy from the code's 0.576 to 0.722.
+- Endpoints are operations: a request's is its name, a call's its name and its callee's
+  address (`model.call_op`), which tells apart calls the Host header tells apart (`GET /` to
+  b and to c); keyed by name alone, their delays would share one density.
 - Affinity is Pearson, as published; the code computes cosine similarity of the same
   count vectors (its Pearson line is commented out).
 - Fields are the shared persistent transaction fields of the two requests
@@ -71,7 +78,7 @@ from collections.abc import Callable, Iterator
 
 from deeptrace.association.candidates import Containment
 from deeptrace.association.features import FieldWeights, request_fields
-from deeptrace.association.model import INFERRED, ROOT, THREAD, Link, ProcessSpans, SpanRef
+from deeptrace.association.model import INFERRED, ROOT, THREAD, Link, ProcessSpans, SpanRef, call_op
 
 TRAFFIC_WINDOW = 100  # spans per window of the traffic counts (the original's interval)
 _GRID_PER_BANDWIDTH = 8  # grid points per kernel bandwidth: interpolation off by ~1%
@@ -185,9 +192,9 @@ def _feature_columns(
     affinity, shared, start, end = array("d"), array("d"), array("d"), array("d")
     for c, found in zip(children, candidates):
         for s in found:
-            affinity.append(traffic.affinity(s.name, c.name))
+            affinity.append(traffic.affinity(s.name, call_op(c)))
             shared.append(similarity(s.index, c.index))
-            start_density, end_density = delays[(s.name, c.name)]
+            start_density, end_density = delays[(s.name, call_op(c))]
             start.append(start_density(c.start_ns - s.start_ns))
             end.append(end_density(s.end_ns - c.end_ns))
     return [affinity, shared, start, end]
@@ -212,7 +219,7 @@ def _delay_densities(process: ProcessSpans, children: list[SpanRef], candidates:
     # Two passes: the first places each grid, the second fills it.
     for feed, finish in ((_Density.observe, _Density.place), (_Density.add, _Density.smooth)):
         for s, c, w in samples():
-            start, end = densities[(s.name, c.name)]
+            start, end = densities[(s.name, call_op(c))]
             feed(start, c.start_ns - s.start_ns, w)
             feed(end, s.end_ns - c.end_ns, w)
         for pair in densities.values():
@@ -302,15 +309,15 @@ class _Traffic:
         self.windows = max(1, -(-len(ordered) // TRAFFIC_WINDOW))
         self.counts: dict[tuple[str, str], Counter] = defaultdict(Counter)
         for i, s in enumerate(ordered):
-            self.counts[(s.kind, s.name)][i // TRAFFIC_WINDOW] += 1
+            self.counts[(s.kind, call_op(s) if s.kind == "CLIENT" else s.name)][i // TRAFFIC_WINDOW] += 1
         self._cache: dict[tuple[str, str], float] = {}
 
-    def affinity(self, request_op: str, call_op: str) -> float:
-        key = (request_op, call_op)
+    def affinity(self, request_op: str, called_op: str) -> float:
+        key = (request_op, called_op)
         r = self._cache.get(key)
         if r is None:
             r = self._cache[key] = self._pearson(
-                self.counts[("SERVER", request_op)], self.counts[("CLIENT", call_op)]
+                self.counts[("SERVER", request_op)], self.counts[("CLIENT", called_op)]
             )
         return r
 

@@ -36,7 +36,7 @@ from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 from deeptrace.association.candidates import Containment
 from deeptrace.association.features import shared_weights, span_fields
-from deeptrace.association.model import INFERRED, ROOT, Link, ProcessSpans, SpanRef
+from deeptrace.association.model import INFERRED, ROOT, Link, ProcessSpans, SpanRef, call_op
 from deeptrace.association.refine import refine
 from deeptrace.association.threads import ServingThreads, measure, thread_links
 
@@ -114,7 +114,7 @@ class Inference:
             return
         ops: dict[str, int] = {}
         self.s_op = _codes([s.name for s in servers], ops)
-        self.c_op = _codes([_call_op(c) for c in calls], ops)
+        self.c_op = _codes([call_op(c) for c in calls], ops)
         self.s_start = np.array([s.start_ns for s in servers], dtype=np.int64)
         self.s_end = np.array([s.end_ns for s in servers], dtype=np.int64)
         self.c_start = np.array([c.start_ns for c in calls], dtype=np.int64)
@@ -127,7 +127,7 @@ class Inference:
         self.f_row = np.array([r for r, _ in known], dtype=np.int64)
         self.f_start = np.array([c.start_ns for _, c in known], dtype=np.int64)
         self.f_end = np.array([c.end_ns for _, c in known], dtype=np.int64)
-        self.f_op = _codes([_call_op(c) for _, c in known], ops)
+        self.f_op = _codes([call_op(c) for _, c in known], ops)
         self.n_ops = len(ops)
         self.pc, self.ps = np.array(pc, dtype=np.int64), np.array(ps, dtype=np.int64)
         self.t0 = int(min(self.s_start.min(), self.c_start.min()))
@@ -431,9 +431,3 @@ def _running_min_per_group(values: np.ndarray, starts: np.ndarray) -> np.ndarray
 def _known_calls(process: ProcessSpans, fixed: dict[int, int]):
     by_index = {c.index: c for c in process.clients}
     return [(by_index[c], s) for c, s in fixed.items() if c in by_index]
-
-
-def _call_op(call: SpanRef) -> str:
-    """A call's operation: what it asked and of whom. Two services may serve the same path
-    (`GET /` on b and on c); the callee's address tells their calls apart."""
-    return f"{call.name} -> {call.raddr}:{call.rport}"

@@ -64,6 +64,14 @@ class SpanRef:
         )  # fmt: skip
 
 
+def call_op(call: SpanRef) -> str:
+    """A call's operation: what it asked and of whom. Two callees may serve the same path
+    (`GET /` on b and on c: the original DeepTrace's Go test services do), and the
+    original's endpoint, the Host header, tells them apart; the address does for every
+    protocol."""
+    return f"{call.name} -> {call.raddr}:{call.rport}"
+
+
 def _b64(text: str | None) -> bytes:
     return base64.b64decode(text) if text else b""
 
