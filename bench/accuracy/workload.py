@@ -92,6 +92,9 @@ def record_level(level_dir: Path, rate: float, seconds: float, stores: dict, see
     workload.before_level(stores)
     ports = {name: infra.servers.free_port() for name in workload.services}
     launcher = [sys.executable, str(HERE / "launch.py")]
+    # The offset the agent adds to its kernel stamps, taken as it starts: truth logged on
+    # CLOCK_MONOTONIC gets the same one, so a wall clock stepped meanwhile moves neither.
+    offset = time.time_ns() - time.monotonic_ns()
     with running(launcher, level_dir / "services.log", stdin=subprocess.PIPE) as services:
         agent_log = level_dir / "agent.log"
         agent = AGENT + [
@@ -128,7 +131,7 @@ def record_level(level_dir: Path, rate: float, seconds: float, stores: dict, see
             services.wait(60)
             tracer.terminate()
             tracer.wait(120)
-    merge_truth(truth_dir, level_dir / "truth.jsonl")
+    merge_truth(truth_dir, level_dir / "truth.jsonl", offset)
     load = json.loads(load_out.read_text())
     load["cpu_seconds"] = cpu
     load_out.write_text(json.dumps(load))
@@ -136,11 +139,11 @@ def record_level(level_dir: Path, rate: float, seconds: float, stores: dict, see
     return load
 
 
-def merge_truth(truth_dir: Path, out: Path) -> None:
+def merge_truth(truth_dir: Path, out: Path, offset: int) -> None:
     """One file per service process while running (no interleaved writes), one file after,
-    every time on the wall clock (Java and Node log CLOCK_MONOTONIC: their wall clocks
-    are coarser; the offset is the one the agent adds to the kernel's stamps)."""
-    offset = time.time_ns() - time.monotonic_ns()
+    every time on the wall clock. The mesh logs CLOCK_MONOTONIC (Java's and Node's wall
+    clocks are coarse, and a VM's may be stepped during a run): `offset` makes it wall time
+    as the agent does."""
     with open(out, "w") as f:
         for part in sorted(truth_dir.glob("*.jsonl")):
             for line in part.read_text().splitlines():

@@ -26,6 +26,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unsafe"
 )
 
 type peer struct {
@@ -57,6 +58,7 @@ type serverRec struct {
 	PeerPort int     `json:"peer_port"`
 	Key      *string `json:"key"`
 	OK       bool    `json:"ok"`
+	Clock    string  `json:"clock"`
 	T0       int64   `json:"t0"`
 	T1       int64   `json:"t1"`
 }
@@ -72,6 +74,7 @@ type clientRec struct {
 	Lport    *int    `json:"lport"` // null when no connection was handed over (dial failed)
 	Key      *string `json:"key"`
 	OK       bool    `json:"ok"`
+	Clock    string  `json:"clock"`
 	T0       int64   `json:"t0"`
 	T1       int64   `json:"t1"`
 	TConn    *int64  `json:"t_conn,omitempty"`
@@ -92,7 +95,13 @@ var (
 	client *http.Client
 )
 
-func now() int64        { return time.Now().UnixNano() } // CLOCK_REALTIME: no "clock" field
+// now reads CLOCK_MONOTONIC, as the agent's kernel stamps do: the wall clock of a VM can be
+// stepped or slewed while a run lasts (we saw 5-35 ms), and the truth would drift off the spans.
+func now() int64 {
+	var ts syscall.Timespec
+	syscall.Syscall(syscall.SYS_CLOCK_GETTIME, 1 /* CLOCK_MONOTONIC */, uintptr(unsafe.Pointer(&ts)), 0)
+	return ts.Nano()
+}
 func newID() string     { return fmt.Sprintf("%d-%d", pid, nextID.Add(1)) }
 func uniform(n int) int { rngMu.Lock(); defer rngMu.Unlock(); return rng.Intn(n) }
 
@@ -135,7 +144,7 @@ func call(parent, peerName, op, id string) (int, bool) {
 	if cfg.Mode == "fields" {
 		url += "?id=" + id // the same id all the way down the tree
 	}
-	rec := clientRec{Kind: "CLIENT", Service: cfg.Service, PID: pid, ID: newID(), Parent: parent,
+	rec := clientRec{Kind: "CLIENT", Clock: "monotonic", Service: cfg.Service, PID: pid, ID: newID(), Parent: parent,
 		Op: op, PeerPort: p.Port, Key: key(op, id), OK: true, T0: now()}
 	// GotConn runs in this goroutine, inside Do, each time the pool hands a connection over
 	// (again if the Transport retries on another one): the last one carried the call.
@@ -187,7 +196,7 @@ func handle(w http.ResponseWriter, r *http.Request) {
 	id := r.URL.Query().Get("id") // "" in timing mode, unused there
 	_, portStr, _ := net.SplitHostPort(r.RemoteAddr)
 	peerPort, _ := strconv.Atoi(portStr)
-	rec := serverRec{Kind: "SERVER", Service: svc, PID: pid, ID: newID(), Op: op, Port: cfg.Port,
+	rec := serverRec{Kind: "SERVER", Clock: "monotonic", Service: svc, PID: pid, ID: newID(), Op: op, Port: cfg.Port,
 		PeerPort: peerPort, Key: key(op, id), OK: true, T0: t0}
 
 	ok, status := true, http.StatusOK
