@@ -17,7 +17,7 @@ from bisect import bisect_left, bisect_right
 import numpy as np
 
 PASSES = 3
-ALTERNATIVES = 3  # candidates tried per call, best scored first
+ALTERNATIVES = 2  # candidates tried per call, best scored first
 HOPELESS = 12.0  # nats below a call's best candidate: not tried
 BUDGET = 8  # request evaluations per call of the process
 GAIN = 1.0  # nats a move must win by: learnt tables are noisy on small windows, and a search that
@@ -47,19 +47,15 @@ class _Search:
         self.gap_bins = len(self.t_trigger) // (3 * n)
         self.s_start, self.s_end, self.s_op = inf.s_start.tolist(), inf.s_end.tolist(), inf.s_op.tolist()
         self.c_start, self.c_end, self.c_op = inf.c_start.tolist(), inf.c_end.tolist(), inf.c_op.tolist()
-        static = (
-            inf.tables[0][inf.field_bin] + inf.tables[1][inf.pair_op] + inf.tables[2][inf.thread_rel]
-        ).tolist()
-        self.pair: dict[tuple[int, int], float] = {}  # (call, request) -> the score that does not move
-        self.candidates: dict[int, list[int]] = {}  # call -> its candidates worth a try, best first
-        order = np.lexsort((-score, inf.pc))
-        best = np.full(len(inf.calls), -np.inf)
-        np.maximum.at(best, inf.pc, score)
-        for k, c, s, sc in zip(order.tolist(), inf.pc[order].tolist(), inf.ps[order].tolist(), score[order].tolist()):
-            self.pair[(c, s)] = static[k]
-            tried = self.candidates.setdefault(c, [])
-            if len(tried) <= ALTERNATIVES and sc > best[c] - HOPELESS:
-                tried.append(s)
+        static = inf.tables[0][inf.field_bin] + inf.tables[1][inf.pair_op] + inf.tables[2][inf.thread_rel]
+        # Pairs by (call, request), as sorted keys: a lookup is a bisect, and nothing is
+        # built per pair in Python (a window holds millions of them under overload).
+        n_s = len(inf.s_start)
+        by_key = np.lexsort((inf.ps, inf.pc))
+        self.n_s = n_s
+        self.keys = (inf.pc[by_key] * n_s + inf.ps[by_key]).tolist()
+        self.static = static[by_key].tolist()
+        self.score = score[by_key].tolist()
         self.known: dict[int, list[tuple[int, int, int]]] = {}
         for r, st, en, op in zip(inf.f_row.tolist(), inf.f_start.tolist(), inf.f_end.tolist(), inf.f_op.tolist()):
             self.known.setdefault(r, []).append((st, en, op))
@@ -95,9 +91,11 @@ class _Search:
         end_times = sorted(en for _, en, _ in events)
         bins = self.gap_bins
         for c in calls:
-            static = self.pair.get((c, s))
-            if static is None:
+            key = c * self.n_s + s
+            i = bisect_left(self.keys, key)
+            if i == len(self.keys) or self.keys[i] != key:
                 return -np.inf  # s does not contain c
+            static = self.static[i]
             t, e, op = c_start[c], c_end[c], c_op[c]
             # The latest event before the call's start (a sibling's start or end, else the
             # request's own start), and the first after its end (a sibling's start, else the
@@ -123,12 +121,19 @@ class _Search:
             self.cache[s] = self.request_score(s, self.members.get(s, set()))
         return self.cache[s]
 
+    def _candidates(self, c: int) -> list[int]:
+        """The call's best few candidates, best first, but none hopelessly far behind."""
+        lo, hi = bisect_left(self.keys, c * self.n_s), bisect_left(self.keys, (c + 1) * self.n_s)
+        ranked = sorted(range(lo, hi), key=lambda i: -self.score[i])[: ALTERNATIVES + 1]
+        top = self.score[ranked[0]]
+        return [self.keys[i] - c * self.n_s for i in ranked if self.score[i] > top - HOPELESS]
+
     def _try(self, c: int) -> bool:
         s1 = int(self.assign[c])
         mine = self.members[s1]
         without = mine - {c}
         alone = None  # s1 without c: the same for every candidate c might move to
-        for s2 in self.candidates[c]:
+        for s2 in self._candidates(c):
             if s2 == s1:
                 continue
             theirs = self.members.get(s2, set())
