@@ -6,7 +6,7 @@ moving either call alone looks worse. Here a move is judged by both requests' co
 scores before and after it (every call's gaps and event kinds recomputed among its new
 siblings, and each request's call counts): a call moves to another candidate, or trades
 places with that candidate's call of the same operation, when the two requests together
-score higher. Only calls without a clear winner are tried, against their best few
+score higher by GAIN. Only calls without a clear winner are tried, against their best few
 candidates, in start order, until a pass moves nothing.
 """
 
@@ -43,6 +43,8 @@ class _Search:
         self.n = n = inf.n_ops
         self.budget = budget
         self.assign = assign
+        # inf.tables are in the order of joint.Inference._features: fields, pair operations,
+        # threads (these three do not move with the assignment), trigger gap by kind, next gap by kind.
         self.t_trigger, self.t_next = inf.tables[3].tolist(), inf.tables[4].tolist()
         self.gap_bins = len(self.t_trigger) // (3 * n)
         self.s_start, self.s_end, self.s_op = inf.s_start.tolist(), inf.s_end.tolist(), inf.s_op.tolist()
