@@ -6,7 +6,9 @@ import base64
 import itertools
 
 _ids = itertools.count(1)
-_ports = itertools.count(40000)
+# Ports stay valid however many spans a session makes (the schema refuses a port past 65535,
+# and the simulated services make tens of thousands of spans).
+_ports = itertools.cycle(range(40000, 65536))
 
 
 def span(kind: str, pid: int, start: int, end: int, name: str = "op", tid: int | None = None, host: str = "h1",
