@@ -19,6 +19,12 @@ from contextvars import ContextVar
 
 CONFIG = json.loads(os.environ.get("ACCURACY_CONFIG", "{}"))  # ports and paths, from workload.py
 
+def now_ns() -> int:
+    """CLOCK_MONOTONIC, as the agent's kernel stamps; records say so ("clock") and the
+    benchmark adds the agent's offset: this VM's wall clock can move by tens of ms in a run."""
+    return time.monotonic_ns()
+
+
 # The SERVER record of the request being handled. A ContextVar is per asyncio task (copied into
 # gather's children) and per thread, so one mechanism fits every framework used here.
 _current: ContextVar[str | None] = ContextVar("current_request", default=None)
@@ -55,14 +61,14 @@ class TruthLog:
         a connection (HTTP/2) when their responses leave in another order than their
         handlers finished."""
         rec = {"kind": "SERVER", "service": self.service, "pid": self.pid, "id": f"{self.pid}-{next(self._ids)}",
-               "op": op, "port": port, "peer_port": peer_port, "key": key, "ok": True, "t0": time.time_ns()}  # fmt: skip
+               "op": op, "port": port, "peer_port": peer_port, "key": key, "ok": True, "clock": "monotonic", "t0": now_ns()}  # fmt: skip
         token = _current.set(rec["id"])
         try:
             with _outcome(rec):
                 yield rec
         finally:
             _current.reset(token)
-            if on_done is None or not on_done(lambda: self._write({**rec, "t_done": time.time_ns()})):
+            if on_done is None or not on_done(lambda: self._write({**rec, "t_done": now_ns()})):
                 self._write(rec)
 
     @contextmanager
@@ -73,7 +79,7 @@ class TruthLog:
         record can be matched to this one without the wire."""
         rec = {"kind": "CLIENT", "service": self.service, "pid": self.pid, "id": f"{self.pid}-{next(self._ids)}",
                "parent": _current.get(), "op": op, "peer_port": peer_port, "lport": None, "key": key, "ok": True,
-               "t0": time.time_ns()}  # fmt: skip
+               "clock": "monotonic", "t0": now_ns()}  # fmt: skip
         try:
             with _outcome(rec):
                 yield rec
@@ -90,7 +96,7 @@ def _outcome(rec: dict):
         rec["ok"] = False
         raise
     finally:
-        rec["t1"] = time.time_ns()
+        rec["t1"] = now_ns()
 
 
 _logs: dict[int, TruthLog] = {}

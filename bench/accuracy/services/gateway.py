@@ -9,12 +9,11 @@ connections alive in pools, which is what makes linking calls to requests hard.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import aiohttp
 import httpx
 from aiohttp import web
-from common import CONFIG, truth
+from common import CONFIG, now_ns, truth
 
 PORTS = CONFIG["ports"]
 LOG = truth("gateway")
@@ -27,7 +26,7 @@ class ConnectionRecordingRequest(aiohttp.ClientRequest):
     its pool as soon as a short body is in: `resp.connection` is often gone by then.)"""
 
     async def send(self, conn):
-        sent_ns = time.time_ns()
+        sent_ns = now_ns()
         resp = await super().send(conn)
         resp.lport, resp.sent_ns = conn.transport.get_extra_info("sockname")[1], sent_ns
         return resp
@@ -42,7 +41,7 @@ async def get_user(app, user_id: int) -> dict:
 
         async def connected(event: str, info: dict) -> None:  # httpcore's trace hook
             if event == "http11.send_request_headers.started":
-                rec["t_conn"] = time.time_ns()  # the pool gave the call its connection
+                rec["t_conn"] = now_ns()  # the pool gave the call its connection
 
         resp = await app["users"].get(url("users", f"/users/{user_id}"), extensions={"trace": connected})
         rec["lport"] = resp.extensions["network_stream"].get_extra_info("client_addr")[1]
