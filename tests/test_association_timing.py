@@ -75,8 +75,8 @@ def test_refine_moves_a_request_s_calls_back_together():
     swapped = true.copy()
     second = [i for i, c in enumerate(inf.calls) if c.raddr == "10.0.0.3"]
     swapped[second] = swapped[second[::-1]]
-    score, _, _ = inf._learn(true)  # the tables of a model that knows the shape
-    fixed = refine(inf, swapped, score, np.zeros(len(inf.calls)), unsure=1.0)
+    score, _, _, tables = inf._learn(true)  # a model that knows the shape
+    fixed = refine(inf, tables, swapped, score, np.zeros(len(inf.calls)), unsure=1.0)
     assert fixed.tolist() == true.tolist()
 
 

@@ -48,14 +48,13 @@ def timing_oracle(spans: list[dict], truth: Truth) -> list[dict]:
             row_of = {s.span_id: r for r, s in enumerate(self.process.servers)}
             fallback = self._first_come()
             true = np.array([row_of.get(truth.parent.get(c.span_id), fallback[i]) for i, c in enumerate(self.calls)])
-            _, slots, _ = self._learn(true)
-            tables = self.tables
+            _, slots, _, tables = self._learn(true)
             assign = fallback
             for _ in range(joint.ROUNDS):
                 score = sum(t[v] for t, (v, _) in zip(tables, self._features(assign)))
                 assign = self._assign(score, slots)
             score = sum(t[v] for t, (v, _) in zip(tables, self._features(assign)))
-            assign = refine(self, assign, score, self._margin(score), joint.CLEAR_MARGIN)
+            assign = refine(self, tables, assign, score, self._ranked(score)[2], joint.CLEAR_MARGIN)
             return assign, sum(t[v] for t, (v, _) in zip(tables, self._features(assign))), slots
 
     pipeline.ALGORITHMS["oracle-timing"] = lambda process: joint.link(process, Fitted)

@@ -161,23 +161,22 @@ class Inference:
         # the pairs it chose most predictable, as a description length).
         best = None
         for assign in (self._latest_start(), self._first_come()):
-            score, slots, fit = self._learn(assign)
-            candidates = [(fit, assign, score, slots)]
+            score, slots, fit, tables = self._learn(assign)
+            candidates = [(fit, assign, score, slots, tables)]
             for _ in range(ROUNDS):
                 previous, assign = assign, self._assign(score, slots)
                 if np.array_equal(assign, previous):
                     break  # settled: another round would learn the same ratios
-                score, slots, fit = self._learn(assign)
-                candidates.append((fit, assign, score, slots))
+                score, slots, fit, tables = self._learn(assign)
+                candidates.append((fit, assign, score, slots, tables))
             top = max(candidates, key=lambda c: c[0])
             if best is None or top[0] > best[0]:
                 best = top
-        _, assign, score, slots = best
-        margin = self._margin(score)
+        _, assign, score, slots, tables = best
+        margin = self._ranked(score)[2]
         if (margin < CLEAR_MARGIN).any():
-            self._learn(assign)  # the tables of the assignment kept
-            assign = refine(self, assign, score, margin, CLEAR_MARGIN)
-            score, slots, _ = self._learn(assign)
+            assign = refine(self, tables, assign, score, margin, CLEAR_MARGIN)
+            score, slots, _, _ = self._learn(assign)
         return assign, score, slots
 
     def _latest_start(self) -> np.ndarray:
@@ -253,20 +252,22 @@ class Inference:
             ((c_op * 2 + nxt_kind) * _GAP_BINS + _log2_bins(nxt), n * 2 * _GAP_BINS),
         ]
 
-    def _learn(self, assign: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    def _learn(self, assign: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, list[np.ndarray]]:
         """Each pair's score (the sum of its features' log likelihood ratios), the slot
-        prices, and how well `assign` explains the data (`_fit`)."""
+        prices, how well `assign` explains the data (a log-likelihood per call: the
+        chosen pairs' features and every request's call counts under their own
+        frequencies), and the ratio tables, one per feature of `_features`."""
         true = assign[self.pc] == self.ps
         score = np.zeros(len(self.pc))
         fit = 0.0
-        self.tables = []
+        tables = []
         for values, size in self._features(assign):
             table = _log_ratio(values, true, size)
-            self.tables.append(table)
+            tables.append(table)
             score += table[values]
             fit += _log_share(values[true], size).sum()
         slots, counts_fit = self._slot_prices(assign)
-        return score, slots, (fit + counts_fit) / len(self.calls)
+        return score, slots, (fit + counts_fit) / len(self.calls), tables
 
     def _counts(self, assign: np.ndarray) -> np.ndarray:
         """Calls of each operation per request: (requests, operations)."""
@@ -293,29 +294,22 @@ class Inference:
 
     # -- joint assignment ------------------------------------------------------------
 
-    def _margin(self, score: np.ndarray) -> np.ndarray:
-        """Per call: its best candidate's score less its second best's (inf: one candidate)."""
+    def _ranked(self, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The pairs by call, best first; where each call's run of them begins; and per
+        call, its best candidate's score less its second best's (inf: one candidate)."""
         order = np.lexsort((-score, self.pc))
         first = np.r_[True, self.pc[order][1:] != self.pc[order][:-1]]
         second = np.full(len(self.calls), -np.inf)
-        runner = np.flatnonzero(~first & np.r_[False, first[:-1]])
+        runner = np.flatnonzero(~first & np.r_[False, first[:-1]])  # each call's second best
         second[self.pc[order[runner]]] = score[order[runner]]
-        return score[order[first]] - second
+        return order, first, score[order[first]] - second
 
     def _assign(self, score: np.ndarray, prices: np.ndarray) -> np.ndarray:
         """Clear winners take their request at once; the rest are matched jointly, in
         time order, a chunk at a time (matching grows faster than linearly)."""
-        n_calls = len(self.calls)
-        order = np.lexsort((-score, self.pc))  # by call, best first
-        first = np.r_[True, self.pc[order][1:] != self.pc[order][:-1]]
-        best_pair = order[first]
-        best = score[best_pair]
-        second = np.full(n_calls, -np.inf)
-        runner = np.flatnonzero(~first & np.r_[False, first[:-1]])  # each call's second best
-        second[self.pc[order[runner]]] = score[order[runner]]
-        clear = best - second >= CLEAR_MARGIN
-        assign = np.empty(n_calls, dtype=np.int64)
-        assign[:] = self.ps[best_pair]
+        order, first, margin = self._ranked(score)
+        clear = margin >= CLEAR_MARGIN
+        assign = self.ps[order[first]]
         counts = np.bincount(np.r_[self.f_row * self.n_ops + self.f_op,
                                    assign[clear] * self.n_ops + self.c_op[clear]],
                              minlength=len(self.s_start) * self.n_ops)  # fmt: skip

@@ -25,8 +25,11 @@ GAIN = 1.0  # nats a move must win by: learnt tables are noisy on small windows,
 COUNT_PRIOR = 0.5  # pseudo-count of every call count, so an unseen count is unlikely, not impossible
 
 
-def refine(inf, assign: np.ndarray, score: np.ndarray, margin: np.ndarray, unsure: float) -> np.ndarray:
-    """A better assignment than `assign` by the learnt scores (inf.tables). Calls whose
+def refine(inf, tables: list[np.ndarray], assign: np.ndarray, score: np.ndarray, margin: np.ndarray,
+           unsure: float) -> np.ndarray:  # fmt: skip
+    """A better assignment than `assign` by the learnt ratio tables (in the order of
+    joint.Inference._features: fields, pair operations, threads, which do not move with
+    the assignment; trigger gap by kind, next gap by kind), as `score` was. Calls whose
     best candidate leads by less than `unsure` nats are tried, in start order (a request's
     earlier calls settled first give its later ones their siblings), within a budget of
     request evaluations per call of the process: under overload nearly every call is
@@ -35,21 +38,19 @@ def refine(inf, assign: np.ndarray, score: np.ndarray, margin: np.ndarray, unsur
         return assign
     calls = np.flatnonzero(margin < unsure)
     calls = calls[np.argsort(inf.c_start[calls], kind="stable")]
-    return _Search(inf, assign.copy(), score, BUDGET * len(margin)).run(calls)
+    return _Search(inf, tables, assign.copy(), score, BUDGET * len(margin)).run(calls)
 
 
 class _Search:
-    def __init__(self, inf, assign: np.ndarray, score: np.ndarray, budget: int) -> None:
+    def __init__(self, inf, tables: list[np.ndarray], assign: np.ndarray, score: np.ndarray, budget: int) -> None:
         self.n = n = inf.n_ops
         self.budget = budget
         self.assign = assign
-        # inf.tables are in the order of joint.Inference._features: fields, pair operations,
-        # threads (these three do not move with the assignment), trigger gap by kind, next gap by kind.
-        self.t_trigger, self.t_next = inf.tables[3].tolist(), inf.tables[4].tolist()
+        self.t_trigger, self.t_next = tables[3].tolist(), tables[4].tolist()
         self.gap_bins = len(self.t_trigger) // (3 * n)
         self.s_start, self.s_end, self.s_op = inf.s_start.tolist(), inf.s_end.tolist(), inf.s_op.tolist()
         self.c_start, self.c_end, self.c_op = inf.c_start.tolist(), inf.c_end.tolist(), inf.c_op.tolist()
-        static = inf.tables[0][inf.field_bin] + inf.tables[1][inf.pair_op] + inf.tables[2][inf.thread_rel]
+        static = tables[0][inf.field_bin] + tables[1][inf.pair_op] + tables[2][inf.thread_rel]
         # Pairs by (call, request), as sorted keys: a lookup is a bisect, and nothing is
         # built per pair in Python (a window holds millions of them under overload).
         n_s = len(inf.s_start)
