@@ -46,30 +46,36 @@ def _handler(rnd: random.Random, shape: str, t: float, think_us: float, work_us:
 
 
 def mesh_service(n_requests: int, rate_per_s: float, shapes=("seq",), seed: int = 1, think_us: float = 40.0,
-                 work_us: float = 5000.0) -> tuple[list[dict], dict[str, str], list[list[str]]]:  # fmt: skip
-    """Spans of one service; {call span_id: true parent span_id}; each request's span ids."""
+                 work_us: float = 5000.0, stay: float = 0.0) -> tuple[list[dict], dict[str, str], list[list[str]]]:  # fmt: skip
+    """Spans of one service; {call span_id: true parent span_id}; each request's span ids.
+    Any thread may run any step; with probability `stay` a step runs on the thread of the
+    request's step before it (Go runs the goroutine a read wakes next, on the reader's
+    thread: a call is often sent on the thread that read the last response)."""
     rnd = random.Random(seed)
     spans, truth, trees = [], {}, []
     t = 1_000_000.0  # µs
-    tid = lambda: PID + 1 + rnd.randrange(THREADS)  # noqa: E731  (any thread may run any step)
+    threads = random.Random(seed + 1)  # its own draws: `stay` changes the threads, not the traffic
+    any_tid = lambda: PID + 1 + threads.randrange(THREADS)  # noqa: E731
+    tid = lambda last: last if threads.random() < stay else any_tid()  # noqa: E731
     for _ in range(n_requests):
         t += rnd.expovariate(rate_per_s / 1e6)
         shape = rnd.choice(shapes)
         calls, done = _handler(rnd, shape, t, think_us, work_us)
         head = f"GET /{shape} HTTP/1.1\r\nHost: a\r\n\r\n".encode()
-        s = server(PID, int(t), int(done + 20), name=f"GET /{shape}", req=head, tid=tid())
-        s["resp_tid"] = tid()
+        s = server(PID, int(t), int(done + 20), name=f"GET /{shape}", req=head, tid=any_tid())
         spans.append(s)
         tree = [s["span_id"]]
-        for start, end, callee in calls:
+        last = s["tid"]
+        for start, end, callee in sorted(calls):
             # b and c serve the same path: only the address tells their calls apart.
             req = b"GET / HTTP/1.1\r\nHost: mesh\r\n\r\n"
-            c = client(PID, int(start), int(end), name="GET /", req=req, tid=tid(), protocol="http",
+            c = client(PID, int(start), int(end), name="GET /", req=req, tid=tid(last), protocol="http",
                        raddr=CALLEES[callee], rport=8080)  # fmt: skip
-            c["resp_tid"] = tid()
+            c["resp_tid"] = last = any_tid()  # whichever thread's poller saw the response
             spans.append(c)
             truth[c["span_id"]] = s["span_id"]
             tree.append(c["span_id"])
+        s["resp_tid"] = tid(last)
         trees.append(tree)
     rnd.shuffle(spans)  # arrival order is not time order
     return spans, truth, trees

@@ -51,11 +51,11 @@ def timing_oracle(spans: list[dict], truth: Truth) -> list[dict]:
             _, slots, _, tables = self._learn(true)
             assign = fallback
             for _ in range(joint.ROUNDS):
-                score = sum(t[v] for t, (v, _) in zip(tables, self._features(assign)))
+                score = sum(t[v] for t, (v, *_) in zip(tables, self._features(assign)))
                 assign = self._assign(score, slots)
-            score = sum(t[v] for t, (v, _) in zip(tables, self._features(assign)))
+            score = sum(t[v] for t, (v, *_) in zip(tables, self._features(assign)))
             assign = refine(self, tables, assign, score, self._ranked(score)[2], joint.CLEAR_MARGIN)
-            return assign, sum(t[v] for t, (v, _) in zip(tables, self._features(assign))), slots
+            return assign, sum(t[v] for t, (v, *_) in zip(tables, self._features(assign))), slots
 
     pipeline.ALGORITHMS["oracle-timing"] = lambda process: joint.link(process, Fitted)
     try:

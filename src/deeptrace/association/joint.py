@@ -16,6 +16,10 @@ likelihood ratios (true pairs against all candidate pairs) of:
 - threads: whether the call was made on the thread that read the request, the one that
   answered it (worker pools: an I/O thread reads, a worker handles and answers), both or
   neither; an event loop does everything on one thread, and there this weighs nothing;
+- thread chain: whether the call was sent on the thread of the request's step before it
+  (a sibling's start or end) and its response read on the thread of the step after it:
+  a runtime that moves a handler between threads (Go) still often runs its next step on
+  the thread that woke it, given the event kinds (the gaps weigh those);
 - call count: how many calls of that operation the request operation makes.
 
 It starts from the unambiguous calls (one candidate) and the fields, assigns every call
@@ -36,6 +40,7 @@ from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
 from deeptrace.association.candidates import Containment
 from deeptrace.association.features import shared_weights, span_fields
+from deeptrace.association.gaps import BINS, gap_bins
 from deeptrace.association.model import INFERRED, ROOT, Link, ProcessSpans, SpanRef, call_op
 from deeptrace.association.refine import refine
 from deeptrace.association.threads import ServingThreads, measure, thread_links
@@ -48,7 +53,6 @@ MATCH_CANDIDATES = 8  # best-scored candidates per call offered to the matching
 MAX_SLOTS = 32  # calls of one operation a request can be priced for
 _FIELD_BINS = np.array([0.5, 2.0, 4.0, 6.0, 9.0])
 _LOG_UNSEEN = float(np.log(1e-3))  # a call count never observed
-_GAP_BINS = 64  # log2 bins of a gap in ns
 _OVERFLOW = 1e6
 
 
@@ -70,11 +74,8 @@ def _codes(names: list[str], table: dict[str, int]) -> np.ndarray:
     return np.array([table.setdefault(n, len(table)) for n in names], dtype=np.int64)
 
 
-def _log2_bins(gaps: np.ndarray) -> np.ndarray:
-    out = np.zeros(len(gaps), dtype=np.int64)
-    pos = gaps > 0
-    out[pos] = np.minimum(np.log2(gaps[pos]).astype(np.int64) + 1, _GAP_BINS - 1)
-    return out
+def _tids(values: list[int | None], missing: int) -> np.ndarray:
+    return np.array([missing if v is None else v for v in values], dtype=np.int64)
 
 
 def _log_share(values: np.ndarray, size: int) -> np.ndarray:
@@ -93,6 +94,10 @@ def _log_ratio(values: np.ndarray, true: np.ndarray, size: int) -> np.ndarray:
 
 
 class Inference:
+    TRIGGER_KINDS = 3  # what a call follows: its request's start, a sibling's start or end
+    NEXT_KINDS = 2  # what follows a call: the response or a sibling's start
+    SAME_THREAD = 4  # chain values per (trigger kind, next kind): made / answered on that event's thread or not
+
     def __init__(self, process: ProcessSpans, clients: list[SpanRef], fixed: dict[int, int]) -> None:
         servers = process.servers
         self.process = process
@@ -119,15 +124,20 @@ class Inference:
         self.s_end = np.array([s.end_ns for s in servers], dtype=np.int64)
         self.c_start = np.array([c.start_ns for c in calls], dtype=np.int64)
         self.c_end = np.array([c.end_ns for c in calls], dtype=np.int64)
-        s_tid = np.array([s.tid for s in servers], dtype=np.int64)
-        s_resp_tid = np.array([-1 if s.resp_tid is None else s.resp_tid for s in servers], dtype=np.int64)
-        c_tid = np.array([c.tid for c in calls], dtype=np.int64)
+        # Threads: a missing answering thread is -1 for a request, -2 for a call, so that two
+        # unknowns never count as the same thread.
+        s_tid = self.s_tid = np.array([s.tid for s in servers], dtype=np.int64)
+        s_resp_tid = self.s_resp_tid = _tids([s.resp_tid for s in servers], -1)
+        c_tid = self.c_tid = np.array([c.tid for c in calls], dtype=np.int64)
+        self.c_resp_tid = _tids([c.resp_tid for c in calls], -2)
         # Calls whose parent is known (header ids, threads): their events and counts are evidence.
         known = [(row_of[s], process_call) for process_call, s in _known_calls(process, fixed) if s in row_of]
         self.f_row = np.array([r for r, _ in known], dtype=np.int64)
         self.f_start = np.array([c.start_ns for _, c in known], dtype=np.int64)
         self.f_end = np.array([c.end_ns for _, c in known], dtype=np.int64)
         self.f_op = _codes([call_op(c) for _, c in known], ops)
+        self.f_tid = np.array([c.tid for _, c in known], dtype=np.int64)
+        self.f_resp_tid = _tids([c.resp_tid for _, c in known], -2)
         self.n_ops = len(ops)
         self.pc, self.ps = np.array(pc, dtype=np.int64), np.array(ps, dtype=np.int64)
         self.t0 = int(min(self.s_start.min(), self.c_start.min()))
@@ -204,52 +214,66 @@ class Inference:
 
     # -- learning: likelihood ratios of each feature, and call patterns -----------------
 
-    def _gaps(self, assign: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _gaps(self, assign: np.ndarray) -> tuple[np.ndarray, ...]:
         """Per pair, under `assign`: time from the parent's latest event before the call to
         the call's start, and which kind of event that was (its start: 0, a sibling call's
-        start: 1, a sibling's end: 2); and time from the call's end to the parent's next
-        event, and which (its response: 0, a sibling's start: 1). A handler waiting for
+        start: 1, a sibling's end: 2); time from the call's end to the parent's next event,
+        and which (its response: 0, a sibling's start: 1); and the thread chain: both kinds,
+        whether the call was made on the thread of the sibling event before it, and whether
+        its response was read on the thread of the event after it. A handler waiting for
         each call starts the next right after the last one ended; one that fans out starts
-        them right after each other; gaps by kind tell them apart."""
+        them right after each other; gaps by kind tell them apart. A handler's steps follow
+        each other on one thread more often than unrelated requests' do, even where the
+        runtime moves them (Go), so the thread weighs too. (Whether the first call is made
+        on the thread that read the request is `thread_rel`'s, not counted twice here.)"""
         t0, w = self.t0, self.width
         pc, ps = self.pc, self.ps
         c_start, c_end = self.c_start[pc], self.c_end[pc]
         n_s = len(self.s_start)
         rows = np.concatenate([np.arange(n_s), assign, assign, self.f_row, self.f_row])
         times = np.concatenate([self.s_start, self.c_start, self.c_end, self.f_start, self.f_end])
+        tids = np.concatenate([self.s_tid, self.c_tid, self.c_resp_tid, self.f_tid, self.f_resp_tid])
         n_c, n_f = len(self.c_start), len(self.f_start)
         kinds = np.repeat(np.array([0, 1, 2, 1, 2]), [n_s, n_c, n_c, n_f, n_f])
         keys = rows * w + (times - t0)
         order = np.argsort(keys, kind="stable")
-        keys, kinds = keys[order], kinds[order]
+        keys, kinds, tids = keys[order], kinds[order], tids[order]
         i = np.searchsorted(keys, ps * w + (c_start - t0), side="left") - 1
         ii = np.maximum(i, 0)
         ok = (i >= 0) & (keys[ii] // w == ps)
         before = np.where(ok, keys[ii] % w + t0, self.s_start[ps])
         before_kind = np.where(ok, kinds[ii], 0)
+        same_before = (before_kind > 0) & (tids[ii] == self.c_tid[pc])
         rows = np.concatenate([np.arange(n_s), assign, self.f_row])
         times = np.concatenate([self.s_end, self.c_start, self.f_start])
+        tids = np.concatenate([self.s_resp_tid, self.c_tid, self.f_tid])
         kinds = np.repeat(np.array([0, 1, 1]), [n_s, n_c, n_f])
         keys = rows * w + (times - t0)
         order = np.argsort(keys, kind="stable")
-        keys, kinds = keys[order], kinds[order]
+        keys, kinds, tids = keys[order], kinds[order], tids[order]
         j = np.searchsorted(keys, ps * w + (c_end - t0), side="right")
         jj = np.minimum(j, len(keys) - 1)
         ok = (j < len(keys)) & (keys[jj] // w == ps)
         after = np.where(ok, keys[jj] % w + t0, self.s_end[ps])
         after_kind = np.where(ok, kinds[jj], 0)
-        return c_start - before, before_kind, after - c_end, after_kind
+        after_tid = np.where(ok, tids[jj], self.s_resp_tid[ps])
+        same_after = after_tid == self.c_resp_tid[pc]
+        chain = (before_kind * self.NEXT_KINDS + after_kind) * self.SAME_THREAD + 2 * same_before + same_after
+        return c_start - before, before_kind, after - c_end, after_kind, chain
 
-    def _features(self, assign: np.ndarray) -> list[tuple[np.ndarray, int]]:
-        """Per pair, each feature's value (an integer below its size), under `assign`."""
-        trigger, trigger_kind, nxt, nxt_kind = self._gaps(assign)
+    def _features(self, assign: np.ndarray) -> list[tuple[np.ndarray, int, int]]:
+        """Per pair, each feature's value (an integer below its size), under `assign`, and
+        the group size of a feature weighed given its group (value // group: the part
+        another feature weighs already), else 0."""
+        trigger, trigger_kind, nxt, nxt_kind, chain = self._gaps(assign)
         c_op, n = self.c_op[self.pc], self.n_ops
         return [
-            (self.field_bin, len(_FIELD_BINS) + 1),
-            (self.pair_op, n * n),
-            (self.thread_rel, 4),
-            ((c_op * 3 + trigger_kind) * _GAP_BINS + _log2_bins(trigger), n * 3 * _GAP_BINS),
-            ((c_op * 2 + nxt_kind) * _GAP_BINS + _log2_bins(nxt), n * 2 * _GAP_BINS),
+            (self.field_bin, len(_FIELD_BINS) + 1, 0),
+            (self.pair_op, n * n, 0),
+            (self.thread_rel, 4, 0),
+            ((c_op * self.TRIGGER_KINDS + trigger_kind) * BINS + gap_bins(trigger), n * self.TRIGGER_KINDS * BINS, 0),
+            ((c_op * self.NEXT_KINDS + nxt_kind) * BINS + gap_bins(nxt), n * self.NEXT_KINDS * BINS, 0),
+            (chain, self.TRIGGER_KINDS * self.NEXT_KINDS * self.SAME_THREAD, self.SAME_THREAD),
         ]
 
     def _learn(self, assign: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, list[np.ndarray]]:
@@ -261,11 +285,15 @@ class Inference:
         score = np.zeros(len(self.pc))
         fit = 0.0
         tables = []
-        for values, size in self._features(assign):
+        for values, size, group in self._features(assign):
             table = _log_ratio(values, true, size)
+            share = _log_share(values[true], size)
+            if group:  # the ratio given the group: the group's own is another feature's
+                table -= _log_ratio(values // group, true, size // group)[np.arange(size) // group]
+                share -= _log_share(values[true] // group, size // group)
             tables.append(table)
             score += table[values]
-            fit += _log_share(values[true], size).sum()
+            fit += share.sum()
         slots, counts_fit = self._slot_prices(assign)
         return score, slots, (fit + counts_fit) / len(self.calls), tables
 

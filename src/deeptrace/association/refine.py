@@ -16,6 +16,8 @@ from bisect import bisect_left, bisect_right
 
 import numpy as np
 
+from deeptrace.association.gaps import BINS, gap_bin
+
 PASSES = 3
 ALTERNATIVES = 2  # candidates tried per call, best scored first
 HOPELESS = 12.0  # nats below a call's best candidate: not tried
@@ -29,7 +31,7 @@ def refine(inf, tables: list[np.ndarray], assign: np.ndarray, score: np.ndarray,
            unsure: float) -> np.ndarray:  # fmt: skip
     """A better assignment than `assign` by the learnt ratio tables (in the order of
     joint.Inference._features: fields, pair operations, threads, which do not move with
-    the assignment; trigger gap by kind, next gap by kind), as `score` was. Calls whose
+    the assignment; trigger gap by kind, next gap by kind, thread chain), as `score` was. Calls whose
     best candidate leads by less than `unsure` nats are tried, in start order (a request's
     earlier calls settled first give its later ones their siblings), within a budget of
     request evaluations per call of the process: under overload nearly every call is
@@ -46,10 +48,11 @@ class _Search:
         self.n = n = inf.n_ops
         self.budget = budget
         self.assign = assign
-        self.t_trigger, self.t_next = tables[3].tolist(), tables[4].tolist()
-        self.gap_bins = len(self.t_trigger) // (3 * n)
+        self.t_trigger, self.t_next, self.t_chain = tables[3].tolist(), tables[4].tolist(), tables[5].tolist()
+        self.trigger_kinds, self.next_kinds, self.same_thread = inf.TRIGGER_KINDS, inf.NEXT_KINDS, inf.SAME_THREAD
         self.s_start, self.s_end, self.s_op = inf.s_start.tolist(), inf.s_end.tolist(), inf.s_op.tolist()
         self.c_start, self.c_end, self.c_op = inf.c_start.tolist(), inf.c_end.tolist(), inf.c_op.tolist()
+        self.s_resp_tid, self.c_tid, self.c_resp_tid = inf.s_resp_tid.tolist(), inf.c_tid.tolist(), inf.c_resp_tid.tolist()
         static = tables[0][inf.field_bin] + tables[1][inf.pair_op] + tables[2][inf.thread_rel]
         # Pairs by (call, request), as sorted keys: a lookup is a bisect, and nothing is
         # built per pair in Python (a window holds millions of them under overload).
@@ -59,15 +62,20 @@ class _Search:
         self.keys = (inf.pc[by_key] * n_s + inf.ps[by_key]).tolist()
         self.static = static[by_key].tolist()
         self.score = score[by_key].tolist()
-        self.known: dict[int, list[tuple[int, int, int]]] = {}
-        for r, st, en, op in zip(inf.f_row.tolist(), inf.f_start.tolist(), inf.f_end.tolist(), inf.f_op.tolist()):
-            self.known.setdefault(r, []).append((st, en, op))
+        self.known: dict[int, list[tuple[int, int, int, int, int]]] = {}
+        known = zip(inf.f_row.tolist(), inf.f_start.tolist(), inf.f_end.tolist(), inf.f_op.tolist(),
+                    inf.f_tid.tolist(), inf.f_resp_tid.tolist())  # fmt: skip
+        for r, *event in known:
+            self.known.setdefault(r, []).append(tuple(event))
         self.members: dict[int, set[int]] = {}
         for c, s in enumerate(assign.tolist()):
             self.members.setdefault(s, set()).add(c)
         self.count_score = self._count_scores(inf._counts(assign), inf.s_op)
         self.no_calls = [sum(row[0] for row in by_op) for by_op in self.count_score]
         self.cache: dict[int, float] = {}
+        self.candidates: dict[int, list[int]] = {}
+        self.moves = 0  # moves made so far
+        self.changed: dict[int, int] = {}  # request -> self.moves when its calls last changed
 
     def _count_scores(self, counts: np.ndarray, s_op: np.ndarray) -> list:
         """[request op][call op][m]: log share of requests of that operation making exactly m calls of it."""
@@ -81,18 +89,21 @@ class _Search:
         these siblings, and the likelihood of its call counts."""
         self.budget -= 1
         n, c_start, c_end, c_op = self.n, self.c_start, self.c_end, self.c_op
-        events = [(c_start[c], c_end[c], c_op[c]) for c in calls] + self.known.get(s, [])
+        c_tid, c_resp_tid = self.c_tid, self.c_resp_tid
+        events = [(c_start[c], c_end[c], c_op[c], c_tid[c], c_resp_tid[c]) for c in calls] + self.known.get(s, [])
         per_op: dict[int, int] = {}
-        for _, _, op in events:
+        for _, _, op, _, _ in events:
             per_op[op] = per_op.get(op, 0) + 1
         counts = self.count_score[self.s_op[s]]
         # Every operation's count: none, but for the operations the request did make.
         total = self.no_calls[self.s_op[s]]
         for op, m in per_op.items():
             total += counts[op][min(m, len(counts[op]) - 1)] - counts[op][0]
-        start_times = sorted(st for st, _, _ in events)
-        end_times = sorted(en for _, en, _ in events)
-        bins = self.gap_bins
+        starts = sorted((st, tid) for st, _, _, tid, _ in events)
+        ends = sorted((en, tid) for _, en, _, _, tid in events)
+        start_times, start_tids = [t for t, _ in starts], [tid for _, tid in starts]
+        end_times, end_tids = [t for t, _ in ends], [tid for _, tid in ends]
+        trigger_kinds, next_kinds, same_thread = self.trigger_kinds, self.next_kinds, self.same_thread
         for c in calls:
             key = c * self.n_s + s
             i = bisect_left(self.keys, key)
@@ -102,21 +113,25 @@ class _Search:
             t, e, op = c_start[c], c_end[c], c_op[c]
             # The latest event before the call's start (a sibling's start or end, else the
             # request's own start), and the first after its end (a sibling's start, else the
-            # response). The call's own start and end are never strictly before / after itself.
-            latest, kind = self.s_start[s], 0
+            # response), with their threads, as joint.Inference._gaps. The call's own start
+            # and end are never strictly before / after itself.
+            latest, kind, tid = self.s_start[s], 0, None
             i = bisect_left(start_times, t) - 1
             if i >= 0 and start_times[i] > latest:
-                latest, kind = start_times[i], 1
+                latest, kind, tid = start_times[i], 1, start_tids[i]
             i = bisect_left(end_times, t) - 1
             if i >= 0 and end_times[i] > latest:
-                latest, kind = end_times[i], 2
-            nxt, next_kind = self.s_end[s], 0
+                latest, kind, tid = end_times[i], 2, end_tids[i]
+            same = 2 if tid == c_tid[c] else 0
+            nxt, next_kind, tid = self.s_end[s], 0, self.s_resp_tid[s]
             i = bisect_right(start_times, e)
             if i < len(start_times) and start_times[i] < nxt:
-                nxt, next_kind = start_times[i], 1
-            # log2 bins of the gaps, as joint._log2_bins (a gap <= 0 is bin 0)
-            total += static + self.t_trigger[(op * 3 + kind) * bins + min(max(t - latest, 0).bit_length(), bins - 1)]
-            total += self.t_next[(op * 2 + next_kind) * bins + min(max(nxt - e, 0).bit_length(), bins - 1)]
+                nxt, next_kind, tid = start_times[i], 1, start_tids[i]
+            if tid == c_resp_tid[c]:
+                same += 1
+            total += self.t_chain[(kind * next_kinds + next_kind) * same_thread + same]
+            total += static + self.t_trigger[(op * trigger_kinds + kind) * BINS + gap_bin(t - latest)]
+            total += self.t_next[(op * next_kinds + next_kind) * BINS + gap_bin(nxt - e)]
         return total
 
     def _score(self, s: int) -> float:
@@ -126,10 +141,13 @@ class _Search:
 
     def _candidates(self, c: int) -> list[int]:
         """The call's best few candidates, best first, but none hopelessly far behind."""
+        if c in self.candidates:
+            return self.candidates[c]
         lo, hi = bisect_left(self.keys, c * self.n_s), bisect_left(self.keys, (c + 1) * self.n_s)
         ranked = sorted(range(lo, hi), key=lambda i: -self.score[i])[: ALTERNATIVES + 1]
         top = self.score[ranked[0]]
-        return [self.keys[i] - c * self.n_s for i in ranked if self.score[i] > top - HOPELESS]
+        self.candidates[c] = [self.keys[i] - c * self.n_s for i in ranked if self.score[i] > top - HOPELESS]
+        return self.candidates[c]
 
     def _try(self, c: int) -> bool:
         s1 = int(self.assign[c])
@@ -161,16 +179,28 @@ class _Search:
                 self.assign[c] = s2
                 if d is not None:
                     self.assign[d] = s1
+                self.moves += 1
+                self.changed[s1] = self.changed[s2] = self.moves
                 return True
         return False
 
     def run(self, calls: np.ndarray) -> np.ndarray:
+        # A call is tried again only if a request it could move between changed since its
+        # last try: otherwise the try would find what it found then (nothing).
+        tried: dict[int, int] = {}
         for _ in range(PASSES):
             moved = False
             for c in calls.tolist():
                 if self.budget <= 0:
                     return self.assign
+                last = tried.get(c)
+                if last is not None and all(self.changed.get(s, -1) < last for s in self._around(c)):
+                    continue
+                tried[c] = self.moves
                 moved |= self._try(c)
             if not moved:
                 break
         return self.assign
+
+    def _around(self, c: int) -> list[int]:
+        return [int(self.assign[c]), *self._candidates(c)]
