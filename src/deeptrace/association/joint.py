@@ -50,6 +50,7 @@ TEMPERATURE = 1.4  # set on simulated event loops (tests/loopsim.py), checked by
 CLEAR_MARGIN = 6.0  # nats: a call this much surer of one request is not matched jointly
 CHUNK = 500  # calls per joint matching: smaller matchings are faster, and as accurate on bench/accuracy
 MATCH_CANDIDATES = 8  # best-scored candidates per call offered to the matching
+KEEP = 16  # candidates per call kept after the first learning
 MAX_SLOTS = 32  # calls of one operation a request can be priced for
 _FIELD_BINS = np.array([0.5, 2.0, 4.0, 6.0, 9.0])
 _LOG_UNSEEN = float(np.log(1e-3))  # a call count never observed
@@ -169,9 +170,14 @@ class Inference:
         # Learning from an assignment can settle where that assignment put it: start from
         # two unlike ones and keep the result that explains the data best (the features of
         # the pairs it chose most predictable, as a description length).
+        starts = [self._latest_start(), self._first_come()]
+        learnt = [self._learn(assign) for assign in starts]
+        keep = self._worth_keeping(starts, [score for score, *_ in learnt])
+        if not keep.all():
+            self._keep_pairs(keep)
+            learnt = [(score[keep], *rest) for score, *rest in learnt]
         best = None
-        for assign in (self._latest_start(), self._first_come()):
-            score, slots, fit, tables = self._learn(assign)
+        for assign, (score, slots, fit, tables) in zip(starts, learnt):
             candidates = [(fit, assign, score, slots, tables)]
             for _ in range(ROUNDS):
                 previous, assign = assign, self._assign(score, slots)
@@ -188,6 +194,23 @@ class Inference:
             assign = refine(self, tables, assign, score, margin, CLEAR_MARGIN)
             score, slots, _, _ = self._learn(assign)
         return assign, score, slots
+
+    def _worth_keeping(self, assigns: list[np.ndarray], scores: list[np.ndarray]) -> np.ndarray:
+        """Per pair, whether it stays a candidate: among its call's KEEP best by either
+        first model, or chosen by either start. Under load a call has tens to hundreds of
+        candidates, every learning round costs in proportion, and the far ones never win."""
+        keep = np.zeros(len(self.pc), dtype=bool)
+        for assign, score in zip(assigns, scores):
+            order, first, _ = self._ranked(score)
+            run_start = np.flatnonzero(first)
+            rank = np.arange(len(order)) - np.repeat(run_start, np.diff(np.r_[run_start, len(order)]))
+            keep[order[rank < KEEP]] = True
+            keep |= assign[self.pc] == self.ps
+        return keep
+
+    def _keep_pairs(self, keep: np.ndarray) -> None:
+        self.pc, self.ps = self.pc[keep], self.ps[keep]
+        self.pair_op, self.field_bin, self.thread_rel = self.pair_op[keep], self.field_bin[keep], self.thread_rel[keep]
 
     def _latest_start(self) -> np.ndarray:
         """The strongest shared field, then the latest start (a lone candidate wins anyway)."""
