@@ -104,7 +104,7 @@ async def drive(port: int, rate: float, seconds: float, seed: int, mesh: tuple[s
     return {"target_rps": rate, "seconds": round(sent_for, 2), "sent": sent, "ok": len(latencies),
             "errors": len(errors), "error_kinds": sorted(set(errors)), "achieved_rps": round(len(latencies) / sent_for, 1),
             "p50_ms": pct(0.5), "p99_ms": pct(0.99), "inflight_peak": inflight.peak,
-            "inflight_mean": round(inflight.mean(), 2)}  # fmt: skip
+            "inflight_mean": round(inflight.mean(), 2), "driver_cpu_seconds": round(time.process_time(), 2)}  # fmt: skip
 
 
 def main() -> None:

@@ -164,6 +164,10 @@ def _summary(results: dict) -> str:
 def _workload(results: dict) -> str:
     lines = [f"### {results['name']}", "", f"Workload: {results['workload']}", ""]
     lines += [LEVELS_NOTE, ""]
+    warmup = {lv["load"]["warmup"]["target_seconds"] for lv in results["levels"] if "warmup" in lv["load"]}
+    if warmup:
+        lines[-2] = LEVELS_NOTE[:-2] + (f"; each level after {'/'.join(f'{w:g}' for w in sorted(warmup))} s of "
+                                        "the same load, not scored, with nothing in flight between the two):")  # fmt: skip
     lines += _levels(results)
     lines += ["", ASSOCIATION_NOTE, ""]
     lines += _association(results)

@@ -46,7 +46,7 @@ def log(msg: str) -> None:
     print(f"[accuracy {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def record(out: Path, wl, levels: list[float], seconds: float) -> None:
+def record(out: Path, wl, levels: list[float], seconds: float, warmup: float) -> None:
     import infra
     import workload
 
@@ -58,8 +58,10 @@ def record(out: Path, wl, levels: list[float], seconds: float) -> None:
     log(f"{wl.name}: starting what it needs besides its services")
     with wl.infra() as stores:
         for i, rate in enumerate(levels):
-            log(f"{wl.name}: level {rate:g} req/s for {seconds:g} s: services under the agent, load from outside")
-            summary = workload.record_level(level_dir(out, rate), rate, seconds, stores, seed=i + 1, workload=wl)
+            log(f"{wl.name}: level {rate:g} req/s for {seconds:g} s" + (f" after {warmup:g} s of warm-up" if warmup else "")
+                + ": services under the agent, load from outside")  # fmt: skip
+            summary = workload.record_level(level_dir(out, rate), rate, seconds, stores, seed=i + 1, workload=wl,
+                                            warmup=warmup)  # fmt: skip
             log(f"  sent {summary['sent']}, ok {summary['ok']} ({summary['achieved_rps']} req/s), "
                 f"errors {summary['errors']}, in-flight mean {summary['inflight_mean']} peak {summary['inflight_peak']}")  # fmt: skip
 
@@ -142,6 +144,9 @@ def main() -> None:
     ap.add_argument("--levels", help=f"requests/s, comma-separated (default: shop {DEFAULT_LEVELS['shop']}, "
                                      f"mesh {DEFAULT_LEVELS['mesh']})")  # fmt: skip
     ap.add_argument("--seconds", type=float, default=20.0, help="load duration of each level")
+    ap.add_argument("--warmup", type=float,
+                    help="seconds of the same load before each level's measured window, not scored "
+                         "(default: the workload's, workloads.py: 15 for Java, else 0)")  # fmt: skip
     ap.add_argument("--out", type=Path, help="output directory (default: bench/accuracy/out/run-TIME)")
     ap.add_argument(
         "--reuse", type=Path, metavar="DIR", help="score the data of an earlier run, record nothing"
@@ -174,8 +179,10 @@ def main() -> None:
             kind = "shop" if wl.name == "shop" else "mesh"
             levels = [float(x) for x in (args.levels or DEFAULT_LEVELS[kind]).split(",")]
             (out / wl.name).mkdir(parents=True, exist_ok=True)
-            (out / wl.name / "run.json").write_text(json.dumps({"levels": levels, "seconds": args.seconds}))
-            record(out / wl.name, wl, levels, args.seconds)
+            warmup = wl.warmup if args.warmup is None else args.warmup
+            (out / wl.name / "run.json").write_text(json.dumps({"levels": levels, "seconds": args.seconds,
+                                                                "warmup": warmup}))  # fmt: skip
+            record(out / wl.name, wl, levels, args.seconds, warmup)
     log(f"data in {out}; associating")
     results = {"workloads": []}
     for wl in chosen:

@@ -12,15 +12,23 @@ read once, after the fact, to check the placement (`payload_check`), never to ma
   connection inside the call (from when it had the connection): a pooled connection
   serves one call at a time, so every exchange in the window belongs to it (the closest is the call itself; the others are
   set-up it caused, e.g. Redis HELLO or a PostgreSQL PREPARE).
-- CLIENT record without one (gRPC) -> one CLIENT span of that pid to the callee inside
+- CLIENT record without a local port but naming the client that made it (Java's
+  HttpClient, which does not tell the port: one client per pool thread, whose calls to one
+  peer go one at a time) -> every connection of that pid to the callee is one client's,
+  so its exchanges, in order, lie inside that client's calls, one per call. A connection
+  goes to the one client whose calls contain all its exchanges; where a few exchanges
+  leave several, calls already taken by connections only one client fits rule clients
+  out, and a choice still left goes to the least squared delays, counted as ambiguous.
+- CLIENT record without either (gRPC) -> one CLIENT span of that pid to the callee inside
   the call; concurrent calls share the connection, so the placement of all of them
   with the least squared delays wins (as for SERVER records on an HTTP/2 connection).
 - A callee's SERVER record -> the caller's CLIENT record with the same key (what was
   asked, e.g. "user:42"), the callee's peer port as its local port when known, and the
   callee's handler inside the call. Without a key (the mesh's `timing` mode: nothing on
   the wire tells requests apart), by the ports and time alone: the call whose local port
-  is the callee's peer port, or (Java's HttpClient does not tell its local port) the
-  placement of all of them with the least squared delays, counted as ambiguous.
+  (logged, or for a call placed by its client's sequence, that of the connection it was
+  placed on) is the callee's peer port, or else the placement of all of them with the
+  least squared delays, counted as ambiguous.
 """
 
 from __future__ import annotations
@@ -137,9 +145,101 @@ def _candidates(spans, index, key, t0: int, t1: int, inside: bool, end_by: int |
             yield i, (t0 - s, e - t1)
 
 
+def _fit(spans: list[dict], conn_spans: list[int], records: list[dict], calls: list[int], starts: list[int]):
+    """Whether one client's calls to a peer (one at a time: disjoint, sorted by start) can
+    have carried all of a connection's exchanges (sorted by start): each inside its own call.
+    Returns [(span, record, cost)] (cost: squared delays in us^2, as `_closest_in_time`),
+    or None at the first exchange no call contains."""
+    out, taken = [], set()
+    for s in conn_spans:
+        start, end = spans[s]["start_ns"], spans[s]["end_ns"]
+        k = bisect_left(starts, start + SLACK_NS + 1) - 1  # the last call started by then
+        if k < 0 or k in taken or records[calls[k]]["t1"] + SLACK_NS < end:
+            return None
+        taken.add(k)
+        d_start, d_end = start - starts[k], records[calls[k]]["t1"] - end
+        out.append((s, calls[k], (d_start / 1e3) ** 2 + (d_end / 1e3) ** 2))
+    return out
+
+
+def _by_sequence(records: list[dict], spans: list[dict], clients: dict, by_client: dict):
+    """CLIENT records that name the client that made them (a client whose calls to one peer
+    go one at a time; Java's HttpClient, one per pool thread) but not the local port: each
+    connection is one client's, so its exchanges are a subsequence of that client's calls,
+    in order, one per call. A connection goes to the client whose calls contain all its
+    exchanges; where several could (a few exchanges, at the same times as others' calls),
+    the calls taken by connections only one client fits rule clients out, and what still
+    has a choice then takes the client with the least squared delays (per exchange), one
+    connection at a time; its records, and those of every connection that had a choice
+    then, count as ambiguous. Exchanges no client fits as a whole (or none after the
+    choices) are left to `_closest_in_time` with the calls not taken.
+    Returns record -> span, the (record, span, delays) left, and the ambiguous count."""
+    primary: dict[int, int] = {}
+    left: list = []
+    ambiguous = 0
+    for (pid, peer), calls_of in by_client.items():
+        order = {}
+        for c, calls in calls_of.items():
+            calls.sort(key=lambda r: records[r]["t0"])
+            order[c] = (calls, [records[r]["t0"] for r in calls])
+        options, unfit = {}, []  # connection -> client -> [(span, record, cost)]; exchanges of no client
+        for (p, lport, rport), (idx, _, _) in clients.items():
+            if p == pid and rport == peer:
+                options[lport] = {c: f for c, (calls, starts) in order.items()
+                                  if (f := _fit(spans, idx, records, calls, starts)) is not None}  # fmt: skip
+                if not options[lport]:  # e.g. an exchange the agent did not see whole
+                    del options[lport]
+                    unfit += idx
+        taken: set[int] = set()
+        doubt: set[int] = set()  # connections left with a choice once the certain ones were placed
+        while options:
+            changed = True
+            while changed:  # connections only one client fits (after the calls others took): its
+                changed = False
+                for conn, fits in list(options.items()):
+                    fits = {c: f for c, f in fits.items() if all(r not in taken for _, r, _ in f)}
+                    options[conn] = fits
+                    if len(fits) <= 1:
+                        del options[conn]
+                        if not fits:  # every client that fitted lost a call to another connection
+                            unfit += clients[(pid, conn, peer)][0]
+                        for sp, r, _ in next(iter(fits.values()), []):
+                            primary[r] = sp
+                            taken.add(r)
+                            ambiguous += conn in doubt
+                        changed = True
+            if options:  # every one left has a choice: the cheapest of all, then again
+                doubt |= set(options)
+                conn, c = min(((conn, c) for conn, fits in options.items() for c in fits),
+                              key=lambda o: sum(x for _, _, x in options[o[0]][o[1]]) / len(options[o[0]][o[1]]))  # fmt: skip
+                for sp, r, _ in options.pop(conn)[c]:
+                    primary[r] = sp
+                    taken.add(r)
+                    ambiguous += 1
+        if unfit:
+            calls = sorted((r for calls, _ in order.values() for r in calls if r not in taken),
+                           key=lambda r: records[r]["t0"])  # fmt: skip
+            starts = [records[r]["t0"] for r in calls]
+            longest = max((records[r]["t1"] - records[r]["t0"] for r in calls), default=0)
+            for s in unfit:
+                start = spans[s]["start_ns"]
+                lo, hi = bisect_left(starts, start - longest - SLACK_NS), bisect_left(starts, start + SLACK_NS + 1)
+                left += [(r, s, d) for r in calls[lo:hi] if (d := _inside(spans[s], records[r])) is not None]
+    return primary, left, ambiguous
+
+
+def _inside(span: dict, rec: dict) -> tuple[int, int] | None:
+    """(delay at the start, delay at the end) in ns if the exchange lies inside the call."""
+    s, e = span["start_ns"], span["end_ns"]
+    if s >= rec["t0"] - SLACK_NS and e <= rec["t1"] + SLACK_NS:
+        return s - rec["t0"], rec["t1"] - e
+    return None
+
+
 def map_records(records: list[dict], spans: list[dict]) -> tuple[dict[int, int], dict[int, int], int]:
     """Record -> its span (primary), extra span -> record, and how many records had to be
-    told apart from concurrent ones on the same connection (HTTP/2) by time."""
+    told apart from concurrent ones on the same connection (HTTP/2) by time, or were placed
+    on a connection more than one client's calls could have carried (`_by_sequence`)."""
     servers = _by_start(
         spans, lambda s: (s["pid"], s["lport"], s["rport"]) if s["kind"] == "SERVER" else None
     )
@@ -149,6 +249,7 @@ def map_records(records: list[dict], spans: list[dict]) -> tuple[dict[int, int],
     clients_any_port = _by_start(spans, lambda s: (s["pid"], s["rport"]) if s["kind"] == "CLIENT" else None)
     t0_of = {rec["id"]: rec["t0"] for rec in records}
     shared, exclusive, setup = [], [], defaultdict(list)
+    by_client: dict[tuple, dict] = defaultdict(lambda: defaultdict(list))  # (pid, callee port) -> client -> calls
     for r, rec in enumerate(records):
         t0, t1 = rec["t0"], rec["t1"]
         if rec["kind"] == "SERVER":
@@ -156,6 +257,8 @@ def map_records(records: list[dict], spans: list[dict]) -> tuple[dict[int, int],
             shared += [
                 (r, s, d) for s, d in _candidates(spans, servers, conn, t0, t1, False, rec.get("t_done"))
             ]
+        elif rec["lport"] is None and rec.get("client") is not None:
+            by_client[(rec["pid"], rec["peer_port"])][rec["client"]].append(r)
         elif rec["lport"] is None:
             shared += [(r, s, d) for s, d in _candidates(spans, clients_any_port, (rec["pid"], rec["peer_port"]),
                                                           t0, t1, True)]  # fmt: skip
@@ -170,7 +273,11 @@ def map_records(records: list[dict], spans: list[dict]) -> tuple[dict[int, int],
             since = t0_of.get(rec["parent"], t0)
             for s, _ in _candidates(spans, clients, conn, since, t1, True):
                 setup[s].append((abs(spans[s]["start_ns"] - t0), r))
+    sequenced, unplaced, ambiguous_sequenced = _by_sequence(records, spans, clients, by_client)
+    shared += unplaced
     primary, ambiguous = _closest_in_time(shared)
+    primary.update(sequenced)
+    ambiguous += ambiguous_sequenced
     primary.update(_greedy(exclusive)[0])
     used = set(primary.values())
     extra = {s: min(options)[1] for s, options in setup.items() if s not in used}
@@ -195,9 +302,12 @@ def payload_check(records: list[dict], spans: list[dict], primary: dict[int, int
     return checked, agree
 
 
-def callers(records: list[dict], root_service: str) -> tuple[dict[int, int], int]:
+def callers(records: list[dict], root_service: str, lport_of: dict[int, int] | None = None) -> tuple[dict[int, int], int]:
     """Callee SERVER record -> caller CLIENT record, matched on what the services logged:
-    the key, else the local port, else time; and how many had to be told apart by time."""
+    the key, else the local port, else time; and how many had to be told apart by time.
+    `lport_of`: the local port of calls whose record does not tell it, from the connection
+    their client's calls were placed on (`_by_sequence`)."""
+    lport_of = lport_of or {}
     by_key: dict[tuple, list[int]] = defaultdict(list)
     for q, rec in enumerate(records):
         if rec["kind"] == "CLIENT":
@@ -213,10 +323,11 @@ def callers(records: list[dict], root_service: str) -> tuple[dict[int, int], int
         calls, starts, longest = index.get((rec["port"], rec["key"]), ((), (), 0))
         for q in calls[bisect_left(starts, rec["t0"] - longest) : bisect_left(starts, rec["t0"] + 1)]:
             call = records[q]
-            if call["lport"] not in (None, rec["peer_port"]) or rec["t1"] > call["t1"]:
+            lport = call["lport"] if call["lport"] is not None else lport_of.get(q)
+            if lport not in (None, rec["peer_port"]) or rec["t1"] > call["t1"]:
                 continue
             delays = (rec["t0"] - call["t0"], call["t1"] - rec["t1"])
-            if rec["key"] is not None or call["lport"] is not None:
+            if rec["key"] is not None or lport is not None:
                 exact.append((r, q, sum(delays)))
             else:
                 timed.append((r, q, delays))
@@ -231,7 +342,9 @@ class _Records:
     def __init__(self, records: list[dict], spans: list[dict], root_service: str) -> None:
         self.records, self.spans, self.root_service = records, spans, root_service
         self.primary, extra, self.ambiguous_spans = map_records(records, spans)
-        self.caller, self.ambiguous_callers = callers(records, root_service)
+        lport_of = {r: spans[s]["lport"] for r, s in self.primary.items()
+                    if records[r]["kind"] == "CLIENT" and records[r]["lport"] is None and records[r].get("client") is not None}  # fmt: skip
+        self.caller, self.ambiguous_callers = callers(records, root_service, lport_of)
         self.span_record = {**{s: r for r, s in self.primary.items()}, **extra}
         self.extra = len(extra)
         self._index = {rec["id"]: r for r, rec in enumerate(records)}

@@ -4,6 +4,14 @@ out/<level>/spans.jsonl   the agent's spans (what association gets)
 out/<level>/truth.jsonl   the services' own records of what caused what
 out/<level>/load.json     what the load driver sent and got back
 out/<level>/*.log         agent and services output
+out/<level>/warmup/       with a warm-up: its load.json, spans.jsonl and truth.jsonl (not scored)
+
+A warm-up (`warmup` seconds of the same load first, another seed) lets runtimes that
+compile as they go (the JVM's JIT) reach their steady state and fill their connection
+pools before the measured window. The driver waits for every warm-up request's answer
+(or its 20 s timeout, an error in warmup/load.json), so no request straddles the cut
+between them, which lies in a second with nothing in flight: spans and records that
+start before it are the warm-up's, and the CPU figures are the measured window's.
 """
 
 from __future__ import annotations
@@ -84,8 +92,22 @@ def cpu_seconds(root: int) -> dict[int, float]:
     return tree
 
 
-def record_level(level_dir: Path, rate: float, seconds: float, stores: dict, seed: int, workload) -> dict:
-    """Run the workload at `rate` requests/s for `seconds` under the agent; returns the load summary."""
+def clock_offset() -> int:
+    """time.time_ns() - time.monotonic_ns(), from the closest of a few readings: one
+    preempted between its two clocks would be off by as long as it waited (this machine is
+    shared; 20 us already moves a record off its span)."""
+    best = None
+    for _ in range(9):
+        m0, wall, m1 = time.monotonic_ns(), time.time_ns(), time.monotonic_ns()
+        if best is None or m1 - m0 < best[0]:
+            best = (m1 - m0, wall - (m0 + m1) // 2)
+    return best[1]
+
+
+def record_level(level_dir: Path, rate: float, seconds: float, stores: dict, seed: int, workload,
+                 warmup: float = 0.0) -> dict:  # fmt: skip
+    """Run the workload at `rate` requests/s for `seconds` under the agent, after `warmup`
+    seconds of the same load that are not scored; returns the load summary."""
     level_dir.mkdir(parents=True, exist_ok=True)
     truth_dir = level_dir / "truth"
     truth_dir.mkdir(exist_ok=True)
@@ -94,7 +116,7 @@ def record_level(level_dir: Path, rate: float, seconds: float, stores: dict, see
     launcher = [sys.executable, str(HERE / "launch.py")]
     # The offset the agent adds to its kernel stamps, taken as it starts: truth logged on
     # CLOCK_MONOTONIC gets the same one, so a wall clock stepped meanwhile moves neither.
-    offset = time.time_ns() - time.monotonic_ns()
+    offset = clock_offset()
     with running(launcher, level_dir / "services.log", stdin=subprocess.PIPE) as services:
         agent_log = level_dir / "agent.log"
         agent = AGENT + [
@@ -123,20 +145,51 @@ def record_level(level_dir: Path, rate: float, seconds: float, stores: dict, see
                 lambda: services.poll() is None,
             )
             load_out = level_dir / "load.json"
-            subprocess.run([sys.executable, str(HERE / "load.py"), str(ports[workload.entry]), str(rate), str(seconds),
-                            str(seed), str(load_out), *workload.load_args()], check=True)  # fmt: skip
+
+            def drive(duration: float, seed: int, out: Path) -> None:
+                subprocess.run([sys.executable, str(HERE / "load.py"), str(ports[workload.entry]), str(rate),
+                                str(duration), str(seed), str(out), *workload.load_args()], check=True)  # fmt: skip
+
+            def cpu() -> dict:
+                return {"services": cpu_seconds(services.pid), "agent": cpu_seconds(tracer.pid)[tracer.pid]}
+
+            cut, before = None, None
+            if warmup > 0:
+                (level_dir / "warmup").mkdir(exist_ok=True)
+                drive(warmup, seed + 1000, level_dir / "warmup/load.json")  # returns once all are answered
+                time.sleep(0.5)  # the cut: half a second from either side's requests
+                cut, before = offset + time.monotonic_ns(), cpu()
+                time.sleep(0.5)
+            drive(seconds, seed, load_out)
             time.sleep(1)  # the last responses' bytes reach the agent
-            cpu = {"services": cpu_seconds(services.pid), "agent": cpu_seconds(tracer.pid)[tracer.pid]}
+            used = cpu()
+            if before is not None:  # the measured window's, per process alive at the cut
+                used = {"services": {pid: round(t - before["services"].get(pid, 0.0), 2)
+                                     for pid, t in used["services"].items()},
+                        "agent": round(used["agent"] - before["agent"], 2)}  # fmt: skip
             services.terminate()  # services first: their connections close while the agent still watches
             services.wait(60)
             tracer.terminate()
             tracer.wait(120)
     merge_truth(truth_dir, level_dir / "truth.jsonl", offset)
+    if cut is not None:
+        split_warmup(level_dir, cut)
     load = json.loads(load_out.read_text())
-    load["cpu_seconds"] = cpu
+    load["cpu_seconds"] = used
+    if cut is not None:
+        load["warmup"] = {"target_seconds": warmup, **json.loads((level_dir / "warmup/load.json").read_text())}
     load_out.write_text(json.dumps(load))
     (level_dir / "ports.json").write_text(json.dumps(ports))
     return load
+
+
+def split_warmup(level_dir: Path, cut: int) -> None:
+    """Spans and truth records that start before `cut` (wall-clock ns) move to warmup/."""
+    for name, start in (("spans.jsonl", "start_ns"), ("truth.jsonl", "t0")):
+        lines = (level_dir / name).read_text().splitlines(keepends=True)
+        early = [json.loads(line)[start] < cut for line in lines]
+        (level_dir / "warmup" / name).write_text("".join(x for x, e in zip(lines, early) if e))
+        (level_dir / name).write_text("".join(x for x, e in zip(lines, early) if not e))
 
 
 def merge_truth(truth_dir: Path, out: Path, offset: int) -> None:

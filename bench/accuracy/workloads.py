@@ -27,7 +27,8 @@ SHOP_DESCRIPTION = (
     "gunicorn gthread 2x8: PostgreSQL), orders (aiohttp: PostgreSQL, gRPC pricing: Redis MGET, Redis x2); "
     "70% checkout, 30% profile (users only)"
 )  # fmt: skip
-RUNTIMES = {"go": "Go net/http (goroutines)", "java": "Java 17 com.sun.net.httpserver + HttpClient (thread pool)",
+RUNTIMES = {"go": "Go net/http (goroutines)",
+            "java": "Java 17 com.sun.net.httpserver + an HttpClient per pool thread (thread pool; C1 only)",
             "node": "Node.js 20 http (one event loop)"}  # fmt: skip
 # Routes of a and their share of the load (foreign/README.md has what each does).
 MIXES = {
@@ -38,6 +39,13 @@ MODES = ("fields", "timing")
 WORK_MS = 40.0  # a leaf's mean service time: about 32 requests in flight at a at 400 req/s
 THINK_MS = 0.2  # a handler's own work before each step
 FLAKY_RATE = 0.3
+# The JVMs (three on two cores, with the agent): C1 only. With C2 (the default), the
+# compiler threads still took nearly half of the services' CPU 15 to 35 s into a level at
+# 200 req/s (thread CPU from /proc), and all three JVMs then needed 1.2 cores where they
+# need 0.5 with C1 alone; the mesh's own work is I/O, which C1's code does as well. GC
+# took under 1% either way (the default G1 kept).
+JVM_OPTIONS = ["-XX:TieredStopAtLevel=1"]
+JAVA_WARMUP_S = 15.0  # with C1, a cold start's queue has drained within about 6 s at 200 and 12 s at 400 req/s
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,7 @@ class Shop:
     root_service: str = "gateway"
     services: tuple[str, ...] = ("pricing", "inventory", "users", "orders", "gateway")
     entry: str = "gateway"
+    warmup: float = 0.0  # seconds of load before each level's measured window (workload.py)
 
     @property
     def description(self) -> str:
@@ -83,6 +92,14 @@ class Mesh:
     @property
     def name(self) -> str:
         return f"{self.runtime}-{self.mix}-{self.mode}"
+
+    @property
+    def warmup(self) -> float:
+        """Seconds of load before each level's measured window (workload.py): the JVM
+        loads and compiles as it goes, and cold, the first seconds of a level queued
+        hundreds of requests that took the next ten to drain. (Go and Node answer as fast
+        in their first seconds as later.)"""
+        return JAVA_WARMUP_S if self.runtime == "java" else 0.0
 
     @property
     def description(self) -> str:
@@ -127,7 +144,7 @@ class Mesh:
         import json
 
         build = truth_dir.parents[2] / "build"  # OUT/build, truth_dir being OUT/WORKLOAD/rps-N/truth
-        argv = {"go": [str(build / "mesh-go")], "java": ["java", "-cp", str(build), "Mesh"],
+        argv = {"go": [str(build / "mesh-go")], "java": ["java", *JVM_OPTIONS, "-cp", str(build), "Mesh"],
                 "node": ["node", str(FOREIGN / "node/mesh.js")]}[self.runtime]  # fmt: skip
         dns = stores.get("dns_port")
         peers = {p: {"host": f"{p}.mesh.test" if dns else "127.0.0.1", "port": ports[p]} for p in ("b", "c")}

@@ -4,8 +4,9 @@
 //   (or: javac -d DIR Mesh.java && MESH_CONFIG=... java -cp DIR Mesh)
 //
 // Server: com.sun.net.httpserver on a fixed pool (a pool thread runs each handler).
-// Client: one shared java.net.http.HttpClient (HTTP/1.1, its keep-alive pool; its own
-// selector thread does the socket I/O). Ground truth goes to truth_dir/<service>-<pid>.jsonl.
+// Client: a java.net.http.HttpClient per pool thread (HTTP/1.1, each with its keep-alive
+// pool and its own selector thread, which does the socket I/O; one executor for all of
+// them). Ground truth goes to truth_dir/<service>-<pid>.jsonl.
 
 import com.sun.net.httpserver.HttpExchange;
 import com.sun.net.httpserver.HttpServer;
@@ -19,6 +20,7 @@ import java.nio.file.Path;
 import java.time.Duration;
 import java.util.*;
 import java.util.concurrent.*;
+import java.util.concurrent.atomic.AtomicInteger;
 import java.util.concurrent.atomic.AtomicLong;
 import java.util.concurrent.locks.LockSupport;
 
@@ -31,8 +33,24 @@ public class Mesh {
     final double workMs, thinkMs, flakyRate;
     final Map<String, Object> peers;
     final Truth truth;
-    final HttpClient client = HttpClient.newBuilder()
-            .version(HttpClient.Version.HTTP_1_1).connectTimeout(Duration.ofSeconds(10)).build();
+    // HttpClient does not tell which connection carried a call. A client per pool thread
+    // makes that knowable without anything on the wire: a thread's calls to one peer go one
+    // at a time (a handler waits for each; /par's two go to different peers), so each of the
+    // client's connections carries a subsequence of them, in order, and ../truth.py places
+    // the client's calls on its connections as whole sequences. Its number goes in every
+    // CLIENT record. The executor (what runs the clients' dependent tasks) is shared: one
+    // cached pool, like the one each client would otherwise make for itself.
+    final ExecutorService clientExecutor = Executors.newCachedThreadPool(r -> {
+        Thread t = new Thread(r, "mesh-client-worker");
+        t.setDaemon(true);
+        return t;
+    });
+    final AtomicInteger clientNo = new AtomicInteger();
+    final ThreadLocal<Client> client = ThreadLocal.withInitial(() -> new Client(clientNo.incrementAndGet(),
+            HttpClient.newBuilder().version(HttpClient.Version.HTTP_1_1).connectTimeout(Duration.ofSeconds(10))
+                    .executor(clientExecutor).build()));
+
+    record Client(int no, HttpClient http) {}
     // Sleeps, k of /var and the 503s of /flaky draw from a Random per pool thread: seeded from
     // (seed, thread number) when the config has a seed, else ThreadLocalRandom.
     final ThreadLocal<Random> rnd;
@@ -177,10 +195,12 @@ public class Mesh {
     // ---- calling -------------------------------------------------------------------------
 
     /** One outgoing call and its CLIENT record: t0 before it is sent, t1 once the response
-     *  body is read (ofByteArray completes then). HttpClient does not tell the local port. */
+     *  body is read (ofByteArray completes then). HttpClient does not tell the local port:
+     *  the record names the client (this pool thread's) that made the call instead. */
     final class Call {
         final String id = truth.nextId(), parent, op, key;
         final int peerPort;
+        final Client via = client.get();
         final HttpRequest request;
         long t0, t1;
         boolean ok;
@@ -200,8 +220,8 @@ public class Mesh {
         void record() {
             truth.write("{\"kind\":\"CLIENT\",\"service\":" + q(service) + ",\"pid\":" + truth.pid + ",\"id\":" + q(id)
                     + ",\"parent\":" + q(parent) + ",\"op\":" + q(op) + ",\"peer_port\":" + peerPort
-                    + ",\"lport\":null,\"key\":" + q(key) + ",\"ok\":" + ok + ",\"t0\":" + t0 + ",\"t1\":" + t1
-                    + ",\"clock\":\"monotonic\"}");
+                    + ",\"lport\":null,\"client\":" + via.no() + ",\"key\":" + q(key) + ",\"ok\":" + ok
+                    + ",\"t0\":" + t0 + ",\"t1\":" + t1 + ",\"clock\":\"monotonic\"}");
         }
     }
 
@@ -210,7 +230,7 @@ public class Mesh {
         Call c = new Call(peer, op, n, parent);
         c.t0 = System.nanoTime();
         try {
-            int status = client.send(c.request, HttpResponse.BodyHandlers.ofByteArray()).statusCode();
+            int status = c.via.http().send(c.request, HttpResponse.BodyHandlers.ofByteArray()).statusCode();
             c.end(true);
             return status;
         } catch (IOException | InterruptedException | RuntimeException e) {
@@ -227,7 +247,7 @@ public class Mesh {
         List<CompletableFuture<?>> futures = new ArrayList<>();
         for (Call c : calls) {
             c.t0 = System.nanoTime();
-            futures.add(client.sendAsync(c.request, HttpResponse.BodyHandlers.ofByteArray())
+            futures.add(c.via.http().sendAsync(c.request, HttpResponse.BodyHandlers.ofByteArray())
                     .whenComplete((r, e) -> c.end(e == null)));
         }
         try { // allOf waits for both even if one fails; its join orders our reads after end()
