@@ -104,3 +104,31 @@ def test_fields_of_real_redis_spans_are_the_arguments():
 
     ref = _parsed_span(RedisConnection(), b"*2\r\n$3\r\nGET\r\n$11\r\ncart:u-4242\r\n", b"$2\r\nok\r\n")
     assert request_fields(ref) == {"u-4242"}
+
+
+def test_fields_of_real_postgres_spans_hold_binary_parameters_and_row_values():
+    """psycopg 3 and asyncpg send integer parameters in binary: "WHERE id = $1" with 31337
+    carries the user id of a request for /users/31337 only once it is read as a number.
+    (On the shop, 47 of 69 wrong calls at 50 requests/s were such SELECTs: the span's head
+    was the Parse alone.)"""
+    import struct
+
+    from test_postgres import READY, connected, msg
+
+    from deeptrace.association.features import request_fields, span_fields
+
+    bind = msg(b"B", b"\0\0" + struct.pack("!hhhii", 1, 1, 1, 4, 31337))
+    batch = msg(b"P", b"\0SELECT name FROM users WHERE id = $1\0\0\0") + bind + msg(b"E", bytes(5)) + msg(b"S", b"")
+    reply = msg(b"1", b"") + msg(b"2", b"") + msg(b"D", b"\0\x01\0\0\0\x09ord-77001") + msg(b"C", b"SELECT 1\0") + READY
+    conn = connected()
+    ref = _parsed_span(conn, batch, reply)
+    assert "31337" in request_fields(ref)
+    assert "ord-77001" in span_fields(ref)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_postgres_fields_of_arbitrary_bytes_never_raise(head):
+    from deeptrace.association.features import _postgres_fields
+
+    assert all(isinstance(v, str) for v in _postgres_fields(b"B" + head))

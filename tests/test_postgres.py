@@ -12,6 +12,7 @@ from parsing import chunk, feed_alternating
 
 from deeptrace.pipeline import SpanPipeline
 from deeptrace.protocols import detect
+from deeptrace.protocols.framing import HEAD_BYTES
 from deeptrace.protocols.postgres import PostgresConnection
 
 
@@ -54,6 +55,19 @@ def test_extended_query_names_from_the_prepared_statement():
     resp = conn.feed(False, chunk(msg(b"1", b"") + msg(b"2", b"") + msg(b"C", b"UPDATE 1\0") + READY +
                                   msg(b"2", b"") + msg(b"C", b"UPDATE 1\0") + READY))  # fmt: skip
     assert [r.attributes["db.response.tag"] for r in resp] == ["UPDATE 1", "UPDATE 1"]
+
+
+def test_heads_hold_the_bind_and_the_first_rows_not_the_parse_alone():
+    """A request's head is what association reads its fields from: the parameters are in
+    the Bind and the values in the rows, not in the Parse that comes first."""
+    conn = connected()
+    bind = msg(b"B", b"\0\0" + struct.pack("!hhhih", 1, 1, 1, 2, 4242))
+    batch = msg(b"P", b"\0SELECT name FROM users WHERE id = $1\0\0\0") + bind + msg(b"E", bytes(5)) + msg(b"S", b"")
+    (req,) = conn.feed(True, chunk(batch))
+    reply = msg(b"1", b"") + msg(b"2", b"") + msg(b"D", b"\0\x01\0\0\0\x08user4242") + msg(b"C", b"SELECT 1\0") + READY
+    (resp,) = conn.feed(False, chunk(reply))
+    assert bind in req.head and b"user4242" in resp.head
+    assert len(req.head) <= HEAD_BYTES
 
 
 def test_error_response_gives_sqlstate():

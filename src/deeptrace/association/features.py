@@ -17,7 +17,7 @@ from scipy.sparse import csr_matrix
 
 from deeptrace.association.exact import PROPAGATION_HEADERS
 from deeptrace.association.model import SpanRef
-from deeptrace.protocols import http1, http2, redis
+from deeptrace.protocols import http1, http2, postgres, redis
 
 # An id-like token: 3-64 token characters with a digit or an @ among them. The lookahead
 # finds the digit within the token's reach, so the regex engine skips the rest (version
@@ -35,7 +35,57 @@ def fields_of(span: SpanRef, head: bytes) -> frozenset[str]:
         return _fields(_PROPAGATED, b"", head)
     if span.protocol == redis.PROTOCOL:
         return _fields(_RESP_LENGTHS, b" ", head)
+    if span.protocol == postgres.PROTOCOL:
+        return _postgres_fields(head)
     return _fields(None, b"", head)
+
+
+@lru_cache(maxsize=1 << 14)
+def _postgres_fields(head: bytes) -> frozenset[str]:
+    """Each wire message's fields on its own (a row's last value is followed by the next
+    message's type byte, which is no part of it), and the integer parameters a Bind sends
+    in binary (psycopg 3 and asyncpg do) as the decimal text a literal in the SQL would
+    have: "WHERE id = $1" with 31337 in binary carries the same user id as a request for
+    /users/31337."""
+    bodies, values = [], []
+    at = 0
+    while at + 5 <= len(head):
+        kind, length = head[at : at + 1], int.from_bytes(head[at + 1 : at + 5], "big")
+        if length < 4:
+            break
+        body = head[at + 5 : at + 1 + length]
+        bodies.append(body)
+        if kind == b"B":
+            values += _bind_integers(body)
+        at += 1 + length
+    bodies.append(head[at:])  # what does not frame as messages, as it is
+    numbers = (str(v).encode() for v in values)
+    return _fields(None, b"", b"\n".join(bodies)) | frozenset(v.decode() for v in numbers if _TOKEN.fullmatch(v))
+
+
+def _bind_integers(body: bytes) -> list[int]:
+    """A Bind's 2-, 4- and 8-byte binary parameters as signed integers (the body may be cut
+    short by the head's end: what is whole is read)."""
+    at = body.find(b"\0") + 1  # the portal's name
+    at = body.find(b"\0", at) + 1 if at else 0  # the statement's
+    if not at or at + 2 > len(body):
+        return []
+    n_formats = int.from_bytes(body[at : at + 2], "big")
+    formats = [int.from_bytes(body[at + 2 + 2 * i : at + 4 + 2 * i], "big") for i in range(n_formats)]
+    at += 2 + 2 * n_formats
+    if at + 2 > len(body):
+        return []
+    count, at, out = int.from_bytes(body[at : at + 2], "big"), at + 2, []
+    for i in range(count):
+        if at + 4 > len(body):
+            break
+        size = int.from_bytes(body[at : at + 4], "big", signed=True)
+        at += 4
+        binary = (formats[0] if n_formats == 1 else formats[i] if i < n_formats else 0) == 1  # else text
+        if size in (2, 4, 8) and binary and at + size <= len(body):
+            out.append(int.from_bytes(body[at : at + size], "big", signed=True))
+        at += max(size, 0)
+    return out
 
 
 @lru_cache(maxsize=1 << 14)

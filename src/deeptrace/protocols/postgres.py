@@ -14,7 +14,7 @@ import struct
 
 from deeptrace.protocols import sql
 from deeptrace.protocols.base import Chunk, Message, message_from_parts
-from deeptrace.protocols.framing import INVALID, NEED_MORE, DirectionFramer, Frame, Framed, FramedConnection
+from deeptrace.protocols.framing import HEAD_BYTES, INVALID, NEED_MORE, DirectionFramer, Frame, Framed, FramedConnection
 
 PROTOCOL = "postgresql"
 PROTOCOL_3 = 196608
@@ -216,4 +216,8 @@ class PostgresConnection(FramedConnection):
 
 
 def _grouped(parts: list[Framed], is_request: bool, **kw) -> Message:
-    return message_from_parts(parts, PROTOCOL, is_request, head=parts[0].head, **kw)
+    """One message of several wire messages (Parse, Bind, Execute; or ParseComplete,
+    RowDescription, DataRows): its head is theirs, in order, up to HEAD_BYTES, so that a
+    Bind's parameters and a reply's first rows are in it, not the Parse alone."""
+    head = b"".join(p.head for p in parts)[:HEAD_BYTES]
+    return message_from_parts(parts, PROTOCOL, is_request, head=head, **kw)
