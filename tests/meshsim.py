@@ -46,11 +46,15 @@ def _handler(rnd: random.Random, shape: str, t: float, think_us: float, work_us:
 
 
 def mesh_service(n_requests: int, rate_per_s: float, shapes=("seq",), seed: int = 1, think_us: float = 40.0,
-                 work_us: float = 5000.0, stay: float = 0.0) -> tuple[list[dict], dict[str, str], list[list[str]]]:  # fmt: skip
+                 work_us: float = 5000.0, stay: float = 0.0,
+                 own_reader: bool = False) -> tuple[list[dict], dict[str, str], list[list[str]]]:  # fmt: skip
     """Spans of one service; {call span_id: true parent span_id}; each request's span ids.
     Any thread may run any step; with probability `stay` a step runs on the thread of the
     request's step before it (Go runs the goroutine a read wakes next, on the reader's
-    thread: a call is often sent on the thread that read the last response)."""
+    thread: a call is often sent on the thread that read the last response). `own_reader`:
+    a pool thread handles and answers each request, and its calls' responses are read by
+    a thread of its own (a client per pool thread, as Java's HttpClient with its selector
+    thread; an event loop's own connections), while any thread sends them."""
     rnd = random.Random(seed)
     spans, truth, trees = [], {}, []
     t = 1_000_000.0  # µs
@@ -72,10 +76,12 @@ def mesh_service(n_requests: int, rate_per_s: float, shapes=("seq",), seed: int 
             c = client(PID, int(start), int(end), name="GET /", req=req, tid=tid(last), protocol="http",
                        raddr=CALLEES[callee], rport=8080)  # fmt: skip
             c["resp_tid"] = last = any_tid()  # whichever thread's poller saw the response
+            if own_reader:
+                c["resp_tid"] = s["tid"] + 1000
             spans.append(c)
             truth[c["span_id"]] = s["span_id"]
             tree.append(c["span_id"])
-        s["resp_tid"] = tid(last)
+        s["resp_tid"] = s["tid"] if own_reader else tid(last)
         trees.append(tree)
     rnd.shuffle(spans)  # arrival order is not time order
     return spans, truth, trees

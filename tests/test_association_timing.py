@@ -114,3 +114,14 @@ def test_gap_bins_agree_between_inference_and_local_search():
 
     gaps = np.array([-5, 0, 1, 2, 3, 4, 7, 8, 1023, 1024, 10**6, 2**40 - 1, 2**40, 10**15, 2**62], dtype=np.int64)
     assert gap_bins(gaps).tolist() == [gap_bin(int(g)) for g in gaps]
+
+
+def test_a_pool_thread_s_own_response_reader_ties_its_calls_to_it():
+    """Java with a HttpClient per pool thread (and event loops with their own connections):
+    any thread sends a call, but its response is read by the pool thread's own reader, a
+    different thread, always the same one. At 133 requests in flight `joint` got 49% of
+    such Java traces before it learnt which thread reads for which (98.8% after)."""
+    kwargs = dict(n_requests=1500, rate_per_s=6000, shapes=("seq",), seed=13, think_us=40, work_us=300)
+    own = _accuracy(*mesh_service(own_reader=True, **kwargs), "joint")
+    shared = _accuracy(*mesh_service(own_reader=False, **kwargs), "joint")
+    assert own >= 0.97 and own >= shared + 0.05, (own, shared)  # 0.99 and 0.92 when written

@@ -20,6 +20,10 @@ likelihood ratios (true pairs against all candidate pairs) of:
   (a sibling's start or end) and its response read on the thread of the step after it:
   a runtime that moves a handler between threads (Go) still often runs its next step on
   the thread that woke it, given the event kinds (the gaps weigh those);
+- thread pair: which thread read the call's response, for the thread that answered the
+  request, given whether they are one thread (a pool thread with a client of its own, or
+  an event loop with connections of its own, reads its calls' responses on a thread of
+  its own); weighed only where it explains the chosen pairs by more than it has values;
 - call count: how many calls of that operation the request operation makes.
 
 It starts from the unambiguous calls (one candidate) and the fields, assigns every call
@@ -94,6 +98,20 @@ def _log_ratio(values: np.ndarray, true: np.ndarray, size: int) -> np.ndarray:
     return np.log((hits + 1) / (hits.sum() + k)) - np.log((every + 1) / (every.sum() + k))
 
 
+def _log_ratio_given(values: np.ndarray, true: np.ndarray, size: int, group: int) -> np.ndarray:
+    """Per value, log P(value | its group, true pair) / P(value | its group, candidate pair),
+    the group being value // group (what another feature weighs already). A group's true
+    pairs start from its candidates' frequencies, one pseudo-pair per value seen there, so
+    that a value seen rarely (one of many thread pairs) weighs little either way."""
+    every = np.bincount(values, minlength=size).astype(float)
+    hits = np.bincount(values[true], minlength=size).astype(float)
+    of = np.arange(size) // group
+    seen = np.bincount(of, weights=every > 0, minlength=size // group)[of] + 1
+    candidate = (every + 1) / (np.bincount(of, weights=every, minlength=size // group)[of] + seen)
+    in_group = np.bincount(of, weights=hits, minlength=size // group)[of]
+    return np.log((hits + seen * candidate) / (in_group + seen)) - np.log(candidate)
+
+
 class Inference:
     TRIGGER_KINDS = 3  # what a call follows: its request's start, a sibling's start or end
     NEXT_KINDS = 2  # what follows a call: the response or a sibling's start
@@ -148,6 +166,15 @@ class Inference:
         # Which of the request's threads made the call: the one that read it, the one that
         # answered it (a worker pool: an I/O thread reads, a worker handles and answers), both, neither.
         self.thread_rel = 2 * (c_tid[self.pc] == s_tid[self.ps]) + (c_tid[self.pc] == s_resp_tid[self.ps])
+        # Which thread read the call's response, for the thread that answered the request: a
+        # pool thread with its own client, or an event loop with its own connections (Netty,
+        # Vert.x), reads its calls' responses on a thread of its own. Weighed given whether
+        # they are one thread and given thread_rel: those the thread chain and thread_rel
+        # weigh already (Go's scheduler often answers on the thread that read the last call).
+        s_answer, c_read = s_resp_tid[self.ps], self.c_resp_tid[self.pc]
+        _, pair = np.unique(s_answer * (1 << 32) + c_read, return_inverse=True)
+        self.n_thread_pairs = int(pair.max(initial=-1)) + 1
+        self.thread_pair = (self.thread_rel * 2 + (s_answer == c_read)) * self.n_thread_pairs + pair.ravel()
 
     def _field_bins(self, servers: list[SpanRef], calls: list[SpanRef]) -> np.ndarray:
         s_fields = [span_fields(s) for s in servers]
@@ -211,6 +238,7 @@ class Inference:
     def _keep_pairs(self, keep: np.ndarray) -> None:
         self.pc, self.ps = self.pc[keep], self.ps[keep]
         self.pair_op, self.field_bin, self.thread_rel = self.pair_op[keep], self.field_bin[keep], self.thread_rel[keep]
+        self.thread_pair = self.thread_pair[keep]
 
     def _latest_start(self) -> np.ndarray:
         """The strongest shared field, then the latest start (a lone candidate wins anyway)."""
@@ -297,6 +325,7 @@ class Inference:
             ((c_op * self.TRIGGER_KINDS + trigger_kind) * BINS + gap_bins(trigger), n * self.TRIGGER_KINDS * BINS, 0),
             ((c_op * self.NEXT_KINDS + nxt_kind) * BINS + gap_bins(nxt), n * self.NEXT_KINDS * BINS, 0),
             (chain, self.TRIGGER_KINDS * self.NEXT_KINDS * self.SAME_THREAD, self.SAME_THREAD),
+            (self.thread_pair, 8 * self.n_thread_pairs, self.n_thread_pairs),
         ]
 
     def _learn(self, assign: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, list[np.ndarray]]:
@@ -309,11 +338,14 @@ class Inference:
         fit = 0.0
         tables = []
         for values, size, group in self._features(assign):
-            table = _log_ratio(values, true, size)
+            table = _log_ratio_given(values, true, size, group) if group else _log_ratio(values, true, size)
             share = _log_share(values[true], size)
-            if group:  # the ratio given the group: the group's own is another feature's
-                table -= _log_ratio(values // group, true, size // group)[np.arange(size) // group]
+            if group:
                 share -= _log_share(values[true] // group, size // group)
+                # Weighed only where it explains the chosen pairs by more than it has values
+                # to fit (an AIC test): many thread pairs, each seen a few times, fit noise.
+                if table[values[true]].sum() < np.count_nonzero(np.bincount(values[true], minlength=size)):
+                    table = np.zeros(size)
             tables.append(table)
             score += table[values]
             fit += share.sum()

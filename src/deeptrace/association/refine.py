@@ -53,7 +53,7 @@ class _Search:
         self.s_start, self.s_end, self.s_op = inf.s_start.tolist(), inf.s_end.tolist(), inf.s_op.tolist()
         self.c_start, self.c_end, self.c_op = inf.c_start.tolist(), inf.c_end.tolist(), inf.c_op.tolist()
         self.s_resp_tid, self.c_tid, self.c_resp_tid = inf.s_resp_tid.tolist(), inf.c_tid.tolist(), inf.c_resp_tid.tolist()
-        static = tables[0][inf.field_bin] + tables[1][inf.pair_op] + tables[2][inf.thread_rel]
+        static = tables[0][inf.field_bin] + tables[1][inf.pair_op] + tables[2][inf.thread_rel] + tables[6][inf.thread_pair]
         # Pairs by (call, request), as sorted keys: a lookup is a bisect, and nothing is
         # built per pair in Python (a window holds millions of them under overload).
         n_s = len(inf.s_start)
