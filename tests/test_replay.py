@@ -48,6 +48,28 @@ def test_synthetic_capture_with_handshake_retransmission_and_reordering(tmp_path
     assert (spans[0].endpoint.laddr, spans[0].endpoint.lport) == s
 
 
+def test_nanosecond_pcap_and_pcapng_timestamps(tmp_path):
+    """dpkt reads a nanosecond pcap's stamps as Decimal, which once crashed replay
+    (`Decimal * float`); pcapng's as float. Both must give the exchange, to the ns where the
+    format has it."""
+    from decimal import Decimal
+
+    c, s = ("10.0.0.1", 40000), ("10.0.0.2", 8080)
+    p = dpkt.tcp.TH_PUSH | dpkt.tcp.TH_ACK
+    pkts = [_tcp(c[0], s[0], c[1], s[1], 100, p, REQ), _tcp(s[0], c[0], s[1], c[1], 900, p, RESP)]
+    nano = tmp_path / "nano.pcap"
+    with open(nano, "wb") as f:
+        w = dpkt.pcap.Writer(f, nano=True)
+        for i, pkt in enumerate(pkts):
+            w.writepkt(bytes(pkt), ts=Decimal("1000.000000123") + i)
+    ng = tmp_path / "x.pcapng"
+    subprocess.run(["editcap", "-F", "pcapng", str(nano), str(ng)], check=True, capture_output=True)
+    for path in (nano, ng):
+        spans = SpanPipeline().push(list(replay.records(path)))
+        assert [(sp.name, sp.status_code) for sp in spans] == [("GET /a/{id}", "200")], path
+        assert spans[0].start_ns == 1000_000_000_123, path
+
+
 def test_capture_of_real_traffic_gives_the_live_spans(collector, store, tmp_path):
     """HTTP/1, Redis and DNS (UDP and TCP) in one capture, through the `deeptrace replay` command."""
     (tmp_path / "nginx").mkdir()

@@ -43,7 +43,7 @@ def _packets(path: Path) -> Iterator[tuple[int, bytes, int]]:
             reader = dpkt.pcapng.Reader(f) if magic == b"\x0a\x0d\x0d\x0a" else dpkt.pcap.Reader(f)
             datalink = reader.datalink()
             for ts, buf in reader:
-                yield int(ts * 1e9), buf, datalink
+                yield int(ts * 1_000_000_000), buf, datalink  # a float, or a Decimal (nanosecond pcap)
     except (ValueError, dpkt.dpkt.NeedData, dpkt.dpkt.UnpackError) as e:
         raise DeepTraceError(f"{path} is not a readable pcap or pcapng file ({e})") from None
     except OSError as e:
