@@ -12,7 +12,9 @@ operation is the same bytes.
 
     .venv/bin/python bench/accuracy/external.py rps100-spans.json [...] [--algorithms joint,fifo]
 
-`oracle-timing` (on by default) is `joint` with its model fitted on the truth (standins.py).
+`oracle-timing` (on by default) is `joint` with its model fitted on the truth, and
+`oracle-siblings` that with each call's gaps measured among its true siblings too
+(standins.py).
 
 Prints, per file and algorithm, call accuracy (a CLIENT span to the request that made it)
 and end-to-end accuracy (a request's every call right, and its callees' SERVER spans
@@ -33,7 +35,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from standins import timing_oracle
+from standins import STANDINS
 
 from deeptrace.association.associate import ALGORITHMS, associate
 
@@ -118,7 +120,7 @@ def peak_in_flight(spans: list[dict], pid: int) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("files", nargs="+", type=Path)
-    ap.add_argument("--algorithms", default=",".join([*ALGORITHMS, "oracle-timing"]))
+    ap.add_argument("--algorithms", default=",".join([*ALGORITHMS, "oracle-timing", "oracle-siblings"]))
     args = ap.parse_args()
     results = []
     for path in args.files:
@@ -127,8 +129,8 @@ def main() -> None:
         row = {"file": path.name, "spans": len(spans), "peak_in_flight": peak_in_flight(spans, entry), "algorithms": {}}
         for name in args.algorithms.split(","):
             t0 = time.perf_counter()
-            if name == "oracle-timing":  # joint with its model fitted on the truth (standins.py)
-                linked = timing_oracle([dict(s) for s in spans], SimpleNamespace(parent=truth))
+            if name in STANDINS:  # joint with its model fitted on the truth (standins.py)
+                linked = STANDINS[name]([dict(s) for s in spans], SimpleNamespace(parent=truth))
             else:
                 linked = associate([dict(s) for s in spans], name, header_ids=False)
             row["algorithms"][name] = {**score(linked, truth, requests), "seconds": round(time.perf_counter() - t0, 2)}

@@ -1,7 +1,8 @@
 """Stand-in "algorithms". Two check the scorer itself: `oracle` links every span to its true
 parent (every figure must come out 1.0, calibration error 0), `random` links each call to
-any request of its process, with random confidence (figures must come out low). The third,
-`oracle-timing`, is a bound: `joint` with its model fitted on the truth."""
+any request of its process, with random confidence (figures must come out low). The others
+are bounds: `oracle-timing` is `joint` with its model fitted on the truth, `oracle-siblings`
+that with the gaps measured among the true siblings as well."""
 
 from __future__ import annotations
 
@@ -39,7 +40,6 @@ def timing_oracle(spans: list[dict], truth: Truth) -> list[dict]:
     learnt from the true parents, then its own inference, where the truth enters no
     feature (a call's gaps are measured among the siblings inference gave it). What our
     model reaches when learning is perfect: the bound the issue's "oracle" asks for."""
-    from deeptrace.association import associate as pipeline
     from deeptrace.association import joint
     from deeptrace.association.refine import refine
 
@@ -57,12 +57,36 @@ def timing_oracle(spans: list[dict], truth: Truth) -> list[dict]:
             assign = refine(self, tables, assign, score, self._ranked(score)[2], joint.CLEAR_MARGIN)
             return assign, sum(t[v] for t, (v, *_) in zip(tables, self._features(assign))), slots
 
-    pipeline.ALGORITHMS["oracle-timing"] = lambda process: joint.link(process, Fitted)
+    return _run(spans, Fitted)
+
+
+def sibling_oracle(spans: list[dict], truth: Truth) -> list[dict]:
+    """A looser bound than `oracle-timing`: the model fitted on the truth and every call's
+    gaps measured among its *true* siblings (so the truth enters the features too), then
+    one joint matching. What timing could reach if each request's other calls were known."""
+    from deeptrace.association import joint
+
+    class Fitted(joint.Inference):
+        def _infer(self):
+            row_of = {s.span_id: r for r, s in enumerate(self.process.servers)}
+            fallback = self._first_come()
+            true = np.array([row_of.get(truth.parent.get(c.span_id), fallback[i]) for i, c in enumerate(self.calls)])
+            score, slots, _, _ = self._learn(true)
+            return self._assign(score, slots), score, slots
+
+    return _run(spans, Fitted)
+
+
+def _run(spans: list[dict], inference) -> list[dict]:
+    from deeptrace.association import associate as pipeline
+    from deeptrace.association import joint
+
+    pipeline.ALGORITHMS["stand-in"] = lambda process: joint.link(process, inference)
     try:
-        return pipeline.associate(spans, "oracle-timing", header_ids=False)
+        return pipeline.associate(spans, "stand-in", header_ids=False)
     finally:
-        del pipeline.ALGORITHMS["oracle-timing"]
+        del pipeline.ALGORITHMS["stand-in"]
 
 
 
-STANDINS = {"oracle": oracle, "random": random_parent, "oracle-timing": timing_oracle}
+STANDINS = {"oracle": oracle, "random": random_parent, "oracle-timing": timing_oracle, "oracle-siblings": sibling_oracle}
