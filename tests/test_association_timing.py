@@ -125,3 +125,32 @@ def test_a_pool_thread_s_own_response_reader_ties_its_calls_to_it():
     own = _accuracy(*mesh_service(own_reader=True, **kwargs), "joint")
     shared = _accuracy(*mesh_service(own_reader=False, **kwargs), "joint")
     assert own >= 0.97 and own >= shared + 0.05, (own, shared)  # 0.99 and 0.92 when written
+
+
+def test_a_long_capture_is_inferred_in_parts_cut_where_nothing_is_open(monkeypatch):
+    """Memory is bounded by a part's candidate pairs (1M spans of an overloaded level, all
+    inferred at once, took 24 GB); a part is cut only where no request is open, so no call
+    loses a candidate, and links are what one inference over everything gives."""
+    spans, truth, trees = [], {}, []
+    for burst in range(3):  # three busy stretches with idle time between them
+        burst_spans, burst_truth, burst_trees = mesh_service(300, 3000, seed=burst, think_us=40, work_us=300)
+        shift = burst * 10**10
+        for d in burst_spans:
+            d["start_ns"] += shift
+            d["end_ns"] += shift
+        spans += burst_spans
+        truth.update(burst_truth)
+        trees += burst_trees
+    (process,) = processes([SpanRef.from_json(i, d) for i, d in enumerate(spans)], {})
+    monkeypatch.setattr(joint, "PART_CALLS", 400)
+    parts = joint._independent_parts(process.servers, process.open_clients)
+    assert len(parts) > 1 and all(len(p) >= 400 for p in parts)
+    assert sorted(c.index for p in parts for c in p) == sorted(c.index for c in process.open_clients)
+    part_of = {c.index: k for k, p in enumerate(parts) for c in p}
+    for s in process.servers:  # whatever a request contains lies in one part
+        inside = {part_of[c.index] for c in process.open_clients if s.start_ns <= c.start_ns and c.end_ns <= s.end_ns}
+        assert len(inside) <= 1
+    split = _accuracy(spans, truth, trees, "joint")
+    monkeypatch.setattr(joint, "PART_CALLS", 10**9)
+    whole = _accuracy(spans, truth, trees, "joint")
+    assert split >= whole - 0.02 and split >= 0.9, (split, whole)

@@ -55,6 +55,7 @@ CLEAR_MARGIN = 6.0  # nats: a call this much surer of one request is not matched
 CHUNK = 500  # calls per joint matching: smaller matchings are faster, and as accurate on bench/accuracy
 MATCH_CANDIDATES = 8  # best-scored candidates per call offered to the matching
 KEEP = 16  # candidates per call kept after the first learning
+PART_CALLS = 20_000  # calls of a process inferred together, at least, where the process is ever idle
 MAX_SLOTS = 32  # calls of one operation a request can be priced for
 _FIELD_BINS = np.array([0.5, 2.0, 4.0, 6.0, 9.0])
 _LOG_UNSEEN = float(np.log(1e-3))  # a call count never observed
@@ -71,8 +72,38 @@ def link(process: ProcessSpans, inference: type[Inference] | None = None) -> dic
     if rest:
         fixed = dict(process.known)
         fixed.update({i: lk.parent for i, lk in links.items()})
-        links.update((inference or Inference)(process, rest, fixed).run())
+        for part in _independent_parts(process.servers, rest):
+            links.update((inference or Inference)(process, part, fixed).run())
     return links
+
+
+def _independent_parts(servers: list[SpanRef], calls: list[SpanRef]) -> list[list[SpanRef]]:
+    """The calls in runs of at least PART_CALLS, cut only where no request of the process
+    is open (no call can have a candidate on both sides): a long busy capture is inferred
+    a part at a time, its memory bounded by a part's candidate pairs, while each part
+    still has enough calls to learn from."""
+    calls = sorted(calls, key=lambda c: c.start_ns)
+    if len(calls) < 2 * PART_CALLS:
+        return [calls]
+    idle, open_until = [], None  # instants when no request is open
+    for s in sorted(servers, key=lambda s: s.start_ns):
+        if open_until is not None and s.start_ns > open_until:
+            idle.append(open_until)
+        open_until = s.end_ns if open_until is None else max(open_until, s.end_ns)
+    parts, part, cuts = [], [], iter(idle)
+    cut = next(cuts, None)
+    for c in calls:
+        while cut is not None and cut < c.start_ns:
+            if len(part) >= PART_CALLS:
+                parts.append(part)
+                part = []
+            cut = next(cuts, None)
+        part.append(c)
+    if parts and len(part) < PART_CALLS:
+        parts[-1] += part  # a short tail learns with the part before it
+    elif part:
+        parts.append(part)
+    return parts
 
 
 def _codes(names: list[str], table: dict[str, int]) -> np.ndarray:
