@@ -143,13 +143,12 @@ def test_a_long_capture_is_inferred_in_parts_cut_where_nothing_is_open(monkeypat
         trees += burst_trees
     (process,) = processes([SpanRef.from_json(i, d) for i, d in enumerate(spans)], {})
     monkeypatch.setattr(joint, "PART_CALLS", 400)
-    parts = joint._independent_parts(process.servers, process.open_clients)
-    assert len(parts) > 1 and all(len(p) >= 400 for p in parts)
-    assert sorted(c.index for p in parts for c in p) == sorted(c.index for c in process.open_clients)
-    part_of = {c.index: k for k, p in enumerate(parts) for c in p}
-    for s in process.servers:  # whatever a request contains lies in one part
-        inside = {part_of[c.index] for c in process.open_clients if s.start_ns <= c.start_ns and c.end_ns <= s.end_ns}
-        assert len(inside) <= 1
+    parts = joint._independent_parts(process, process.open_clients)
+    assert len(parts) > 1 and all(len(calls) >= 400 for _, calls in parts)
+    assert sorted(c.index for _, calls in parts for c in calls) == sorted(c.index for c in process.open_clients)
+    for part, calls in parts:  # a part holds every request that contains one of its calls
+        for c in calls:
+            assert all(s in part.servers for s in process.servers if s.start_ns <= c.start_ns and c.end_ns <= s.end_ns)
     split = _accuracy(spans, truth, trees, "joint")
     monkeypatch.setattr(joint, "PART_CALLS", 10**9)
     whole = _accuracy(spans, truth, trees, "joint")

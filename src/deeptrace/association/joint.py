@@ -38,6 +38,8 @@ seconds, not minutes.
 
 from __future__ import annotations
 
+from bisect import bisect_right
+
 import numpy as np
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
@@ -72,38 +74,48 @@ def link(process: ProcessSpans, inference: type[Inference] | None = None) -> dic
     if rest:
         fixed = dict(process.known)
         fixed.update({i: lk.parent for i, lk in links.items()})
-        for part in _independent_parts(process.servers, rest):
-            links.update((inference or Inference)(process, part, fixed).run())
+        for part, calls in _independent_parts(process, rest):
+            links.update((inference or Inference)(part, calls, fixed).run())
     return links
 
 
-def _independent_parts(servers: list[SpanRef], calls: list[SpanRef]) -> list[list[SpanRef]]:
-    """The calls in runs of at least PART_CALLS, cut only where no request of the process
-    is open (no call can have a candidate on both sides): a long busy capture is inferred
-    a part at a time, its memory bounded by a part's candidate pairs, while each part
-    still has enough calls to learn from."""
+def _independent_parts(process: ProcessSpans, calls: list[SpanRef]) -> list[tuple[ProcessSpans, list[SpanRef]]]:
+    """The calls in runs of at least PART_CALLS, each with the part of the process they
+    fall in, cut only where none of its requests is open (no call can have a candidate on
+    both sides): a long busy capture is inferred a part at a time, its memory and the cost
+    of each learning round bounded by the part, while each part still has enough calls to
+    learn from."""
     calls = sorted(calls, key=lambda c: c.start_ns)
     if len(calls) < 2 * PART_CALLS:
-        return [calls]
-    idle, open_until = [], None  # instants when no request is open
-    for s in sorted(servers, key=lambda s: s.start_ns):
-        if open_until is not None and s.start_ns > open_until:
-            idle.append(open_until)
-        open_until = s.end_ns if open_until is None else max(open_until, s.end_ns)
-    parts, part, cuts = [], [], iter(idle)
-    cut = next(cuts, None)
+        return [(process, calls)]
+    servers = process.servers  # sorted by start
+    cuts, open_until = [], None  # (instant when no request is open, servers that started before it)
+    for i, srv in enumerate(servers):
+        if open_until is not None and srv.start_ns > open_until:
+            cuts.append((open_until, i))
+        open_until = srv.end_ns if open_until is None else max(open_until, srv.end_ns)
+    cuts.append((float("inf"), len(servers)))
+    parts, part, first_server, k = [], [], 0, 0
     for c in calls:
-        while cut is not None and cut < c.start_ns:
+        while c.start_ns > cuts[k][0]:
             if len(part) >= PART_CALLS:
-                parts.append(part)
-                part = []
-            cut = next(cuts, None)
+                parts.append((first_server, cuts[k], part))
+                part, first_server = [], cuts[k][1]
+            k += 1
         part.append(c)
     if parts and len(part) < PART_CALLS:
-        parts[-1] += part  # a short tail learns with the part before it
-    elif part:
-        parts.append(part)
-    return parts
+        first, _, last_part = parts.pop()  # a short tail learns with the part before it
+        part, first_server = last_part + part, first
+    parts.append((first_server, cuts[-1], part))
+    client_starts = [c.start_ns for c in process.clients]
+    out, since = [], float("-inf")
+    for first, (until, end_server), part_calls in parts:
+        clients = process.clients[bisect_right(client_starts, since) : bisect_right(client_starts, until)]
+        inside = {c.index for c in clients}
+        out.append((ProcessSpans(process.key, servers[first:end_server], clients,
+                                 {c: s for c, s in process.known.items() if c in inside}, part_calls), part_calls))  # fmt: skip
+        since = until
+    return out
 
 
 def _codes(names: list[str], table: dict[str, int]) -> np.ndarray:
