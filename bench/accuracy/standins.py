@@ -45,11 +45,8 @@ def timing_oracle(spans: list[dict], truth: Truth) -> list[dict]:
 
     class Fitted(joint.Inference):
         def _infer(self):
-            row_of = {s.span_id: r for r, s in enumerate(self.process.servers)}
-            fallback = self._first_come()
-            true = np.array([row_of.get(truth.parent.get(c.span_id), fallback[i]) for i, c in enumerate(self.calls)])
-            _, slots, _, tables = self._learn(true)
-            assign = fallback
+            _, slots, _, tables = self._learn(_true_rows(self, truth))
+            assign = self._first_come()
             for _ in range(joint.ROUNDS):
                 score = sum(t[v] for t, (v, *_) in zip(tables, self._features(assign)))
                 assign = self._assign(score, slots)
@@ -68,13 +65,18 @@ def sibling_oracle(spans: list[dict], truth: Truth) -> list[dict]:
 
     class Fitted(joint.Inference):
         def _infer(self):
-            row_of = {s.span_id: r for r, s in enumerate(self.process.servers)}
-            fallback = self._first_come()
-            true = np.array([row_of.get(truth.parent.get(c.span_id), fallback[i]) for i, c in enumerate(self.calls)])
-            score, slots, _, _ = self._learn(true)
+            score, slots, _, _ = self._learn(_true_rows(self, truth))
             return self._assign(score, slots), score, slots
 
     return _run(spans, Fitted)
+
+
+def _true_rows(inf, truth: Truth) -> np.ndarray:
+    """Each call's true request, as a row of the inference's servers (first come, first
+    served where the truth knows none, e.g. DNS lookups)."""
+    row_of = {s.span_id: r for r, s in enumerate(inf.process.servers)}
+    fallback = inf._first_come()
+    return np.array([row_of.get(truth.parent.get(c.span_id), fallback[i]) for i, c in enumerate(inf.calls)])
 
 
 def _run(spans: list[dict], inference) -> list[dict]:
