@@ -70,6 +70,19 @@ def test_heads_hold_the_bind_and_the_first_rows_not_the_parse_alone():
     assert len(req.head) <= HEAD_BYTES
 
 
+def test_joined_mid_connection_the_first_exchange_is_whole():
+    """An agent started after the session opened sees no startup: the first query's reply
+    (a row count, or an error) once went to the startup's account and the query became an
+    error span "agent stopped" with no response."""
+    conn = PostgresConnection()
+    (req,) = conn.feed(True, chunk(msg(b"Q", b"delete from test;\0"), t=5))
+    (resp,) = conn.feed(False, chunk(msg(b"C", b"DELETE 0\0") + READY, t=6))
+    assert (req.name, resp.error, resp.attributes["db.response.tag"]) == ("DELETE test", False, "DELETE 0")
+    (req,) = conn.feed(True, chunk(msg(b"Q", b"selec 1;\0"), t=7))
+    (resp,) = conn.feed(False, chunk(msg(b"E", b"SERROR\0C42601\0Msyntax error\0\0") + READY, t=8))
+    assert (resp.error, resp.status_code) == (True, "42601")
+
+
 def test_error_response_gives_sqlstate():
     conn = connected()
     conn.feed(True, chunk(msg(b"Q", b"select * from nope\0")))

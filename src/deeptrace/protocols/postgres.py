@@ -102,7 +102,10 @@ class PostgresConnection(FramedConnection):
                 return NEED_MORE
             code = _startup_code(buf)
             if code is None:
-                self._startup = False  # joined mid-connection: typed messages from here
+                # Joined mid-connection: typed messages from here, and the backend's startup
+                # is long over (its next ReadyForQuery ends a reply, not the startup).
+                self._startup = False
+                self._server_ready = True
                 return _typed(buf, FRONTEND_TYPES)
             return Frame(_I32.unpack_from(buf)[0], {"type": "startup", "code": code})
         return _typed(buf, FRONTEND_TYPES)
