@@ -48,11 +48,10 @@ def timing_oracle(spans: list[dict], truth: Truth) -> list[dict]:
             _, slots, _, tables = self._learn(_true_rows(self, truth))
             assign = self._first_come()
             for _ in range(joint.ROUNDS):
-                score = sum(t[v] for t, (v, *_) in zip(tables, self._features(assign)))
-                assign = self._assign(score, slots)
-            score = sum(t[v] for t, (v, *_) in zip(tables, self._features(assign)))
+                assign = self._assign(self._scored(tables, assign), slots)
+            score = self._scored(tables, assign)
             assign = refine(self, tables, assign, score, self._ranked(score)[2], joint.CLEAR_MARGIN)
-            return assign, sum(t[v] for t, (v, *_) in zip(tables, self._features(assign))), slots
+            return assign, self._scored(tables, assign), slots
 
     return _run(spans, Fitted)
 

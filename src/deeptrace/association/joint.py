@@ -279,9 +279,9 @@ class Inference:
         return keep
 
     def _keep_pairs(self, keep: np.ndarray) -> None:
-        self.pc, self.ps = self.pc[keep], self.ps[keep]
-        self.pair_op, self.field_bin, self.thread_rel = self.pair_op[keep], self.field_bin[keep], self.thread_rel[keep]
-        self.thread_pair = self.thread_pair[keep]
+        """Drops the pairs not kept from every per-pair array."""
+        for name in ("pc", "ps", "pair_op", "field_bin", "thread_rel", "thread_pair"):
+            setattr(self, name, getattr(self, name)[keep])
 
     def _latest_start(self) -> np.ndarray:
         """The strongest shared field, then the latest start (a lone candidate wins anyway)."""
@@ -358,18 +358,31 @@ class Inference:
     def _features(self, assign: np.ndarray) -> list[tuple[np.ndarray, int, int]]:
         """Per pair, each feature's value (an integer below its size), under `assign`, and
         the group size of a feature weighed given its group (value // group: the part
-        another feature weighs already), else 0."""
+        another feature weighs already), else 0. First those that do not move with the
+        assignment (`_static_features`), then the trigger gap, the next gap and the thread
+        chain (the local search, refine.py, recomputes those three per request)."""
         trigger, trigger_kind, nxt, nxt_kind, chain = self._gaps(assign)
         c_op, n = self.c_op[self.pc], self.n_ops
+        return [
+            *self._static_features(),
+            ((c_op * self.TRIGGER_KINDS + trigger_kind) * BINS + gap_bins(trigger), n * self.TRIGGER_KINDS * BINS, 0),
+            ((c_op * self.NEXT_KINDS + nxt_kind) * BINS + gap_bins(nxt), n * self.NEXT_KINDS * BINS, 0),
+            (chain, self.TRIGGER_KINDS * self.NEXT_KINDS * self.SAME_THREAD, self.SAME_THREAD),
+        ]
+
+    def _static_features(self) -> list[tuple[np.ndarray, int, int]]:
+        """The features of `_features` that do not move with the assignment, in its order."""
+        n = self.n_ops
         return [
             (self.field_bin, len(_FIELD_BINS) + 1, 0),
             (self.pair_op, n * n, 0),
             (self.thread_rel, 4, 0),
-            ((c_op * self.TRIGGER_KINDS + trigger_kind) * BINS + gap_bins(trigger), n * self.TRIGGER_KINDS * BINS, 0),
-            ((c_op * self.NEXT_KINDS + nxt_kind) * BINS + gap_bins(nxt), n * self.NEXT_KINDS * BINS, 0),
-            (chain, self.TRIGGER_KINDS * self.NEXT_KINDS * self.SAME_THREAD, self.SAME_THREAD),
             (self.thread_pair, 8 * self.n_thread_pairs, self.n_thread_pairs),
         ]
+
+    def _scored(self, tables: list[np.ndarray], assign: np.ndarray) -> np.ndarray:
+        """Each pair's score by `tables` (of `_learn`), its features taken under `assign`."""
+        return sum(table[values] for table, (values, *_) in zip(tables, self._features(assign)))
 
     def _learn(self, assign: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, list[np.ndarray]]:
         """Each pair's score (the sum of its features' log likelihood ratios), the slot

@@ -30,8 +30,8 @@ COUNT_PRIOR = 0.5  # pseudo-count of every call count, so an unseen count is unl
 def refine(inf, tables: list[np.ndarray], assign: np.ndarray, score: np.ndarray, margin: np.ndarray,
            unsure: float) -> np.ndarray:  # fmt: skip
     """A better assignment than `assign` by the learnt ratio tables (in the order of
-    joint.Inference._features: fields, pair operations, threads, which do not move with
-    the assignment; trigger gap by kind, next gap by kind, thread chain), as `score` was. Calls whose
+    joint.Inference._features: those that do not move with the assignment, then the
+    trigger gap by kind, the next gap by kind and the thread chain), as `score` was. Calls whose
     best candidate leads by less than `unsure` nats are tried, in start order (a request's
     earlier calls settled first give its later ones their siblings), within a budget of
     request evaluations per call of the process: under overload nearly every call is
@@ -48,12 +48,13 @@ class _Search:
         self.n = n = inf.n_ops
         self.budget = budget
         self.assign = assign
-        self.t_trigger, self.t_next, self.t_chain = tables[3].tolist(), tables[4].tolist(), tables[5].tolist()
+        static_features = inf._static_features()
+        self.t_trigger, self.t_next, self.t_chain = (t.tolist() for t in tables[len(static_features) :])
         self.trigger_kinds, self.next_kinds, self.same_thread = inf.TRIGGER_KINDS, inf.NEXT_KINDS, inf.SAME_THREAD
         self.s_start, self.s_end, self.s_op = inf.s_start.tolist(), inf.s_end.tolist(), inf.s_op.tolist()
         self.c_start, self.c_end, self.c_op = inf.c_start.tolist(), inf.c_end.tolist(), inf.c_op.tolist()
         self.s_resp_tid, self.c_tid, self.c_resp_tid = inf.s_resp_tid.tolist(), inf.c_tid.tolist(), inf.c_resp_tid.tolist()
-        static = tables[0][inf.field_bin] + tables[1][inf.pair_op] + tables[2][inf.thread_rel] + tables[6][inf.thread_pair]
+        static = sum(table[values] for table, (values, *_) in zip(tables, static_features))
         # Pairs by (call, request), as sorted keys: a lookup is a bisect, and nothing is
         # built per pair in Python (a window holds millions of them under overload).
         n_s = len(inf.s_start)
