@@ -84,6 +84,11 @@ def _greedy(pairs: list[tuple[int, int, int]]) -> tuple[dict[int, int], int]:
     return chosen, sum(1 for n in per_record.values() if n > 1)
 
 
+def _squared_us(d_start: int, d_end: int) -> float:
+    """The cost of a placement with these delays (ns) at its two ends: their squares, in us^2."""
+    return (d_start / 1e3) ** 2 + (d_end / 1e3) ** 2
+
+
 def _closest_in_time(pairs: list[tuple[int, int, tuple[int, int]]]) -> tuple[dict[int, int], int]:
     """One-to-one (record, span) choice where calls share a connection (HTTP/2 streams):
     the matching with the least sum of squared delays between the handler or call and its
@@ -102,7 +107,7 @@ def _closest_in_time(pairs: list[tuple[int, int, tuple[int, int]]]) -> tuple[dic
     for r, s, (d_start, d_end) in pairs:
         i.append(row_of[r])
         j.append(col_of[s])
-        w.append(1 + (d_start / 1e3) ** 2 + (d_end / 1e3) ** 2)  # in us^2; never 0 (0 means no edge)
+        w.append(1 + _squared_us(d_start, d_end))  # never 0 (0 means no edge)
     # Each record may also stay unplaced, at a cost no real pair reaches: a full matching exists.
     i += list(range(len(rows)))
     j += [len(cols) + k for k in range(len(rows))]
@@ -148,7 +153,7 @@ def _candidates(spans, index, key, t0: int, t1: int, inside: bool, end_by: int |
 def _fit(spans: list[dict], conn_spans: list[int], records: list[dict], calls: list[int], starts: list[int]):
     """Whether one client's calls to a peer (one at a time: disjoint, sorted by start) can
     have carried all of a connection's exchanges (sorted by start): each inside its own call.
-    Returns [(span, record, cost)] (cost: squared delays in us^2, as `_closest_in_time`),
+    Returns [(span, record, cost)] (cost: `_squared_us`, as `_closest_in_time`),
     or None at the first exchange no call contains."""
     out, taken = [], set()
     for s in conn_spans:
@@ -158,7 +163,7 @@ def _fit(spans: list[dict], conn_spans: list[int], records: list[dict], calls: l
             return None
         taken.add(k)
         d_start, d_end = start - starts[k], records[calls[k]]["t1"] - end
-        out.append((s, calls[k], (d_start / 1e3) ** 2 + (d_end / 1e3) ** 2))
+        out.append((s, calls[k], _squared_us(d_start, d_end)))
     return out
 
 
