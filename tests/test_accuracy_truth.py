@@ -104,3 +104,22 @@ def test_an_exchange_no_client_fits_as_a_whole_is_placed_by_time():
              span("s2", "CLIENT", A, 5002, B_PORT, 160, 240)]  # fmt: skip
     placed, _ = _placed(records, spans)
     assert placed == {"r1": "s1", "r2": "s2"}
+
+
+def test_an_id_logged_twice_gives_no_truth_rather_than_a_wrong_one():
+    # Two threads of b once opened the truth log together, each with its own counter: both
+    # requests were logged as "b-1" and both of their calls as "b-2" with parent "b-1". Which
+    # request each call served cannot be read from them, so neither is truth for anything.
+    def sql(rid, lport, t0, t1, parent):
+        return {"kind": "CLIENT", "service": "b", "pid": B, "id": rid, "parent": parent, "op": "SQL",
+                "peer_port": 5432, "lport": lport, "key": None, "ok": True, "t0": int(t0 * MS), "t1": int(t1 * MS)}  # fmt: skip
+
+    records = [handled("b-1", 7001, 0, 100), handled("b-1", 7002, 5, 105), sql("b-2", 6001, 10, 20, "b-1"),
+               sql("b-2", 6002, 30, 40, "b-1"), handled("b-3", 7003, 200, 300), sql("b-4", 6001, 210, 220, "b-3")]  # fmt: skip
+    spans = [span("s1", "SERVER", B, B_PORT, 7001, 0, 100), span("s2", "SERVER", B, B_PORT, 7002, 5, 105),
+             span("c1", "CLIENT", B, 6001, 5432, 11, 19), span("c2", "CLIENT", B, 6002, 5432, 31, 39),
+             span("s3", "SERVER", B, B_PORT, 7003, 200, 300), span("c3", "CLIENT", B, 6001, 5432, 211, 219)]  # fmt: skip
+    t = truth.build(spans, records, root_service="b")
+    assert t.coverage["records_with_duplicate_ids"] == 4
+    assert "c1" not in t.parent and "c2" not in t.parent
+    assert t.parent["c3"] == "s3"

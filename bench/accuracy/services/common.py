@@ -100,13 +100,17 @@ def _outcome(rec: dict):
 
 
 _logs: dict[int, TruthLog] = {}
+_logs_lock = threading.Lock()
 
 
 def truth(service: str) -> TruthLog:
     """This process's log (gunicorn forks workers after import: one log per pid)."""
     log = _logs.get(os.getpid())
     if log is None:
-        log = _logs[os.getpid()] = TruthLog(service)
+        with _logs_lock:  # a threaded worker's first requests come together: one log, one id counter
+            log = _logs.get(os.getpid())
+            if log is None:
+                log = _logs[os.getpid()] = TruthLog(service)
     return log
 
 
