@@ -29,6 +29,10 @@ def span(kind: str, pid: int, start: int, end: int, name: str = "op", tid: int |
     }  # fmt: skip
 
 
+def next_port() -> int:
+    return next(_ports)
+
+
 def server(pid: int, start: int, end: int, **kw) -> dict:
     return span("SERVER", pid, start, end, **kw)
 

@@ -65,3 +65,12 @@ def test_resp3_push_is_not_a_response():
 @given(st.lists(st.binary(max_size=200), max_size=6))
 def test_arbitrary_bytes_never_raise(parts):
     feed_alternating(RedisConnection(), parts, missing=50)
+
+
+def test_connection_set_up_commands_are_marked():
+    from deeptrace.protocols.base import CONNECTION_SETUP
+
+    hello = b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n"
+    setinfo = b"*4\r\n$6\r\nCLIENT\r\n$7\r\nSETINFO\r\n$8\r\nLIB-NAME\r\n$8\r\nredis-py\r\n"
+    msgs = RedisConnection().feed(True, chunk(hello + setinfo + GET))
+    assert [m.attributes.get(CONNECTION_SETUP, False) for m in msgs] == [True, True, False]

@@ -50,6 +50,7 @@ from deeptrace.association.gaps import BINS, gap_bins
 from deeptrace.association.model import INFERRED, ROOT, Link, ProcessSpans, SpanRef, call_op
 from deeptrace.association.refine import refine
 from deeptrace.association.threads import ServingThreads, measure, thread_links
+from deeptrace.protocols.base import CONNECTION_SETUP
 
 ROUNDS = 4
 TEMPERATURE = 1.4  # set on simulated event loops (tests/loopsim.py), checked by bench/accuracy
@@ -76,7 +77,35 @@ def link(process: ProcessSpans, inference: type[Inference] | None = None) -> dic
         fixed.update({i: lk.parent for i, lk in links.items()})
         for part, calls in _independent_parts(process, rest):
             links.update((inference or Inference)(part, calls, fixed).run())
+    _follow_setup(process, links)
     return links
+
+
+def _follow_setup(process: ProcessSpans, links: dict[int, Link]) -> None:
+    """A connection set-up exchange (CONNECTION_SETUP: Redis HELLO on a new connection, a
+    statement prepared for its execution) serves the request that the next exchange on
+    its connection serves, where that request was open when the set-up was sent. Timing
+    alone cannot tell: an event loop's requests open their pool's new connections at one
+    instant, and every HELLO looks alike."""
+    if not any(c.attributes.get(CONNECTION_SETUP) for c in process.clients):
+        return
+    servers = {s.index: s for s in process.servers}
+    by_connection: dict[tuple, list[SpanRef]] = {}
+    for c in process.clients:  # sorted by start
+        by_connection.setdefault((c.laddr, c.lport, c.raddr, c.rport), []).append(c)
+    for calls in by_connection.values():
+        served: Link | None = None  # the link of the next exchange that is not set-up
+        for c in reversed(calls):
+            if not c.attributes.get(CONNECTION_SETUP):
+                served = links.get(c.index)
+                if served is None and c.index in process.known:
+                    served = Link(process.known[c.index], INFERRED, 1.0)
+                continue
+            if served is None or served.parent is None or c.index not in links:
+                continue
+            parent = servers.get(served.parent)
+            if parent is not None and parent.start_ns <= c.start_ns and c.end_ns <= parent.end_ns:
+                links[c.index] = Link(served.parent, INFERRED, served.confidence)
 
 
 def _independent_parts(process: ProcessSpans, calls: list[SpanRef]) -> list[tuple[ProcessSpans, list[SpanRef]]]:

@@ -10,6 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+# A request attribute: this exchange readies its connection for the exchange that follows
+# (Redis HELLO/AUTH on a new connection, a statement prepared just before its execution),
+# so it serves whichever request that next exchange serves (association reads it).
+CONNECTION_SETUP = "deeptrace.connection_setup"
+
+
 @dataclass(slots=True)
 class Chunk:
     """Bytes of one direction of a connection, as one syscall moved them."""

@@ -3,7 +3,7 @@ type and errors of responses, pipelining. Pure functions of bytes."""
 
 from __future__ import annotations
 
-from deeptrace.protocols.base import Message, message_from
+from deeptrace.protocols.base import CONNECTION_SETUP, Message, message_from
 from deeptrace.protocols.framing import INVALID, NEED_MORE, DirectionFramer, Frame, Framed, FramedConnection
 from deeptrace.protocols.redaction import REDIS_ALL_ARGS
 
@@ -13,6 +13,9 @@ AGGREGATES = frozenset(b"*%~>|")  # element counts follow; maps and attributes c
 MAX_ELEMENTS = 1 << 20
 MAX_DEPTH = 16
 MAX_LINE = 64 << 10
+# Sent by a client on a connection before it uses it (redis-py: HELLO, then CLIENT SETINFO
+# and CLIENT MAINT_NOTIFICATIONS; CLIENT's other subcommands are an operator's, not a request's).
+SETUP = frozenset({"HELLO", "AUTH", "SELECT", "READONLY", "CLIENT"})
 
 
 class _Short(Exception):
@@ -148,6 +151,8 @@ class RedisConnection(FramedConnection):
         attrs = {"db.system": "redis", "db.operation.name": f.fields["command"]}
         if "key" in f.fields:
             attrs["db.redis.key"] = f.fields["key"]
+        if f.fields["command"] in SETUP:
+            attrs[CONNECTION_SETUP] = True
         return message_from(f, PROTOCOL, True, name=f"redis {f.fields['command']}", attributes=attrs,
                             head=f.head)  # fmt: skip
 
