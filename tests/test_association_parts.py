@@ -132,3 +132,19 @@ def test_postgres_fields_of_arbitrary_bytes_never_raise(head):
     from deeptrace.association.features import _postgres_fields
 
     assert all(isinstance(v, str) for v in _postgres_fields(b"B" + head))
+
+
+def test_candidate_pairs_at_once_are_those_found_one_call_at_a_time():
+    """Containment.pairs (joint inference, all calls at once) and Containment.containing
+    (the baselines, one call at a time) must find the same candidates in the same order."""
+    rng = np.random.default_rng(7)
+    starts = rng.integers(0, 10_000, 400)
+    lengths = rng.choice([5, 50, 500, 5_000], 400)
+    servers = [SpanRef.from_json(i, server(1, int(a), int(a + n))) for i, (a, n) in enumerate(zip(starts, lengths))]
+    servers[5].start_ns = servers[6].start_ns  # ties keep their order
+    call_starts = rng.integers(0, 11_000, 300) * 1000
+    call_ends = call_starts + rng.integers(0, 3_000, 300) * 1000
+    contain = Containment(servers)
+    call, found = contain.pairs(call_starts, call_ends)
+    for c, (a, b) in enumerate(zip(call_starts.tolist(), call_ends.tolist())):
+        assert [servers[i].index for i in found[call == c]] == [s.index for s in contain.containing(a, b)]

@@ -194,18 +194,14 @@ class Inference:
         self.process = process
         self.server_index = np.array([s.index for s in servers], dtype=np.int64)
         row_of = {s.index: r for r, s in enumerate(servers)}
-        contain = Containment(servers)
-        self.roots, calls, pc, ps = [], [], [], []
-        for c in clients:
-            cands = contain.containing(c.start_ns, c.end_ns)
-            if not cands:
-                self.roots.append(c)
-                continue
-            for s in cands:
-                pc.append(len(calls))
-                ps.append(row_of[s.index])
-            calls.append(c)
-        self.calls = calls
+        starts = np.array([c.start_ns for c in clients], dtype=np.int64)
+        ends = np.array([c.end_ns for c in clients], dtype=np.int64)
+        call_of_pair, ps = Containment(servers).pairs(starts, ends)
+        has = np.zeros(len(clients), dtype=bool)
+        has[call_of_pair] = True
+        self.roots = [c for c, h in zip(clients, has.tolist()) if not h]
+        calls = self.calls = [c for c, h in zip(clients, has.tolist()) if h]
+        pc = (np.cumsum(has) - 1)[call_of_pair]
         if not calls:
             return
         ops: dict[str, int] = {}
@@ -230,7 +226,7 @@ class Inference:
         self.f_tid = np.array([c.tid for _, c in known], dtype=np.int64)
         self.f_resp_tid = _tids([c.resp_tid for _, c in known], -2)
         self.n_ops = len(ops)
-        self.pc, self.ps = np.array(pc, dtype=np.int64), np.array(ps, dtype=np.int64)
+        self.pc, self.ps = pc, ps
         self.t0 = int(min(self.s_start.min(), self.c_start.min()))
         self.width = int(max(self.s_end.max(), self.c_end.max())) - self.t0 + 2
         self.pair_op = self.s_op[self.ps] * self.n_ops + self.c_op[self.pc]
