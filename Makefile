@@ -14,6 +14,7 @@ ARCH      := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
 APT_PACKAGES := clang llvm libbpf1 libbpf-dev bpftool gcc libc6-dev make \
                 nginx-light redis-server redis-tools memcached postgresql mariadb-server mariadb-client \
                 curl wrk dnsmasq-base bind9-dnsutils tshark \
+                rabbitmq-server nats-server mosquitto \
                 iproute2 procps chromium
 
 .PHONY: all setup deps node venv web bpf test demo demo-two-hosts bench bench-accuracy bench-accuracy-foreign bench-server clean

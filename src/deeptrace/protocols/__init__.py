@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from deeptrace.protocols import dns, http1, http2, memcached, mysql, postgres, redis
+from deeptrace.protocols import amqp, dns, http1, http2, kafka, memcached, mongodb, mysql, postgres, redis
 from deeptrace.protocols.base import Chunk, ConnectionParser, Message
 
 
@@ -28,9 +28,18 @@ PROTOCOLS: tuple[ProtocolSpec, ...] = (
                  lambda l4: http1.Http1Connection()),
     ProtocolSpec(http2.PROTOCOL, frozenset({"tcp"}), http2.starts_request, http2.starts_response,
                  lambda l4: http2.Http2Connection()),
+    # Before PostgreSQL: Kafka Metadata v0 (key 3, version 0) reads as PostgreSQL's protocol 3.0.
+    ProtocolSpec(kafka.PROTOCOL, frozenset({"tcp"}), kafka.starts_request, kafka.starts_response,
+                 lambda l4: kafka.KafkaConnection()),
+    # Before MySQL: a short MongoDB message can look like a MySQL command packet.
+    ProtocolSpec(mongodb.PROTOCOL, frozenset({"tcp"}), mongodb.starts_request, mongodb.starts_response,
+                 lambda l4: mongodb.MongoConnection()),
     # Before Redis: "get k" is memcached; Redis clients send arrays, and inline Redis is upper case.
     ProtocolSpec(memcached.PROTOCOL, frozenset({"tcp"}), memcached.starts_request, memcached.starts_response,
                  lambda l4: memcached.MemcachedConnection()),
+    # Frames checked to their end octet; before MySQL's and DNS's looser length checks.
+    ProtocolSpec(amqp.PROTOCOL, frozenset({"tcp"}), amqp.starts_request, amqp.starts_response,
+                 lambda l4: amqp.AmqpConnection()),
     ProtocolSpec(postgres.PROTOCOL, frozenset({"tcp"}), postgres.starts_request, lambda data: False,
                  lambda l4: postgres.PostgresConnection()),
     ProtocolSpec(mysql.PROTOCOL, frozenset({"tcp"}), mysql.starts_request, mysql.starts_response,
