@@ -257,6 +257,7 @@ def replay(capture, out_path, fmt) -> None:
     from deeptrace.spans import format_text
 
     pipeline = SpanPipeline(host="pcap")
+    unreadable = None
     try:
         with _open_out(out_path) as out:
             def write(spans) -> None:
@@ -264,22 +265,29 @@ def replay(capture, out_path, fmt) -> None:
                     out.write((format_text(span) if fmt == "text" else json.dumps(span.to_json_dict())) + "\n")
 
             batch: list = []
-            for rec in replaying.records(capture):
-                batch.append(rec)
-                if len(batch) >= 4096:
-                    write(pipeline.push(batch))
-                    batch = []
+            try:
+                for rec in replaying.records(capture):
+                    batch.append(rec)
+                    if len(batch) >= 4096:
+                        write(pipeline.push(batch))
+                        batch = []
+            except DeepTraceError as e:  # not a capture, or cut short: the packets before still count
+                unreadable = e
             write(pipeline.push(batch))
             write(pipeline.close_all(time.time_ns()))
             out.flush()
         st = pipeline.stats
-        click.echo(f"deeptrace: {st.records} records from {capture}: {st.spans} spans, {st.unanswered} without "
-                   f"response, {st.orphan_responses} responses without request, {st.undetected_connections} "
-                   f"connections of no known protocol", err=True)  # fmt: skip
+        if unreadable is None or st.records:  # a file that is no capture at all gets its one line only
+            click.echo(f"deeptrace: {st.records} records from {capture}: {st.spans} spans, {st.unanswered} without "
+                       f"response, {st.orphan_responses} responses without request, {st.undetected_connections} "
+                       f"connections of no known protocol", err=True)  # fmt: skip
     except DeepTraceError as e:
         _fail(e)
     except BrokenPipeError:
         sys.stderr.close()
+    if unreadable is not None:
+        click.echo(f"deeptrace replay: {unreadable}", err=True)
+        sys.exit(2)
 
 
 def _read_spans(path: str) -> list[dict]:
