@@ -66,20 +66,30 @@ def test_plain_http2_and_rst_stream():
     (req,) = conn.feed(True, chunk(PREFACE + request_bytes(enc, 1, "/users/42?x=1", grpc=False)))
     assert req.name == "POST /users/{id}"
     (resp,) = conn.feed(False, chunk(SETTINGS + frame(3, 0, 1, struct.pack("!I", 8))))
-    assert resp.error and resp.status_code == "RST_STREAM 8"
+    assert resp.error and resp.status_code == "RST_STREAM CANCEL"
 
 
-def test_connection_start_not_seen_is_said():
+def test_connection_start_not_seen_decodes_what_hpack_allows():
     enc = hpack.Encoder()
-    enc.encode([(":path", "/warm/Up")])  # dynamic table state the parser never saw
+    enc.encode([(":path", "/warm/Up"), ("content-type", "application/grpc")])  # table state never seen
     conn = Http2Connection()
     (req,) = conn.feed(True, chunk(request_bytes(enc, 5, "/demo.Users/Get", b"\0\0\0\0\x00")))
-    assert req.name == "HTTP/2 stream 5" and req.attributes["deeptrace.http2.headers"] == "connection start not seen"
+    # :method and :scheme are static, the new :path a literal; content-type was inserted before we joined.
+    assert req.name == "POST /demo.Users/Get" and req.attributes["http2.request.headers_unknown"] == 1
+    enc2 = hpack.Encoder()
+    enc2.encode([(":path", "/warm/Up")])
+    (req,) = Http2Connection().feed(True, chunk(request_bytes(enc2, 7, "/warm/Up")))
+    assert req.name == "grpc (unknown method)" and req.attributes["http2.request.headers_unknown"] == 1
 
 
 def test_detection():
     assert detect(PREFACE + SETTINGS, None)[0:3:2] == ("http2", True)
-    assert detect(SETTINGS, None)[0:3:2] == ("http2", False)
+    assert detect(PREFACE[:3], None)[0:3:2] == ("http2", True)
+    assert detect(b"P", None) is None  # could still be an HTTP/1 POST
+    assert detect(SETTINGS, None) is None  # both sides send SETTINGS: it cannot tell which one this is
+    enc = hpack.Encoder()
+    assert detect(SETTINGS + request_bytes(enc, 1, "/a/B"), None)[0:3:2] == ("http2", True)
+    assert detect(response_bytes(enc, 1), None)[0:3:2] == ("http2", False)
 
 
 @settings(max_examples=300)

@@ -56,6 +56,8 @@ def detect(data: bytes, is_request: bool | None, l4: str = "tcp") -> tuple[str, 
 
     is_request is None when the connection's role is unknown (it predates the agent,
     or it is an unconnected UDP socket): then the bytes tell which side they are."""
+    if l4 == "tcp" and http2.frames_of_either_side(data):
+        return None  # HTTP/2 frames joined mid-stream that cannot tell the side yet: wait for more
     for spec in PROTOCOLS:
         if l4 not in spec.transports:
             continue
