@@ -9,7 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from deeptrace.protocols import amqp, dns, http1, http2, kafka, memcached, mongodb, mysql, postgres, redis
+from deeptrace.protocols import (amqp, dns, http1, http2, kafka, memcached, mongodb, mqtt, mysql, nats, postgres,
+                                 redis)
 from deeptrace.protocols.base import Chunk, ConnectionParser, Message
 
 
@@ -24,6 +25,9 @@ class ProtocolSpec:
 
 # Most specific first.
 PROTOCOLS: tuple[ProtocolSpec, ...] = (
+    # First: an unfinished `CONNECT {` line is not HTTP's CONNECT, and NATS lines are not Redis inline commands.
+    ProtocolSpec(nats.PROTOCOL, frozenset({"tcp"}), nats.starts_request, nats.starts_response,
+                 lambda l4: nats.NatsConnection()),
     ProtocolSpec(http1.PROTOCOL, frozenset({"tcp"}), http1.starts_request, http1.starts_response,
                  lambda l4: http1.Http1Connection()),
     ProtocolSpec(http2.PROTOCOL, frozenset({"tcp"}), http2.starts_request, http2.starts_response,
@@ -40,6 +44,9 @@ PROTOCOLS: tuple[ProtocolSpec, ...] = (
     # Frames checked to their end octet; before MySQL's and DNS's looser length checks.
     ProtocolSpec(amqp.PROTOCOL, frozenset({"tcp"}), amqp.starts_request, amqp.starts_response,
                  lambda l4: amqp.AmqpConnection()),
+    # Before PostgreSQL and MySQL: a PUBLISH with a short topic can read as a MySQL COM_QUERY.
+    ProtocolSpec(mqtt.PROTOCOL, frozenset({"tcp"}), mqtt.starts_request, mqtt.starts_response,
+                 lambda l4: mqtt.MqttConnection()),
     ProtocolSpec(postgres.PROTOCOL, frozenset({"tcp"}), postgres.starts_request, lambda data: False,
                  lambda l4: postgres.PostgresConnection()),
     ProtocolSpec(mysql.PROTOCOL, frozenset({"tcp"}), mysql.starts_request, mysql.starts_response,
@@ -56,8 +63,11 @@ def detect(data: bytes, is_request: bool | None, l4: str = "tcp") -> tuple[str, 
 
     is_request is None when the connection's role is unknown (it predates the agent,
     or it is an unconnected UDP socket): then the bytes tell which side they are."""
-    if l4 == "tcp" and http2.frames_of_either_side(data):
-        return None  # HTTP/2 frames joined mid-stream that cannot tell the side yet: wait for more
+    # Bytes that more than one protocol could have sent: wait for the bytes that tell them apart.
+    # HTTP/2 frames joined mid-stream that either side sends; PING/PONG lines alone, as much a Redis
+    # inline PING as a NATS keep-alive (nats-py flushes with a PING before its publishes).
+    if l4 == "tcp" and (http2.frames_of_either_side(data) or nats.keepalives_only(data)):
+        return None
     for spec in PROTOCOLS:
         if l4 not in spec.transports:
             continue
