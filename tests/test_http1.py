@@ -92,12 +92,59 @@ def test_connect_tunnel_stops_parsing():
     assert conn.feed(True, chunk(b"GET / HTTP/1.1\r\n\r\n", t=2)) == []
 
 
-def test_gets_back_in_step_after_a_header_cut_short():
+def test_header_cut_short_by_the_capture_still_makes_its_request_then_in_step():
+    """A header block longer than the capture (a long query string, many headers) gave no span."""
     conn = Http1Connection()
-    huge = b"GET /a HTTP/1.1\r\nCookie: " + b"c" * 3000 + b"\r\n\r\n"
-    assert conn.feed(True, chunk(huge[:1024], size=len(huge))) == []
+    huge = b"GET /a?" + b"q=1&" * 300 + b" HTTP/1.1\r\nHost: shop\r\nCookie: " + b"c" * 3000 + b"\r\n\r\n"
+    (cut,) = conn.feed(True, chunk(huge[:1300], size=len(huge)))
+    assert (cut.name, cut.partial, cut.size) == ("GET /a", True, len(huge))
+    assert cut.attributes["http.request.header.host"] == "shop" and cut.attributes["url.query"].startswith("q=1&q=1")
     (req,) = conn.feed(True, chunk(POST, t=5))
     assert req.name == "POST /orders"
+
+
+def test_request_line_longer_than_the_capture():
+    target = b"/search?" + b"term=abc&" * 200
+    post = b"POST " + target + b" HTTP/1.1\r\nHost: shop\r\nContent-Length: 2\r\n\r\n{}"
+    conn = Http1Connection()
+    (req,) = conn.feed(True, chunk(post[:1024], size=len(post)))
+    assert (req.name, req.partial, req.attributes["url.path"]) == ("POST /search", True, "/search")
+    assert "network.protocol.version" not in req.attributes
+    (resp,) = conn.feed(False, chunk(RESP, t=3))
+    assert resp.status_code == "200"
+
+
+@pytest.mark.parametrize("cut", [20, 100, 700, 1409])
+def test_request_whose_last_fragment_was_never_captured_is_ended_by_its_response(cut):
+    """A POST with a long query string whose headers end in a TCP fragment the capture lacks:
+    the response says the request was whole."""
+    post = (b"POST /bff/v1/check?channel=web&terminalType=bff&" + b"k=v&" * 100 + b" HTTP/1.1\r\nhost: api\r\n"
+            + b"x-filler: " + b"f" * 1200 + b"\r\ncontent-length: 2\r\n\r\n{}")  # fmt: skip
+    conn = Http1Connection()
+    assert conn.feed(True, chunk(post[:cut], t=1)) == []  # the rest never arrives
+    req, resp = conn.feed(False, chunk(RESP, t=2))
+    assert (req.is_request, req.partial, req.size, resp.status_code) == (True, True, cut, "200")
+    assert req.name == "POST /bff/v1/check"
+    (again,) = conn.feed(True, chunk(POST, t=3))  # back in step with the next request
+    assert again.name == "POST /orders"
+
+
+@pytest.mark.parametrize("cut", range(1, len(REQ), 9))
+def test_fragments_in_three_parts_at_arbitrary_points(cut):
+    second = min(len(REQ) - 1, cut + 37)
+    conn = Http1Connection()
+    parts = [REQ[:cut], REQ[cut:second], REQ[second:]]
+    msgs = [m for i, p in enumerate(parts) if p for m in conn.feed(True, chunk(p, t=i))]
+    assert [(m.name, m.size, m.partial) for m in msgs] == [("GET /users/{id}/orders/{id}", len(REQ), False)]
+
+
+def test_response_header_cut_at_the_end_of_the_capture():
+    """An Istio capture whose response's later fragments are missing: the status line is there."""
+    conn = Http1Connection()
+    conn.feed(True, chunk(b"GET /productpage HTTP/1.1\r\nhost: productpage:9080\r\n\r\n"))
+    assert conn.feed(False, chunk(b"HTTP/1.0 200 OK\r\n", t=2)) == []
+    (resp,) = conn.close(end_ns=9)
+    assert (resp.status_code, resp.partial, resp.size) == ("200", True, 17)
 
 
 def test_chunked_body_cut_by_a_hole_is_reported_partial():

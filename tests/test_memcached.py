@@ -65,6 +65,58 @@ def test_binary_pairs_by_opaque():
     assert [(m.pair_key, m.status_code) for m in resps] == [(8, "OK"), (7, "OK")]
 
 
+def test_text_quit_is_one_way():
+    from test_pipeline import Conn
+
+    c = Conn()
+    spans = SpanPipeline().push([c.rec("ingress", b"get k\r\n"), c.rec("egress", b"END\r\n"), c.rec("ingress", b"quit\r\n")])
+    spans += SpanPipeline().close_all(0)
+    assert [(s.name, s.status) for s in spans] == [("memcached get", "ok"), ("memcached quit", "ok")]
+
+
+def test_binary_quit_is_answered_and_quitq_is_not():
+    conn = MemcachedConnection()
+    (quit_req,) = conn.feed(True, chunk(binary(0x80, 0x07, opaque=5)))
+    (quit_resp,) = conn.feed(False, chunk(binary(0x81, 0x07, opaque=5)))
+    assert (quit_req.name, quit_req.expects_response, quit_resp.pair_key) == ("memcached quit", True, 5)
+    (quitq,) = MemcachedConnection().feed(True, chunk(binary(0x80, 0x17, opaque=6)))
+    assert (quitq.name, quitq.expects_response) == ("memcached quitq", False)
+
+
+def test_quiet_requests_pair_when_answered_and_are_one_way_when_passed_over():
+    """GETKQ k1 (hit), GETKQ k2 (miss: no answer), SETQ (success: no answer), NOOP: the server
+    answers the hit and the NOOP; the others were passed over in silence."""
+    conn = MemcachedConnection()
+    sent = (binary(0x80, 0x0D, b"k1", opaque=1) + binary(0x80, 0x0D, b"k2", opaque=2)
+            + binary(0x80, 0x11, b"k3", b"v", b"\0" * 8, opaque=3) + binary(0x80, 0x0A, opaque=4))  # fmt: skip
+    (noop,) = conn.feed(True, chunk(sent))
+    out = conn.feed(False, chunk(binary(0x81, 0x0D, b"k1", b"v", b"\0" * 4, opaque=1) + binary(0x81, 0x0A, opaque=4)))
+    assert [(m.is_request, m.name, m.pair_key, m.expects_response) for m in out] == [
+        (True, "memcached getkq", 1, True), (False, None, 1, True), (True, "memcached getkq", 2, False),
+        (True, "memcached setq", 3, False), (False, None, 4, True)]  # fmt: skip
+    assert noop.name == "memcached noop"
+    # A quiet request still unanswered when the connection ends: done, without a response.
+    conn.feed(True, chunk(binary(0x80, 0x14, b"gone", opaque=9)))
+    assert [(m.name, m.expects_response) for m in conn.close(99)] == [("memcached deleteq", False)]
+
+
+def test_quiet_requests_through_the_pipeline():
+    from test_pipeline import Conn
+
+    c = Conn()
+    spans = SpanPipeline().push([
+        c.rec("ingress", binary(0x80, 0x09, b"a", opaque=1) + binary(0x80, 0x09, b"b", opaque=2) + binary(0x80, 0x0A, opaque=3)),
+        c.rec("egress", binary(0x81, 0x09, value=b"x", extras=b"\0" * 4, opaque=2) + binary(0x81, 0x0A, opaque=3)),
+    ])  # fmt: skip
+    assert sorted((s.name, s.status, s.resp_size) for s in spans) == [
+        ("memcached getq", "ok", 0), ("memcached getq", "ok", 29), ("memcached noop", "ok", 24)]  # fmt: skip
+
+
+def test_sasl_credentials_stay_out_of_the_head():
+    (auth,) = MemcachedConnection().feed(True, chunk(binary(0x80, 0x21, b"PLAIN", b"\0alice\0hunter2", opaque=1)))
+    assert b"hunter2" not in auth.head and auth.head.endswith(b"PLAIN")
+
+
 def test_detection_prefers_memcached_for_lower_case_text():
     assert detect(b"get k\r\n", True)[0] == "memcached"
     assert detect(b"GET k\r\n", True)[0] == "redis"

@@ -156,12 +156,43 @@ def frame_response(buf: bytes, request_method: str | None) -> Frame | str:
 
 
 def salvage(buf: bytes) -> dict | None:
-    """Fields of a message whose body was cut short (a chunked body across a hole)."""
+    """Fields of a message cut short by bytes never captured: a body across a hole, or a
+    header block longer than the capture (a long query string, many headers), of which
+    the start line and the whole header lines before the cut are read."""
     for starts, first_line in ((starts_response, _status_line), (starts_request, _request_line)):
         head = _head(buf, starts, first_line)
         if not isinstance(head, str):
             return head[1]
+        if head == NEED_MORE and starts(buf[:12]):
+            return _cut_head(buf, first_line)
     return None
+
+
+def _cut_head(buf: bytes, first_line) -> dict | None:
+    eol = buf.find(b"\r\n")
+    if eol < 0:
+        # The request line itself is longer than what was captured: its method and the
+        # start of its target are still worth a span.
+        method, _, target = buf.partition(b" ")
+        if first_line is not _request_line or method not in METHODS or not target:
+            return None
+        return {"method": method.decode("latin-1"), "target": target.split(b" ", 1)[0].decode("latin-1", "replace"),
+                "version": "", "headers": {}}  # fmt: skip
+    fields = first_line(buf[:eol])
+    if fields is not None:
+        fields["headers"] = _headers(buf[eol + 2 : buf.rfind(b"\r\n") + 2])  # whole lines only
+    return fields
+
+
+class _Framer(DirectionFramer):
+    def cut_short(self, chunk: Chunk) -> list[Framed]:
+        """Nothing more of the message being buffered will come (its other side has moved
+        on, or the connection ended): salvage what is here of it."""
+        if not self._buf or self._open is not None:
+            return []
+        out: list[Framed] = []
+        self.hole(0, chunk, out)
+        return out
 
 
 _TEMPLATES: dict[str, str] = {}  # paths repeat: remember their templates (bounded)
@@ -189,8 +220,9 @@ def request_name(fields: dict) -> str:
 
 def request_attributes(fields: dict) -> dict:
     path, _, query = fields["target"].partition("?")
-    attrs = {"http.request.method": fields["method"], "url.path": path, "network.protocol.version":
-             fields["version"].removeprefix("HTTP/")}  # fmt: skip
+    attrs = {"http.request.method": fields["method"], "url.path": path}
+    if fields["version"]:  # not known when the request line was cut by the capture
+        attrs["network.protocol.version"] = fields["version"].removeprefix("HTTP/")
     if query:
         attrs["url.query"] = query
     for name, value in fields["headers"].items():  # the few parsed, not every kept name
@@ -213,17 +245,31 @@ class Http1Connection(FramedConnection):
     def __init__(self) -> None:
         self._methods: deque[str] = deque(maxlen=4096)  # requests awaiting their response, in order
         super().__init__(
-            DirectionFramer(frame_request, starts_request, salvage),
-            DirectionFramer(lambda buf: frame_response(buf, self._methods[0] if self._methods else None),
-                            starts_response, salvage),
+            _Framer(frame_request, starts_request, salvage),
+            _Framer(lambda buf: frame_response(buf, self._methods[0] if self._methods else None),
+                    starts_response, salvage),
         )  # fmt: skip
         self.upgraded = False  # after 101 / CONNECT the bytes are another protocol's
+        self._last: dict[bool, Chunk] = {}  # the latest chunk of each side
 
     def feed(self, is_request: bool, chunk: Chunk) -> list[Message]:
-        return [] if self.upgraded else super().feed(is_request, chunk)
+        if self.upgraded:
+            return []
+        out: list[Message] = []
+        if not is_request and not self._methods and True in self._last:
+            # A response while no request is complete: the request's end never reached us (a
+            # header block cut in TCP fragments the capture lacks). The server answered, so it
+            # was whole: take what we have of it.
+            out += [self._request(f) for f in self._requests.cut_short(self._last[True])]
+        self._last[is_request] = chunk
+        return out + super().feed(is_request, chunk)
 
     def close(self, end_ns: int) -> list[Message]:
-        return [m for f in self._responses.close(end_ns) if (m := self._response(f)) is not None]
+        out = [m for f in self._responses.close(end_ns) if (m := self._response(f)) is not None]
+        last = self._last.get(False)
+        if last is not None:  # a response whose header block never ended (the capture stopped in it)
+            out += [m for f in self._responses.cut_short(last) if (m := self._response(f)) is not None]
+        return out
 
     def _request(self, f: Framed) -> Message:
         self._methods.append(f.fields["method"])

@@ -1,5 +1,10 @@
 """Memcached text (classic and meta commands) and binary protocols: command, key,
-status; binary requests pair with responses by opaque. Pure functions of bytes."""
+status; binary requests pair with responses by opaque. Pure functions of bytes.
+
+Binary quiet commands (GETQ, SETQ, ...) are answered only sometimes (a GETQ on a hit,
+a SETQ on a failure): they are held until their answer comes, or until the server
+answers a later request (it answers in order, so a quiet one passed over succeeded
+silently), or until the connection ends. QUITQ and text `quit` are never answered."""
 
 from __future__ import annotations
 
@@ -27,11 +32,18 @@ OPCODES = {0x00: "GET", 0x01: "SET", 0x02: "ADD", 0x03: "REPLACE", 0x04: "DELETE
            0x06: "DECREMENT", 0x07: "QUIT", 0x08: "FLUSH", 0x09: "GETQ", 0x0A: "NOOP", 0x0B: "VERSION",
            0x0C: "GETK", 0x0D: "GETKQ", 0x0E: "APPEND", 0x0F: "PREPEND", 0x10: "STAT", 0x11: "SETQ",
            0x12: "ADDQ", 0x13: "REPLACEQ", 0x14: "DELETEQ", 0x15: "INCREMENTQ", 0x16: "DECREMENTQ",
-           0x17: "QUITQ", 0x18: "FLUSHQ", 0x19: "APPENDQ", 0x1A: "PREPENDQ", 0x1C: "TOUCH", 0x1D: "GAT",
-           0x1E: "GATQ", 0x20: "SASL_LIST_MECHS", 0x21: "SASL_AUTH", 0x22: "SASL_STEP"}  # fmt: skip
+           0x17: "QUITQ", 0x18: "FLUSHQ", 0x19: "APPENDQ", 0x1A: "PREPENDQ", 0x1B: "VERBOSITY", 0x1C: "TOUCH",
+           0x1D: "GAT", 0x1E: "GATQ", 0x20: "SASL_LIST_MECHS", 0x21: "SASL_AUTH", 0x22: "SASL_STEP",
+           0x23: "GATK", 0x24: "GATKQ"}  # fmt: skip
+QUIET = frozenset(("GETQ", "GETKQ", "SETQ", "ADDQ", "REPLACEQ", "DELETEQ", "INCREMENTQ", "DECREMENTQ", "FLUSHQ",
+                   "APPENDQ", "PREPENDQ", "GATQ", "GATKQ"))  # fmt: skip
+NEVER_ANSWERED = frozenset(("QUITQ",))
+SASL = frozenset(("SASL_AUTH", "SASL_STEP"))  # their values are credentials
 STATUSES = {0: "OK", 1: "KEY_NOT_FOUND", 2: "KEY_EXISTS", 3: "VALUE_TOO_LARGE", 4: "INVALID_ARGUMENTS",
-            5: "ITEM_NOT_STORED", 6: "NON_NUMERIC", 0x20: "AUTH_ERROR", 0x81: "UNKNOWN_COMMAND",
-            0x82: "OUT_OF_MEMORY"}  # fmt: skip
+            5: "ITEM_NOT_STORED", 6: "NON_NUMERIC", 7: "WRONG_VBUCKET", 8: "AUTH_STALE", 0x20: "AUTH_ERROR",
+            0x21: "AUTH_CONTINUE", 0x22: "OUT_OF_RANGE", 0x81: "UNKNOWN_COMMAND", 0x82: "OUT_OF_MEMORY",
+            0x83: "NOT_SUPPORTED", 0x84: "INTERNAL_ERROR", 0x85: "BUSY", 0x86: "TEMPORARY_FAILURE"}  # fmt: skip
+_NOT_ERRORS = ("OK", "KEY_NOT_FOUND", "KEY_EXISTS", "ITEM_NOT_STORED", "AUTH_CONTINUE")
 
 
 def _first_word(data: bytes) -> bytes:
@@ -124,29 +136,67 @@ class MemcachedConnection(FramedConnection):
     protocol = PROTOCOL
 
     def __init__(self) -> None:
+        # Binary requests in the order sent: quiet ones not answered yet (opaque -> (order, request)),
+        # and the order of the others, whose answer tells which quiet ones were passed over.
+        self._quiet: dict[int, tuple[int, Message]] = {}
+        self._order: dict[int, int] = {}
+        self._sent = 0
         super().__init__(DirectionFramer(frame_request, starts_request), DirectionFramer(frame_response, starts_response))
 
-    @staticmethod
-    def _request(f: Framed) -> Message:
+    def close(self, end_ns: int) -> list[Message]:
+        return self._passed_over(None)
+
+    def _request(self, f: Framed) -> Message | list[Message] | None:
         fields = f.fields
-        attrs = {"db.system": "memcached", "db.operation.name": fields["command"]}
+        command = fields["command"]
+        attrs = {"db.system": "memcached", "db.operation.name": command}
         if "key" in fields:
             attrs["db.memcached.key"] = fields["key"]
-        # Quiet binary commands and `noreply` text commands get no response (binary: on success).
-        quiet = fields.get("noreply", False) or (fields["binary"] and fields["command"].endswith("Q"))
-        return message_from(f, PROTOCOL, True, name=f"memcached {fields['command'].lower()}", attributes=attrs,
-                            head=f.head, pair_key=fields.get("opaque") if fields["binary"] else None,
-                            expects_response=not quiet)  # fmt: skip
+        binary = fields["binary"]
+        # `noreply` text commands, `quit` and QUITQ are never answered.
+        one_way = fields.get("noreply", False) or command == "quit" or command in NEVER_ANSWERED
+        head = f.head[: 24 + len(fields.get("key", ""))] if command in SASL else f.head  # no password in heads
+        msg = message_from(f, PROTOCOL, True, name=f"memcached {command.lower()}", attributes=attrs, head=head,
+                           pair_key=fields["opaque"] if binary else None, expects_response=not one_way)  # fmt: skip
+        if not binary:
+            return msg
+        self._sent += 1
+        if command not in QUIET:
+            self._order[fields["opaque"]] = self._sent
+            if len(self._order) > 4096:
+                self._order.pop(next(iter(self._order)))
+            return msg
+        self._quiet[fields["opaque"]] = (self._sent, msg)
+        if len(self._quiet) > 1024:  # bounded: the oldest is taken as passed over
+            oldest = self._quiet.pop(next(iter(self._quiet)))[1]
+            oldest.expects_response = False
+            return oldest
+        return None
 
-    @staticmethod
-    def _response(f: Framed) -> Message:
+    def _passed_over(self, before: int | None) -> list[Message]:
+        """Quiet requests sent before the one the server has just answered (all of them at
+        the end) that got no answer: they succeeded silently (or a GETQ missed)."""
+        out = []
+        for opaque, (order, msg) in list(self._quiet.items()):
+            if before is not None and order > before:
+                break
+            del self._quiet[opaque]
+            msg.expects_response = False
+            out.append(msg)
+        return out
+
+    def _response(self, f: Framed) -> Message | list[Message]:
         fields = f.fields
         if fields["binary"]:
             code = fields["status"]
-            error = code not in ("OK", "KEY_NOT_FOUND", "KEY_EXISTS", "ITEM_NOT_STORED")
             attrs = {"db.response.status_code": code}
-            return message_from(f, PROTOCOL, False, error=error, status_code=code, pair_key=fields["opaque"],
-                                attributes=attrs, head=f.head)  # fmt: skip
+            msg = message_from(f, PROTOCOL, False, error=code not in _NOT_ERRORS, status_code=code,
+                               pair_key=fields["opaque"], attributes=attrs, head=f.head)  # fmt: skip
+            held = self._quiet.pop(fields["opaque"], None)
+            if held is not None:
+                return [held[1], msg]  # a quiet request answered: a hit, or a failure
+            order = self._order.pop(fields["opaque"], None)
+            return self._passed_over(order) + [msg] if order is not None and self._quiet else msg
         reply = fields["reply"]
         error = reply.encode() in ERRORS
         attrs = {"db.response.status_code": reply, "db.memcached.values": fields["values"]}

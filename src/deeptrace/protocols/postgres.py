@@ -14,7 +14,15 @@ import struct
 
 from deeptrace.protocols import sql
 from deeptrace.protocols.base import Chunk, Message, message_from_parts
-from deeptrace.protocols.framing import HEAD_BYTES, INVALID, NEED_MORE, DirectionFramer, Frame, Framed, FramedConnection
+from deeptrace.protocols.framing import (
+    HEAD_BYTES,
+    INVALID,
+    NEED_MORE,
+    DirectionFramer,
+    Frame,
+    Framed,
+    FramedConnection,
+)
 
 PROTOCOL = "postgresql"
 PROTOCOL_3 = 196608
@@ -33,8 +41,24 @@ def _startup_code(data: bytes) -> int | None:
     return code if 8 <= length <= 10_000 and code in (PROTOCOL_3, SSL_REQUEST, CANCEL_REQUEST, GSSENC_REQUEST) else None
 
 
+def _ends_in_sync(data: bytes) -> bool:
+    """Whether data is frontend messages end to end, the last a Sync: an extended-query batch
+    (Bind, Execute, Sync) as a connection joined mid-way sees it, with no Parse or Query first."""
+    pos = 0
+    while pos + 5 <= len(data) and data[pos] in FRONTEND_TYPES:
+        length = _I32.unpack_from(data, pos + 1)[0]
+        if not 4 <= length < MAX_MESSAGE:
+            return False
+        if data[pos] == ord("S"):
+            return length == 4 and pos + 5 == len(data) and pos > 0
+        pos += 1 + length
+    return False
+
+
 def starts_request(data: bytes) -> bool:
     if _startup_code(data) is not None:
+        return True
+    if data[:1] in (b"B", b"D", b"E") and _ends_in_sync(data):
         return True
     if len(data) < 6 or data[0] not in b"QP":
         return False
@@ -120,6 +144,16 @@ class PostgresConnection(FramedConnection):
     def feed(self, is_request: bool, chunk: Chunk) -> list[Message]:
         return [] if self.tls else super().feed(is_request, chunk)
 
+    def close(self, end_ns: int) -> list[Message]:
+        """The connection closed, or the capture or the agent stopped, inside a reply whose
+        ReadyForQuery never came: what came of it (rows, an ErrorResponse) is its response."""
+        if not self._reply or self.tls:
+            return []
+        reply, self._reply = self._reply, []
+        msg = self._reply_message(reply)
+        msg.partial = True
+        return [msg]
+
     def _request(self, f: Framed) -> Message | list[Message] | None:
         msg = self._request_part(f)
         if self._reply and not self._responses.in_step and f.fields["type"] in "QPBS":
@@ -155,25 +189,31 @@ class PostgresConnection(FramedConnection):
 
     def _end_batch(self) -> Message:
         batch, self._batch = self._batch, []
+        query, statement = self._batch_query(batch)
         # A Bind runs the statement too when the Execute after it was never captured.
-        if any(b.fields["type"] in "EB" for b in batch):
-            return self._query(batch, self._batch_query(batch), "extended")
-        return self._query(batch, self._batch_query(batch), "prepare")  # Parse/Describe without Execute
+        mode = "extended" if any(b.fields["type"] in "EB" for b in batch) else "prepare"  # Parse/Describe alone
+        return self._query(batch, query, mode, statement)
 
-    def _batch_query(self, batch: list[Framed]) -> str:
+    def _batch_query(self, batch: list[Framed]) -> tuple[str, str]:
+        """The batch's SQL text, and the name of the prepared statement it binds (if any)."""
         for f in batch:
             if f.fields["type"] == "P":
-                return _cstrings(f.fields["body"], 2)[1] if b"\0" in f.fields["body"] else ""
+                return (_cstrings(f.fields["body"], 2)[1] if b"\0" in f.fields["body"] else ""), ""
             if f.fields["type"] == "B":
                 parts = _cstrings(f.fields["body"], 2)
-                if len(parts) == 2 and parts[1] in self._statements:
-                    return self._statements[parts[1]]
-        return ""
+                if len(parts) == 2:
+                    return self._statements.get(parts[1], ""), parts[1]
+        return "", ""
 
-    def _query(self, parts: list[Framed], query: str, mode: str) -> Message:
+    def _query(self, parts: list[Framed], query: str, mode: str, statement: str = "") -> Message:
         attrs = {"db.system": "postgresql", "db.operation.name": sql.operation(query) or "SQL",
                  "db.query.text": query[:1024], "db.postgresql.protocol": mode}  # fmt: skip
-        name = sql.name(query)
+        if statement:
+            attrs["db.postgresql.statement"] = statement
+        if not query and statement:
+            name = f"EXECUTE {statement}"  # prepared before we joined the connection: its text was never seen
+        else:
+            name = sql.name(query)
         return _grouped(parts, True, name=f"PREPARE {name}" if mode == "prepare" else name, attributes=attrs)
 
     def _response(self, f: Framed) -> Message | None:
