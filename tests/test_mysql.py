@@ -15,6 +15,7 @@ from parsing import chunk, feed_alternating
 
 from deeptrace.pipeline import SpanPipeline
 from deeptrace.protocols import detect
+from deeptrace.protocols.base import CONNECTION_SETUP
 from deeptrace.protocols.mysql import CLIENT_DEPRECATE_EOF, MysqlConnection
 
 
@@ -97,6 +98,7 @@ def test_prepared_statement_execute_named_after_its_text(deprecate_eof):
         reply += pkt(seq + 1, EOF_PKT)
     (prep_ok,) = conn.feed(False, chunk(reply))
     assert prep.name == "PREPARE SELECT users" and not prep_ok.error
+    assert prep.attributes[CONNECTION_SETUP]  # it serves the execution that follows on its connection
     (ex,) = conn.feed(True, chunk(pkt(0, b"\x17" + (7).to_bytes(4, "little") + bytes(5))))
     assert ex.name == "SELECT users" and ex.attributes["db.mysql.statement_id"] == 7
     (rows,) = conn.feed(False, chunk(result_set(deprecate_eof, 1)))

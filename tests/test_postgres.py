@@ -266,3 +266,15 @@ def test_live_psql_and_pgbench_and_their_capture(collector, store, tmp_path):
     (err,) = [s for s in spans if s.name == "SELECT missing_table"]
     assert (err.status, err.status_code, err.kind) == ("error", "42P01", "SERVER")
     assert all(s.status == "ok" and s.kind == "SERVER" for s in spans if "pgbench_accounts" in s.name)
+
+
+def test_a_statement_prepared_alone_is_connection_set_up():
+    """psycopg prepares a statement it runs often (Parse, Describe, Sync) right before the Bind
+    that executes it: the PREPARE serves the request the execution serves."""
+    from deeptrace.protocols.base import CONNECTION_SETUP
+
+    conn = connected()
+    (prep,) = conn.feed(True, chunk(msg(b"P", b"s1\0SELECT 1\0\0\0") + msg(b"D", b"Ss1\0") + msg(b"S", b"")))
+    (run,) = conn.feed(True, chunk(msg(b"B", b"\0s1\0" + bytes(6)) + msg(b"E", b"\0" + bytes(4)) + msg(b"S", b"")))
+    assert prep.name == "PREPARE SELECT" and prep.attributes[CONNECTION_SETUP]
+    assert CONNECTION_SETUP not in run.attributes

@@ -9,8 +9,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from deeptrace.protocols import (amqp, dns, http1, http2, kafka, memcached, mongodb, mqtt, mysql, nats, postgres,
-                                 redis)
+from deeptrace.protocols import (
+    amqp,
+    dns,
+    http1,
+    http2,
+    kafka,
+    memcached,
+    mongodb,
+    mqtt,
+    mysql,
+    nats,
+    postgres,
+    redis,
+)
 from deeptrace.protocols.base import Chunk, ConnectionParser, Message
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import zlib
 
 from deeptrace.protocols import sql
-from deeptrace.protocols.base import Chunk, Message, message_from, message_from_parts
+from deeptrace.protocols.base import CONNECTION_SETUP, Chunk, Message, message_from, message_from_parts
 from deeptrace.protocols.framing import (
     HEAD_BYTES,
     INVALID,
@@ -394,6 +394,7 @@ class MysqlConnection(FramedConnection):
         if command == COM_STMT_PREPARE:
             self._prepare_text.append(text)
             span_name = f"PREPARE {sql.name(text)}"
+            attrs[CONNECTION_SETUP] = True  # a driver prepares a statement right before it executes it
         elif text:
             span_name = sql.name(text)
         elif command == COM_STMT_EXECUTE and "db.mysql.statement_id" in attrs:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import struct
 
 from deeptrace.protocols import sql
-from deeptrace.protocols.base import Chunk, Message, message_from_parts
+from deeptrace.protocols.base import CONNECTION_SETUP, Chunk, Message, message_from_parts
 from deeptrace.protocols.framing import (
     HEAD_BYTES,
     INVALID,
@@ -210,6 +210,8 @@ class PostgresConnection(FramedConnection):
                  "db.query.text": query[:1024], "db.postgresql.protocol": mode}  # fmt: skip
         if statement:
             attrs["db.postgresql.statement"] = statement
+        if mode == "prepare":  # a driver prepares a statement right before it executes it
+            attrs[CONNECTION_SETUP] = True
         if not query and statement:
             name = f"EXECUTE {statement}"  # prepared before we joined the connection: its text was never seen
         else:
