@@ -20,6 +20,7 @@ from pymongo.compression_support import ZlibContext
 
 from deeptrace.pipeline import SpanPipeline
 from deeptrace.protocols.mongodb import MongoConnection, starts_request, starts_response
+from deeptrace.protocols.redaction import redact_span_parts
 
 
 def op_msg(command: dict, db: str = "shop", flags: int = 0, ctx=None) -> tuple[int, bytes]:
@@ -42,6 +43,11 @@ def op_query(collection: str, query: dict, request_id: int = 9) -> bytes:
 def op_reply(doc: dict, response_to: int, flags: int = 0) -> bytes:
     body = struct.pack("<iqii", flags, 0, 0, 1) + bson.encode(doc)
     return struct.pack("<iiii", 16 + len(body), 77, response_to, 1) + body
+
+
+def shipped(msg) -> bytes:
+    """A message's head as a span carries it off the host (spans.make_span redacts every head)."""
+    return redact_span_parts(msg.protocol, {}, msg.head, b"")[0]
 
 
 def exchange(conn: MongoConnection, request: bytes, response: bytes):
@@ -137,12 +143,13 @@ def test_op_compressed_zlib_is_read_and_others_are_named():
     conn = MongoConnection()
     req, resp = exchange(conn, data, reply({"ok": 1.0}, rid))
     assert req.name == "mongodb find users" and req.attributes["db.mongodb.compressor"] == "zlib"
-    assert len(req.head) == 25 and resp.pair_key == rid and not resp.error
+    assert shipped(req) == data[:25] + b"[REDACTED]" and resp.pair_key == rid and not resp.error
     snappy_body = struct.pack("<iiB", 2013, 100, 1) + b"\x64\xf0\x61garbage-snappy-bytes"
     snappy = struct.pack("<iiii", 16 + len(snappy_body), 8, 0, 2012) + snappy_body
     assert starts_request(snappy)
     (req,) = conn.feed(True, chunk(snappy))
     assert req.name == "mongodb OP_MSG" and req.attributes["db.mongodb.compressor"] == "snappy"
+    assert b"garbage" in req.head and b"garbage" not in shipped(req)  # snappy keeps literals as they were
 
 
 SECRET = b"c2VjcmV0LXNjcmFtLXByb29m"
@@ -155,18 +162,29 @@ SECRET = b"c2VjcmV0LXNjcmFtLXByb29m"
     {"updateUser": "bob", "pwd": SECRET.decode()},
     {"authenticate": 1, "user": "bob", "nonce": "n", "key": SECRET.decode(), "mechanism": "MONGODB-CR"},
     {"hello": 1, "speculativeAuthenticate": {"saslStart": 1, "payload": SECRET}, "client": {"app": "x"}},
+    {"update": "users", "updates": [{"q": {"_id": 1}, "u": {"$set": {"password": SECRET.decode()}}}]},
 ])  # fmt: skip
 def test_credentials_stay_out_of_heads(command):
     rid, data = op_msg(command, db="admin")
     conn = MongoConnection()
     (req,) = conn.feed(True, chunk(data))
-    assert SECRET not in req.head and b"[REDACTED]" in req.head
-    assert req.name == f"mongodb {next(iter(command))}"
+    assert SECRET not in shipped(req) and b"[REDACTED]" in shipped(req)
+    assert req.name.split()[1] == next(iter(command))
     answer = {"conversationId": 1, "done": False, "payload": SECRET, "ok": 1.0}
     if "hello" in command:
         answer = {"isWritablePrimary": True, "speculativeAuthenticate": {"payload": SECRET}, "ok": 1.0}
     (resp,) = conn.feed(False, chunk(reply(answer, rid)))
-    assert SECRET not in resp.head
+    assert SECRET not in shipped(resp)
+
+
+def test_error_codes_of_any_bson_type_never_raise():
+    for code in (float("nan"), float("inf"), "E11000", 11000.0):
+        rid, data = op_msg({"insert": "users"})
+        _, resp = exchange(MongoConnection(), data, reply({"ok": 0.0, "code": code}, rid))
+        assert resp.error and resp.status_code == ("11000" if code == 11000.0 else "error")
+        answer = reply({"ok": 1.0, "writeErrors": [{"index": 0, "code": code, "errmsg": "dup"}]}, rid)
+        _, resp = exchange(MongoConnection(), data, answer)
+        assert resp.error and resp.attributes.get("db.response.status_code") == ("11000" if code == 11000.0 else None)
 
 
 @pytest.mark.parametrize("cut", range(1, 90, 4))

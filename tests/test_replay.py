@@ -384,6 +384,30 @@ def test_pcapng_block_lengths_are_checked(tmp_path):
     assert result.exit_code == 2 and "corrupt: the block at byte" in result.stderr
 
 
+def test_pcapng_section_header_too_short_is_one_clear_line(tmp_path):
+    shb = b"\x0a\x0d\x0d\x0a" + struct.pack("<I", 16) + b"\x4d\x3c\x2b\x1a" + struct.pack("<I", 16)
+    (tmp_path / "x.pcapng").write_bytes(shb)
+    result = _cli(tmp_path / "x.pcapng")
+    assert result.exit_code == 2 and "the section header at byte 0 is too short" in result.stderr
+
+
+def test_obsolete_packet_blocks_read_as_enhanced_ones(tmp_path):
+    """Packet Block (type 2): a 16-bit interface id and drops count where the enhanced block has a
+    32-bit interface id; the rest is laid out alike, so each block converts in place."""
+    data = bytearray((CAPTURES / "lo.pcapng").read_bytes())
+    at = converted = 0
+    while at < len(data):
+        btype, length = struct.unpack_from("<II", data, at)
+        if btype == 6:
+            iface = struct.unpack_from("<I", data, at + 8)[0]
+            data[at : at + 4] = struct.pack("<I", 2)
+            data[at + 8 : at + 12] = struct.pack("<HH", iface, 0)
+            converted += 1
+        at += length
+    (tmp_path / "old.pcapng").write_bytes(data)
+    assert converted and described(spans_of(tmp_path / "old.pcapng")) == described(spans_of(CAPTURES / "lo.pcapng"))
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(name=st.sampled_from(["lo.pcap", "lo.pcapng", "any-sll2.pcapng", "veth.pcap", "ipv6-dstopts.pcapng"]),
        cut=st.integers(0, 40000), flips=st.lists(st.tuples(st.integers(0, 40000), st.integers(0, 255)), max_size=12))

@@ -177,6 +177,8 @@ def _pcapng(f: BinaryIO) -> Iterator[tuple[int, int, bytes]]:
                 raise _Unreadable("not a pcapng file (bad byte-order magic)")
             order, interfaces = ("<" if bom[0] == 0x4D else ">"), []
             body = bom + _block_body(f, struct.unpack(order + "I", head[4:])[0], head, at, 12)
+            if len(body) < 16:  # byte-order magic, version, section length: 28 bytes with the lengths
+                raise _Unreadable(f"corrupt: the section header at byte {at} is too short")
             if struct.unpack(order + "H", body[4:6])[0] != 1:
                 raise _Unreadable(f"pcapng version {body[4:8].hex()} is not one we read (1.x)")
         else:
@@ -241,13 +243,13 @@ def _packet_block(btype: int, body: bytes, order: str, interfaces: list, last_ns
         iface = interfaces[0]
         caplen = min(struct.unpack(order + "I", body[:4])[0], len(body) - 4, iface.snaplen or MAX_PACKET)
         return last_ns, iface.linktype, body[4 : 4 + caplen]
-    fmt, start = (order + "HHIII", 20) if btype == 2 else (order + "IIIII", 20)
+    start = 20
     if len(body) < start:
         return None
-    if btype == 2:
-        index, _, hi, lo, caplen = struct.unpack(fmt, body[:start])
-    else:
-        index, hi, lo, caplen, _ = struct.unpack(fmt, body[:start])
+    if btype == 2:  # obsolete: 16-bit interface id and drops count, timestamp, captured and original length
+        index, _, hi, lo, caplen, _ = struct.unpack(order + "HHIIII", body[:start])
+    else:  # enhanced: interface id, timestamp, captured and original length
+        index, hi, lo, caplen, _ = struct.unpack(order + "IIIII", body[:start])
     if index >= len(interfaces) or start + caplen > len(body):
         return None
     iface = interfaces[index]

@@ -29,7 +29,6 @@ from deeptrace.protocols.framing import (
     Framed,
     FramedConnection,
 )
-from deeptrace.protocols.redaction import REDACTED
 
 PROTOCOL = "amqp"
 PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
@@ -41,7 +40,6 @@ MAX_AWAITED = 4096  # requests (and server closes) awaiting their reply, per con
 MAX_CONTENTS = 1024  # channels with content being assembled, per direction
 MAX_NAME = 256  # a short string is at most 255 bytes; attributes keep no more
 DETECT_FRAMES = 32  # frames looked at when telling a stream's direction
-_R = REDACTED.encode()
 _FRAME = struct.Struct("!BHI")
 _IDS = struct.Struct("!HH")
 
@@ -333,21 +331,6 @@ def starts_frame(data: bytes) -> bool:
     return data[0] == METHOD and len(data) >= 11 and _IDS.unpack_from(data, 7) in METHODS
 
 
-def redact_head(head: bytes) -> bytes:
-    """A method frame's head with the SASL response (Start-Ok, Secure-Ok) or the new secret
-    (Update-Secret) cut off: nothing after where it starts is kept."""
-    ids = _IDS.unpack_from(head, 7) if len(head) >= 11 else None
-    if ids == (10, 11):  # client properties table, mechanism, then the response
-        pos = 15 + int.from_bytes(head[11:15], "big")
-        pos = pos + 1 + head[pos] if pos < len(head) else len(head) + 1
-        # Where the response starts is known inside the head; else only the ids are kept (a head
-        # cut inside the table holds no secret, but a table length that lies could hide one).
-        return head[:pos] + _R if pos <= len(head) else head[:15] + _R
-    if ids in ((10, 21), (10, 70)):
-        return head[:11] + _R
-    return head
-
-
 class _Content:
     """A content-carrying method being assembled with its header and body frames."""
 
@@ -587,4 +570,4 @@ class AmqpConnection(FramedConnection):
 
     @staticmethod
     def _message(f: Framed, is_request: bool, key, **kw) -> Message:
-        return message_from(f, PROTOCOL, is_request, pair_key=key, head=redact_head(f.head), **kw)
+        return message_from(f, PROTOCOL, is_request, pair_key=key, head=f.head, **kw)

@@ -69,8 +69,9 @@ APIS: dict[int, tuple[str, int, int | None]] = {
 }  # fmt: skip
 PRODUCE, FETCH, METADATA, SASL_HANDSHAKE, API_VERSIONS, SASL_AUTHENTICATE = 0, 1, 3, 17, 18, 36
 # Requests and responses that can carry credentials (SASL tokens, delegation token HMACs,
-# SCRAM salted passwords, config values such as ssl.keystore.password): heads stop at the header.
-SECRET_APIS = frozenset({SASL_AUTHENTICATE, 33, 38, 39, 40, 41, 44, 51})
+# SCRAM salted passwords, config values such as ssl.keystore.password, and Envelope, which wraps
+# any of these as a broker forwards it): heads stop at the header.
+SECRET_APIS = frozenset({SASL_AUTHENTICATE, 33, 38, 39, 40, 41, 44, 51, 58})
 # Group APIs whose request body starts with the group id (OffsetFetch: up to v7).
 GROUP_FIRST = {8: 99, 9: 7, 11: 99, 12: 99, 13: 99, 14: 99}
 
@@ -212,7 +213,7 @@ class _Reader:
         return min(n, MAX_ITEMS) if n > 0 else 0
 
     def uuid(self) -> str:
-        return self.buf[self.take(16) : self.pos].hex()
+        return str(uuid.UUID(bytes=self.buf[self.take(16) : self.pos]))
 
     def tags(self) -> None:
         """Tagged fields (flexible versions only): count, then (tag, size, bytes) each."""
@@ -259,42 +260,45 @@ def starts_response(data: bytes) -> bool:
 
 # ---- requests ----
 
-def _topic_entry(r: _Reader, by_id: bool) -> str:
-    return "id:" + r.uuid() if by_id else (r.string() or "")
+def _skip_topic(r: _Reader, by_id: bool) -> None:
+    """A topic's name, or its id (v13+ of Produce and Fetch)."""
+    if by_id:
+        r.take(16)
+    else:
+        r.string()
+
+
+def _first_topic(r: _Reader, version: int, fields: dict) -> None:
+    """Produce's and Fetch's topics: how many, and the first one's name or id (v13+) and its
+    first partition: [topic: name|topic_id [partition: index ...] ...]."""
+    count = r.array()
+    fields["topic_count"] = count
+    if count:
+        if version >= 13:
+            fields["topic_id"] = r.uuid()
+        else:
+            fields["topic"] = r.string()
+        fields["partition_count"] = r.array()
+        if fields["partition_count"]:
+            fields["partition"] = r.i32()
 
 
 def _produce_request(r: _Reader, version: int, fields: dict) -> None:
-    # ProduceRequest: [transactional_id (v3+)] acks timeout_ms [topic_data: name|topic_id (v13+)
-    # [partition_data: index records tags] tags]
+    # ProduceRequest: [transactional_id (v3+)] acks timeout_ms [topic_data ...]
     if version >= 3:
         r.string()
     fields["acks"] = r.i16()
     r.i32()
-    count = r.array()
-    fields["topic_count"] = count
-    if count:
-        fields["topic"] = _topic_entry(r, version >= 13)
-        partitions = r.array()
-        fields["partition_count"] = partitions
-        if partitions:
-            fields["partition"] = r.i32()
+    _first_topic(r, version, fields)
 
 
 def _fetch_request(r: _Reader, version: int, fields: dict) -> None:
     # FetchRequest: replica_id (v0-14) max_wait_ms min_bytes [max_bytes v3+] [isolation_level v4+]
-    # [session_id session_epoch v7+] [topics: topic|topic_id (v13+) [partitions: partition ...]]
+    # [session_id session_epoch v7+] [topics ...]
     if version <= 14:
         r.i32()
-    r.take(8)
-    r.take((4 if version >= 3 else 0) + (1 if version >= 4 else 0) + (8 if version >= 7 else 0))
-    count = r.array()
-    fields["topic_count"] = count
-    if count:
-        fields["topic"] = _topic_entry(r, version >= 13)
-        partitions = r.array()
-        fields["partition_count"] = partitions
-        if partitions:
-            fields["partition"] = r.i32()
+    r.take(8 + (4 if version >= 3 else 0) + (1 if version >= 4 else 0) + (8 if version >= 7 else 0))
+    _first_topic(r, version, fields)
 
 
 def _metadata_request(r: _Reader, version: int, fields: dict) -> None:
@@ -369,9 +373,9 @@ def _produce_response(r: _Reader, version: int, fields: dict) -> None:
     # ProduceResponse: [responses: name|topic_id (v13+) [partitions: index error_code base_offset
     # [log_append_time v2+] [log_start_offset v5+] [record_errors error_message v8+] tags] tags]
     for _ in range(r.array()):
-        fields.setdefault("topic", _topic_entry(r, version >= 13))
+        _skip_topic(r, version >= 13)
         for _ in range(r.array()):
-            fields.setdefault("partition", r.i32())
+            r.i32()
             _note_error(fields, r.i16())
             r.take(8 + (8 if version >= 2 else 0) + (8 if version >= 5 else 0))
             if version >= 8:
@@ -393,9 +397,9 @@ def _fetch_response(r: _Reader, version: int, fields: dict) -> None:
         _note_error(fields, r.i16())
         r.i32()
     for _ in range(r.array()):
-        fields.setdefault("topic", _topic_entry(r, version >= 13))
+        _skip_topic(r, version >= 13)
         for _ in range(r.array()):
-            fields.setdefault("partition", r.i32())
+            r.i32()
             _note_error(fields, r.i16())
             r.take(8 + (8 if version >= 4 else 0) + (8 if version >= 5 else 0))
             if version >= 4:
@@ -431,8 +435,7 @@ def _metadata_response(r: _Reader, version: int, fields: dict) -> None:
     fields["topic_ids"] = ids
     for _ in range(r.array()):
         _note_error(fields, r.i16())
-        name = r.string() or ""
-        fields.setdefault("topic", name)
+        name = r.string()
         if version >= 10:
             topic_id = r.uuid()
             if name and len(ids) < MAX_TOPIC_IDS:
@@ -529,17 +532,18 @@ class KafkaConnection(FramedConnection):
             attrs["messaging.client.id"] = fields["client_id"]
         if fields.get("group"):
             attrs["messaging.consumer.group.name"] = fields["group"]
-        topic = self._topic_name(fields.get("topic"))
+        # v13+ names topics by id: named from a Metadata response on this connection, if one told.
+        topic = fields.get("topic") or self._topic_ids.get(fields.get("topic_id"))
         name = f"kafka {api}"
-        if topic and topic.startswith("id:"):  # v13+ names topics by id; no Metadata told us its name
-            attrs["messaging.kafka.topic_id"] = str(uuid.UUID(topic[3:]))
-        elif topic and fields.get("topic_count", 1) == 1:
+        if fields.get("topic_count", 1) > 1:
+            attrs["messaging.kafka.topic_count"] = fields["topic_count"]
+        elif topic:
             attrs["messaging.destination.name"] = topic
             name += " " + topic
-            if fields.get("partition_count") == 1:
+            if fields.get("partition_count") == 1 and "partition" in fields:
                 attrs["messaging.destination.partition.id"] = str(fields["partition"])
-        elif fields.get("topic_count", 0) > 1:
-            attrs["messaging.kafka.topic_count"] = fields["topic_count"]
+        elif fields.get("topic_id"):
+            attrs["messaging.kafka.topic_id"] = fields["topic_id"]
         one_way = key == PRODUCE and fields.get("acks") == 0  # acks=0: the broker never answers
         if key == SASL_HANDSHAKE and version == 0:
             self._raw_sasl = True
@@ -550,11 +554,6 @@ class KafkaConnection(FramedConnection):
                 self._pending.popitem(last=False)
         return message_from(f, PROTOCOL, True, name=name, attributes=attrs, pair_key=corr,
                             head=_head(f.head, fields), expects_response=not one_way)  # fmt: skip
-
-    def _topic_name(self, topic: str | None) -> str | None:
-        if topic and topic.startswith("id:"):
-            return self._topic_ids.get(topic[3:], topic)
-        return topic
 
     # -- responses --
 

@@ -9,13 +9,13 @@ Message Header", "OP_MSG", "OP_COMPRESSED", "Legacy Opcodes") and https://bsonsp
 
 from __future__ import annotations
 
+import math
 import struct
 import zlib
 from collections import OrderedDict
 
 from deeptrace.protocols.base import Message, message_from
 from deeptrace.protocols.framing import INVALID, NEED_MORE, DirectionFramer, Frame, Framed, FramedConnection
-from deeptrace.protocols.redaction import REDACTED
 
 PROTOCOL = "mongodb"
 MAX_MESSAGE = 64 << 20  # servers allow 48 MB (maxMessageSizeBytes)
@@ -35,25 +35,22 @@ OPCODES = {OP_REPLY: "OP_REPLY", OP_UPDATE: "OP_UPDATE", OP_INSERT: "OP_INSERT",
 REQUEST_OPS = frozenset({OP_UPDATE, OP_INSERT, OP_QUERY, OP_GET_MORE, OP_DELETE, OP_KILL_CURSORS,
                          OP_COMPRESSED, OP_MSG})  # fmt: skip
 REPLY_OPS = frozenset({OP_REPLY, OP_COMPRESSED, OP_MSG})
-# Legacy one-way writes (removed in 6.0): no reply, and their operation name.
+# Legacy opcodes (removed in 6.0) other than OP_QUERY: their operation name. All but OP_GET_MORE are
+# one-way: the server never replies to them.
 LEGACY = {OP_UPDATE: "update", OP_INSERT: "insert", OP_DELETE: "delete", OP_GET_MORE: "getMore",
           OP_KILL_CURSORS: "killCursors"}  # fmt: skip
+LEGACY_ONE_WAY = frozenset({"OP_INSERT", "OP_UPDATE", "OP_DELETE", "OP_KILL_CURSORS"})
 COMPRESSORS = {0: "noop", 1: "snappy", 2: "zlib", 3: "zstd"}
 # OP_MSG flagBits: checksumPresent, moreToCome, exhaustAllowed; other bits must be 0 (spec "flagBits").
 CHECKSUM, MORE_TO_COME, EXHAUST_ALLOWED = 1, 2, 1 << 16
 _FLAGS_KNOWN = CHECKSUM | MORE_TO_COME | EXHAUST_ALLOWED
 
-# Commands whose whole body is a credential exchange, and keys whose value is a secret in any
-# command or reply (SCRAM payloads, passwords, the handshake's speculative authentication).
-SECRET_COMMANDS = frozenset({"saslstart", "saslcontinue", "authenticate", "createuser", "updateuser",
-                             "copydb", "copydbsaslstart", "copydbgetnonce", "getnonce"})  # fmt: skip
+# Credentials in heads (SCRAM payloads, pwd, nonce, ...) are cut by redaction.mongodb_head, by key.
 # Commands whose first value is a string but not a collection (a user's or a role's name).
 NOT_COLLECTION = frozenset({"createuser", "updateuser", "dropuser", "usersinfo", "grantrolestouser",
                             "revokerolesfromuser", "createrole", "updaterole", "droprole", "rolesinfo",
                             "grantprivilegestorole", "revokeprivilegesfromrole", "grantrolestorole",
                             "revokerolesfromrole"})  # fmt: skip
-SECRET_KEYS = frozenset({"payload", "pwd", "key", "nonce", "speculativeauthenticate", "password",
-                         "digest"})  # fmt: skip
 
 # ---- BSON (bsonspec.org), top level only ----
 
@@ -117,6 +114,13 @@ def _string(buf: bytes, kind: int, start: int, end: int | None) -> str | None:
     if kind != 0x02 or end is None or end > len(buf) or end - start < 5:
         return None
     return buf[start + 4 : end - 1].decode("utf-8", "replace")
+
+
+def _code(value) -> int | None:
+    """An error code as an int: a double one too, but not a string, NaN or infinity (hostile bytes)."""
+    if value.__class__ is float and not math.isfinite(value):
+        return None
+    return int(value) if value.__class__ in (int, float) else None
 
 
 def _number(buf: bytes, kind: int, start: int) -> float | None:
@@ -249,7 +253,7 @@ def _body_offsets(buf: bytes, length: int) -> tuple[int, list[str]]:
 
 
 def _command(buf: bytes, pos: int, fields: dict) -> None:
-    """The command name (first key), its collection, database and secret cut point."""
+    """The command name (first key), its collection and database."""
     els = elements(buf, pos)
     if not els:
         return
@@ -263,17 +267,13 @@ def _command(buf: bytes, pos: int, fields: dict) -> None:
         fields["collection"] = collection
     if "$db" in by_key:
         fields["db"] = _string(buf, *by_key["$db"])
-    if command.lower() in SECRET_COMMANDS:
-        fields["cut"] = start if end is None else end  # the command name (and its 1) only
-    else:
-        fields["cut"] = next((s for key, _, s, _ in els if key.lower() in SECRET_KEYS), None)
 
 
 def _reply(buf: bytes, pos: int, fields: dict) -> None:
     """ok, code, codeName, errmsg of a command reply; the first write error."""
     doc = _doc(buf, pos)
     ok = doc.get("ok", (0, None, 0))[1]
-    code = doc.get("code", (0, None, 0))[1]
+    code = _code(doc.get("code", (0, None, 0))[1])
     if "$err" in doc:  # a legacy query failure
         fields["error"] = True
         fields["errmsg"] = doc["$err"][1]
@@ -282,20 +282,18 @@ def _reply(buf: bytes, pos: int, fields: dict) -> None:
         fields["errmsg"] = doc.get("errmsg", (0, None, 0))[1]
     if fields.get("error"):
         if code is not None:
-            fields["code"] = int(code)
+            fields["code"] = code
         fields["code_name"] = doc.get("codeName", (0, None, 0))[1]
     if "writeErrors" in doc and doc["writeErrors"][0] == 0x04:  # [{index, code, errmsg}, ...]
         start = doc["writeErrors"][2]
         # The array's first element: type 0x03, key "0", then the document.
         first = _doc(buf, start + 7) if buf[start + 4 : start + 7] == b"\x030\x00" else {}
         fields["error"] = True
-        if first.get("code", (0, None))[1] is not None:
-            fields["code"] = int(first["code"][1])
+        code = _code(first.get("code", (0, None))[1])
+        if code is not None:
+            fields["code"] = code
         fields["errmsg"] = first.get("errmsg", (0, None))[1]
         fields["write_errors"] = True
-    cut = next((s for key, (_, _, s) in doc.items() if key.lower() in SECRET_KEYS), None)
-    if cut is not None:
-        fields["cut"] = cut
 
 
 def parse(buf: bytes, is_request: bool) -> dict | None:
@@ -360,7 +358,6 @@ def _legacy_query(buf: bytes, fields: dict) -> None:
         fields["db"] = db
     else:
         fields["command"], fields["collection"] = "find", collection
-        fields["cut"] = None
 
 
 def _frame(buf: bytes, is_request: bool) -> Frame | str:
@@ -380,15 +377,6 @@ def frame_request(buf: bytes) -> Frame | str:
 
 def frame_response(buf: bytes) -> Frame | str:
     return _frame(buf, False)
-
-
-def _head(head: bytes, fields: dict, secret: bool) -> bytes:
-    """The head with credentials cut off: a compressed message's after its headers (its bytes
-    are unreadable anyway), a credential command's or secret key's from where it starts."""
-    if fields.get("compressed"):
-        return head[:25]
-    cut = 20 if secret else fields.get("cut")
-    return head if cut is None else head[:cut] + REDACTED.encode()
 
 
 class MongoConnection(FramedConnection):
@@ -425,20 +413,16 @@ class MongoConnection(FramedConnection):
         if fields.get("sequences"):
             attrs["db.mongodb.document_sequences"] = ",".join(fields["sequences"])
         # moreToCome on a request: an unacknowledged write (w: 0); legacy writes never get a reply.
-        one_way = fields.get("more_to_come", False) or fields["op"] in ("OP_INSERT", "OP_UPDATE", "OP_DELETE",
-                                                                         "OP_KILL_CURSORS")  # fmt: skip
+        one_way = fields.get("more_to_come", False) or fields["op"] in LEGACY_ONE_WAY
         if not one_way:
             self._remember(self._commands, fields["request_id"], command)
         return message_from(f, PROTOCOL, True, name=name, attributes=attrs, pair_key=fields["request_id"],
-                            head=_head(f.head, fields, False), expects_response=not one_way)  # fmt: skip
+                            head=f.head, expects_response=not one_way)  # fmt: skip
 
     def _response(self, f: Framed) -> Message | None:
         fields = f.fields
-        if fields is None:
-            return None
         streamed = self._streams.pop(fields["response_to"], None)
         command = streamed or self._commands.pop(fields["response_to"], None)
-        secret = command is not None and command.lower() in SECRET_COMMANDS
         if fields.get("more_to_come") and command is not None:
             self._remember(self._streams, fields["request_id"], command)  # an exhaust stream goes on
         attrs: dict = {}
@@ -451,12 +435,11 @@ class MongoConnection(FramedConnection):
                 attrs["db.response.status_code"] = str(code)
             if fields.get("errmsg"):
                 attrs["db.mongodb.errmsg"] = str(fields["errmsg"])[:256]
-        head = _head(f.head, fields, secret)
         if streamed is not None:
             # A later reply of an exhaust stream (a streamed hello, an exhaust cursor) answers no
             # request of its own: a one-way message from the server.
             attrs.update({"db.system": "mongodb", "db.operation.name": streamed, "db.mongodb.exhaust": True})
-            return message_from(f, PROTOCOL, True, name=f"mongodb {streamed}", attributes=attrs, head=head,
+            return message_from(f, PROTOCOL, True, name=f"mongodb {streamed}", attributes=attrs, head=f.head,
                                 expects_response=False)  # fmt: skip
         return message_from(f, PROTOCOL, False, error=bool(fields.get("error")), status_code=status,
-                            pair_key=fields["response_to"], attributes=attrs, head=head)  # fmt: skip
+                            pair_key=fields["response_to"], attributes=attrs, head=f.head)  # fmt: skip

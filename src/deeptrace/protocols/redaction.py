@@ -11,7 +11,17 @@ whole policy, and the README lists them for users:
 - Redis commands: AUTH, HELLO, MIGRATE (everything after the command), ACL SETUSER (the rules
   after the user), CONFIG SET / SENTINEL SET of a parameter named with a secret word;
 - SQL text (`db.query.text`, PostgreSQL and MySQL heads): the literal after PASSWORD,
-  IDENTIFIED BY, SECRET; a PostgreSQL password message whole.
+  IDENTIFIED BY, SECRET; a PostgreSQL password message whole;
+- AMQP: the SASL response of Connection.Start-Ok / Secure-Ok and the secret of Update-Secret
+  (the head is cut where they start); application headers of a content header under a secret
+  name; a message body's JSON and form pairs as in HTTP;
+- MongoDB: the head is cut at the first BSON key (at any depth) that is a secret name or one of
+  MONGODB_SECRET_KEYS (SCRAM payloads, nonces, the handshake's speculative authentication);
+  a compressed message after its OP_COMPRESSED header (snappy keeps literals as they were).
+
+Kafka's credentials are told apart by connection state, not by a head's bytes (a response does
+not say which API it answers; SASL tokens after SaslHandshake v0 have no header), so its parser
+cuts those heads itself.
 
 A value is replaced by `[REDACTED]`; a head that ends inside a secret is cut there.
 """
@@ -214,9 +224,88 @@ def postgres_head(head: bytes) -> bytes:
     return sql_head(head)
 
 
+# --- AMQP 0-9-1: frames of type, channel, size, payload, end octet ---
+
+_AMQP_VALUE_SIZE = {"t": 1, "b": 1, "B": 1, "s": 2, "u": 2, "I": 4, "i": 4, "f": 4, "l": 8, "L": 8, "d": 8, "D": 5,
+                    "T": 8, "V": 0}  # fmt: skip
+_AMQP_PREFIXED = "SxAF"  # long string, byte array, array, table: a 4-byte length first
+
+
+def _amqp_secret_header(head: bytes, pos: int) -> int | None:
+    """Where the value of the first application header with a secret name starts, in the
+    `headers` table at pos of a content header frame (or where the table stops being readable)."""
+    end = min(len(head), pos + 4 + int.from_bytes(head[pos : pos + 4], "big"))
+    pos += 4
+    while pos < end:
+        key_end = pos + 1 + head[pos]
+        if key_end >= end:
+            return None  # the rest is past the head
+        kind = chr(head[key_end])
+        if secret_name(head[pos + 1 : key_end].decode("latin-1")):
+            return key_end
+        pos = key_end + 1
+        if kind in _AMQP_PREFIXED:
+            pos += 4 + int.from_bytes(head[pos : pos + 4], "big")
+        elif kind in _AMQP_VALUE_SIZE:
+            pos += _AMQP_VALUE_SIZE[kind]
+        else:
+            return key_end  # a type we cannot step over: what follows is unknown
+    return None
+
+
+def amqp_head(head: bytes) -> bytes:
+    """A method frame's head, and the content header and body frames that follow it."""
+    ids = head[7:11] if len(head) >= 11 and head[0] == 1 else b""
+    if ids == b"\x00\x0a\x00\x0b":  # Connection.Start-Ok: client properties table, mechanism, response
+        pos = 15 + int.from_bytes(head[11:15], "big")
+        pos = pos + 1 + head[pos] if pos < len(head) else len(head) + 1
+        # Where the response starts is known inside the head; else only the ids are kept (a head
+        # cut inside the table holds no secret, but a table length that lies could hide one).
+        return head[:pos] + _R if pos <= len(head) else head[:15] + _R
+    if ids in (b"\x00\x0a\x00\x15", b"\x00\x0a\x00\x46"):  # Secure-Ok, Update-Secret
+        return head[:11] + _R
+    if not _MAYBE.search(head):
+        return head
+    pos = 8 + int.from_bytes(head[3:7], "big")  # the frame after the method frame
+    if head[pos : pos + 1] != b"\x02" or len(head) < pos + 21:
+        return head
+    flags = head[pos + 19] << 8 | head[pos + 20]
+    body = pos + 8 + int.from_bytes(head[pos + 3 : pos + 7], "big")
+    props = pos + 21
+    for bit in (0x8000, 0x4000):  # content-type and content-encoding, short strings, come first
+        if flags & bit and props < len(head):
+            props += 1 + head[props]
+    cut = _amqp_secret_header(head, props) if flags & 0x2000 and props < len(head) else None
+    if cut is not None:
+        return head[:cut] + _R
+    return head[:body] + _body(head[body:]) if body < len(head) else head
+
+
+# --- MongoDB: BSON elements are a type byte, a NUL-ended key, a value ---
+
+MONGODB_SECRET_KEYS = frozenset({"payload", "nonce", "digest", "speculativeauthenticate"})
+_BSON_KEY = re.compile(rb"[\x01-\x13\x7f\xff]([^\x00]{1,64})\x00")
+_MONGODB_MAYBE = re.compile(rb"(?i)auth|token|secret|pass|pwd|key|sig|credential|jwt|sess|otp|payload|nonce|digest")
+_OP_COMPRESSED = (2012).to_bytes(4, "little")
+
+
+def mongodb_head(head: bytes) -> bytes:
+    if head[12:16] == _OP_COMPRESSED:
+        return head[:25] + _R if len(head) > 25 else head
+    if not _MONGODB_MAYBE.search(head, 16):
+        return head
+    # Any byte run shaped like an element is tried: a false match only cuts the head sooner.
+    for m in _BSON_KEY.finditer(head, 16):
+        name = m.group(1).decode("latin-1")
+        if name.lower() in MONGODB_SECRET_KEYS or secret_name(name):
+            return head[: m.end()] + _R
+    return head
+
+
 # --- a span's parts ---
 
-_HEADS = {"http": http_head, "http2": http_head, "redis": redis_head, "postgresql": postgres_head, "mysql": sql_head}
+_HEADS = {"http": http_head, "http2": http_head, "redis": redis_head, "postgresql": postgres_head, "mysql": sql_head,
+          "amqp": amqp_head, "mongodb": mongodb_head}  # fmt: skip
 
 
 def redact_span_parts(protocol: str, attributes: dict, req_head: bytes, resp_head: bytes) -> tuple[bytes, bytes]:
