@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from deeptrace.protocols import (
     amqp,
     dns,
+    dubbo,
     http1,
     http2,
     kafka,
@@ -22,6 +23,7 @@ from deeptrace.protocols import (
     nats,
     postgres,
     redis,
+    thrift,
 )
 from deeptrace.protocols.base import Chunk, ConnectionParser, Message
 
@@ -44,6 +46,12 @@ PROTOCOLS: tuple[ProtocolSpec, ...] = (
                  lambda l4: http1.Http1Connection()),
     ProtocolSpec(http2.PROTOCOL, frozenset({"tcp"}), http2.starts_request, http2.starts_response,
                  lambda l4: http2.Http2Connection()),
+    # Before memcached (its binary check takes a strict-binary unframed Thrift call) and Kafka (its
+    # check takes an old-binary framed Thrift message).
+    ProtocolSpec(thrift.PROTOCOL, frozenset({"tcp"}), thrift.starts_request, thrift.starts_response,
+                 lambda l4: thrift.ThriftConnection()),
+    ProtocolSpec(dubbo.PROTOCOL, frozenset({"tcp"}), dubbo.starts_request, dubbo.starts_response,
+                 lambda l4: dubbo.DubboConnection()),
     # Before PostgreSQL: Kafka Metadata v0 (key 3, version 0) reads as PostgreSQL's protocol 3.0.
     ProtocolSpec(kafka.PROTOCOL, frozenset({"tcp"}), kafka.starts_request, kafka.starts_response,
                  lambda l4: kafka.KafkaConnection()),
