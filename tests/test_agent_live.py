@@ -141,3 +141,71 @@ def test_wrk_keep_alive_load_gives_one_span_per_request_nginx_served(collector, 
     assert {(s.name, s.status_code) for s in spans} == {("GET /hello", "200")}
     assert all(0 < s.duration_ns < 1_000_000_000 for s in spans)
     assert recs
+
+
+_UDP_POINTER = """
+def pointer_of(ino):  # the kernel's (hashed) address of the socket with this inode
+    for line in open("/proc/net/udp").read().splitlines()[1:]:
+        f = line.split()
+        if int(f[9]) == ino:
+            return f[11]
+"""
+_DIES_WITH_ITS_SOCKET_OPEN = _UDP_POINTER + """
+import os, socket, sys
+sys.stdin.readline()
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect(("127.0.0.1", 9))
+s.send(b"first")
+print(pointer_of(os.fstat(s.fileno()).st_ino), flush=True)
+sys.stdin.readline()
+"""
+_TAKES_ITS_PLACE = _UDP_POINTER + """
+import os, socket, sys
+wanted, keep = sys.argv[1], []
+for _ in range(2000):  # the kernel reuses a freed socket's memory soon, most often at once
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    if pointer_of(os.fstat(s.fileno()).st_ino) == wanted:
+        print("found", flush=True)
+        sys.stdin.readline()
+        s.sendto(b"second", ("127.0.0.1", 9))
+        break
+    keep.append(s)
+else:
+    print("not found", flush=True)
+"""
+
+
+def test_a_socket_where_an_unseen_freed_one_was_is_a_connection_of_its_own(collector, store):
+    """A traced process killed with a socket open closes it without a close() to see, so
+    the socket stays in the agent's connection table. The kernel soon gives its memory to a
+    new socket; one made before tracing must not inherit the dead one's connection id and
+    role (it did: a connection older than the agent came out as the dead one's client and
+    was never parsed)."""
+    import sys
+
+    import pytest
+
+    first = subprocess.Popen([sys.executable, "-c", _DIES_WITH_ITS_SOCKET_OPEN], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    collector.trace(first.pid)
+    first.stdin.write("go\n")
+    first.stdin.flush()
+    pointer = first.stdout.readline().strip()
+    (dead,) = [r for r in store.wait_for(first.pid, lambda rs: any(r.direction for r in rs)) if r.direction]
+    first.kill()
+    first.wait()
+    second = subprocess.Popen([sys.executable, "-c", _TAKES_ITS_PLACE, pointer], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        if second.stdout.readline().strip() != "found":
+            pytest.skip("the kernel gave none of 2000 new sockets the killed process's socket memory")
+        collector.trace(second.pid)
+        second.stdin.write("go\n")
+        second.stdin.flush()
+        (rec,) = [r for r in store.wait_for(second.pid, lambda rs: any(r.direction for r in rs)) if r.direction]
+    finally:
+        second.kill()
+        second.wait()
+    assert dead.role == "client" and rec.payload == b"second"
+    assert rec.conn_id != dead.conn_id and rec.role == "unknown"

@@ -36,6 +36,7 @@ struct args {
 
 struct conn {
 	__u64 id;
+	__u64 ino; /* the socket's inode number: tells a socket from an earlier one at its address */
 	__u8 role;
 	__u8 pad[7];
 };
@@ -222,11 +223,17 @@ static __always_inline void read_endpoints(struct dt_record *rec, __u64 skp)
 }
 
 /* The connection entry of sk; a fresh id when unseen or when `fresh` (a new
- * socket may reuse the memory, and so the key, of a closed one). */
+ * socket may reuse the memory, and so the key, of a closed one). An entry of
+ * another inode is stale: a socket freed without a close we saw (its process was
+ * killed) whose memory the kernel gave to this one, which predates tracing. */
 static __always_inline struct conn *conn_of(__u64 sk, __u8 role, bool fresh)
 {
+	struct sock *s = AS(struct sock, sk);
+	__u64 ino = RD(s, sk_socket, file, f_inode, i_ino);
 	struct conn *c = fresh ? NULL : bpf_map_lookup_elem(&CONNS, &sk);
 
+	if (c && c->ino != ino)
+		c = NULL;
 	if (c) {
 		if (role != DT_ROLE_UNKNOWN)
 			c->role = role;
@@ -239,6 +246,7 @@ static __always_inline struct conn *conn_of(__u64 sk, __u8 role, bool fresh)
 	 * never what tells two live connections apart. */
 	struct conn n = {
 		.id = ((bpf_ktime_get_ns() << 8) | (bpf_get_smp_processor_id() & 0xff)) & 0x7fffffffffffffffULL,
+		.ino = ino,
 		.role = role,
 	};
 	if (bpf_map_update_elem(&CONNS, &sk, &n, BPF_ANY)) {
