@@ -159,12 +159,18 @@ def provider() -> None:
         conn.close()
 
 
-def consumer(port: int) -> None:
-    sys.stdin.readline()
+def connect(port: int) -> socket.socket:
+    """A consumer's connection, its first heartbeat answered."""
     sock = socket.create_connection(("127.0.0.1", port))
     sock.sendall(heartbeat(1))
     assert _read_message(sock) == heartbeat(1, reply=True)
-    rid, waiting = 100, 0
+    return sock
+
+
+def make_calls(sock: socket.socket, rid: int = 100) -> int:
+    """CALLS on the connection, every answer read; returns the last request id used (a benchmark
+    repeats them on one connection, and ids must not repeat)."""
+    waiting = 0
     for method, arg, two_way in CALLS:
         rid += 1
         sock.sendall(request(rid, method, "Ljava/lang/String;", h_string(arg), {"token": "s3cr3t-token"}, two_way))
@@ -175,6 +181,13 @@ def consumer(port: int) -> None:
                 got = _read_message(sock)
                 assert got is not None and got[:2] == b"\xda\xbb", got
             waiting = 0
+    return rid
+
+
+def consumer(port: int) -> None:
+    sys.stdin.readline()
+    sock = connect(port)
+    make_calls(sock)
     print("done", flush=True)
     sys.stdin.readline()
     sock.close()
