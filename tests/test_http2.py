@@ -82,6 +82,40 @@ def test_connection_start_not_seen_decodes_what_hpack_allows():
     assert req.name == "grpc (unknown method)" and req.attributes["http2.request.headers_unknown"] == 1
 
 
+def test_response_cut_by_the_close_is_a_partial_response():
+    """The capture (or connection) ended after a response's `:status` and some of its body,
+    before its trailers: what was seen of it answers the request, marked partial."""
+    conn, cenc, senc = Http2Connection(), hpack.Encoder(), hpack.Encoder()
+    calls = request_bytes(cenc, 1, "/demo.Users/Get", b"\0\0\0\0\x01a")
+    calls += request_bytes(cenc, 3, "/users/7", grpc=False)
+    assert len(conn.feed(True, chunk(PREFACE + SETTINGS + calls))) == 2
+    grpc_head = frame(1, 0x4, 1, senc.encode([(":status", "200"), ("content-type", "application/grpc")]))
+    plain_head = frame(1, 0x4, 3, senc.encode([(":status", "503")]))
+    cut = SETTINGS + grpc_head + frame(0, 0, 1, b"\0\0\0\0\x02hi") + plain_head
+    assert conn.feed(False, chunk(cut, t=5)) == []
+    grpc, plain = conn.close(9)
+    assert (grpc.pair_key, grpc.error, grpc.status_code, grpc.partial) == (1, False, None, True)
+    assert grpc.size == len(cut) - len(SETTINGS + plain_head)
+    assert grpc.attributes["http.response.status_code"] == 200
+    assert grpc.attributes["deeptrace.http2.grpc_status"] == "not seen"  # the trailers never came
+    assert (plain.pair_key, plain.error, plain.status_code, plain.partial) == (3, True, "503", True)
+    assert conn.close(10) == [] and not conn._streams
+
+
+def test_end_stream_waits_for_the_continuations_of_its_header_block():
+    """END_STREAM on a HEADERS frame whose block goes on in CONTINUATION: the side ends after
+    the block, whose fields (the request's :path, the trailers' grpc-status) count."""
+    cenc, senc = hpack.Encoder(), hpack.Encoder()
+    block = cenc.encode([(":method", "GET"), (":scheme", "http"), (":path", "/users/42")])
+    trailers = senc.encode([("grpc-status", "5")])
+    conn = Http2Connection()
+    (req,) = conn.feed(True, chunk(PREFACE + frame(1, 0x1, 1, block[:3]) + frame(9, 0x4, 1, block[3:])))
+    assert req.name == "GET /users/{id}"
+    grpc_head = frame(1, 0x4, 1, senc.encode([(":status", "200"), ("content-type", "application/grpc")]))
+    (resp,) = conn.feed(False, chunk(grpc_head + frame(1, 0x1, 1, b"") + frame(9, 0x4, 1, trailers)))
+    assert (resp.error, resp.status_code) == (True, "NOT_FOUND")
+
+
 def test_detection():
     assert detect(PREFACE + SETTINGS, None)[0:3:2] == ("http2", True)
     assert detect(PREFACE[:3], None)[0:3:2] == ("http2", True)

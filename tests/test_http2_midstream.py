@@ -419,6 +419,43 @@ def test_pipeline_joined_mid_stream_with_role_unknown(server_side):
                                    ("grpc (unknown method)", "error", "NOT_FOUND"))]  # fmt: skip
 
 
+def client_stream(enc: hpack.Encoder, stream: int, path: str) -> tuple[bytes, bytes]:
+    """A client-streaming call's opening: its headers, then a message that does not end the stream."""
+    headers = [(":method", "POST"), (":path", path), ("content-type", "application/grpc")]
+    return frame(1, 0x4, stream, enc.encode(headers)), frame(0, 0, stream, b"\0\0\0\0\x04push")
+
+
+def test_client_stream_not_ended_when_the_capture_ends_is_still_a_span():
+    """Joined mid-connection on a client stream whose END_STREAM never came (a long upload
+    cut by the capture): the request is known from its headers, so its exchange is a span."""
+    enc = hpack.Encoder()
+    enc.encode([(":path", "/warm/Up"), ("x-a", "1")])  # the table filled before we joined
+    head, body = client_stream(enc, 9, "/demo.Sync/Push")
+    conn = Http2Connection()
+    (request,) = conn.feed(True, chunk(head + WINDOW_UPDATE))
+    assert (request.name, request.size) == ("grpc demo.Sync/Push", len(head))
+    assert conn.feed(True, chunk(body, t=5)) == [] and (request.size, request.end_ns) == (len(head + body), 6)
+    pipe = SpanPipeline()
+    spans = pipe.push(records([("ingress", head), ("ingress", body)])) + pipe.close_all(10**9)
+    assert [(s.name, s.status, s.status_code, s.req_size) for s in spans] == [
+        ("grpc demo.Sync/Push", "error", "agent stopped", len(head + body))]  # fmt: skip
+
+
+def test_server_answering_before_the_client_stream_ends_pairs():
+    """A server may end a call (trailers only, UNIMPLEMENTED) while the client still streams:
+    the answer pairs with the request emitted at its headers, not left without one."""
+    cenc, senc = hpack.Encoder(), hpack.Encoder()
+    head, body = client_stream(cenc, 1, "/demo.Sync/Push")
+    trailers = frame(1, 0x5, 1, senc.encode([(":status", "200"), ("content-type", "application/grpc"),
+                                             ("grpc-status", "12")]))  # fmt: skip
+    end = frame(0, 0x1, 1, b"")
+    pipe = SpanPipeline()
+    spans = pipe.push(records([("ingress", head + body), ("egress", trailers), ("ingress", end)]))
+    assert [(s.name, s.status, s.status_code) for s in spans + pipe.close_all(10**9)] == [
+        ("grpc demo.Sync/Push", "error", "UNIMPLEMENTED")]  # fmt: skip
+    assert pipe.stats.orphan_responses == 0
+
+
 def test_random_syscall_boundaries_give_the_same_spans():
     talk = Conversation()
     for path in ("/a.B/C", "/a.B/C", "/a.B/D", "/a.B/D", "/a.B/C"):

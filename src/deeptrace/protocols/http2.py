@@ -3,7 +3,10 @@
 
 Frames are framed one by one (9-byte header + length, so large DATA frames are skipped
 through holes by their length); a stream's frames from one side make one message, ended
-by END_STREAM (or RST_STREAM). Requests and responses pair by stream id.
+by END_STREAM (or RST_STREAM). Requests and responses pair by stream id. A request is
+emitted once its headers are whole and grows until its end, since a client stream may
+outlast the server's answer, or the capture; a response the close cuts short is emitted
+from what was seen of it.
 
 HPACK (RFC 7541) is decoded here with what can be known: the static table, literals and
 Huffman strings always; the dynamic table only for the entries we saw inserted. A
@@ -441,8 +444,8 @@ class _Direction:
 class _Half:
     """One side of one stream, until END_STREAM: bounded however many frames it has."""
 
-    __slots__ = ("body", "first", "grpc_evidence", "headers", "headers_seen", "last", "partial", "size",
-                 "unknown")  # fmt: skip
+    __slots__ = ("body", "ending", "first", "grpc_evidence", "headers", "headers_seen", "last", "partial",
+                 "size", "unknown")  # fmt: skip
 
     def __init__(self, first: Framed) -> None:
         self.first = self.last = first
@@ -453,6 +456,7 @@ class _Half:
         self.headers_seen = False  # its first HEADERS frame was seen (not joined inside the stream)
         self.body = b""  # start of its first DATA frame's payload
         self.grpc_evidence = False
+        self.ending = False  # END_STREAM seen, on a HEADERS frame whose block CONTINUATIONs still finish
 
     def add(self, f: Framed) -> None:
         self.last = f
@@ -466,7 +470,9 @@ class _Stream:
     def __init__(self) -> None:
         self.halves: dict[bool, _Half | None] = {True: None, False: None}
         self.done = {True: False, False: False}
-        self.request: Message | None = None  # emitted, its response not yet: named again if it proves gRPC
+        # Emitted once its headers were whole; until answered it grows with its frames, and is
+        # named again if its response proves it gRPC.
+        self.request: Message | None = None
         self.request_headers: dict[str, str] = {}
 
 
@@ -525,6 +531,8 @@ class Http2Connection(ConnectionParser):
             if kind == DATA and not half.body and f.head:
                 body = f.head[FRAME_HEADER:]
                 half.body = body[1:] if flags & PADDED else body
+                if is_request and st.request is not None and not st.done[False]:
+                    st.request.head = _head(half.headers, half.body)  # emitted with its headers only
         # Every header block goes through the table, whatever its stream: its insertions count.
         sink = half if half is not None and kind != PUSH_PROMISE else _Half(f)
         if kind in (HEADERS, PUSH_PROMISE):
@@ -536,8 +544,26 @@ class Http2Connection(ConnectionParser):
             else:  # joined inside a header block: its start, and its insertions, are not ours
                 sink.unknown += 1
                 side.table.lost()
-        if half is not None and kind in (HEADERS, DATA) and flags & END_STREAM:
+        if half is not None:
+            self._progress(is_request, stream, st, half, kind, flags, out)
+
+    def _progress(self, is_request: bool, stream: int, st: _Stream, half: _Half, kind: int, flags: int,
+                  out: list[Message]) -> None:  # fmt: skip
+        """A frame was added to a stream's side: it may end it, or make its request known."""
+        if kind in (HEADERS, DATA) and flags & END_STREAM:
+            half.ending = True
+        block_done = kind in (HEADERS, CONTINUATION) and bool(flags & END_HEADERS)
+        # END_STREAM on HEADERS ends the side only after its header block: the CONTINUATIONs that
+        # follow still carry its fields (grpc-status in trailers, a request's :path).
+        if half.ending and (kind == DATA or block_done):
             self._end(is_request, stream, st, out)
+        elif is_request and st.request is None and block_done and half.headers_seen:
+            # Named now, not at its end: a client stream may outlast the capture (or the server
+            # may answer before it ends), and the exchange must still make a span.
+            st.request, st.request_headers = self._request(stream, half, None), half.headers
+            out.append(st.request)
+        elif is_request and st.request is not None and not st.done[False]:
+            _grow(st.request, half)
 
     def _first_frame(self, is_request: bool, side: _Direction, kind, fields: dict) -> None:
         """A side's table is known from its first frame only if that frame opens the connection:
@@ -588,12 +614,15 @@ class Http2Connection(ConnectionParser):
         """One side of a stream ended: its message."""
         half = st.halves[is_request]
         st.done[is_request] = True
-        if is_request:
+        if not is_request:
+            out.append(self._response(stream, half, st.request, st.request_headers, rst))
+        elif st.request is None:
             st.request, st.request_headers = self._request(stream, half, rst), half.headers
             out.append(st.request)
-        else:
-            out.append(self._response(stream, half, st.request, st.request_headers, rst))
-            st.request = None
+        elif not st.done[False]:  # emitted with its headers and not yet answered: its end is this
+            _grow(st.request, half)
+            if rst:
+                st.request.attributes["http2.request.reset"] = rst
         if st.done[False] and (st.done[True] or st.halves[True] is None):
             self._streams.pop(stream, None)
 
@@ -616,6 +645,30 @@ class Http2Connection(ConnectionParser):
             if not is_request:
                 st.halves[False].add(f)
             self._end(False, stream, st, out, reason)
+
+    def close(self, end_ns: int) -> list[Message]:
+        """The connection closed, or the capture or the agent stopped, inside streams."""
+        out: list[Message] = []
+        for stream, st in list(self._streams.items()):
+            self._cut(stream, st, out)
+        self._streams.clear()
+        return out
+
+    def _cut(self, stream: int, st: _Stream, out: list[Message]) -> None:
+        """A stream the close cut short. A response begun but not ended is what came of its
+        request (a `:status` seen, the trailers not): emitted partial, rather than the exchange
+        reported unanswered. A response to a request never emitted could pair with nothing."""
+        if st.request is None or st.done[False]:
+            return
+        if not st.done[True]:
+            st.request.partial = True  # its end was not seen
+        half = st.halves[False]
+        if half is None:
+            return  # no answer begun: the exchange is unanswered, and says why
+        st.done[False] = True
+        msg = self._response(stream, half, st.request, st.request_headers, None, cut=True)
+        msg.partial = True
+        out.append(msg)
 
     # ---- messages ----
 
@@ -648,7 +701,7 @@ class Http2Connection(ConnectionParser):
         )
 
     def _response(self, stream: int, half: _Half, request: Message | None, request_headers: dict[str, str],
-                  rst: str | None) -> Message:  # fmt: skip
+                  rst: str | None, cut: bool = False) -> Message:  # fmt: skip
         h = half.headers
         attrs: dict = {}
         if half.unknown:
@@ -675,9 +728,10 @@ class Http2Connection(ConnectionParser):
             error = grpc_code != 0
         elif grpc and not error:
             # gRPC says how the call went in grpc-status, and we could not read it (an entry of the
-            # table from before we joined). Say so rather than call the HTTP status the outcome.
+            # table from before we joined), or the close cut the trailers that carry it. Say so
+            # rather than call the HTTP status the outcome.
             code = None
-            attrs["deeptrace.http2.grpc_status"] = "not decoded"
+            attrs["deeptrace.http2.grpc_status"] = "not seen" if cut else "not decoded"
         if grpc:
             attrs["rpc.system"] = "grpc"
         if "grpc-message" in h:  # said even when grpc-status was not decoded: it reads as a reason
@@ -686,6 +740,13 @@ class Http2Connection(ConnectionParser):
             error, code = rst != "RST_STREAM NO_ERROR" or error, rst
         return self._message(half, False, error=error, status_code=code, pair_key=stream, attributes=attrs,
                              head=_head(h, half.body))  # fmt: skip
+
+
+def _grow(msg: Message, half: _Half) -> None:
+    """A request emitted before its end takes in the frames since: its span is made when its
+    response comes, and the pipeline times a request out from its last byte."""
+    msg.end_ns, msg.tid_end = half.last.end_ns, half.last.tid_end
+    msg.size, msg.partial = half.size, half.partial
 
 
 def _request_name(h: dict[str, str], grpc: bool, attrs: dict) -> str:
