@@ -74,3 +74,53 @@ def test_connection_set_up_commands_are_marked():
     setinfo = b"*4\r\n$6\r\nCLIENT\r\n$7\r\nSETINFO\r\n$8\r\nLIB-NAME\r\n$8\r\nredis-py\r\n"
     msgs = RedisConnection().feed(True, chunk(hello + setinfo + GET))
     assert [m.attributes.get(CONNECTION_SETUP, False) for m in msgs] == [True, True, False]
+
+
+def _push(*elements: bytes | int, kind: bytes = b">") -> bytes:
+    out = kind + b"%d\r\n" % len(elements)
+    for e in elements:
+        out += b":%d\r\n" % e if isinstance(e, int) else b"$%d\r\n%s\r\n" % (len(e), e)
+    return out
+
+
+def _command(*args: bytes) -> bytes:
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
+@pytest.mark.parametrize("kind", [b">", b"*"])  # RESP3 pushes, RESP2 arrays
+def test_subscription_is_answered_by_its_first_confirmation(kind):
+    """One confirmation per channel: the first answers the command, the others nothing; a message
+    pushed meanwhile answers nothing either, so GET still gets its own reply."""
+    conn = RedisConnection()
+    reqs = conn.feed(True, chunk(_command(b"SUBSCRIBE", b"a", b"b") + _command(b"PSUBSCRIBE", b"p*") + GET))
+    replies = (_push(b"subscribe", b"a", 1, kind=kind) + _push(b"subscribe", b"b", 2, kind=kind)
+               + _push(b"psubscribe", b"p*", 3, kind=kind) + _push(b"message", b"a", b"hi") + b"$5\r\nalice\r\n")
+    resps = conn.feed(False, chunk(replies, t=5))
+    assert [m.name for m in reqs] == ["redis SUBSCRIBE", "redis PSUBSCRIBE", "redis GET"]
+    assert [(m.size, m.attributes["db.redis.reply_type"]) for m in resps] == [
+        (len(_push(b"subscribe", b"a", 1)), "push" if kind == b">" else "array"),
+        (len(_push(b"psubscribe", b"p*", 3)), "push" if kind == b">" else "array"), (11, "bulk")]
+
+
+def test_unsubscribe_from_all_is_answered_once_and_ends_with_none_left():
+    conn = RedisConnection()
+    conn.feed(True, chunk(_command(b"UNSUBSCRIBE") + b"PING\r\n"))
+    replies = _push(b"unsubscribe", b"a", 1) + _push(b"unsubscribe", b"b", 0) + b"+PONG\r\n"
+    assert [m.attributes["db.redis.reply_type"] for m in conn.feed(False, chunk(replies, t=5))] == ["push", "simple"]
+
+
+def test_inline_pings_are_redis_once_answered_with_a_plus_pong():
+    """Inline PINGs alone could be NATS keep-alives; Redis's `+PONG` (NATS says `PONG`) decides."""
+    from deeptrace.agent.records import Record
+    from deeptrace.pipeline import SpanPipeline
+    from deeptrace.protocols import detect
+
+    assert detect(b"PING\r\nPING\r\n", True) is None and detect(b"PONG\r\n", False) is None
+    assert detect(b"+PONG\r\n", False)[::2] == ("redis", False) and detect(b"+PONG\r\n", None)[::2] == ("redis", False)
+    recs, seq = [], {"ingress": 1000, "egress": 5000}
+    for t, (direction, data) in enumerate([("ingress", b"PING\r\nPING\r\n"), ("egress", b"+PONG\r\n+PONG\r\n")]):
+        recs.append(Record(10, 11, "svc", "read" if direction == "ingress" else "write", direction, "ipv4", "tcp",
+                           "127.0.0.1", 6379, "127.0.0.1", 5555, "server", 7, 3, 1000 * t, 1000 * t + 10,
+                           seq[direction], seq[direction] + len(data), len(data), len(data), 0, 0, data))  # fmt: skip
+    spans = SpanPipeline().push(recs)
+    assert [(s.name, s.status) for s in spans] == [("redis PING", "ok")] * 2

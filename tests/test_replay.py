@@ -279,6 +279,29 @@ def test_nanosecond_pcap_and_pcapng_timestamps(tmp_path):
         assert spans[0].start_ns == 1796318618_000_000_123, path
 
 
+def modified_pcap(path: Path, packets, order: str) -> Path:
+    """The "modified" pcap of Kuznetzov's patched libpcap: its own magic, and each packet header
+    8 bytes longer (interface index, protocol, packet type, pad), here all set so none reads as 0."""
+    header = struct.pack(order + "IHHiIII", 0xA1B2CD34, 2, 4, 0, 0, 65535, dpkt.pcap.DLT_EN10MB)
+    with open(path, "wb") as f:
+        f.write(header)
+        for i, pkt in enumerate(packets):
+            data = bytes(pkt)
+            f.write(struct.pack(order + "IIIIiHBx", 1796318618 + i, 250, len(data), len(data), 3, 0x0800, 4) + data)
+    return path
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_modified_pcap_of_patched_libpcap(tmp_path, order):
+    c, s = ("10.0.0.1", 40000), ("10.0.0.2", 8080)
+    p = dpkt.tcp.TH_PUSH | dpkt.tcp.TH_ACK
+    pkts = [_tcp(c[0], s[0], c[1], s[1], 100, p, REQ), _tcp(s[0], c[0], s[1], c[1], 900, p, RESP)]
+    spans = spans_of(modified_pcap(tmp_path / "modified.pcap", pkts, order))
+    assert [(sp.name, sp.status_code, sp.req_size, sp.resp_size) for sp in spans] == [
+        ("GET /a/{id}", "200", len(REQ), len(RESP))]
+    assert (spans[0].start_ns, spans[0].end_ns) == (1796318618_000_250_000, 1796318619_000_250_000)
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**32 - 1), dup=st.floats(0, 0.5), split=st.floats(0, 0.7), window=st.integers(1, 8))
 def test_reordered_duplicated_and_resplit_segments_give_the_same_spans(tmp_path, seed, dup, split, window):

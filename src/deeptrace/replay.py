@@ -55,9 +55,12 @@ UDP_DUPLICATE_NS = 1_000_000  # an identical datagram this soon after is the sam
 _SEQ_MOD = 1 << 32
 
 PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"
-# magic -> (byte order, ns per timestamp tick)
-_PCAP_MAGICS = {b"\xd4\xc3\xb2\xa1": ("<", 1000), b"\xa1\xb2\xc3\xd4": (">", 1000),
-                b"\x4d\x3c\xb2\xa1": ("<", 1), b"\xa1\xb2\x3c\x4d": (">", 1)}  # fmt: skip
+# magic -> (byte order, ns per timestamp tick, bytes each packet header has past the usual 16). The
+# "modified" pcap of Kuznetzov's patched libpcap (old Red Hat/SuSE tcpdump) adds interface index,
+# protocol, packet type and a pad byte, as tshark reads it.
+_PCAP_MAGICS = {b"\xd4\xc3\xb2\xa1": ("<", 1000, 0), b"\xa1\xb2\xc3\xd4": (">", 1000, 0),
+                b"\x4d\x3c\xb2\xa1": ("<", 1, 0), b"\xa1\xb2\x3c\x4d": (">", 1, 0),
+                b"\x34\xcd\xb2\xa1": ("<", 1000, 8), b"\xa1\xb2\xcd\x34": (">", 1000, 8)}  # fmt: skip
 
 # Link types (tcpdump.org/linktypes.html) and how far their IP packet starts.
 ETHERNET, LINUX_SLL, LINUX_SLL2, NULL, LOOP, IPV4, IPV6 = 1, 113, 276, 0, 108, 228, 229
@@ -138,16 +141,16 @@ def _packets(f: BinaryIO) -> Iterator[tuple[int, int, bytes]]:
 
 
 def _pcap(f: BinaryIO, magic: bytes) -> Iterator[tuple[int, int, bytes]]:
-    order, ns_per_tick = _PCAP_MAGICS[magic]
+    order, ns_per_tick, extra = _PCAP_MAGICS[magic]
     header = _read(f, 20, "the file header")
     linktype = struct.unpack(order + "I", header[16:20])[0] & 0xFFFF  # the high bits tell an FCS length
     if linktype not in LINK_TYPES:
         raise _Unreadable(_unreadable_link(linktype))
-    packet_header = struct.Struct(order + "IIII")
+    packet_header = struct.Struct(order + "IIII" + "x" * extra)
     n = 0
-    while head := f.read(16):
+    while head := f.read(packet_header.size):
         n += 1
-        if len(head) < 16:
+        if len(head) < packet_header.size:
             raise _Unreadable(f"cut short: the file ends inside the header of packet {n}")
         sec, frac, caplen, _ = packet_header.unpack(head)
         if caplen > MAX_PACKET:

@@ -71,7 +71,8 @@ PROTOCOLS: tuple[ProtocolSpec, ...] = (
                  lambda l4: postgres.PostgresConnection()),
     ProtocolSpec(mysql.PROTOCOL, frozenset({"tcp"}), mysql.starts_request, mysql.starts_response,
                  lambda l4: mysql.MysqlConnection()),
-    ProtocolSpec(redis.PROTOCOL, frozenset({"tcp"}), redis.starts_request, lambda data: False,
+    # Its `+PONG` decides a connection that opened with inline PINGs alone (see detect).
+    ProtocolSpec(redis.PROTOCOL, frozenset({"tcp"}), redis.starts_request, redis.unmistakable_response,
                  lambda l4: redis.RedisConnection()),
     ProtocolSpec(dns.PROTOCOL, frozenset({"tcp", "udp"}), lambda data: dns.looks_like(data) is True,
                  lambda data: dns.looks_like(data) is False, lambda l4: dns.DnsConnection(tcp=l4 == "tcp")),
@@ -85,7 +86,8 @@ def detect(data: bytes, is_request: bool | None, l4: str = "tcp") -> tuple[str, 
     or it is an unconnected UDP socket): then the bytes tell which side they are."""
     # Bytes that more than one protocol could have sent: wait for the bytes that tell them apart.
     # HTTP/2 frames joined mid-stream that either side sends; PING/PONG lines alone, as much a Redis
-    # inline PING as a NATS keep-alive (nats-py flushes with a PING before its publishes).
+    # inline PING as a NATS keep-alive (nats-py flushes with a PING before its publishes): the answer
+    # decides then, Redis's `+PONG` or the NATS line after a bare `PONG`.
     if l4 == "tcp" and (http2.frames_of_either_side(data) or nats.keepalives_only(data)):
         return None
     for spec in PROTOCOLS:

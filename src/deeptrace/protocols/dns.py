@@ -10,61 +10,112 @@ from deeptrace.protocols.framing import INVALID, NEED_MORE, DirectionFramer, Fra
 
 PROTOCOL = "dns"
 _HEADER = struct.Struct("!HHHHHH")
-QTYPES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT", 28: "AAAA", 33: "SRV",
-          35: "NAPTR", 43: "DS", 46: "RRSIG", 48: "DNSKEY", 64: "SVCB", 65: "HTTPS", 255: "ANY", 257: "CAA"}  # fmt: skip
-RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED"}
+# IANA's resource record types, but for the obsolete and experimental ones.
+QTYPES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 10: "NULL", 11: "WKS", 12: "PTR", 13: "HINFO", 14: "MINFO", 15: "MX",
+          16: "TXT", 17: "RP", 18: "AFSDB", 24: "SIG", 25: "KEY", 28: "AAAA", 29: "LOC", 30: "NXT", 33: "SRV",
+          35: "NAPTR", 36: "KX", 37: "CERT", 39: "DNAME", 41: "OPT", 42: "APL", 43: "DS", 44: "SSHFP",
+          45: "IPSECKEY", 46: "RRSIG", 47: "NSEC", 48: "DNSKEY", 49: "DHCID", 50: "NSEC3", 51: "NSEC3PARAM",
+          52: "TLSA", 53: "SMIMEA", 55: "HIP", 59: "CDS", 60: "CDNSKEY", 61: "OPENPGPKEY", 62: "CSYNC",
+          63: "ZONEMD", 64: "SVCB", 65: "HTTPS", 99: "SPF", 108: "EUI48", 109: "EUI64", 249: "TKEY", 250: "TSIG",
+          251: "IXFR", 252: "AXFR", 255: "ANY", 256: "URI", 257: "CAA", 32769: "DLV"}  # fmt: skip
+# The operations a server takes (6, DSO, is TCP-only and has no question); a QUERY is the span's default.
+OPCODES = {0: "QUERY", 1: "IQUERY", 2: "STATUS", 4: "NOTIFY", 5: "UPDATE"}
+RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED", 6: "YXDOMAIN",
+          7: "YXRRSET", 8: "NXRRSET", 9: "NOTAUTH", 10: "NOTZONE"}  # fmt: skip
+CLASSES = (1, 3, 4, 254, 255)  # IN, CH, HS, NONE, ANY
 MAX_NAME = 255
+MAX_POINTERS = 16
 
 
-def _name(buf: bytes, pos: int) -> tuple[str, int] | None:
-    """The question name at pos (uncompressed, as questions are) and the offset after it."""
-    labels = []
+def _name(buf: bytes, pos: int) -> tuple[str | None, int | None]:
+    """The name at pos and the offset after it in place. Either is None when it cannot be read:
+    the name for a pointer that loops or a label too long, both when the message ends inside it."""
+    labels: list[str] = []
+    after: int | None = None  # where the name ends in place, once a pointer has been followed
     length = 0
-    while pos < len(buf):
+    for _ in range(MAX_NAME + MAX_POINTERS):
+        if pos >= len(buf):
+            return None, after
         n = buf[pos]
         if n == 0:
-            return ".".join(labels) or ".", pos + 1
-        if n > 63 or pos + 1 + n > len(buf):
-            return None  # a pointer or a label past the end: not a question name
+            return ".".join(labels) or ".", pos + 1 if after is None else after
+        if n >= 0xC0:  # a pointer, which names usually only use outside the question
+            if pos + 2 > len(buf):
+                return None, after
+            after = pos + 2 if after is None else after
+            pos = ((n & 0x3F) << 8) | buf[pos + 1]
+            continue
         length += n + 1
-        if length > MAX_NAME:
-            return None
+        if n > 63 or length > MAX_NAME:
+            return None, after
         labels.append(buf[pos + 1 : pos + 1 + n].decode("ascii", "replace").lower())
         pos += 1 + n
-    return None
+    return None, after  # pointers that loop
 
 
-def parse(msg: bytes) -> dict | None:
-    """Fields of one DNS message, or None if these bytes are not one."""
+def _header(msg: bytes) -> dict | None:
+    """The header's fields if they are those of a DNS message: a known operation, the reserved bit
+    clear, no error in a request, a question, and no more records than the message could hold."""
     if len(msg) < _HEADER.size:
         return None
-    ident, flags, qd, an, _ns, _ar = _HEADER.unpack_from(msg)
-    opcode = (flags >> 11) & 0xF
-    if qd != 1 or opcode > 2 or flags & 0x0040:  # one question, QUERY/IQUERY/STATUS, Z bit clear
+    ident, flags, qd, an, ns, ar = _HEADER.unpack_from(msg)
+    opcode, rcode, response = (flags >> 11) & 0xF, flags & 0xF, bool(flags & 0x8000)
+    if opcode not in OPCODES or flags & 0x0040 or (rcode and not response):
         return None
-    name = _name(msg, _HEADER.size)
-    if name is None or name[1] + 4 > len(msg):
+    if not 1 <= qd <= len(msg) - _HEADER.size or an + ns + ar > len(msg):
         return None
-    qtype, qclass = struct.unpack_from("!HH", msg, name[1])
-    if qclass not in (1, 3, 4, 255) or qtype == 0:
+    return {"id": ident, "response": response, "rcode": rcode, "opcode": OPCODES[opcode], "answers": an,
+            "truncated": bool(flags & 0x0200), "questions": qd}  # fmt: skip
+
+
+def _question(msg: bytes) -> tuple[str | None, str | None, bool]:
+    """The first question's name and type, as far as they can be read, and whether all of it was
+    (a class among the known ones included)."""
+    name, end = _name(msg, _HEADER.size)
+    if end is None or end + 4 > len(msg):
+        return name, None, False
+    qtype, qclass = struct.unpack_from("!HH", msg, end)
+    return name, QTYPES.get(qtype, str(qtype)), name is not None and qtype != 0 and qclass in CLASSES
+
+
+def parse(msg: bytes, whole: bool = False) -> dict | None:
+    """Fields of one DNS message, or None if these bytes are not one. A sound header is enough for
+    a message (a name or type that cannot be read is left out) unless whole is asked for: with
+    whole, the question must be readable too (what detection asks of bytes not yet known as DNS)."""
+    fields = _header(msg)
+    if fields is None:
         return None
-    return {"id": ident, "response": bool(flags & 0x8000), "rcode": flags & 0xF, "name": name[0],
-            "qtype": QTYPES.get(qtype, str(qtype)), "answers": an, "truncated": bool(flags & 0x0200)}  # fmt: skip
+    name, qtype, readable = _question(msg)
+    if whole and not readable:
+        return None
+    fields.update(name=name, qtype=qtype)
+    return fields
 
 
 def starts_message_udp(data: bytes) -> bool:
     return parse(data) is not None
 
 
+def _tcp_message(data: bytes) -> bytes:
+    return data[2 : 2 + int.from_bytes(data[:2], "big")]
+
+
 def starts_message_tcp(data: bytes) -> bool:
-    return len(data) >= 2 + _HEADER.size and parse(data[2 : 2 + int.from_bytes(data[:2], "big")]) is not None
+    """Getting back in step mid-stream: only on a message read whole."""
+    return len(data) >= 2 + _HEADER.size and parse(_tcp_message(data), whole=True) is not None
 
 
 def looks_like(data: bytes) -> bool | None:
-    """Whether data is a DNS query (True), a response (False), or not DNS (None)."""
-    fields = parse(data)
+    """Whether data is a DNS query (True), a response (False), or not DNS (None).
+
+    A datagram whose question cannot be read still is DNS by its header alone (a malformed query
+    gets its span), unless it could be a TCP message's length prefix and start: TCP streams carry
+    other protocols, so they are only taken on a question read whole."""
+    fields = parse(data, whole=True)
     if fields is None and starts_message_tcp(data):
-        fields = parse(data[2 : 2 + int.from_bytes(data[:2], "big")])
+        fields = parse(_tcp_message(data), whole=True)
+    if fields is None and int.from_bytes(data[:2], "big") != len(data) - 2:
+        fields = parse(data)
     if fields is None:
         return None
     return not fields["response"]
@@ -76,7 +127,7 @@ def frame_tcp(buf: bytes) -> Frame | str:
     length = int.from_bytes(buf[:2], "big")
     if len(buf) < 2 + min(length, 512):  # the question is near the start: that much is enough
         return NEED_MORE if length >= _HEADER.size else INVALID
-    fields = parse(buf[2 : 2 + length])
+    fields = parse(_tcp_message(buf))
     return INVALID if fields is None else Frame(2 + length, fields)
 
 
@@ -105,13 +156,25 @@ class DnsConnection(ConnectionParser):
     @staticmethod
     def _message(f: Framed) -> Message:
         fields = f.fields
-        attrs = {"dns.question.name": fields["name"], "dns.question.type": fields["qtype"], "dns.id": fields["id"]}
+        attrs = {"dns.id": fields["id"]}
+        for key, attr in (("name", "dns.question.name"), ("qtype", "dns.question.type")):
+            if fields[key] is not None:
+                attrs[attr] = fields[key]
+        if fields["opcode"] != "QUERY":
+            attrs["dns.opcode"] = fields["opcode"]
         if not fields["response"]:
-            return message_from(f, PROTOCOL, True, name=f"DNS {fields['qtype']} {fields['name']}",
-                                pair_key=fields["id"], attributes=attrs, head=f.head)  # fmt: skip
+            return message_from(f, PROTOCOL, True, name=span_name(fields), pair_key=fields["id"], attributes=attrs,
+                                head=f.head)  # fmt: skip
         rcode = RCODES.get(fields["rcode"], str(fields["rcode"]))
         attrs.update({"dns.response.code": rcode, "dns.answers": fields["answers"]})
         if fields["truncated"]:
             attrs["dns.truncated"] = True
         return message_from(f, PROTOCOL, False, error=fields["rcode"] != 0, status_code=rcode, pair_key=fields["id"],
                             attributes=attrs, head=f.head)  # fmt: skip
+
+
+def span_name(fields: dict) -> str:
+    """`DNS A example.org`; other operations than a query say theirs (`DNS UPDATE SOA zone`), and
+    what of the question could not be read is left out."""
+    words = ["DNS", fields["opcode"] if fields["opcode"] != "QUERY" else None, fields["qtype"], fields["name"]]
+    return " ".join(w for w in words if w is not None)

@@ -3,6 +3,8 @@ type and errors of responses, pipelining. Pure functions of bytes."""
 
 from __future__ import annotations
 
+from collections import deque
+
 from deeptrace.protocols.base import CONNECTION_SETUP, Message, message_from
 from deeptrace.protocols.framing import INVALID, NEED_MORE, DirectionFramer, Frame, Framed, FramedConnection
 from deeptrace.protocols.redaction import REDIS_ALL_ARGS
@@ -16,6 +18,12 @@ MAX_LINE = 64 << 10
 # Sent by a client on a connection before it uses it (redis-py: HELLO, then CLIENT SETINFO
 # and CLIENT MAINT_NOTIFICATIONS; CLIENT's other subcommands are an operator's, not a request's).
 SETUP = frozenset({"HELLO", "AUTH", "SELECT", "READONLY", "CLIENT"})
+# Commands that get no reply of their own: the server pushes one confirmation per channel, whose
+# first element is the command's name in lower case (RESP3 `>`, RESP2 an array).
+SUBSCRIPTIONS = frozenset({"SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "UNSUBSCRIBE", "PUNSUBSCRIBE", "SUNSUBSCRIBE"})
+CONFIRMATIONS = frozenset(c.lower().encode() for c in SUBSCRIPTIONS)
+MAX_SUBSCRIPTIONS_PENDING = 64
+MAX_CONFIRMATION = 4096
 
 
 class _Short(Exception):
@@ -86,6 +94,12 @@ def starts_response(data: bytes) -> bool:
     return bool(data) and data[0] in REPLY_TYPES
 
 
+def unmistakable_response(data: bytes) -> bool:
+    """Whether a server's first bytes can only be Redis: its answer to PING. Inline PINGs alone
+    are as much a NATS keep-alive (protocols.detect waits on them); NATS answers `PONG` with no '+'."""
+    return data.startswith(b"+PONG\r\n")
+
+
 def frame_request(buf: bytes) -> Frame | str:
     try:
         if buf[:1] == b"*":
@@ -126,11 +140,26 @@ def frame_response(buf: bytes) -> Frame | str:
     except _Bad:
         return INVALID
     fields: dict = {"type": _TYPE_NAMES.get(kind, "?")}
+    if kind in b">*":
+        fields.update(_confirmation(buf[:end]))
     if kind in b"-!":
         text = buf[1 : buf.find(b"\r\n")] if kind == ord("-") else b""
         fields["error"] = text.decode("utf-8", "replace")
         fields["error_code"] = text.split(b" ", 1)[0].decode("latin-1") if text else "ERR"
     return Frame(end, fields)
+
+
+def _confirmation(reply: bytes) -> dict:
+    """{"confirms": COMMAND, "subscriptions": n} when reply is an (un)subscription's confirmation
+    [command, channel, subscriptions left]; {} for anything else (a message, a list, a large reply)."""
+    if len(reply) > MAX_CONFIRMATION or reply[:4] not in (b">3\r\n", b"*3\r\n") or reply[4:5] != b"$":
+        return {}
+    elements: list[bytes] = []  # the channel is left out when it is a RESP2 nil
+    _value(reply, 0, 0, elements)
+    count = reply[reply.rfind(b"\r\n", 0, -2) + 2 : -2]  # the last element's line
+    if not elements or elements[0] not in CONFIRMATIONS or count[:1] != b":" or not count[1:].isdigit():
+        return {}
+    return {"confirms": elements[0].decode().upper(), "subscriptions": int(count[1:])}
 
 
 _TYPE_NAMES = {
@@ -140,26 +169,60 @@ _TYPE_NAMES = {
 }  # fmt: skip
 
 
+class _Subscription:
+    """A (un)subscription command awaiting its confirmations."""
+
+    def __init__(self, command: str, channels: int | None) -> None:
+        self.command = command
+        self.left = channels  # None: all of them (UNSUBSCRIBE alone), as many as are subscribed
+        self.answered = False
+
+
 class RedisConnection(FramedConnection):
     protocol = PROTOCOL
 
     def __init__(self) -> None:
         super().__init__(DirectionFramer(frame_request, starts_request), DirectionFramer(frame_response, starts_response))
+        self._subscriptions: deque[_Subscription] = deque(maxlen=MAX_SUBSCRIPTIONS_PENDING)
 
-    @staticmethod
-    def _request(f: Framed) -> Message:
-        attrs = {"db.system": "redis", "db.operation.name": f.fields["command"]}
+    def _request(self, f: Framed) -> Message:
+        command = f.fields["command"]
+        if command in SUBSCRIPTIONS and (f.fields["args"] or "UNSUB" in command):  # SUBSCRIBE alone is an error
+            self._subscriptions.append(_Subscription(command, f.fields["args"] or None))
+        attrs = {"db.system": "redis", "db.operation.name": command}
         if "key" in f.fields:
             attrs["db.redis.key"] = f.fields["key"]
-        if f.fields["command"] in SETUP:
+        if command in SETUP:
             attrs[CONNECTION_SETUP] = True
-        return message_from(f, PROTOCOL, True, name=f"redis {f.fields['command']}", attributes=attrs,
-                            head=f.head)  # fmt: skip
+        return message_from(f, PROTOCOL, True, name=f"redis {command}", attributes=attrs, head=f.head)
+
+    def _response(self, f: Framed) -> Message | None:
+        waiting = self._waiting(f.fields.get("confirms"))
+        if waiting is not None:
+            return self._confirmed(waiting, f)
+        if f.fields["type"] == "push":
+            return None  # RESP3 pushes (pub/sub messages, invalidations) answer no request
+        return self._reply(f)
+
+    def _waiting(self, confirms: str | None) -> _Subscription | None:
+        """The oldest command this confirmation is for; None for an array that only looks like one."""
+        if confirms is None:
+            return None
+        return next((s for s in self._subscriptions if s.command == confirms), None)
+
+    def _confirmed(self, waiting: _Subscription, f: Framed) -> Message | None:
+        """The first confirmation answers the command, the others (one per further channel) nothing."""
+        first, waiting.answered = not waiting.answered, True
+        if waiting.left is not None:
+            waiting.left -= 1
+        # Unsubscribing from all: the count of subscriptions left reaches 0 on the last one (unless
+        # patterns are left: then the command stays, taking later confirmations of its kind).
+        if (waiting.left if waiting.left is not None else f.fields["subscriptions"]) <= 0:
+            self._subscriptions.remove(waiting)
+        return self._reply(f) if first else None
 
     @staticmethod
-    def _response(f: Framed) -> Message | None:
-        if f.fields["type"] == "push":
-            return None  # RESP3 pushes (pub/sub) answer no request
+    def _reply(f: Framed) -> Message:
         error = f.fields["type"] == "error"
         attrs = {"db.redis.reply_type": f.fields["type"]}
         if error:
