@@ -131,3 +131,27 @@ def test_protocol_detected_across_tiny_first_reads():
     (span,) = SpanPipeline().push([c.rec("ingress", q[:1]), c.rec("ingress", q[1:2]), c.rec("ingress", q[2:]),
                                    c.rec("egress", a)])  # fmt: skip
     assert (span.name, span.status_code, span.req_size) == ("DNS A web.test", "NOERROR", len(q))
+
+
+def test_a_request_that_the_close_ends_is_a_span(monkeypatch):
+    """A parser may finish a request only when the connection closes (its last bytes cut short):
+    that request is a span like any other (unanswered, or one-way), never dropped unseen."""
+    from deeptrace import protocols
+    from deeptrace.protocols.base import ConnectionParser, Message
+
+    class ClosesWithARequest(ConnectionParser):
+        protocol = "test"
+
+        def feed(self, is_request, chunk):
+            self.start = chunk.start_ns
+            return []
+
+        def close(self, end_ns):
+            return [Message("test", True, self.start, end_ns, 4, 11, 11, name="test cut short", partial=True)]
+
+    spec = protocols.ProtocolSpec("test", frozenset({"tcp"}), lambda data: data.startswith(b"ZZZ"),
+                                  lambda data: False, lambda l4: ClosesWithARequest())  # fmt: skip
+    monkeypatch.setattr(protocols, "PROTOCOLS", (spec, *protocols.PROTOCOLS))
+    c = Conn()
+    spans = SpanPipeline().push([c.rec("ingress", b"ZZZ!"), c.close()])
+    assert [(s.name, s.status, s.status_code) for s in spans] == [("test cut short", "error", "connection closed")]

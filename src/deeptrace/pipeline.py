@@ -167,14 +167,17 @@ class SpanPipeline:
     def _parse(self, conn: _Connection, direction: str, chunk, spans: list[Span]) -> None:
         is_request = direction == conn.request_direction
         for msg in conn.parser.feed(is_request, chunk):
-            self.stats.messages += 1
-            if msg.is_request and not msg.expects_response:
-                self._emit(make_span(conn.kind, conn.endpoint, msg, None), spans)
-            elif msg.is_request:
-                for dropped in conn.pairing.request(msg):
-                    self._unanswered(conn, dropped, "too many requests waiting", spans)
-            else:
-                self._response(conn, msg, spans)
+            self._message(conn, msg, spans)
+
+    def _message(self, conn: _Connection, msg, spans: list[Span]) -> None:
+        self.stats.messages += 1
+        if msg.is_request and not msg.expects_response:
+            self._emit(make_span(conn.kind, conn.endpoint, msg, None), spans)
+        elif msg.is_request:
+            for dropped in conn.pairing.request(msg):
+                self._unanswered(conn, dropped, "too many requests waiting", spans)
+        else:
+            self._response(conn, msg, spans)
 
     def _detect(self, conn: _Connection, direction: str, data: bytes) -> bool:
         if conn.request_direction is None:
@@ -207,9 +210,8 @@ class SpanPipeline:
         for direction, stream in conn.streams.items():  # nothing more will come: all waits are over
             self._deliver(conn, direction, stream.expire(now_ns + 2 * 10**18), spans)
         if conn.parser is not None:
-            for msg in conn.parser.close(now_ns):
-                if not msg.is_request:
-                    self._response(conn, msg, spans)
+            for msg in conn.parser.close(now_ns):  # a message the close ended (a request, too)
+                self._message(conn, msg, spans)
         for req in conn.pairing.drain():
             self._unanswered(conn, req, reason, spans)
 
