@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from parsing import chunk, exchange, feed_split
 
-from deeptrace.protocols.http1 import Http1Connection, template_path
+from deeptrace.protocols.http1 import Http1Connection, starts_request, template_path
 from deeptrace.protocols.redaction import http_head
 
 REQ = (b"GET /users/42/orders/7f3e2a1c-1d2e-4f5a-9b8c-0123456789ab?x=1 HTTP/1.1\r\nHost: shop\r\n"
@@ -168,3 +168,111 @@ def test_arbitrary_bytes_never_raise(parts, sides):
     for i, part in enumerate(parts):
         conn.feed(sides[i] if i < len(sides) else True, chunk(part, t=i, size=len(part) + (i % 3) * 100))
     conn.close(99)
+
+
+# ---- found by replaying captures made by others (bench/captures) ----
+
+
+def test_lone_lf_line_ends():
+    """RFC 9112 2.2 lets a recipient take a lone LF for a line end, and senders use it: neither
+    the request nor the response (chunked too) was framed, nor the exchange's status known."""
+    conn = Http1Connection()
+    post = b"POST /up HTTP/1.1\nHost: a\nContent-Length: 3\n\nabc"
+    (req,) = conn.feed(True, chunk(post))
+    assert (req.name, req.attributes["http.request.header.host"], req.size) == ("POST /up", "a", len(post))
+    resp = b"HTTP/1.1 200 OK\nTransfer-Encoding: chunked\n\n3\nfin\n0\n\n"
+    (msg,) = conn.feed(False, chunk(resp, t=2))
+    assert (msg.status_code, msg.size) == ("200", len(resp))
+    assert [m.status_code for m in exchange(conn, REQ, RESP, t=5)[1:]] == ["200"]  # still in step
+
+
+def test_response_cut_by_the_close_keeps_its_status():
+    """A response whose body ends before its Content-Length does (the server closed early, or
+    a length that lies) was lost: its request ended as "connection closed"."""
+    conn = Http1Connection()
+    conn.feed(True, chunk(b"GET /big HTTP/1.1\r\n\r\n"))
+    assert conn.feed(False, chunk(b"HTTP/1.1 200 OK\r\nContent-Length: 2200000000\r\n\r\n" + b"A" * 100, t=2)) == []
+    (resp,) = conn.close(end_ns=9)
+    assert (resp.status_code, resp.partial, resp.size, resp.end_ns) == ("200", True, 47 + 100, 3)
+
+
+@pytest.mark.parametrize("write", [1000, 4096, 10_000, 70_000])
+def test_chunked_body_larger_than_the_buffer(write):
+    """A chunked body was framed only once all of it was buffered, so one over 64 KiB was
+    given up on: its response was lost and the next one answered the wrong request."""
+    body = b"".join(b"%x\r\n" % n + b"z" * n + b"\r\n" for n in [4096] * 70 + [100_000, 7]) + b"0\r\n\r\n"
+    resp = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + body
+    conn = Http1Connection()
+    conn.feed(True, chunk(b"GET /a HTTP/1.1\r\n\r\n"))
+    msgs = [m for i in range(0, len(resp), write) for m in conn.feed(False, chunk(resp[i : i + write], t=1 + i))]
+    assert [(m.status_code, m.size, m.partial, m.start_ns) for m in msgs] == [("200", len(resp), False, 1)]
+    assert msgs[0].end_ns == 2 + (len(resp) - 1) // write * write
+    assert [m.status_code for m in exchange(conn, REQ, RESP, t=10**6)[1:]] == ["200"]  # still in step
+
+
+def test_chunked_body_larger_than_the_buffer_cut_by_a_hole():
+    resp = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + (b"1000\r\n" + b"z" * 4096 + b"\r\n") * 30
+    conn = Http1Connection()
+    conn.feed(True, chunk(b"GET /a HTTP/1.1\r\n\r\n"))
+    assert conn.feed(False, chunk(resp, t=2)) == []
+    # The next size line falls in bytes never captured: the response is what was framed of it
+    # (up to its last chunk's data), partial; and the next exchange is found again.
+    (msg,) = conn.feed(False, chunk(b"", t=3, size=50))
+    assert (msg.status_code, msg.partial, msg.size) == ("200", True, len(resp) - 2)
+    assert [m.status_code for m in exchange(conn, REQ, RESP, t=5)[1:]] == ["200"]
+
+
+def test_any_token_is_a_method_and_odd_request_lines_are_requests():
+    """Only a fixed list of methods was known, and only "method target version" lines: a
+    server's answers to these had no request."""
+    lines = {b"CCM_POST / HTTP/1.1": "CCM_POST /", b"VERSION-CONTROL /r/7 HTTP/1.1": "VERSION-CONTROL /r/{id}",
+             b"GET HTTP/1.1": "GET", b"CONNECT mail.example:25 / HTTP/1.0": "CONNECT mail.example:25",
+             b"GET /x": "GET /x"}  # fmt: skip
+    for line, name in lines.items():
+        conn = Http1Connection()
+        (req,) = conn.feed(True, chunk(line + b"\r\nHost: a\r\n\r\n"))
+        assert req.name == name
+        (resp,) = conn.feed(False, chunk(b"HTTP/1.1 405 Not Allowed\r\nContent-Length: 0\r\n\r\n", t=2))
+        assert resp.status_code == "405"
+
+
+@pytest.mark.parametrize("data,claimed", [
+    (b"CCM_POST / HTTP/1.1\r\n", True), (b"CCM_POST / HTT", False), (b"CCM_POST /x\r\n", False),
+    (b"HELO relay.example\r\n", False), (b"get key\r\n", False), (b"set k 0 0 1\r\nx\r\n", False),
+    (b"*2\r\n$3\r\nGET\r\n", False), (b"PING\r\n", False), (b"SUB subj 1\r\n", False), (b"DEL k\n", False),
+    (b"GET /a HTTP/1.1\r\n", True), (b"GET /a", True), (b"OPTIONS\nHost: a\n\n", False),
+])  # fmt: skip
+def test_detection_by_content_takes_other_methods_only_with_the_version(data, claimed):
+    assert starts_request(data) is claimed
+
+
+@pytest.mark.parametrize("length", [b"Content-Length: -1", b"Content-Length: 18446744073709551615",
+                                    b"Content-Length: 1_0", b"Transfer-Encoding: chunked"])  # fmt: skip
+def test_a_length_that_cannot_be_read_ends_the_side_not_the_request(length):
+    """A negative or overflowing length (a request smuggling attempt) was read as a length: a
+    request ending inside its own header, or never; the bytes after it are no request."""
+    body = b"10000000000000000\r\n\r\n" if b"chunked" in length else b""
+    smuggled = b"GET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n"
+    head = b"POST / HTTP/1.1\r\nHost: t\r\n" + length + b"\r\n\r\n"
+    conn = Http1Connection()
+    (req,) = conn.feed(True, chunk(head + body + smuggled))
+    assert (req.name, req.size, req.partial) == ("POST /", len(head), True)
+    assert conn.feed(True, chunk(smuggled, t=2)) == []
+    (resp,) = conn.feed(False, chunk(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", t=3))
+    assert resp.status_code == "400"
+
+
+@pytest.mark.parametrize("data,name", [
+    (b"OPTIONS HTTP/1.1\nHost: a\n\n", "OPTIONS"),  # lone LF: the line end was taken into the target
+    (b"GET /a\x01b HTTP/1.1\r\n\r\n", "GET /a%01b"),
+])  # fmt: skip
+def test_names_hold_no_control_characters(data, name):
+    conn = Http1Connection()
+    msgs = conn.feed(True, chunk(data)) + conn.feed(False, chunk(b"HTTP/1.1 400 Bad\r\nContent-Length: 0\r\n\r\n", t=2))
+    assert [m.name for m in msgs if m.is_request] == [name]
+
+
+def test_a_request_line_cut_by_the_capture_is_named_up_to_its_line_end():
+    conn = Http1Connection()
+    (req,) = conn.feed(True, chunk(b"GET /a\nHost: x" + b"y" * 100, size=2000))
+    assert req.name == "GET /a"
