@@ -245,16 +245,16 @@ def frame_response(buf: bytes, request_method: str | None) -> Frame | str:
     return _framed_body(buf, header_len, fields, None)  # no length: the body runs until the connection closes
 
 
-def salvage(buf: bytes) -> dict | None:
+def salvage(buf: bytes, first_line) -> dict | None:
     """Fields of a message cut short by bytes never captured: a body across a hole, or a
     header block longer than the capture (a long query string, many headers), of which
-    the start line and the whole header lines before the cut are read."""
-    for first_line in (_status_line, _request_line):
-        head = _head(buf, first_line)
-        if not isinstance(head, str):
-            return head[1]
-        if head == NEED_MORE and _may_start(buf, first_line):
-            return _cut_head(buf, first_line)
+    the start line (`_request_line` or `_status_line`: a side's own kind only) and the
+    whole header lines before the cut are read."""
+    head = _head(buf, first_line)
+    if not isinstance(head, str):
+        return head[1]
+    if head == NEED_MORE and _may_start(buf, first_line):
+        return _cut_head(buf, first_line)
     return None
 
 
@@ -381,9 +381,9 @@ class Http1Connection(FramedConnection):
     def __init__(self) -> None:
         self._methods: deque[str] = deque(maxlen=4096)  # requests awaiting their response, in order
         super().__init__(
-            _Framer(frame_request, starts_request, salvage),
+            _Framer(frame_request, starts_request, lambda buf: salvage(buf, _request_line)),
             _Framer(lambda buf: frame_response(buf, self._methods[0] if self._methods else None),
-                    starts_response, salvage),
+                    starts_response, lambda buf: salvage(buf, _status_line)),
         )  # fmt: skip
         self.upgraded = False  # after 101 / CONNECT the bytes are another protocol's
         self._last: dict[bool, Chunk] = {}  # the latest chunk of each side
