@@ -32,7 +32,6 @@ _ID_SEGMENT = re.compile(
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _METHOD_SP = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32} ")
 # RFC 9112 2.2: a recipient may take a lone LF for a line end (and some senders use it).
-_HEAD_END = re.compile(rb"\r?\n\r?\n")
 _EOL = re.compile(rb"\r?\n")
 # A chunk-size line; more than 16 hex digits overflows 64 bits, a smuggling trick (RFC 9112 7.1).
 _CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?\r?\n")
@@ -135,11 +134,14 @@ def frame_chunk_rest(buf: bytes) -> Frame | str | None:
 
 
 def _header_block(buf: bytes) -> tuple[int, bytes, dict[str, str]] | str:
-    end = _HEAD_END.search(buf)
-    if end is None:
+    # The first empty line, its line ends CRLF or a lone LF: two finds in C (a regex search
+    # for it cost as much as the rest of framing a message).
+    crlf, lf = buf.find(b"\n\r\n"), buf.find(b"\n\n")
+    if crlf < 0 and lf < 0:
         return NEED_MORE if len(buf) < MAX_HEADER else INVALID
-    first, _, rest = buf[: end.start()].partition(b"\n")
-    return end.end(), first.removesuffix(b"\r"), _headers(rest)
+    at, end = (crlf, crlf + 3) if lf < 0 or 0 <= crlf < lf else (lf, lf + 2)
+    first, _, rest = buf[: at - (at > 0 and buf[at - 1] == 13)].partition(b"\n")
+    return end, first.removesuffix(b"\r"), _headers(rest)
 
 
 def _content_length(value: str) -> int | None:
@@ -182,7 +184,7 @@ def _request_line(first: bytes) -> dict | None:
     version ("GET HTTP/1.1", "CONNECT host:25 / HTTP/1.0", "GET /"): the request is there,
     its target is its first word (or none), its version "" when not given."""
     parts = first.split(b" ")
-    if len(parts) < 2 or not _TOKEN.fullmatch(parts[0]):
+    if len(parts) < 2 or (parts[0] not in METHODS and not _TOKEN.fullmatch(parts[0])):
         return None
     has_version = parts[-1].startswith(b"HTTP/1.")
     if not has_version and len(parts) != 2:
