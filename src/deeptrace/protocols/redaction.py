@@ -41,9 +41,19 @@ SECRET_WORDS = frozenset({"auth", "authorization", "cookie", "token", "secret", 
 SECRET_KEYS = frozenset({"api_key", "api-key", "access_key", "private_key", "client_secret", "x-amz-credential"})
 REDIS_ALL_ARGS = frozenset({"AUTH", "HELLO", "MIGRATE"})
 
-# Cheap tests before any work: nearly every head has none of these.
-_MAYBE = re.compile(rb"(?i)auth|cookie|token|secret|pass|pwd|key|sig|credential|jwt|sess|otp")
-_REDIS_MAYBE = re.compile(rb"(?i)auth|hello|migrate|setuser|pass|secret|token")
+# Cheap tests before any work: nearly every head has none of these words. Searched in the
+# lowered bytes: a case-insensitive regex (?i) took six times as long, ~9 us per head, the most
+# of any step in turning an HTTP record into a span.
+_WORDS = (b"auth", b"cookie", b"token", b"secret", b"pass", b"pwd", b"key", b"sig", b"credential", b"jwt", b"sess",
+          b"otp")  # fmt: skip
+_MAYBE = re.compile(b"|".join(_WORDS))
+_REDIS_MAYBE = re.compile(rb"auth|hello|migrate|setuser|pass|secret|token")
+_SQL_MAYBE = re.compile(rb"password|identified|secret")
+_MONGODB_MAYBE = re.compile(b"|".join((*_WORDS, b"payload", b"nonce", b"digest")))
+
+
+def _mentions(head: bytes, words: re.Pattern) -> bool:
+    return words.search(head.lower()) is not None
 _WORD_SPLIT = re.compile(r"[-_.\s]+")
 _CAMEL = re.compile(r"([a-z0-9])([A-Z])")
 
@@ -95,7 +105,7 @@ def _body(body: bytes) -> bytes:
 
 def http_head(head: bytes) -> bytes:
     """An HTTP/1 message's head, or an HTTP/2 one's decoded `name: value` lines."""
-    if not _MAYBE.search(head):
+    if not _mentions(head, _MAYBE):
         return head
     header_end = head.find(b"\r\n\r\n")
     sep_len = 4
@@ -177,7 +187,7 @@ def _secret_param(name: bytes) -> bool:
 
 
 def redis_head(head: bytes) -> bytes:
-    if not _REDIS_MAYBE.search(head):
+    if not _mentions(head, _REDIS_MAYBE):
         return head
     where = _redis_args(head)
     if not where:
@@ -208,12 +218,9 @@ def sql_text(text: str) -> str:
     return _SQL_SECRET.sub(lambda m: m.group(1) + m.group(2) + "'" + REDACTED + "'", text)
 
 
-_SQL_MAYBE = re.compile(rb"(?i)password|identified|secret")
-
-
 def sql_head(head: bytes) -> bytes:
     """A MySQL or PostgreSQL message: the SQL in it with its password literals hidden."""
-    if not _SQL_MAYBE.search(head):
+    if not _mentions(head, _SQL_MAYBE):
         return head
     return sql_text(head.decode("latin-1")).encode("latin-1")  # latin-1 keeps every byte as it was
 
@@ -264,7 +271,7 @@ def amqp_head(head: bytes) -> bytes:
         return head[:pos] + _R if pos <= len(head) else head[:15] + _R
     if ids in (b"\x00\x0a\x00\x15", b"\x00\x0a\x00\x46"):  # Secure-Ok, Update-Secret
         return head[:11] + _R
-    if not _MAYBE.search(head):
+    if not _mentions(head, _MAYBE):
         return head
     pos = 8 + int.from_bytes(head[3:7], "big")  # the frame after the method frame
     if head[pos : pos + 1] != b"\x02" or len(head) < pos + 21:
@@ -285,14 +292,13 @@ def amqp_head(head: bytes) -> bytes:
 
 MONGODB_SECRET_KEYS = frozenset({"payload", "nonce", "digest", "speculativeauthenticate"})
 _BSON_KEY = re.compile(rb"[\x01-\x13\x7f\xff]([^\x00]{1,64})\x00")
-_MONGODB_MAYBE = re.compile(rb"(?i)auth|token|secret|pass|pwd|key|sig|credential|jwt|sess|otp|payload|nonce|digest")
 _OP_COMPRESSED = (2012).to_bytes(4, "little")
 
 
 def mongodb_head(head: bytes) -> bytes:
     if head[12:16] == _OP_COMPRESSED:
         return head[:25] + _R if len(head) > 25 else head
-    if not _MONGODB_MAYBE.search(head, 16):
+    if not _mentions(head[16:], _MONGODB_MAYBE):
         return head
     # Any byte run shaped like an element is tried: a false match only cuts the head sooner.
     for m in _BSON_KEY.finditer(head, 16):
