@@ -169,6 +169,29 @@ def tshark_capture(path: Path, ports):
         shark.wait(10)
 
 
+@contextmanager
+def scripted_pair(collector, server_src: str, client_src: str, capture: Path, timeout_s: float = 60):
+    """A server and a client, each a Python script: the server prints its port and is traced;
+    the client gets the port as its argument, is traced, waits for a line on stdin before it
+    starts and prints "done" when it is. Yields (server pid, client pid, capture file) once the
+    client is done, with tshark having captured the server's port; the server is killed after."""
+    import sys
+
+    server = subprocess.Popen([sys.executable, "-c", server_src], stdout=subprocess.PIPE, text=True)
+    try:
+        port = server.stdout.readline().strip()
+        collector.trace(server.pid)
+        with tshark_capture(capture, [port]) as cap:
+            client = subprocess.Popen([sys.executable, "-c", client_src, port], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True)  # fmt: skip
+            collector.trace(client.pid)
+            assert client.communicate("go\n", timeout=timeout_s)[0].strip() == "done"
+        yield server.pid, client.pid, cap
+    finally:
+        server.kill()
+        server.wait()
+
+
 def replayed_spans(path: Path) -> list:
     """What `deeptrace replay` makes of a capture (in-process: the same code path as the CLI)."""
     from deeptrace import replay

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import struct
-import subprocess
-import sys
 import textwrap
 
 import hpack
@@ -164,23 +162,12 @@ CLIENT = textwrap.dedent("""
 
 
 def test_live_grpcio_client_and_server_and_their_capture(collector, store, tmp_path):
-    from servers import replayed_spans, span_key, tshark_capture
+    from servers import replayed_spans, scripted_pair, span_key
 
-    server = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
-    try:
-        port = server.stdout.readline().strip()
-        collector.trace(server.pid)
-        with tshark_capture(tmp_path / "grpc.pcapng", [port]) as cap:
-            client = subprocess.Popen([sys.executable, "-c", CLIENT, port], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, text=True)  # fmt: skip
-            collector.trace(client.pid)
-            assert client.communicate("go\n", timeout=30)[0].strip() == "done"
-        server_recs = store.wait_for(server.pid, lambda rs: sum(b"grpc-status" in r.payload or b"\x88" in r.payload
-                                                               for r in rs if r.direction == "egress") >= 3)  # fmt: skip
-        client_recs = store.settle(client.pid, quiet_s=0.5)
-    finally:
-        server.kill()
-        server.wait()
+    with scripted_pair(collector, SERVER, CLIENT, tmp_path / "grpc.pcapng", timeout_s=30) as (server, client, cap):
+        server_recs = store.wait_for(server, lambda rs: sum(b"grpc-status" in r.payload or b"\x88" in r.payload
+                                                           for r in rs if r.direction == "egress") >= 3)  # fmt: skip
+        client_recs = store.settle(client, quiet_s=0.5)
     for recs, kind in ((server_recs, "SERVER"), (client_recs, "CLIENT")):
         spans = [s for s in SpanPipeline().push(recs) if s.protocol == "http2"]
         got = sorted((s.name, s.status, s.status_code) for s in spans)

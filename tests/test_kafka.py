@@ -5,8 +5,6 @@ captured with tshark."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 import uuid
 
@@ -372,22 +370,11 @@ CLIENT = textwrap.dedent("""
     print("done", flush=True)
 """)
 def test_live_kafka_python_producer_and_its_capture(collector, store, tmp_path):
-    from servers import replayed_spans, span_key, tshark_capture
+    from servers import replayed_spans, scripted_pair, span_key
 
-    broker = subprocess.Popen([sys.executable, "-c", BROKER], stdout=subprocess.PIPE, text=True)
-    try:
-        port = broker.stdout.readline().strip()
-        collector.trace(broker.pid)
-        with tshark_capture(tmp_path / "kafka.pcapng", [port]) as cap:
-            client = subprocess.Popen([sys.executable, "-c", CLIENT, port], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, text=True)  # fmt: skip
-            collector.trace(client.pid)
-            assert client.communicate("go\n", timeout=60)[0].strip() == "done"
-        client_recs = store.settle(client.pid, quiet_s=0.5)
-        server_recs = store.wait_for(broker.pid, lambda rs: sum(r.syscall == "close" for r in rs) >= 2)
-    finally:
-        broker.kill()
-        broker.wait()
+    with scripted_pair(collector, BROKER, CLIENT, tmp_path / "kafka.pcapng") as (broker, client, cap):
+        client_recs = store.settle(client, quiet_s=0.5)
+        server_recs = store.wait_for(broker, lambda rs: sum(r.syscall == "close" for r in rs) >= 2)
     for recs, kind in ((server_recs, "SERVER"), (client_recs, "CLIENT")):
         pipeline = SpanPipeline()
         spans = [s for s in pipeline.push(recs) + pipeline.close_all(0) if s.protocol == "kafka"]

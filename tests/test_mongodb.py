@@ -5,8 +5,6 @@ a small server that answers with bson-encoded replies, traced with eBPF and capt
 from __future__ import annotations
 
 import struct
-import subprocess
-import sys
 import textwrap
 
 import bson
@@ -307,22 +305,11 @@ CLIENT = textwrap.dedent("""
     print("done", flush=True)
 """)
 def test_live_pymongo_client_and_its_capture(collector, store, tmp_path):
-    from servers import replayed_spans, span_key, tshark_capture
+    from servers import replayed_spans, scripted_pair, span_key
 
-    server = subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True)
-    try:
-        port = server.stdout.readline().strip()
-        collector.trace(server.pid)
-        with tshark_capture(tmp_path / "mongo.pcapng", [port]) as cap:
-            client = subprocess.Popen([sys.executable, "-c", CLIENT, port], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, text=True)  # fmt: skip
-            collector.trace(client.pid)
-            assert client.communicate("go\n", timeout=60)[0].strip() == "done"
-        client_recs = store.settle(client.pid, quiet_s=0.5)
-        server_recs = store.wait_for(server.pid, lambda rs: sum(r.syscall == "close" for r in rs) >= 2)
-    finally:
-        server.kill()
-        server.wait()
+    with scripted_pair(collector, SERVER, CLIENT, tmp_path / "mongo.pcapng") as (server, client, cap):
+        client_recs = store.settle(client, quiet_s=0.5)
+        server_recs = store.wait_for(server, lambda rs: sum(r.syscall == "close" for r in rs) >= 2)
     for recs, kind in ((server_recs, "SERVER"), (client_recs, "CLIENT")):
         pipeline = SpanPipeline()
         spans = [s for s in pipeline.push(recs) + pipeline.close_all(0) if s.protocol == "mongodb"]
