@@ -100,6 +100,25 @@ class Relay:
         return self.pieces
 
 
+def attached_mid_stream(collector, store, broker_pid: int, client_argv: list[str]) -> tuple[list, list]:
+    """A client that connects and works first (it prints "ready"), untraced; then the agent
+    attaches to the broker and the client, and the client goes on ("go" on its stdin) until it
+    prints "done". Returns the client's and the broker's records."""
+    import sys
+
+    client = subprocess.Popen([sys.executable, "-c", *client_argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert client.stdout.readline().strip() == "ready", client.stderr.read()
+        collector.trace(broker_pid)
+        collector.trace(client.pid)
+        out, err = client.communicate("go\n", timeout=60)
+    finally:
+        client.kill()
+    assert out.strip() == "done", err
+    return store.settle(client.pid, quiet_s=0.5), store.settle(broker_pid, quiet_s=0.5)
+
+
 def server_records(pieces: list[tuple[bool, bytes]], role: str = "server", capture: int = 1024,
                    first_seq: tuple[int, int] = (1000, 900000)) -> list:  # fmt: skip
     """The records a server-side agent would make of these pieces (one syscall each, the

@@ -9,7 +9,7 @@ import sys
 from collections import Counter
 
 import pytest
-from brokers import PASSWORD, USER, Relay, mosquitto, server_records
+from brokers import PASSWORD, USER, Relay, attached_mid_stream, mosquitto, server_records
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from parsing import chunk, feed_alternating, feed_split
@@ -352,18 +352,7 @@ def test_live_paho_and_mosquitto_attached_mid_stream_and_their_capture(version, 
     from servers import replayed_spans, span_key, tshark_capture
 
     with mosquitto(tmp_path) as (broker, port), tshark_capture(tmp_path / "mqtt.pcapng", [port]) as cap:
-        client = subprocess.Popen([sys.executable, "-c", CLIENT, str(port), "live", version], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-        try:
-            assert client.stdout.readline().strip() == "ready", client.stderr.read()
-            collector.trace(broker)
-            collector.trace(client.pid)
-            out, err = client.communicate("go\n", timeout=60)
-        finally:
-            client.kill()
-        assert out.strip() == "done", err
-        client_recs = store.settle(client.pid, quiet_s=0.5)
-        broker_recs = store.settle(broker, quiet_s=0.5)
+        client_recs, broker_recs = attached_mid_stream(collector, store, broker, [CLIENT, str(port), "live", version])
     expected = sorted(AFTER_ATTACH + LATE + ["mqtt CONNECT"])
     for recs, kind in ((client_recs, "CLIENT"), (broker_recs, "SERVER")):
         pipeline = SpanPipeline()

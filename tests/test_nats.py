@@ -10,7 +10,7 @@ import textwrap
 from collections import Counter
 
 import pytest
-from brokers import PASSWORD, USER, Relay, nats_server, server_records
+from brokers import PASSWORD, USER, Relay, attached_mid_stream, nats_server, server_records
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from parsing import chunk, feed_alternating, feed_split
@@ -257,18 +257,7 @@ def test_live_nats_py_and_nats_server_attached_mid_stream_and_their_capture(coll
     from servers import replayed_spans, span_key, tshark_capture
 
     with nats_server(tmp_path) as (server_pid, port), tshark_capture(tmp_path / "nats.pcapng", [port]) as cap:
-        client = subprocess.Popen([sys.executable, "-c", CLIENT, str(port), "live"], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-        try:
-            assert client.stdout.readline().strip() == "ready", client.stderr.read()
-            collector.trace(server_pid)
-            collector.trace(client.pid)
-            out, err = client.communicate("go\n", timeout=60)
-        finally:
-            client.kill()
-        assert out.strip() == "done", err
-        client_recs = store.settle(client.pid, quiet_s=0.5)
-        server_recs = store.settle(server_pid, quiet_s=0.5)
+        client_recs, server_recs = attached_mid_stream(collector, store, server_pid, [CLIENT, str(port), "live"])
     expected = sorted(AFTER_ATTACH + VERBOSE_CONN)
     for recs, kind in ((client_recs, "CLIENT"), (server_recs, "SERVER")):
         pipeline = SpanPipeline()
