@@ -205,7 +205,7 @@ def test_streaming_keeps_published_links_and_decides_only_the_held_spans():
     assert out["parent_span_id"] in {first["span_id"], second["span_id"]} and out["link_method"] == "inferred"
     # The window's published spans were handed to the linker as fixed, exactly as published.
     spans = assoc.published
-    pinned = StreamingAssociator._pinned(spans, len(spans))
+    pinned = StreamingAssociator._pinned(spans, len(spans), {d["span_id"]: i for i, d in enumerate(spans)})
     by_id = {d["span_id"]: i for i, d in enumerate(spans)}
     assert pinned[by_id[early["span_id"]]].parent == by_id[chosen]
     assert pinned[by_id[lone["span_id"]]].parent is None
@@ -223,6 +223,42 @@ def test_fixed_links_are_kept_as_given_and_only_open_calls_are_decided():
     assert links[2] == Link(1, "inferred", 0.6)
     assert links[3].parent == 1 and links[3].method == "inferred"
     assert link_spans(refs, "joint")[2].parent == 0  # decided afresh, it would be request 0
+
+
+@pytest.mark.parametrize("earlier", [0, 1])
+def test_inference_starts_from_the_parent_an_earlier_pass_chose(earlier):
+    """Two identical requests and one call inside both: timing cannot tell, so the earlier
+    pass's choice (what it learnt from the calls it held then) is where inference starts
+    and, with nothing against it, what it keeps."""
+    from deeptrace.association.associate import link_spans
+    from deeptrace.association.model import SpanRef
+
+    spans = [server(1, 0, 10_000, name="GET /a"), server(1, 0, 10_000, name="GET /a"), client(1, 100, 200)]
+    refs = [SpanRef.from_json(i, d) for i, d in enumerate(spans)]
+    assert link_spans(refs, "joint", header_ids=False, previous={2: earlier})[2].parent == earlier
+
+
+def test_streaming_hands_each_held_calls_last_choice_to_the_next_pass(monkeypatch):
+    from deeptrace.association import streaming
+
+    real, seen = streaming.link_spans, []
+
+    def recording(refs, *args):
+        links = real(refs, *args)
+        seen.append(({refs[c].span_id: refs[p].span_id for c, p in (args[3] or {}).items()},
+                     {refs[i].span_id: refs[lk.parent].span_id for i, lk in links.items() if lk.parent is not None}))  # fmt: skip
+        return links
+
+    monkeypatch.setattr(streaming, "link_spans", recording)
+    early = client(2, 0, 100)  # another process's root: ready first, so a pass runs while the rest is held
+    req, call = server(1, 0, 3_000_000, name="GET /a"), client(1, 1_000_000, 1_000_100)  # µs
+    assoc = StreamingAssociator(hold_s=5.0, context_s=10.0)
+    assoc.push([early, req, call])
+    assert [d["span_id"] for d in assoc.pop_ready(5_500_000_000)] == [early["span_id"]]
+    assert [d["span_id"] for d in assoc.pop_ready(6_500_000_000)] == [call["span_id"]]
+    (first_given, first_chose), (second_given, _) = seen
+    assert first_given == {} and first_chose[call["span_id"]] == req["span_id"]
+    assert second_given == {call["span_id"]: req["span_id"]}
 
 
 @pytest.mark.parametrize("relink", [False, True])

@@ -26,9 +26,12 @@ ALGORITHMS: dict[str, Algorithm] = {
 assert tuple(ALGORITHMS) == ALGORITHM_NAMES
 
 
-def processes(spans: list[SpanRef], known: dict[int, Link], settled: frozenset[int] = frozenset()) -> list[ProcessSpans]:
+def processes(spans: list[SpanRef], known: dict[int, Link], settled: frozenset[int] = frozenset(),
+              previous: dict[int, int] | None = None) -> list[ProcessSpans]:  # fmt: skip
     """Each process's requests and calls; a call with a known parent is evidence, a settled
-    one (decided earlier, its parent gone) is left out, the rest are open."""
+    one (decided earlier, its parent gone) is left out, the rest are open (with the parent
+    an earlier pass chose, if `previous` has one)."""
+    previous = previous or {}
     by_key: dict[tuple, ProcessSpans] = {}
     for s in spans:
         p = by_key.get(s.process)
@@ -44,14 +47,18 @@ def processes(spans: list[SpanRef], known: dict[int, Link], settled: frozenset[i
                 p.known[c.index] = link.parent
             elif c.index not in settled:
                 p.open_clients.append(c)
+                if c.index in previous:
+                    p.previous[c.index] = previous[c.index]
     return list(by_key.values())
 
 
 def link_spans(spans: list[SpanRef], algorithm: str = DEFAULT_ALGORITHM, header_ids: bool = True,
-               fixed: dict[int, Link] | None = None) -> dict[int, Link]:  # fmt: skip
+               fixed: dict[int, Link] | None = None, previous: dict[int, int] | None = None) -> dict[int, Link]:  # fmt: skip
     """A Link for every span. `fixed` holds links decided earlier (a streaming window's
     published spans): they are kept as they are and are evidence for the rest, except that
-    a fixed root can still be seq-joined to its caller (a caller whose host shipped late)."""
+    a fixed root can still be seq-joined to its caller (a caller whose host shipped late).
+    `previous` (call -> parent) holds what an earlier pass chose for calls still open:
+    inference starts from it, and may change it."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown association algorithm {algorithm!r}: choose from {', '.join(ALGORITHMS)}")
     choose = ALGORITHMS[algorithm]
@@ -60,7 +67,7 @@ def link_spans(spans: list[SpanRef], algorithm: str = DEFAULT_ALGORITHM, header_
     exact_calls = header_links(spans, skip=fixed) if header_ids else {}
     links.update(exact_calls)
     known = {**exact_calls, **{i: lk for i, lk in fixed.items() if spans[i].kind == "CLIENT"}}
-    for process in processes(spans, known, frozenset(fixed)):
+    for process in processes(spans, known, frozenset(fixed), previous):
         if process.open_clients:
             links.update(choose(process))
     for i, lk in fixed.items():

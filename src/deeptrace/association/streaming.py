@@ -7,7 +7,9 @@ link to it later inherit that id, so a trace is not split at a window border. Pu
 spans stay as context for `context_s` so that late spans can still link to them; their
 links are kept as published and are evidence for the held spans, not decided again
 (`relink_published` decides them again every pass: slower, and no more accurate on
-bench/accuracy's workload).
+bench/accuracy's workload). A held call is decided afresh at every pass, but inference
+starts from the parent the last pass chose, so that what earlier passes learnt carries
+over although each learns only from the calls it holds.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class StreamingAssociator:
         self.stats = StreamStats()
         self._splits_seen: set[str] = set()
         self._refs: dict[str, SpanRef] = {}  # decoded once per span, not once per pass
+        self._previous: dict[str, str] = {}  # held call's span_id -> the parent the last pass chose
 
     def _ref(self, index: int, d: dict) -> SpanRef:
         ref = self._refs.get(d["span_id"])
@@ -101,20 +104,23 @@ class StreamingAssociator:
         refs = [self._ref(i, d) for i, d in enumerate(spans)]
         n_old = len(self.published)
         fixed = {i: d["trace_id"] for i, d in enumerate(self.published)}
-        pinned = None if self.relink_published else self._pinned(spans, n_old)
-        links = link_spans(refs, self.algorithm, self.header_ids, pinned)
+        position = {d["span_id"]: i for i, d in enumerate(spans)}
+        pinned = None if self.relink_published else self._pinned(spans, n_old, position)
+        last_pass = {position[c]: position[p] for c, p in self._previous.items() if c in position and p in position}
+        links = link_spans(refs, self.algorithm, self.header_ids, pinned, last_pass)
         self._count_splits(spans, links, n_old, fixed)
         traces = trace_ids(spans, links, fixed)
         # Held spans with a child already out: counted as late links when they go out.
         parents_late = {lk.parent for c, lk in links.items()
                         if c < n_old and lk.parent is not None and lk.parent >= n_old}  # fmt: skip
-        out, keep = [], []
+        out, keep, previous = [], [], {}
         for i in range(n_old, len(spans)):
-            d = spans[i]
+            d, link = spans[i], links[i]
             if not ready(d):
                 keep.append(d)
+                if refs[i].kind == "CLIENT" and link.parent is not None:
+                    previous[d["span_id"]] = refs[link.parent].span_id
                 continue
-            link = links[i]
             d["parent_span_id"] = refs[link.parent].span_id if link.parent is not None else None
             d["trace_id"] = traces[i]
             d["link_method"] = link.method
@@ -123,14 +129,14 @@ class StreamingAssociator:
                 self.stats.late_links += 1
             out.append(d)
         self.pending = keep
+        self._previous = previous
         self.published.extend(out)
         self.stats.spans_out += len(out)
         return out
 
     @staticmethod
-    def _pinned(spans: list[dict], n_old: int) -> dict[int, Link]:
+    def _pinned(spans: list[dict], n_old: int, position: dict[str, int]) -> dict[int, Link]:
         """Published spans' links as published: evidence for the pending ones, not decided again."""
-        position = {d["span_id"]: i for i, d in enumerate(spans)}
         return {i: Link(position.get(d["parent_span_id"]), d["link_method"], d["link_confidence"])
                 for i, d in enumerate(spans[:n_old])}  # fmt: skip
 
