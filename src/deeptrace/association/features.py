@@ -30,12 +30,12 @@ _RESP_LENGTHS = re.compile(rb"(?m)^[*$][0-9-]+\r?$")
 _PROPAGATED = re.compile(rb"(?im)^(?:" + b"|".join(h.encode() for h in PROPAGATION_HEADERS) + rb")[ \t]*:[^\n]*")
 
 
-def fields_of(span: SpanRef, head: bytes) -> frozenset[str]:
-    if span.protocol in (http1.PROTOCOL, http2.PROTOCOL):
+def fields_of(protocol: str, head: bytes) -> frozenset[str]:
+    if protocol in (http1.PROTOCOL, http2.PROTOCOL):
         return _fields(_PROPAGATED, b"", head)
-    if span.protocol == redis.PROTOCOL:
+    if protocol == redis.PROTOCOL:
         return _fields(_RESP_LENGTHS, b" ", head)
-    if span.protocol == postgres.PROTOCOL:
+    if protocol == postgres.PROTOCOL:
         return _postgres_fields(head)
     return _fields(None, b"", head)
 
@@ -99,7 +99,7 @@ def _fields(skip: re.Pattern | None, blank: bytes, head: bytes) -> frozenset[str
 def request_fields(span: SpanRef) -> frozenset[str]:
     """Fields in the request a span carried."""
     if span.req_fields is None:
-        span.req_fields = fields_of(span, span.req_head)
+        span.req_fields = fields_of(span.protocol, span.req_head)
     return span.req_fields
 
 
@@ -107,8 +107,15 @@ def span_fields(span: SpanRef) -> frozenset[str]:
     """Fields in the request and the response (an order id made by a call comes back in
     its response and goes on in the parent's)."""
     if span.all_fields is None:
-        span.all_fields = request_fields(span) | fields_of(span, span.resp_head)
+        span.all_fields = _request_and_response_fields(span.protocol, span.req_head, span.resp_head)
     return span.all_fields
+
+
+@lru_cache(maxsize=1 << 14)
+def _request_and_response_fields(protocol: str, req: bytes, resp: bytes) -> frozenset[str]:
+    """Cached whole: identical heads are the rule where only timing tells requests apart,
+    and a million spans are read at a time (one lookup, not two parses and a union)."""
+    return fields_of(protocol, req) | fields_of(protocol, resp)
 
 
 class FieldWeights:

@@ -257,15 +257,17 @@ class Inference:
             return links
         assign, score, slots = self._infer()
         conf = self._confidence(score, slots, assign)
-        for i, c in enumerate(self.calls):
-            links[c.index] = Link(int(self.server_index[assign[i]]), INFERRED, float(conf[i]))
+        for c, parent, p in zip(self.calls, self.server_index[assign].tolist(), conf.tolist()):
+            links[c.index] = Link(parent, INFERRED, p)
         return links
 
     def _infer(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Each call's request (a row of the servers), the pairs' scores and the slot prices."""
         # Learning from an assignment can settle where that assignment put it: start from
         # two unlike ones and keep the result that explains the data best (the features of
-        # the pairs it chose most predictable, as a description length).
+        # the pairs it chose most predictable, as a description length). Which start ends
+        # best is not known from their first learning (on tests/loopsim.py's event loops
+        # the start that fits worse at first ends better), so both go all the way.
         starts = [self._previous_or_latest_start(), self._first_come()]
         learnt = [self._learn(assign) for assign in starts]
         keep = self._worth_keeping(starts, [score for score, *_ in learnt])
@@ -478,7 +480,12 @@ class Inference:
     def _ranked(self, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The pairs by call, best first; where each call's run of them begins; and per
         call, its best candidate's score less its second best's (inf: one candidate)."""
-        order = np.lexsort((-score, self.pc))
+        # One sort on a composite key, not a lexsort: pc is sorted (Containment.pairs), so
+        # each call's pairs keep their place and sort by score within it; spacing the calls
+        # wider than the scores' range keeps them apart (float64 resolves the score to
+        # ~1e-8 of a nat at a million calls: nothing the choice can hinge on).
+        spread = float(score.max() - score.min()) + 1.0 if len(score) else 1.0
+        order = np.argsort(self.pc * spread - score, kind="stable")
         first = np.r_[True, self.pc[order][1:] != self.pc[order][:-1]]
         second = np.full(len(self.calls), -np.inf)
         runner = np.flatnonzero(~first & np.r_[False, first[:-1]])  # each call's second best
@@ -595,12 +602,14 @@ class Inference:
 
 
 def _running_min_per_group(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
-    """Running minimum that restarts at each group start (prices never rise with k)."""
-    out = values.copy()
-    ends = np.r_[starts[1:], len(values)]
-    for s, e in zip(starts[ends - starts > 1].tolist(), ends[ends - starts > 1].tolist()):
-        out[s:e] = np.minimum.accumulate(values[s:e])
-    return out
+    """Running minimum that restarts at each group start (prices never rise with k): one
+    accumulate over all groups, each lowered below every group before it (by more than
+    the values' range), so that no minimum carries over a group's start."""
+    if not len(values):
+        return values.copy()
+    step = float(values.max() - values.min()) + 1.0
+    group = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(values)]))
+    return np.minimum.accumulate(values - group * step) + group * step
 
 
 def _known_calls(process: ProcessSpans, fixed: dict[int, int]):

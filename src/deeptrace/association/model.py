@@ -10,6 +10,7 @@ from __future__ import annotations
 import binascii
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 # How a link was made, most certain first.
 SEQ_JOIN = "seq-join"  # CLIENT and SERVER span of one call: same TCP bytes on one connection
@@ -56,7 +57,7 @@ class SpanRef:
     def from_json(cls, index: int, d: dict) -> SpanRef:
         req_seq, resp_seq = d.get("req_seq"), d.get("resp_seq")
         return cls(
-            index, d["span_id"], d["kind"], _DIGITS.sub("#", d.get("name", "")), d.get("protocol", ""), d.get("service", ""),
+            index, d["span_id"], d["kind"], _fold_digits(d.get("name", "")), d.get("protocol", ""), d.get("service", ""),
             d.get("host", ""), d["pid"], d.get("tid", 0), d.get("resp_tid"), d["start_ns"], d["end_ns"],
             d.get("laddr", ""), d.get("lport", 0), d.get("raddr", ""), d.get("rport", 0),
             tuple(req_seq) if req_seq else None, tuple(resp_seq) if resp_seq else None,
@@ -70,6 +71,11 @@ def call_op(call: SpanRef) -> str:
     original's endpoint, the Host header, tells them apart; the address does for every
     protocol."""
     return f"{call.name} -> {call.raddr}:{call.rport}"
+
+
+@lru_cache(maxsize=1 << 14)
+def _fold_digits(name: str) -> str:
+    return _DIGITS.sub("#", name)
 
 
 def _b64(text: str | None) -> bytes:

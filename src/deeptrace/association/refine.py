@@ -52,16 +52,21 @@ class _Search:
         self.t_trigger, self.t_next, self.t_chain = (t.tolist() for t in tables[len(static_features) :])
         self.trigger_kinds, self.next_kinds, self.same_thread = inf.TRIGGER_KINDS, inf.NEXT_KINDS, inf.SAME_THREAD
         self.s_start, self.s_end, self.s_op = inf.s_start.tolist(), inf.s_end.tolist(), inf.s_op.tolist()
-        self.c_start, self.c_end, self.c_op = inf.c_start.tolist(), inf.c_end.tolist(), inf.c_op.tolist()
-        self.s_resp_tid, self.c_tid, self.c_resp_tid = inf.s_resp_tid.tolist(), inf.c_tid.tolist(), inf.c_resp_tid.tolist()
+        self.c_op = inf.c_op.tolist()
+        self.s_resp_tid = inf.s_resp_tid.tolist()
+        # Each call's events as a request's known calls are kept: (start, end, op, tid, resp_tid).
+        self.event = list(zip(inf.c_start.tolist(), inf.c_end.tolist(), self.c_op, inf.c_tid.tolist(),
+                              inf.c_resp_tid.tolist()))  # fmt: skip
         static = sum(table[values] for table, (values, *_) in zip(tables, static_features))
-        # Pairs by (call, request), as sorted keys: a lookup is a bisect, and nothing is
-        # built per pair in Python (a window holds millions of them under overload).
+        # Pairs by (call, request), as sorted keys (a call's candidates are a run of them) and
+        # a table from key to the pair's static score (inference kept at most KEEP candidates
+        # per call and the chosen ones, so this is a few per call, not the millions of pairs
+        # a window holds under overload).
         n_s = len(inf.s_start)
         by_key = np.lexsort((inf.ps, inf.pc))
         self.n_s = n_s
         self.keys = (inf.pc[by_key] * n_s + inf.ps[by_key]).tolist()
-        self.static = static[by_key].tolist()
+        self.static_of = dict(zip(self.keys, static[by_key].tolist()))  # (call, request) key -> static score
         self.score = score[by_key].tolist()
         self.known: dict[int, list[tuple[int, int, int, int, int]]] = {}
         known = zip(inf.f_row.tolist(), inf.f_start.tolist(), inf.f_end.tolist(), inf.f_op.tolist(),
@@ -89,50 +94,50 @@ class _Search:
         """Request s with exactly `calls` (and its known calls): every call's score among
         these siblings, and the likelihood of its call counts."""
         self.budget -= 1
-        n, c_start, c_end, c_op = self.n, self.c_start, self.c_end, self.c_op
-        c_tid, c_resp_tid = self.c_tid, self.c_resp_tid
-        events = [(c_start[c], c_end[c], c_op[c], c_tid[c], c_resp_tid[c]) for c in calls] + self.known.get(s, [])
+        static_of, n_s = self.static_of, self.n_s
+        statics = [static_of.get(c * n_s + s) for c in calls]
+        if None in statics:
+            return -np.inf  # s does not contain one of the calls
+        event = self.event
+        events = [event[c] for c in calls] + self.known.get(s, [])
         per_op: dict[int, int] = {}
-        for _, _, op, _, _ in events:
-            per_op[op] = per_op.get(op, 0) + 1
+        for ev in events:
+            per_op[ev[2]] = per_op.get(ev[2], 0) + 1
         counts = self.count_score[self.s_op[s]]
         # Every operation's count: none, but for the operations the request did make.
-        total = self.no_calls[self.s_op[s]]
+        total = self.no_calls[self.s_op[s]] + sum(statics)
         for op, m in per_op.items():
             total += counts[op][min(m, len(counts[op]) - 1)] - counts[op][0]
-        starts = sorted((st, tid) for st, _, _, tid, _ in events)
-        ends = sorted((en, tid) for _, en, _, _, tid in events)
+        starts = sorted([(ev[0], ev[3]) for ev in events])
+        ends = sorted([(ev[1], ev[4]) for ev in events])
         start_times, start_tids = [t for t, _ in starts], [tid for _, tid in starts]
         end_times, end_tids = [t for t, _ in ends], [tid for _, tid in ends]
         trigger_kinds, next_kinds, same_thread = self.trigger_kinds, self.next_kinds, self.same_thread
+        t_chain, t_trigger, t_next = self.t_chain, self.t_trigger, self.t_next
+        s_start, s_end, s_resp_tid = self.s_start[s], self.s_end[s], self.s_resp_tid[s]
         for c in calls:
-            key = c * self.n_s + s
-            i = bisect_left(self.keys, key)
-            if i == len(self.keys) or self.keys[i] != key:
-                return -np.inf  # s does not contain c
-            static = self.static[i]
-            t, e, op = c_start[c], c_end[c], c_op[c]
+            t, e, op, c_tid, c_resp_tid = event[c]
             # The latest event before the call's start (a sibling's start or end, else the
             # request's own start), and the first after its end (a sibling's start, else the
             # response), with their threads, as joint.Inference._gaps. The call's own start
             # and end are never strictly before / after itself.
-            latest, kind, tid = self.s_start[s], 0, None
+            latest, kind, tid = s_start, 0, None
             i = bisect_left(start_times, t) - 1
             if i >= 0 and start_times[i] > latest:
                 latest, kind, tid = start_times[i], 1, start_tids[i]
             i = bisect_left(end_times, t) - 1
             if i >= 0 and end_times[i] > latest:
                 latest, kind, tid = end_times[i], 2, end_tids[i]
-            same = 2 if tid == c_tid[c] else 0
-            nxt, next_kind, tid = self.s_end[s], 0, self.s_resp_tid[s]
+            same = 2 if tid == c_tid else 0
+            nxt, next_kind, tid = s_end, 0, s_resp_tid
             i = bisect_right(start_times, e)
             if i < len(start_times) and start_times[i] < nxt:
                 nxt, next_kind, tid = start_times[i], 1, start_tids[i]
-            if tid == c_resp_tid[c]:
+            if tid == c_resp_tid:
                 same += 1
-            total += self.t_chain[(kind * next_kinds + next_kind) * same_thread + same]
-            total += static + self.t_trigger[(op * trigger_kinds + kind) * BINS + gap_bin(t - latest)]
-            total += self.t_next[(op * next_kinds + next_kind) * BINS + gap_bin(nxt - e)]
+            total += t_chain[(kind * next_kinds + next_kind) * same_thread + same]
+            total += t_trigger[(op * trigger_kinds + kind) * BINS + gap_bin(t - latest)]
+            total += t_next[(op * next_kinds + next_kind) * BINS + gap_bin(nxt - e)]
         return total
 
     def _score(self, s: int) -> float:
