@@ -123,7 +123,7 @@ def server_records(pieces: list[tuple[bool, bytes]], role: str = "server", captu
                    first_seq: tuple[int, int] = (1000, 900000)) -> list:  # fmt: skip
     """The records a server-side agent would make of these pieces (one syscall each, the
     first `capture` bytes of each captured), then a close."""
-    from deeptrace.agent.records import Record
+    from deeptrace.capture.records import Record
 
     seq = {"ingress": first_seq[0], "egress": first_seq[1]}
     out, t = [], 1_000_000

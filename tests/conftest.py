@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from deeptrace.agent.collector import Collector, CollectorConfig, bpf_object_path
-from deeptrace.agent.records import Record
 from deeptrace.agent.selection import Selection
 from deeptrace.agent.system import BTF_PATH
+from deeptrace.capture.records import Record
 
 TESTS = Path(__file__).parent
 TRACEE = TESTS / "tracee.py"

@@ -194,8 +194,8 @@ def scripted_pair(collector, server_src: str, client_src: str, capture: Path, ti
 
 def replayed_spans(path: Path) -> list:
     """What `deeptrace replay` makes of a capture (in-process: the same code path as the CLI)."""
-    from deeptrace import replay
-    from deeptrace.pipeline import SpanPipeline
+    from deeptrace.capture import replay
+    from deeptrace.capture.pipeline import SpanPipeline
 
     pipeline = SpanPipeline(host="pcap")
     return pipeline.push(list(replay.records(path))) + pipeline.close_all(0)

@@ -9,8 +9,8 @@ import time
 from conftest import Tracee, require_bpf
 
 from deeptrace.agent.collector import Collector, CollectorConfig
-from deeptrace.agent.records import MAX_CAPTURE, MAX_MMSG
 from deeptrace.agent.selection import Selection
+from deeptrace.capture.records import MAX_CAPTURE, MAX_MMSG
 
 
 def _sink() -> tuple[socket.socket, threading.Thread]:

@@ -6,7 +6,7 @@ import subprocess
 
 from servers import need, nginx, redis
 
-from deeptrace.pipeline import SpanPipeline
+from deeptrace.capture.pipeline import SpanPipeline
 
 
 def spans_of(store, tgids, predicate, timeout_s=10.0):

@@ -16,7 +16,7 @@ from pika import frame as pika_frame
 from pika import spec
 
 from deeptrace import protocols
-from deeptrace.pipeline import SpanPipeline
+from deeptrace.capture.pipeline import SpanPipeline
 from deeptrace.protocols import amqp
 from deeptrace.protocols.amqp import PROTOCOL_HEADER, AmqpConnection, starts_request, starts_response
 from deeptrace.protocols.redaction import REDACTED, redact_span_parts

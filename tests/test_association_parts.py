@@ -57,7 +57,7 @@ def _parsed_span(conn, request: bytes, response: bytes) -> SpanRef:
     """A span exactly as the agent writes it, from a real parser, read back as association reads it."""
     from parsing import chunk
 
-    from deeptrace.spans import Endpoint, make_span
+    from deeptrace.capture.spans import Endpoint, make_span
 
     (req,) = conn.feed(True, chunk(request))
     resp = [m for m in conn.feed(False, chunk(response, t=5))][-1]

@@ -17,7 +17,7 @@ from parsing import chunk, exchange, feed_alternating, feed_split
 from thriftsvc import others
 from thriftsvc.dubbo_wire import SERVICE, h_int, h_string, header, heartbeat, request, response
 
-from deeptrace.pipeline import SpanPipeline
+from deeptrace.capture.pipeline import SpanPipeline
 from deeptrace.protocols import thrift
 from deeptrace.protocols.dubbo import DubboConnection, frame_request, starts_request, starts_response
 from deeptrace.protocols.framing import Frame

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from parsing import chunk, feed_alternating
 
-from deeptrace.pipeline import SpanPipeline
+from deeptrace.capture.pipeline import SpanPipeline
 from deeptrace.protocols import detect
 from deeptrace.protocols.http2 import PREFACE, Http2Connection
 from deeptrace.protocols.redaction import http_head

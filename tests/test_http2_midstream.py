@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from parsing import chunk
 
-from deeptrace.agent.records import Record
-from deeptrace.pipeline import SpanPipeline
+from deeptrace.capture.pipeline import SpanPipeline
+from deeptrace.capture.records import Record
 from deeptrace.protocols import detect
 from deeptrace.protocols.http2 import (
     PREFACE,

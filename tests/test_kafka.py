@@ -18,7 +18,7 @@ from kafka.protocol.producer import ProduceRequest, ProduceResponse
 from kafka.protocol.sasl import SaslAuthenticateRequest, SaslHandshakeRequest
 from parsing import chunk, feed_alternating, feed_split
 
-from deeptrace.pipeline import SpanPipeline
+from deeptrace.capture.pipeline import SpanPipeline
 from deeptrace.protocols import kafka
 from deeptrace.protocols.kafka import APIS, KafkaConnection, starts_request
 

@@ -1,48 +1,175 @@
-"""records.py mirrors struct dt_record: check it against the object's BTF, which
-is the C compiler's own account of the layout."""
+"""capture/records.py mirrors agent/bpf/deeptrace.h: check every struct, enum and bound the
+two share against the C compiler's own account of them.
+
+The structs are read from the BTF of the compiled objects. The enums and #define bounds are
+not in those objects (no variable has an enum type, and macros leave no type), so the header
+is compiled here into a small probe whose BTF has one variable per enum and one array per
+bound: the values are still the compiler's, not a reading of the text. Only the names of the
+enums and bounds are taken from the header's text, so a new one fails here until Python
+mirrors it (or it is listed as C-only)."""
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import struct
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from deeptrace.agent.collector import bpf_object_path
-from deeptrace.agent.records import CONFIG, COUNTERS, HEADER_FIELDS, HEADER_SIZE
+from deeptrace.agent.collector import BPF_DIR, COMPAT_OBJECT, TYPED_READS_OBJECT
+from deeptrace.capture import records
+
+HEADER = BPF_DIR / "deeptrace.h"
+# Bounds only the kernel programs use: Python has nothing that must agree with them.
+C_ONLY_BOUNDS = {"DT_IOV_BATCH"}
+# The Python name of each bound the two sides share.
+BOUNDS = {
+    "DT_MAX_CAPTURE": "MAX_CAPTURE",
+    "DT_MAX_IOV": "MAX_IOV",
+    "DT_MAX_MMSG": "MAX_MMSG",
+    "DT_TASK_COMM_LEN": "TASK_COMM_LEN",
+}
+# The header's own types, which the probe declares (it includes no kernel headers).
+_PROBE_TYPES = """\
+typedef unsigned char __u8;
+typedef unsigned short __u16;
+typedef unsigned int __u32;
+typedef unsigned long long __u64;
+typedef long long __s64;
+"""
 
 
-def btf_struct(name: str) -> tuple[int, list[tuple[str, int]]]:
-    obj = bpf_object_path()
-    if not obj.exists():
-        pytest.fail(f"{obj} is not built: run `make bpf`", pytrace=False)
-    text = subprocess.run(["bpftool", "btf", "dump", "file", str(obj)], capture_output=True, text=True,
-                          check=True).stdout  # fmt: skip
-    m = re.search(rf"STRUCT '{name}' size=(\d+) vlen=\d+\n((?:\t.*\n)+)", text)
-    assert m, f"struct {name} not in the object's BTF"
-    members = re.findall(r"'(\w+)' type_id=\d+ bits_offset=(\d+)", m.group(2))
-    return int(m.group(1)), [(n, int(bits) // 8) for n, bits in members]
+def btf_types(obj: Path) -> dict[int, dict]:
+    out = subprocess.run(["bpftool", "-j", "btf", "dump", "file", str(obj)], capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
+    return {t["id"]: t for t in json.loads(out)["types"]}
 
 
-def test_record_header_matches_the_c_struct():
-    size, members = btf_struct("dt_record")
-    offsets, off = [], 0
-    for name, fmt in HEADER_FIELDS:
-        offsets.append((name, off))
+def named(types: dict[int, dict], kind: str, name: str) -> dict:
+    found = [t for t in types.values() if t["kind"] == kind and t["name"] == name]
+    assert len(found) == 1, f"{kind} {name}: {len(found)} in the BTF"
+    return found[0]
+
+
+def struct_format(types: dict[int, dict], type_id: int) -> str:
+    """The struct-module format of a member's C type: an integer by size and sign, or
+    an array of bytes as 'Ns'."""
+    t = types[type_id]
+    while t["kind"] in ("TYPEDEF", "CONST", "VOLATILE"):
+        t = types[t["type_id"]]
+    if t["kind"] == "INT":
+        fmt = {1: "b", 2: "h", 4: "i", 8: "q"}[t["size"]]
+        return fmt if t["encoding"] == "SIGNED" else fmt.upper()
+    if t["kind"] == "ARRAY" and struct_format(types, t["type_id"]) in ("b", "B"):
+        return f"{t['nr_elems']}s"
+    raise AssertionError(f"no struct format for BTF type {t}")
+
+
+def c_struct(obj: Path, name: str) -> tuple[int, list[tuple[str, int, str]]]:
+    """The struct's size and its members as (name, byte offset, struct format)."""
+    types = btf_types(obj)
+    t = named(types, "STRUCT", name)
+    assert all(m["bits_offset"] % 8 == 0 for m in t["members"]), f"struct {name} has bit fields"
+    return t["size"], [
+        (m["name"], m["bits_offset"] // 8, struct_format(types, m["type_id"])) for m in t["members"]
+    ]
+
+
+def python_struct(fields: tuple[tuple[str, str], ...]) -> tuple[int, list[tuple[str, int, str]]]:
+    members, off = [], 0
+    for name, fmt in fields:
+        members.append((name, off, fmt))
         off += struct.calcsize("<" + fmt)
-    assert offsets == members
-    assert HEADER_SIZE == size == 120
+    return off, members
 
 
-def test_config_matches_the_c_struct():
-    size, members = btf_struct("dt_config")
-    assert [n for n, _ in members] == ["capture_bytes", "trace_all", "agent_tgid", "follow_forks", "wakeup_records"]
-    assert CONFIG.size == size
+@pytest.fixture(scope="module", params=[TYPED_READS_OBJECT, COMPAT_OBJECT], ids=lambda p: p.name)
+def bpf_object(request) -> Path:
+    if not request.param.exists():
+        pytest.fail(f"{request.param} is not built: run `make bpf`", pytrace=False)
+    return request.param
 
 
-def test_counter_names_match_the_c_enum():
-    src = (bpf_object_path().parent / "deeptrace.h").read_text()
-    enum = re.search(r"enum dt_counter \{(.*?)\};", src, re.DOTALL).group(1)
-    names = [n.lower() for n in re.findall(r"DT_CNT_(\w+)", enum) if n != "MAX"]
-    assert tuple(names) == COUNTERS
+@pytest.fixture(scope="module")
+def header_text() -> str:
+    return HEADER.read_text()
+
+
+@pytest.fixture(scope="module")
+def compiled(header_text, tmp_path_factory) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """({enum name: {enumerator: value}}, {bound: value}) as the compiler sees the header."""
+    if shutil.which("clang") is None:
+        pytest.fail("clang is not installed: run `make setup`", pytrace=False)
+    enums = re.findall(r"^enum (dt_\w+) \{", header_text, re.MULTILINE)
+    bounds = re.findall(r"^#define (\w+)[ \t]", header_text, re.MULTILINE)
+    probe = tmp_path_factory.mktemp("layout") / "probe.c"
+    probe.write_text(_PROBE_TYPES + f'#include "{HEADER}"\n'
+                     + "".join(f"enum {e} probe_enum_{e};\n" for e in enums)
+                     + "".join(f"char probe_bound_{b}[{b}];\n" for b in bounds))  # fmt: skip
+    obj = probe.with_suffix(".o")
+    subprocess.run(["clang", "-target", "bpf", "-g", "-c", str(probe), "-o", str(obj)], check=True)
+    types = btf_types(obj)
+    enum_values = {e: {v["name"]: v["val"] for v in named(types, "ENUM", e)["values"]} for e in enums}
+    variables = {t["name"]: types[t["type_id"]] for t in types.values() if t["kind"] == "VAR"}
+    bound_values = {b: variables[f"probe_bound_{b}"]["nr_elems"] for b in bounds}
+    return enum_values, bound_values
+
+
+def test_record_header_matches_the_c_struct(bpf_object):
+    assert python_struct(records.HEADER_FIELDS) == c_struct(bpf_object, "dt_record")
+    assert records.HEADER_SIZE == records.HEADER.size == 120
+
+
+def test_config_matches_the_c_struct(bpf_object):
+    assert python_struct(records.CONFIG_FIELDS) == c_struct(bpf_object, "dt_config")
+    assert records.CONFIG.size == python_struct(records.CONFIG_FIELDS)[0]
+
+
+def test_every_enum_is_mirrored(compiled):
+    enums, _ = compiled
+    assert set(enums) == {"dt_syscall", "dt_direction", "dt_role", "dt_flags", "dt_counter"}
+
+
+def test_syscalls_match_the_c_enum(compiled):
+    values = compiled[0]["dt_syscall"]
+    assert {f"DT_SYS_{name.upper()}": i for i, name in enumerate(records.SYSCALLS) if i} == values
+    assert records.SYSCALLS[0] not in {n.removeprefix("DT_SYS_").lower() for n in values}
+    events = {values["DT_SYS_CONNECT"], values["DT_SYS_ACCEPT"], values["DT_SYS_CLOSE"]}
+    assert records.DATA_SYSCALLS == tuple(
+        records.SYSCALLS[v] for v in sorted(values.values()) if v not in events
+    )
+
+
+def test_directions_match_the_c_enum(compiled):
+    values = compiled[0]["dt_direction"]
+    assert values == {
+        "DT_DIR_NONE": 0,
+        **{f"DT_DIR_{d.upper()}": i for i, d in enumerate(records.DIRECTIONS) if i},
+    }
+    assert records.DIRECTIONS[values["DT_DIR_NONE"]] is None
+
+
+def test_roles_match_the_c_enum(compiled):
+    assert compiled[0]["dt_role"] == {f"DT_ROLE_{r.upper()}": i for i, r in enumerate(records.ROLES)}
+
+
+def test_flags_match_the_c_enum(compiled):
+    python = {name: getattr(records, name) for name in dir(records) if name.startswith("FLAG_")}
+    assert {f"DT_{name}": value for name, value in python.items()} == compiled[0]["dt_flags"]
+
+
+def test_counters_match_the_c_enum(compiled):
+    values = dict(compiled[0]["dt_counter"])
+    assert values.pop("DT_CNT_MAX") == len(records.COUNTERS)
+    assert {f"DT_CNT_{name.upper()}": i for i, name in enumerate(records.COUNTERS)} == values
+
+
+def test_bounds_match_the_c_defines(compiled):
+    _, bounds = compiled
+    assert set(bounds) == set(BOUNDS) | C_ONLY_BOUNDS, (
+        "a #define in deeptrace.h is neither mirrored nor C-only"
+    )
+    assert {c: getattr(records, py) for c, py in BOUNDS.items()} == {c: bounds[c] for c in BOUNDS}

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from parsing import chunk, exchange, feed_alternating, feed_split
 
-from deeptrace.pipeline import SpanPipeline
+from deeptrace.capture.pipeline import SpanPipeline
 from deeptrace.protocols import detect
 from deeptrace.protocols.memcached import MemcachedConnection
 

@@ -16,7 +16,7 @@ import time
 import pytest
 from servers import free_port, mariadb, need, nginx, postgres, redis, serving
 
-from deeptrace.pipeline import SpanPipeline
+from deeptrace.capture.pipeline import SpanPipeline
 
 
 def spans_after(store, pids, done, timeout_s: float = 10.0) -> list:

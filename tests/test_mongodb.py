@@ -16,7 +16,7 @@ from parsing import chunk, feed_alternating, feed_split
 from pymongo import message
 from pymongo.compression_support import ZlibContext
 
-from deeptrace.pipeline import SpanPipeline
+from deeptrace.capture.pipeline import SpanPipeline
 from deeptrace.protocols.mongodb import MongoConnection, starts_request, starts_response
 from deeptrace.protocols.redaction import redact_span_parts
 

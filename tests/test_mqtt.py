@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from parsing import chunk, feed_alternating, feed_split
 
 from deeptrace import protocols
-from deeptrace.pipeline import SpanPipeline
+from deeptrace.capture.pipeline import SpanPipeline
 from deeptrace.protocols import mqtt
 from deeptrace.protocols.mqtt import MqttConnection, starts_request, starts_response
 

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from parsing import chunk, feed_alternating
 
-from deeptrace.pipeline import SpanPipeline
+from deeptrace.capture.pipeline import SpanPipeline
 from deeptrace.protocols import detect
 from deeptrace.protocols.base import CONNECTION_SETUP
 from deeptrace.protocols.mysql import CLIENT_DEPRECATE_EOF, MysqlConnection

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from parsing import chunk, feed_alternating, feed_split
 
 from deeptrace import protocols
-from deeptrace.pipeline import SpanPipeline
+from deeptrace.capture.pipeline import SpanPipeline
 from deeptrace.protocols import nats
 from deeptrace.protocols.nats import NatsConnection, starts_request, starts_response
 

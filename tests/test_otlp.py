@@ -18,8 +18,8 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 from servers import free_port
 
 import deeptrace
+from deeptrace.capture.spans import Endpoint, Span
 from deeptrace.server.otlp import OtlpExporter, convert_spans, id_bytes, spans_to_request, traces_url
-from deeptrace.spans import Endpoint, Span
 
 SERVER, CLIENT = trace_pb2.Span.SPAN_KIND_SERVER, trace_pb2.Span.SPAN_KIND_CLIENT
 UNSET, ERROR = trace_pb2.Status.STATUS_CODE_UNSET, trace_pb2.Status.STATUS_CODE_ERROR

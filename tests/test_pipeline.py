@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import random
 
-from deeptrace.agent.records import Record
-from deeptrace.pipeline import SpanPipeline
+from deeptrace.capture.pipeline import SpanPipeline
+from deeptrace.capture.records import Record
 
 REQ = b"GET /users/42 HTTP/1.1\r\nHost: a\r\n\r\n"
 RESP = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"

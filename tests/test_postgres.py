@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from parsing import chunk, feed_alternating
 
-from deeptrace.pipeline import SpanPipeline
+from deeptrace.capture.pipeline import SpanPipeline
 from deeptrace.protocols import detect
 from deeptrace.protocols.framing import HEAD_BYTES
 from deeptrace.protocols.postgres import PostgresConnection

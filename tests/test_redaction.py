@@ -12,7 +12,7 @@ import pytest
 from parsing import chunk
 from servers import mariadb, need, nginx, postgres, redis
 
-from deeptrace.pipeline import SpanPipeline
+from deeptrace.capture.pipeline import SpanPipeline
 from deeptrace.protocols import redaction
 from deeptrace.protocols.http1 import Http1Connection
 from deeptrace.protocols.redaction import http_head, redact_span_parts, redis_head, sql_text

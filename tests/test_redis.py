@@ -111,8 +111,8 @@ def test_unsubscribe_from_all_is_answered_once_and_ends_with_none_left():
 
 def test_inline_pings_are_redis_once_answered_with_a_plus_pong():
     """Inline PINGs alone could be NATS keep-alives; Redis's `+PONG` (NATS says `PONG`) decides."""
-    from deeptrace.agent.records import Record
-    from deeptrace.pipeline import SpanPipeline
+    from deeptrace.capture.pipeline import SpanPipeline
+    from deeptrace.capture.records import Record
     from deeptrace.protocols import detect
 
     assert detect(b"PING\r\nPING\r\n", True) is None and detect(b"PONG\r\n", False) is None

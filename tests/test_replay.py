@@ -24,9 +24,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from servers import dnsmasq, need, nginx, redis, span_key, tshark_capture
 
-from deeptrace import replay
+from deeptrace.capture import replay
+from deeptrace.capture.pipeline import SpanPipeline
 from deeptrace.cli import main
-from deeptrace.pipeline import SpanPipeline
 
 CAPTURES = Path(__file__).parent / "captures"
 REQ = b"GET /a/1 HTTP/1.1\r\nHost: x\r\n\r\n"

@@ -7,8 +7,8 @@ import pytest
 from conftest import RecordStore, Tracee, require_bpf
 
 from deeptrace.agent.collector import COMPAT_OBJECT, Collector, CollectorConfig
-from deeptrace.agent.records import DATA_SYSCALLS
 from deeptrace.agent.selection import Selection
+from deeptrace.capture.records import DATA_SYSCALLS
 
 INGRESS = {"read", "readv", "recvfrom", "recvmsg", "recvmmsg"}
 

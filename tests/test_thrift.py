@@ -18,7 +18,7 @@ from thrift.Thrift import TApplicationException
 from thriftsvc import others
 from thriftsvc.calc import DivideByZero, Point, app_error, call, reply
 
-from deeptrace.pipeline import SpanPipeline
+from deeptrace.capture.pipeline import SpanPipeline
 from deeptrace.protocols.framing import INVALID, NEED_MORE, Frame
 from deeptrace.protocols.thrift import ThriftConnection, frame_request, starts_request, starts_response
 

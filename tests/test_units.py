@@ -7,8 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from deeptrace.agent import system
-from deeptrace.agent.records import HEADER_SIZE, RecordDecoder
 from deeptrace.agent.selection import Selection
+from deeptrace.capture.records import HEADER_SIZE, RecordDecoder
 from deeptrace.errors import DeepTraceError
 
 

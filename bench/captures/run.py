@@ -38,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tshark
 
 from deeptrace import protocols as registry
-from deeptrace import replay
+from deeptrace.capture import replay
+from deeptrace.capture.pipeline import SpanPipeline
 from deeptrace.errors import DeepTraceError
-from deeptrace.pipeline import SpanPipeline
 
 SUFFIXES = (".pcap", ".pcapng", ".cap")
 COLUMNS = ("files", "expected", "answered", "matched", "named", "status", "extra")

@@ -27,8 +27,8 @@ sys.path.insert(0, str(HERE))
 from run import LOOP_CPU, RUNNER_CPU, Reader, build
 
 from deeptrace.agent.collector import Collector, CollectorConfig
-from deeptrace.agent.records import DATA_SYSCALLS
 from deeptrace.agent.selection import Selection
+from deeptrace.capture.records import DATA_SYSCALLS
 
 STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 

@@ -38,8 +38,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from deeptrace.agent.collector import Collector, CollectorConfig
 from deeptrace.agent.libbpf import BpfObject
-from deeptrace.agent.records import DATA_SYSCALLS
 from deeptrace.agent.selection import Selection
+from deeptrace.capture.records import DATA_SYSCALLS
 
 HERE = Path(__file__).parent
 OUT = HERE / "out"

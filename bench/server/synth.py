@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import random
 
-from deeptrace.spans import new_id
+from deeptrace.capture.spans import new_id
 
 OPERATIONS = [("GET /products/{id}", "catalog", 0.01), ("POST /checkout", "checkout", 0.05),
               ("GET /cart/{id}", "cart", 0.01)]  # fmt: skip

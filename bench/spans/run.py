@@ -41,7 +41,7 @@ from servers import nginx, redis  # the test suite's real-server helpers
 
 from deeptrace.agent.collector import Collector, CollectorConfig
 from deeptrace.agent.selection import Selection
-from deeptrace.pipeline import SpanPipeline
+from deeptrace.capture.pipeline import SpanPipeline
 
 TARGET = 100_000
 
@@ -260,9 +260,9 @@ def replay(records: list, batch: int = 512, runs: int = 3) -> dict:
 
 def stages(records: list) -> dict:
     """us per record of each stage, on the same records: where the time goes."""
-    from deeptrace.pipeline import _in_order
+    from deeptrace.capture.pipeline import _in_order
+    from deeptrace.capture.streams import OrderedStream, to_chunk
     from deeptrace.protocols.http1 import Http1Connection, frame_request, frame_response
-    from deeptrace.streams import OrderedStream, to_chunk
 
     def timed(fn) -> float:
         t0 = time.perf_counter()

@@ -114,7 +114,7 @@ def _run(opts: dict, on_batch, on_tick=None, on_end=None) -> None:
               help="JSON lines, or one readable line per record.")
 def record(fmt, **opts) -> None:
     """Write one JSON object per socket syscall of the traced processes."""
-    from deeptrace.agent.records import format_text
+    from deeptrace.capture.records import format_text
 
     def write(batch, out) -> None:
         for rec in batch:
@@ -156,8 +156,8 @@ def agent(timeout_s, fmt, stats_interval, host_name, associate, algorithm, no_he
     """Trace processes and write one JSON span per request/response exchange (or ship them to a
     server with --server)."""
     from deeptrace.agent.services import ServiceNames
-    from deeptrace.pipeline import SpanPipeline
-    from deeptrace.spans import format_text
+    from deeptrace.capture.pipeline import SpanPipeline
+    from deeptrace.capture.spans import format_text
 
     pipeline = SpanPipeline(host=host_name, timeout_ns=int(timeout_s * 1e9), service_name=ServiceNames())
     shipper, kernel = None, {"drops": 0}  # kernel drops: counted on this thread, read by the heartbeat's
@@ -252,9 +252,9 @@ def agent(timeout_s, fmt, stats_interval, host_name, associate, algorithm, no_he
               help="JSON lines, or one readable line per span.")
 def replay(capture, out_path, fmt) -> None:
     """Spans from a pcap/pcapng capture, through the same parsers as the agent."""
-    from deeptrace import replay as replaying
-    from deeptrace.pipeline import SpanPipeline
-    from deeptrace.spans import format_text
+    from deeptrace.capture import replay as replaying
+    from deeptrace.capture.pipeline import SpanPipeline
+    from deeptrace.capture.spans import format_text
 
     pipeline = SpanPipeline(host="pcap")
     unreadable = None

@@ -30,6 +30,7 @@ MAX_SPAN_ID_CHARS = 64  # span, trace and parent ids
 # Who sent a batch, and which batch: what agents are named by and deduplicated on.
 AGENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 AGENT_ID_RULE = "1-128 letters, digits, '.', '_' or '-', starting with a letter or digit"
+MAX_BODY_BYTES = 32 << 20  # a batch's body, decompressed, and as sent
 MAX_NAME_CHARS = 512
 MAX_LABEL_CHARS = 255  # service, host
 MAX_ADDR_CHARS = 64

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deeptrace.agent import selection
-from deeptrace.agent.libbpf import BpfError, BpfObject, libbpf
-from deeptrace.agent.records import CONFIG, COUNTERS, MAX_CAPTURE, Record, RecordDecoder
+from deeptrace.agent.libbpf import BpfError, BpfMap, BpfObject, libbpf
 from deeptrace.agent.ringbuf import RingReader
 from deeptrace.agent.selection import Selection
 from deeptrace.agent.system import kernel_has_btf_function, preflight
+from deeptrace.capture.records import CONFIG, COUNTERS, MAX_CAPTURE, TASK_COMM_LEN, Record, RecordDecoder
 from deeptrace.errors import DeepTraceError
 
 BPF_DIR = Path(__file__).parent / "bpf"
@@ -23,6 +23,7 @@ TYPED_READS_OBJECT = BPF_DIR / "deeptrace.bpf.o"
 COMPAT_OBJECT = BPF_DIR / "deeptrace-compat.bpf.o"
 
 _U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
 _ONE = _U32.pack(1)
 
 
@@ -97,11 +98,21 @@ class Collector:
 
     def _maps(self) -> None:
         obj = self._obj
-        self._pids = obj.map("PIDS", 4, 4)
-        self._comms = obj.map("COMMS", 16, 4)
-        self._config_map = obj.map("CONFIG", 4, CONFIG.size)
-        self._counters = obj.map("COUNTERS", 4, 8)
-        self._records = obj.map("RECORDS", 0, 0)
+        # Key and value sizes come from the object; those this module packs are checked once here.
+        self._pids = self._sized(obj.map("PIDS"), _U32.size, _U32.size)
+        self._comms = self._sized(obj.map("COMMS"), TASK_COMM_LEN, _U32.size)
+        self._config_map = self._sized(obj.map("CONFIG"), _U32.size, CONFIG.size)
+        self._counters = self._sized(obj.map("COUNTERS"), _U32.size, _U64.size)
+        self._records = obj.map("RECORDS")
+
+    def _sized(self, m: BpfMap, key_size: int, value_size: int) -> BpfMap:
+        if (m.key_size, m.value_size) != (key_size, value_size):
+            raise DeepTraceError(
+                f"map {m.name} of {self.config.bpf_object} has {m.key_size}-byte keys and {m.value_size}-byte "
+                f"values, but the agent packs {key_size}-byte keys and {value_size}-byte values (an object "
+                "built from another deeptrace.h? rebuild it with `make bpf`)"
+            )
+        return m
 
     def _write_config(self) -> None:
         cfg = self.config
@@ -116,7 +127,7 @@ class Collector:
 
     def _select_initial(self) -> None:
         for name in self.config.selection.comms:
-            self._comms.update(name.encode().ljust(16, b"\0"), _ONE)
+            self._comms.update(name.encode().ljust(TASK_COMM_LEN, b"\0"), _ONE)
         self._sync_traced(selection.initial_tgids(self.config.selection))
 
     def close(self) -> None:
@@ -147,7 +158,7 @@ class Collector:
 
     def trace_comm(self, name: str) -> None:
         """Trace processes that exec with this name from now on (and those running now)."""
-        self._comms.update(name.encode().ljust(16, b"\0"), _ONE)
+        self._comms.update(name.encode().ljust(TASK_COMM_LEN, b"\0"), _ONE)
         self._sync_traced(self.traced | {p for p in selection.all_tgids() if selection.comm_of(p) == name})
 
     def untrace(self, pid: int) -> None:
@@ -207,11 +218,11 @@ class Collector:
         return batch
 
     def counters(self) -> dict[str, int]:
-        """Kernel-side counters summed over CPUs, by name (see records.COUNTERS)."""
+        """Kernel-side counters summed over CPUs, by name (see capture.records.COUNTERS)."""
         ncpu = libbpf().num_possible_cpus()
         out = {}
         for i, name in enumerate(COUNTERS):
-            raw = self._counters.lookup(_U32.pack(i), 8 * ncpu) or b""
+            raw = self._counters.lookup(_U32.pack(i), self._counters.value_size * ncpu) or b""
             out[name] = sum(struct.unpack(f"<{len(raw) // 8}Q", raw))
         return out
 

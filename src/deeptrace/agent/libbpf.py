@@ -98,6 +98,8 @@ class LibBpf:
             "bpf_map__fd": (i, [vp]),
             "bpf_map__set_max_entries": (i, [vp, u32]),
             "bpf_map__max_entries": (u32, [vp]),
+            "bpf_map__key_size": (u32, [vp]),
+            "bpf_map__value_size": (u32, [vp]),
             "bpf_map_update_elem": (i, [i, vp, vp, ctypes.c_uint64]),
             "bpf_map_lookup_elem": (i, [i, vp, vp]),
             "bpf_map_delete_elem": (i, [i, vp]),
@@ -134,7 +136,8 @@ def _errno_text(code: int) -> str:
 
 
 class BpfMap:
-    """A map of a loaded object, accessed by its fd with fixed-size keys and values."""
+    """A map of a loaded object, accessed by its fd with fixed-size keys and values
+    (the sizes the object declares; for a per-CPU map, one CPU's value)."""
 
     def __init__(self, name: str, ptr: int, key_size: int, value_size: int):
         self.name = name
@@ -210,8 +213,11 @@ class BpfObject:
             raise BpfError(f"loading {self.path.name} failed ({_errno_text(rc)}){hint}", tail)
         self.loaded = True
 
-    def map(self, name: str, key_size: int, value_size: int) -> BpfMap:
-        return BpfMap(name, self._map_ptr(name), key_size, value_size)
+    def map(self, name: str) -> BpfMap:
+        """The map called `name`, with the key and value sizes the object declares."""
+        ptr = self._map_ptr(name)
+        lib = self._lib.lib
+        return BpfMap(name, ptr, lib.bpf_map__key_size(ptr), lib.bpf_map__value_size(ptr))
 
     def program_names(self) -> list[str]:
         names = []

@@ -37,8 +37,7 @@ from deeptrace import __version__
 from deeptrace.agent import selfstats
 from deeptrace.agent.spool import Spool, SpoolEntry, write_atomically
 from deeptrace.errors import DeepTraceError
-from deeptrace.schema import check_span  # the server's own rules
-from deeptrace.server.ingest import MAX_BODY_BYTES
+from deeptrace.schema import MAX_BODY_BYTES, check_span  # the server's own rules
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from deeptrace import __version__
-from deeptrace.schema import AGENT_ID, AGENT_ID_RULE, INT64_MAX
+from deeptrace.schema import AGENT_ID, AGENT_ID_RULE, INT64_MAX, MAX_BODY_BYTES
 from deeptrace.server import api, errors_http, ingest, jaeger
 from deeptrace.server.bodylimit import BodyLimit
 from deeptrace.server.linker import Linker
@@ -273,7 +273,7 @@ def create_app(config: ServerConfig, store: Store | None = None) -> FastAPI:
 
 def body_limit(method: str, path: str) -> int:
     if method == "POST" and path == "/api/v1/spans":
-        return ingest.MAX_BODY_BYTES
+        return MAX_BODY_BYTES
     if method == "PUT" and path.startswith("/api/v1/agents/"):
         return MAX_AGENT_REPORT_BYTES
     return MAX_OTHER_BODY_BYTES

@@ -11,9 +11,8 @@ import time
 import zlib
 from dataclasses import dataclass
 
-from deeptrace.schema import AGENT_ID, AGENT_ID_RULE, decode_batch
+from deeptrace.schema import AGENT_ID, AGENT_ID_RULE, MAX_BODY_BYTES, decode_batch
 
-MAX_BODY_BYTES = 32 << 20  # decompressed, and as sent
 MAX_AHEAD_NS = 900 * 10**9  # how far past the server's clock a span may end (clocks drift)
 
 

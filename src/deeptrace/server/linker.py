@@ -24,9 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from deeptrace.association.streaming import StreamingAssociator
+from deeptrace.capture.spans import new_id
 from deeptrace.server import ingest
 from deeptrace.server.store.base import DeadLetter, Store, StoreUnavailable
-from deeptrace.spans import new_id
 
 log = logging.getLogger("deeptrace.server")
 BATCH_KEY = "_batch"  # where a span remembers the incoming batch it came in

@@ -1,6 +1,6 @@
-/* The one header shared by the kernel programs and mirrored by agent/records.py.
- * Any change here must be made in records.py too; tests/test_layout.py checks the
- * two against the BTF of the compiled object. */
+/* The one header shared by the kernel programs and mirrored by capture/records.py.
+ * Any change here must be made in records.py too; tests/test_layout.py checks every
+ * struct, enum and bound of the two against the compiler's BTF. */
 #ifndef DEEPTRACE_H
 #define DEEPTRACE_H
 

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from deeptrace import protocols
-from deeptrace.agent.records import Record
+from deeptrace.capture.records import Record
+from deeptrace.capture.spans import Endpoint, Pairing, Span, make_span
+from deeptrace.capture.streams import OrderedStream
 from deeptrace.protocols.base import ConnectionParser, Message
-from deeptrace.spans import Endpoint, Pairing, Span, make_span
-from deeptrace.streams import OrderedStream
 
 MAX_CONNECTIONS = 65536
 DETECT_GIVE_UP_BYTES = 4096

@@ -9,7 +9,7 @@ length, so the parsers can skip it instead of being shifted by it.
 
 from __future__ import annotations
 
-from deeptrace.agent.records import Record
+from deeptrace.capture.records import Record
 from deeptrace.protocols.base import Chunk
 
 REORDER_WINDOW_NS = 50_000_000  # how long a later range waits for an earlier one

@@ -39,7 +39,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
 
-from deeptrace.agent.records import FLAG_TRUNCATED, Record
+from deeptrace.capture.records import FLAG_TRUNCATED, Record
 from deeptrace.errors import DeepTraceError
 
 COMM = "pcap"

@@ -1,8 +1,9 @@
 """The record: one socket syscall (or connection event) seen by the kernel side.
 
-`HEADER_FIELDS` mirrors `struct dt_record` in bpf/deeptrace.h, field for field;
-tests/test_layout.py checks it against the BTF of the compiled object. The other
-constants mirror that header's enums.
+`HEADER_FIELDS` mirrors `struct dt_record` in agent/bpf/deeptrace.h, field for
+field, and `CONFIG_FIELDS` its `struct dt_config`; tests/test_layout.py checks them
+against the BTF of the compiled object. The other constants mirror that header's
+enums and bounds, and the same test checks every one of them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
+
+MAX_CAPTURE = 16384  # DT_MAX_CAPTURE
+MAX_IOV = 64  # DT_MAX_IOV
+MAX_MMSG = 8  # DT_MAX_MMSG
+TASK_COMM_LEN = 16  # DT_TASK_COMM_LEN
 
 # (name, struct format) in the order of struct dt_record; little-endian, no padding
 # (the C struct has none: every field is naturally aligned).
@@ -38,14 +44,10 @@ HEADER_FIELDS: tuple[tuple[str, str], ...] = (
     ("role", "B"),
     ("flags", "B"),
     ("msg_index", "H"),
-    ("comm", "16s"),
+    ("comm", f"{TASK_COMM_LEN}s"),
 )
 HEADER = struct.Struct("<" + "".join(fmt for _, fmt in HEADER_FIELDS))
 HEADER_SIZE = HEADER.size  # 120
-
-MAX_CAPTURE = 16384  # DT_MAX_CAPTURE
-MAX_IOV = 64  # DT_MAX_IOV
-MAX_MMSG = 8  # DT_MAX_MMSG
 
 # enum dt_syscall, index = value
 SYSCALLS = (
@@ -59,6 +61,7 @@ ROLES = ("unknown", "client", "server")  # enum dt_role
 FAMILIES = {2: "ipv4", 10: "ipv6"}
 L4 = {6: "tcp", 17: "udp"}
 
+# enum dt_flags
 FLAG_TRUNCATED = 1
 FLAG_PAYLOAD_FAULT = 2
 FLAG_ADDR_FROM_CALL = 4
@@ -77,8 +80,15 @@ COUNTERS = (
     "payload_fault",
 )
 
-# struct dt_config
-CONFIG = struct.Struct("<IIIIQ")  # capture_bytes, trace_all, agent_tgid, follow_forks, wakeup_records
+# (name, struct format) in the order of struct dt_config, the CONFIG map's one value.
+CONFIG_FIELDS: tuple[tuple[str, str], ...] = (
+    ("capture_bytes", "I"),
+    ("trace_all", "I"),
+    ("agent_tgid", "I"),
+    ("follow_forks", "I"),
+    ("wakeup_records", "Q"),
+)
+CONFIG = struct.Struct("<" + "".join(fmt for _, fmt in CONFIG_FIELDS))
 
 
 @dataclass(slots=True)
