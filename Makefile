@@ -17,7 +17,7 @@ APT_PACKAGES := clang llvm libbpf1 libbpf-dev bpftool gcc libc6-dev make \
                 rabbitmq-server nats-server mosquitto \
                 iproute2 procps chromium
 
-.PHONY: all setup deps node venv web bpf test demo demo-two-hosts bench bench-accuracy bench-accuracy-foreign bench-server clean
+.PHONY: all setup deps node venv web bpf test demo demo-two-hosts bench bench-accuracy bench-accuracy-foreign bench-app-impact bench-server clean
 
 all: setup
 
@@ -103,6 +103,11 @@ bench-accuracy-foreign: setup $(VENV)/.bench-installed
 $(VENV)/.bench-installed: pyproject.toml
 	$(VPY) -m pip install -q -e '.[test,bench]'
 	touch $@
+
+# The agent under saturating nginx (wrk) and redis-server (redis-benchmark), A/B/A in one run
+# (bench/app_impact/run.py; as root, about 1.5 minutes). ARGS passes options, e.g. ARGS="--quick".
+bench-app-impact: setup
+	$(VPY) bench/app_impact/run.py $(ARGS)
 
 # The server's ingest, linking, query and UI budgets (bench/server/run.py; about 10 minutes).
 bench-server: setup

@@ -37,26 +37,35 @@ def need(binary: str) -> str:
     return path
 
 
-NGINX_CONF = """
+_NGINX_CONF = """
 daemon off;
 master_process on;
 worker_processes 1;
 pid {dir}/nginx.pid;
 error_log {dir}/error.log;
-events {{ worker_connections 64; }}
+events {{ worker_connections 1024; }}
 http {{
-    access_log {dir}/access.log;
     client_body_temp_path {dir};
     proxy_temp_path {dir};
     fastcgi_temp_path {dir};
     uwsgi_temp_path {dir};
     scgi_temp_path {dir};
+    {http}
     server {{
         listen 127.0.0.1:{port};
-        location /hello {{ default_type text/plain; return 200 "hello from nginx\\n"; }}
+        {server}
     }}
 }}
 """
+
+
+def nginx_conf(directory, port: int, http: str = "access_log {dir}/access.log;",
+               server: str = 'location /hello {{ default_type text/plain; return 200 "hello from nginx\\n"; }}') -> str:  # fmt: skip
+    """One worker in the foreground, every file in `directory`; `http` and `server` are
+    lines for those blocks (format fields and braces as in str.format). The default
+    serves /hello, as the tests use it."""
+    return _NGINX_CONF.format(dir=directory, port=port, http=http.format(dir=directory),
+                              server=server.format(dir=directory))  # fmt: skip
 
 
 @contextmanager
@@ -75,7 +84,7 @@ def serving(argv: list[str], port: int, **popen):
 def nginx(tmp_path: Path):
     port = free_port()
     conf = tmp_path / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=tmp_path, port=port))
+    conf.write_text(nginx_conf(tmp_path, port))
     with serving([need("nginx"), "-c", str(conf), "-e", str(tmp_path / "error.log")], port) as pid:
         # The master listens before it forks its worker: a test that traces the master's
         # children right away could miss the worker that will serve its requests.

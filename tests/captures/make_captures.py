@@ -19,7 +19,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parent))
-from servers import NGINX_CONF, dnsmasq, need, nginx, redis
+from servers import dnsmasq, need, nginx, nginx_conf, redis
 
 BIG = bytes(range(256)) * 80  # a 20 KiB body: many segments on a 1280-byte MTU
 
@@ -83,7 +83,7 @@ def ipv6(tmp: Path) -> None:
     capture needs no filter: libpcap's `port` filter does not look past extension headers):
     curl, and a Python client whose socket adds a destination-options header to its packets."""
     conf = tmp / "nginx6.conf"
-    conf.write_text(NGINX_CONF.format(dir=tmp, port=8080).replace("listen 127.0.0.1:", "listen [::1]:"))
+    conf.write_text(nginx_conf(tmp, 8080).replace("listen 127.0.0.1:", "listen [::1]:"))
     subprocess.run(["ip", "netns", "del", "dtv6"], check=False, capture_output=True)
     run("ip", "netns", "add", "dtv6")
     try:
@@ -138,7 +138,7 @@ def namespaces(tmp: Path) -> None:
         for d in (tmp.parent, tmp, tmp / "srv"):
             d.chmod(0o755)  # nginx's workers are not root
         conf = tmp / "srv" / "nginx.conf"
-        conf.write_text(NGINX_CONF.format(dir=tmp / "srv", port=80).replace("listen 127.0.0.1:80;", "listen 80;")
+        conf.write_text(nginx_conf(tmp / "srv", 80).replace("listen 127.0.0.1:80;", "listen 80;")
                         .replace("location /hello", f"location /big {{ alias {tmp}/srv/big.bin; }}\n        "
                                  "location /hello"))  # fmt: skip
         txt = ",".join(f'"{chr(97 + i) * 200}"' for i in range(10))  # 2000 bytes of TXT
