@@ -85,9 +85,9 @@ class Collector:
         try:
             obj.set_max_entries("RECORDS", cfg.ring_bytes)
             obj.set_max_entries("SCRATCH", libbpf().num_possible_cpus())
+            obj.set_read_only_data(self._settings())
             obj.load()
             self._maps()
-            self._write_config()
             self._select_initial()
             obj.attach_all()
             self._ring = RingReader(self._records.fd, cfg.ring_bytes)
@@ -101,7 +101,6 @@ class Collector:
         # Key and value sizes come from the object; those this module packs are checked once here.
         self._pids = self._sized(obj.map("PIDS"), _U32.size, _U32.size)
         self._comms = self._sized(obj.map("COMMS"), TASK_COMM_LEN, _U32.size)
-        self._config_map = self._sized(obj.map("CONFIG"), _U32.size, CONFIG.size)
         self._counters = self._sized(obj.map("COUNTERS"), _U32.size, _U64.size)
         self._records = obj.map("RECORDS")
 
@@ -114,16 +113,11 @@ class Collector:
             )
         return m
 
-    def _write_config(self) -> None:
+    def _settings(self) -> bytes:
+        """struct dt_config, the programs' load-time settings (their `CFG`)."""
         cfg = self.config
-        value = CONFIG.pack(
-            cfg.capture_bytes,
-            int(cfg.selection.trace_all),
-            os.getpid(),
-            int(cfg.follow_forks),
-            cfg.wakeup_records,
-        )
-        self._config_map.update(_U32.pack(0), value)
+        return CONFIG.pack(cfg.capture_bytes, int(cfg.selection.trace_all), os.getpid(), int(cfg.follow_forks),
+                           cfg.wakeup_records)  # fmt: skip
 
     def _select_initial(self) -> None:
         for name in self.config.selection.comms:

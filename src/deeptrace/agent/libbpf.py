@@ -100,6 +100,7 @@ class LibBpf:
             "bpf_map__max_entries": (u32, [vp]),
             "bpf_map__key_size": (u32, [vp]),
             "bpf_map__value_size": (u32, [vp]),
+            "bpf_map__set_initial_value": (i, [vp, vp, ctypes.c_size_t]),
             "bpf_map_update_elem": (i, [i, vp, vp, ctypes.c_uint64]),
             "bpf_map_lookup_elem": (i, [i, vp, vp]),
             "bpf_map_delete_elem": (i, [i, vp]),
@@ -201,6 +202,18 @@ class BpfObject:
         rc = self._lib.lib.bpf_map__set_max_entries(self._map_ptr(name), n)
         if rc < 0:
             raise BpfError(f"cannot size map {name} to {n} entries ({_errno_text(rc)})")
+
+    def set_read_only_data(self, data: bytes) -> None:
+        """The object's `const volatile` globals (its .rodata), before load: the verifier
+        then treats them as constants."""
+        ptr = self._map_ptr(".rodata")
+        size = self._lib.lib.bpf_map__value_size(ptr)
+        if size != len(data):
+            raise BpfError(f"{self.path.name} has {size} bytes of read-only data, but {len(data)} were given "
+                           "(an object built from another deeptrace.h? rebuild it with `make bpf`)")  # fmt: skip
+        rc = self._lib.lib.bpf_map__set_initial_value(ptr, data, len(data))
+        if rc < 0:
+            raise BpfError(f"cannot set the read-only data of {self.path.name} ({_errno_text(rc)})")
 
     def load(self) -> None:
         self._lib.log.clear()

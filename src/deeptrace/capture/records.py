@@ -80,7 +80,7 @@ COUNTERS = (
     "payload_fault",
 )
 
-# (name, struct format) in the order of struct dt_config, the CONFIG map's one value.
+# (name, struct format) in the order of struct dt_config, the programs' read-only CFG.
 CONFIG_FIELDS: tuple[tuple[str, str], ...] = (
     ("capture_bytes", "I"),
     ("trace_all", "I"),

@@ -85,12 +85,10 @@ struct {
 	__type(value, struct conn);
 } CONNS SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, struct dt_config);
-} CONFIG SEC(".maps");
+/* Load-time settings, read-only data that user space fills in before load: the
+ * verifier knows their values, so a program reads a constant instead of looking up a
+ * map on every call, and branches a setting rules out are not there at all. */
+const volatile struct dt_config CFG = {};
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -144,13 +142,12 @@ static __always_inline void count(__u32 idx)
 		*v += 1;
 }
 
-static __always_inline struct dt_config *get_config(void)
+static __always_inline const volatile struct dt_config *get_config(void)
 {
-	__u32 zero = 0;
-	return bpf_map_lookup_elem(&CONFIG, &zero);
+	return &CFG;
 }
 
-static __always_inline bool traced(__u32 tgid, struct dt_config *cfg)
+static __always_inline bool traced(__u32 tgid, const volatile struct dt_config *cfg)
 {
 	if (cfg->trace_all)
 		return tgid != cfg->agent_tgid;
@@ -315,7 +312,7 @@ static __always_inline struct scratch *begin_record(struct args *a, __u8 directi
 
 static __always_inline void submit(struct scratch *s, __u64 captured)
 {
-	struct dt_config *cfg = get_config();
+	const volatile struct dt_config *cfg = get_config();
 	__u32 idx = DT_CNT_SUBMITTED;
 	__u64 *submitted = bpf_map_lookup_elem(&COUNTERS, &idx);
 	__u64 len, flags = BPF_RB_NO_WAKEUP;
@@ -343,7 +340,7 @@ static __always_inline void submit(struct scratch *s, __u64 captured)
 
 static __always_inline __u32 capture_limit(void)
 {
-	struct dt_config *cfg = get_config();
+	const volatile struct dt_config *cfg = get_config();
 	__u32 cap = cfg ? cfg->capture_bytes : 0;
 
 	return cap > DT_MAX_CAPTURE ? DT_MAX_CAPTURE : cap;
@@ -434,7 +431,7 @@ static __always_inline int enter_io(void *map, __u8 syscall, __u8 direction, lon
 				    __u64 addr, __u32 count_)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	struct dt_config *cfg = get_config();
+	const volatile struct dt_config *cfg = get_config();
 	__u8 l4 = 0;
 
 	if (!cfg || !traced(id >> 32, cfg))
@@ -594,7 +591,7 @@ EXIT(sendmmsg) { return exit_mmsg(&EGRESS, DT_DIR_EGRESS, ctx->ret); }
 SEC("tracepoint/syscalls/sys_exit_socket")
 int exit_socket(struct trace_event_raw_sys_exit *ctx)
 {
-	struct dt_config *cfg = get_config();
+	const volatile struct dt_config *cfg = get_config();
 	__u8 l4 = 0;
 
 	if (ctx->ret < 0 || !cfg || !traced(bpf_get_current_pid_tgid() >> 32, cfg))
@@ -628,7 +625,7 @@ EXIT(connect)
 static __always_inline int accept_enter(void)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	struct dt_config *cfg = get_config();
+	const volatile struct dt_config *cfg = get_config();
 
 	if (!cfg || !traced(id >> 32, cfg))
 		return 0;
@@ -667,7 +664,7 @@ EXIT(accept4) { return accept_exit(ctx->ret); }
 ENTER(close)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	struct dt_config *cfg = get_config();
+	const volatile struct dt_config *cfg = get_config();
 	__u8 l4 = 0;
 
 	if (!cfg || !traced(id >> 32, cfg))
@@ -698,7 +695,7 @@ int on_fork(struct bpf_raw_tracepoint_args *ctx)
 {
 	struct task_struct *parent = (void *)ctx->args[0];
 	struct task_struct *child = (void *)ctx->args[1];
-	struct dt_config *cfg = get_config();
+	const volatile struct dt_config *cfg = get_config();
 	__u32 ptgid = BPF_CORE_READ(parent, tgid);
 	__u32 ctgid = BPF_CORE_READ(child, tgid);
 	__u32 one = 1;

@@ -59,7 +59,7 @@ enum dt_counter {
 	DT_CNT_MAX,
 };
 
-/* Written once by user space before the programs run (CONFIG map, key 0). */
+/* Set by user space before load, as the programs' read-only global CFG. */
 struct dt_config {
 	__u32 capture_bytes; /* payload head per record, 0..DT_MAX_CAPTURE */
 	__u32 trace_all;     /* 1: every process but agent_tgid */
