@@ -29,6 +29,7 @@ A value is replaced by `[REDACTED]`; a head that ends inside a secret is cut the
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 REDACTED = "[REDACTED]"
 _R = REDACTED.encode()
@@ -58,7 +59,9 @@ _WORD_SPLIT = re.compile(r"[-_.\s]+")
 _CAMEL = re.compile(r"([a-z0-9])([A-Z])")
 
 
+@lru_cache(maxsize=1 << 12)
 def secret_name(name: str) -> bool:
+    """Cached: every span's header names and parameter keys are checked, and they repeat."""
     words = _CAMEL.sub(r"\1_\2", name.strip()).lower()
     name = name.strip().lower()
     return name in SECRET_HEADERS or name in SECRET_KEYS or any(w in SECRET_WORDS for w in _WORD_SPLIT.split(words))
