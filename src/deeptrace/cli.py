@@ -157,7 +157,7 @@ def agent(timeout_s, fmt, stats_interval, host_name, associate, algorithm, no_he
     server with --server)."""
     from deeptrace.agent.services import ServiceNames
     from deeptrace.capture.pipeline import SpanPipeline
-    from deeptrace.capture.spans import format_text
+    from deeptrace.capture.spans import format_text, json_lines
 
     pipeline = SpanPipeline(host=host_name, timeout_ns=int(timeout_s * 1e9), service_name=ServiceNames())
     shipper, kernel = None, {"drops": 0}  # kernel drops: counted on this thread, read by the heartbeat's
@@ -197,9 +197,8 @@ def agent(timeout_s, fmt, stats_interval, host_name, associate, algorithm, no_he
         linker = StreamingAssociator(algorithm, header_ids=not no_header_ids, hold_s=hold)
 
     def emit(dicts, out) -> None:
-        for d in dicts:
-            out.write(json.dumps(d) + "\n")
         if dicts:
+            out.write(json_lines(dicts))
             out.flush()
 
     def write(spans, out) -> None:
@@ -210,9 +209,9 @@ def agent(timeout_s, fmt, stats_interval, host_name, associate, algorithm, no_he
         if linker is not None:
             linker.push([span.to_json_dict() for span in spans])
             return
-        for span in spans:
-            out.write((format_text(span) if fmt == "text" else json.dumps(span.to_json_dict())) + "\n")
         if spans:
+            out.write("".join(format_text(span) + "\n" for span in spans) if fmt == "text"
+                      else json_lines([span.to_json_dict() for span in spans]))  # fmt: skip
             out.flush()
 
     next_stats = time.monotonic() + stats_interval
@@ -254,15 +253,15 @@ def replay(capture, out_path, fmt) -> None:
     """Spans from a pcap/pcapng capture, through the same parsers as the agent."""
     from deeptrace.capture import replay as replaying
     from deeptrace.capture.pipeline import SpanPipeline
-    from deeptrace.capture.spans import format_text
+    from deeptrace.capture.spans import format_text, json_lines
 
     pipeline = SpanPipeline(host="pcap")
     unreadable = None
     try:
         with _open_out(out_path) as out:
             def write(spans) -> None:
-                for span in spans:
-                    out.write((format_text(span) if fmt == "text" else json.dumps(span.to_json_dict())) + "\n")
+                out.write("".join(format_text(span) + "\n" for span in spans) if fmt == "text"
+                          else json_lines([span.to_json_dict() for span in spans]))  # fmt: skip
 
             batch: list = []
             try:
@@ -320,6 +319,7 @@ def associate(spans_file, algorithm, no_header_ids, out_path) -> None:
     from collections import Counter
 
     from deeptrace.association.associate import associate as link
+    from deeptrace.capture.spans import json_lines
 
     try:
         spans = _read_spans(spans_file)
@@ -327,8 +327,7 @@ def associate(spans_file, algorithm, no_header_ids, out_path) -> None:
         link(spans, algorithm, header_ids=not no_header_ids)
         took = time.perf_counter() - started
         with _open_out(out_path) as out:
-            for d in spans:
-                out.write(json.dumps(d) + "\n")
+            out.write(json_lines(spans))
         methods = Counter(d["link_method"] for d in spans)
         traces = len({d["trace_id"] for d in spans})
         click.echo(f"deeptrace: {len(spans)} spans in {traces} traces ({algorithm}, {took:.2f} s): "

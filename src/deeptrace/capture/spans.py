@@ -7,9 +7,12 @@ The span is the one record everything downstream agrees on (DESIGN.md section 4)
 from __future__ import annotations
 
 import base64
+import json
 import random
 from collections import deque
 from dataclasses import dataclass
+
+import msgspec
 
 from deeptrace.protocols.base import Message
 from deeptrace.protocols.redaction import redact_span_parts
@@ -116,6 +119,23 @@ class Span:
             "req_head": base64.b64encode(self.req_head).decode(),
             "resp_head": base64.b64encode(self.resp_head).decode(),
         }
+
+
+_ENCODER = msgspec.json.Encoder()
+
+
+def json_lines(dicts: list[dict]) -> str:
+    """Spans (`to_json_dict`) as JSON lines, in ASCII. msgspec encodes in C, 3x json.dumps,
+    which took a third of the agent's time per span, but writes text as UTF-8 and refuses
+    lone surrogates (bytes kept with surrogateescape): a batch with either is written as
+    json.dumps writes it, escaped, so that no reader splits a line at U+0085 or U+2028."""
+    try:
+        text = _ENCODER.encode_lines(dicts).decode()
+    except UnicodeEncodeError:
+        text = None
+    if text is None or not text.isascii():
+        return "".join(json.dumps(d) + "\n" for d in dicts)
+    return text
 
 
 def format_text(span: Span) -> str:
