@@ -1,10 +1,14 @@
 // SPDX-License-Identifier: GPL-2.0
 /* A program the verifier must reject (a map value used without a NULL check),
- * with the maps the collector sizes before load, to test how a rejection is shown. */
+ * with the maps the collector sizes and the settings it sets before load, to test
+ * how a rejection is shown. */
 #include <linux/bpf.h>
 #include <bpf/bpf_helpers.h>
+#include "../../src/deeptrace/agent/bpf/deeptrace.h"
 
 char LICENSE[] SEC("license") = "GPL";
+
+const volatile struct dt_config CFG = {};
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH); /* a hash lookup may return NULL; newer kernels know a constant-key array lookup cannot */
