@@ -141,7 +141,16 @@ def postgres(password: str | None = None):
         argv = [*as_postgres, str(bindir / "postgres"), "-D", f"{d}/data", "-p", str(port), "-k", d,
                 "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"]  # fmt: skip
         with serving(argv, port, stderr=subprocess.DEVNULL) as pid:
+            _until_postgres_accepts(bindir, port)
             yield pid, port
+
+
+def _until_postgres_accepts(bindir: Path, port: int, timeout_s: float = 30.0) -> None:
+    """PostgreSQL listens before it accepts logins ("the database system is starting up")."""
+    deadline = time.monotonic() + timeout_s
+    while subprocess.run([str(bindir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(port)]).returncode != 0:
+        assert time.monotonic() < deadline, f"PostgreSQL on port {port} did not accept connections in {timeout_s}s"
+        time.sleep(0.1)
 
 
 @contextmanager
@@ -170,9 +179,12 @@ def tshark_capture(path: Path, ports):
     try:
         while "Capturing on" not in shark.stderr.readline():
             assert shark.poll() is None, "tshark did not start"
-        time.sleep(1)  # it says so a moment before packets are really being taken
+        # It says so a moment before packets are really being taken, and the last packets
+        # reach dumpcap's file a moment after they were sent: 1 s each lost packets on a
+        # loaded machine (a MariaDB capture one exchange short of the live spans).
+        time.sleep(2)
         yield path
-        time.sleep(1)  # the last packets reach dumpcap's file
+        time.sleep(2)
     finally:
         shark.send_signal(signal.SIGINT)  # as Ctrl-C: dumpcap writes out what it still holds
         shark.wait(10)
