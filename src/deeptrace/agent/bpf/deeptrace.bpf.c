@@ -142,15 +142,10 @@ static __always_inline void count(__u32 idx)
 		*v += 1;
 }
 
-static __always_inline const volatile struct dt_config *get_config(void)
+static __always_inline bool traced(__u32 tgid)
 {
-	return &CFG;
-}
-
-static __always_inline bool traced(__u32 tgid, const volatile struct dt_config *cfg)
-{
-	if (cfg->trace_all)
-		return tgid != cfg->agent_tgid;
+	if (CFG.trace_all)
+		return tgid != CFG.agent_tgid;
 	return bpf_map_lookup_elem(&PIDS, &tgid) != NULL;
 }
 
@@ -312,12 +307,11 @@ static __always_inline struct scratch *begin_record(struct args *a, __u8 directi
 
 static __always_inline void submit(struct scratch *s, __u64 captured)
 {
-	const volatile struct dt_config *cfg = get_config();
 	__u32 idx = DT_CNT_SUBMITTED;
 	__u64 *submitted = bpf_map_lookup_elem(&COUNTERS, &idx);
 	__u64 len, flags = BPF_RB_NO_WAKEUP;
 
-	if (!cfg || !submitted)
+	if (!submitted)
 		return;
 	VERIFIER_MIN(captured, DT_MAX_CAPTURE);
 	s->rec.captured = captured;
@@ -330,7 +324,7 @@ static __always_inline void submit(struct scratch *s, __u64 captured)
 	 * reader also polls on a short timeout so a quiet trickle is not held back.
 	 * (Asking the ring for its backlog instead costs a cross-CPU cache miss on
 	 * every record: measured at ~400 ns.) */
-	if (*submitted % cfg->wakeup_records == cfg->wakeup_records - 1)
+	if (*submitted % CFG.wakeup_records == CFG.wakeup_records - 1)
 		flags = BPF_RB_FORCE_WAKEUP;
 	if (bpf_ringbuf_output(&RECORDS, s, len, flags))
 		count(DT_CNT_DROP_RINGBUF_FULL);
@@ -340,8 +334,7 @@ static __always_inline void submit(struct scratch *s, __u64 captured)
 
 static __always_inline __u32 capture_limit(void)
 {
-	const volatile struct dt_config *cfg = get_config();
-	__u32 cap = cfg ? cfg->capture_bytes : 0;
+	__u32 cap = CFG.capture_bytes;
 
 	return cap > DT_MAX_CAPTURE ? DT_MAX_CAPTURE : cap;
 }
@@ -431,10 +424,9 @@ static __always_inline int enter_io(void *map, __u8 syscall, __u8 direction, lon
 				    __u64 addr, __u32 count_)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	const volatile struct dt_config *cfg = get_config();
 	__u8 l4 = 0;
 
-	if (!cfg || !traced(id >> 32, cfg))
+	if (!traced(id >> 32))
 		return 0;
 	struct sock *sk = inet_sock_of_fd(fd, &l4);
 	if (!sk)
@@ -591,10 +583,9 @@ EXIT(sendmmsg) { return exit_mmsg(&EGRESS, DT_DIR_EGRESS, ctx->ret); }
 SEC("tracepoint/syscalls/sys_exit_socket")
 int exit_socket(struct trace_event_raw_sys_exit *ctx)
 {
-	const volatile struct dt_config *cfg = get_config();
 	__u8 l4 = 0;
 
-	if (ctx->ret < 0 || !cfg || !traced(bpf_get_current_pid_tgid() >> 32, cfg))
+	if (ctx->ret < 0 || !traced(bpf_get_current_pid_tgid() >> 32))
 		return 0;
 	struct sock *sk = inet_sock_of_fd(ctx->ret, &l4);
 	if (sk)
@@ -625,9 +616,8 @@ EXIT(connect)
 static __always_inline int accept_enter(void)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	const volatile struct dt_config *cfg = get_config();
 
-	if (!cfg || !traced(id >> 32, cfg))
+	if (!traced(id >> 32))
 		return 0;
 	struct args a = { .enter_ns = bpf_ktime_get_ns(), .syscall = DT_SYS_ACCEPT };
 	stash_args(&INGRESS, id, &a);
@@ -664,10 +654,9 @@ EXIT(accept4) { return accept_exit(ctx->ret); }
 ENTER(close)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	const volatile struct dt_config *cfg = get_config();
 	__u8 l4 = 0;
 
-	if (!cfg || !traced(id >> 32, cfg))
+	if (!traced(id >> 32))
 		return 0;
 	struct sock *sk = inet_sock_of_fd(A(0), &l4);
 	if (!sk)
@@ -695,12 +684,11 @@ int on_fork(struct bpf_raw_tracepoint_args *ctx)
 {
 	struct task_struct *parent = (void *)ctx->args[0];
 	struct task_struct *child = (void *)ctx->args[1];
-	const volatile struct dt_config *cfg = get_config();
 	__u32 ptgid = BPF_CORE_READ(parent, tgid);
 	__u32 ctgid = BPF_CORE_READ(child, tgid);
 	__u32 one = 1;
 
-	if (!cfg || cfg->trace_all || !cfg->follow_forks || ptgid == ctgid)
+	if (CFG.trace_all || !CFG.follow_forks || ptgid == ctgid)
 		return 0;
 	if (!bpf_map_lookup_elem(&PIDS, &ptgid))
 		return 0;
