@@ -56,7 +56,9 @@ class _Log:
         self.lines: collections.deque[str] = collections.deque(maxlen=keep)
         self._libc = ctypes.CDLL(None)
         self._libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
-        self._buf = ctypes.create_string_buffer(8192)
+        # libbpf prints a rejected program's whole verifier log in one message, and its end
+        # says why: the buffer holds a long one (a va_list cannot be formatted twice).
+        self._buf = ctypes.create_string_buffer(1 << 20)
         self.callback = _PRINT_FN(self._print)
 
     def _print(self, level: int, fmt: bytes, va_list: int) -> int:
