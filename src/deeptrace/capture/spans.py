@@ -20,9 +20,41 @@ from deeptrace.protocols.redaction import redact_span_parts
 MAX_PENDING = 1024  # requests awaiting a response on one connection
 
 
+class _HexPool:
+    """Random hex digits made many at a time and handed out in slices: formatting one
+    number per id cost a tenth of the agent's time per span (measured). Unique, not
+    secret: ids need no cryptographic randomness."""
+
+    _CHUNK = 1 << 16  # hex digits made at a time
+
+    def __init__(self) -> None:
+        self._digits, self._at = "", 0
+
+    def take(self, ndigits: int) -> str:
+        at = self._at
+        if at + ndigits > len(self._digits):
+            self._digits, at = random.randbytes(self._CHUNK // 2).hex(), 0
+        self._at = at + ndigits
+        return self._digits[at : at + ndigits]
+
+
+_HEX = _HexPool()
+
+
 def new_id(nbytes: int) -> str:
-    # Unique, not secret: ids need no cryptographic randomness, and this runs per span.
-    return f"{random.getrandbits(nbytes * 8):0{nbytes * 2}x}"
+    return _HEX.take(nbytes * 2)
+
+
+_B64: dict[bytes, str] = {}  # heads repeat (the same routes, the same responses): bounded cache
+
+
+def b64_head(head: bytes) -> str:
+    text = _B64.get(head)
+    if text is None:
+        if len(_B64) >= 4096:
+            _B64.clear()
+        text = _B64[head] = base64.b64encode(head).decode()
+    return text
 
 
 @dataclass(slots=True)
@@ -89,9 +121,13 @@ class Span:
 
     def to_json_dict(self) -> dict:
         e = self.endpoint
+        if self._trace_id is None:
+            self._trace_id = _HEX.take(32)
+        if self._span_id is None:
+            self._span_id = _HEX.take(16)
         return {
-            "trace_id": self.trace_id,
-            "span_id": self.span_id,
+            "trace_id": self._trace_id,
+            "span_id": self._span_id,
             "parent_span_id": self.parent_span_id,
             "kind": self.kind,
             "name": self.name,
@@ -103,7 +139,7 @@ class Span:
             "resp_tid": self.resp_tid,
             "start_ns": self.start_ns,
             "end_ns": self.end_ns,
-            "duration_ns": self.duration_ns,
+            "duration_ns": self.end_ns - self.start_ns,
             "status": self.status,
             "status_code": self.status_code,
             "laddr": e.laddr,
@@ -116,8 +152,8 @@ class Span:
             "req_seq": list(self.req_seq) if self.req_seq else None,
             "resp_seq": list(self.resp_seq) if self.resp_seq else None,
             "attributes": self.attributes,
-            "req_head": base64.b64encode(self.req_head).decode(),
-            "resp_head": base64.b64encode(self.resp_head).decode(),
+            "req_head": b64_head(self.req_head),
+            "resp_head": b64_head(self.resp_head),
         }
 
 
