@@ -24,13 +24,14 @@ from deeptrace.capture import records
 
 HEADER = BPF_DIR / "deeptrace.h"
 # Bounds only the kernel programs use: Python has nothing that must agree with them.
-C_ONLY_BOUNDS = {"DT_IOV_BATCH"}
+C_ONLY_BOUNDS = {"DT_IOV_BATCH", "DT_XSCAN"}
 # The Python name of each bound the two sides share.
 BOUNDS = {
     "DT_MAX_CAPTURE": "MAX_CAPTURE",
     "DT_MAX_IOV": "MAX_IOV",
     "DT_MAX_MMSG": "MAX_MMSG",
     "DT_TASK_COMM_LEN": "TASK_COMM_LEN",
+    "DT_XHEAD_MAX": "XHEAD_MAX",
 }
 # The header's own types, which the probe declares (it includes no kernel headers).
 _PROBE_TYPES = """\
@@ -123,6 +124,18 @@ def test_record_header_matches_the_c_struct(bpf_object):
     assert records.HEADER_SIZE == records.HEADER.size == 120
 
 
+def test_exchange_matches_the_c_struct(bpf_object):
+    assert python_struct(records.EXCHANGE_FIELDS) == c_struct(bpf_object, "dt_exchange")
+    size = python_struct(records.EXCHANGE_FIELDS)[0]
+    assert size % 8 == 0, "heads follow the struct: it must keep them 8-byte aligned"
+    assert records.exchange_dtype(256).itemsize == size + 2 * 256
+
+
+def test_exchange_protocols_match_the_c_enum(compiled):
+    values = compiled[0]["dt_xproto"]
+    assert values == {"DT_XP_NONE": 0, **{f"DT_XP_{p.upper()}": i for i, p in enumerate(records.EXCHANGE_PROTOCOLS) if i}}
+
+
 def test_config_matches_the_c_struct(bpf_object):
     assert python_struct(records.CONFIG_FIELDS) == c_struct(bpf_object, "dt_config")
     assert records.CONFIG.size == python_struct(records.CONFIG_FIELDS)[0]
@@ -130,7 +143,7 @@ def test_config_matches_the_c_struct(bpf_object):
 
 def test_every_enum_is_mirrored(compiled):
     enums, _ = compiled
-    assert set(enums) == {"dt_syscall", "dt_direction", "dt_role", "dt_flags", "dt_counter"}
+    assert set(enums) == {"dt_syscall", "dt_direction", "dt_role", "dt_flags", "dt_counter", "dt_xproto"}
 
 
 def test_syscalls_match_the_c_enum(compiled):

@@ -278,20 +278,24 @@ def stop_agent(proc: subprocess.Popen, timeout_s: float = 300) -> tuple[os.struc
         time.sleep(0.1)
 
 
-STATS = re.compile(r"deeptrace: records (\d+) spans (\d+) drops (\d+) open connections (\d+)")
+STATS = re.compile(r"deeptrace: records (\d+) exchanges (\d+) spans (\d+) drops (\d+) open connections (\d+)")
 SUMMARY = re.compile(
-    r"deeptrace: (\d+) records \(kernel submitted (\d+), truncated (\d+)\); drops: (\d+)(?: \(([^)]*)\))?"
+    r"deeptrace: (\d+) records \(kernel submitted (\d+), truncated (\d+)\), (\d+) exchanges \(kernel submitted "
+    r"(\d+); connections assembled (\d+), handed over (\d+)\); drops: (\d+)(?: \(([^)]*)\))?"
 )
 
 
 def agent_counters(log: str) -> dict:
     """Records and drops from the agent's stderr: its exit summary, else its last stats line."""
     if m := SUMMARY.search(log):
-        reasons = dict(part.rsplit(" ", 1) for part in m[5].split(", ")) if m[5] else {}
-        return {"records": int(m[1]), "kernel_submitted": int(m[2]), "truncated": int(m[3]), "drops": int(m[4]),
+        reasons = dict(part.rsplit(" ", 1) for part in m[9].split(", ")) if m[9] else {}
+        return {"records": int(m[1]), "kernel_submitted": int(m[2]), "truncated": int(m[3]), "exchanges": int(m[4]),
+                "kernel_exchanges": int(m[5]), "connections_assembled": int(m[6]),
+                "connections_handed_over": int(m[7]), "drops": int(m[8]),
                 "drops_by_reason": {k: int(v) for k, v in reasons.items()}, "summary_seen": True}  # fmt: skip
-    records, _, drops, _ = (STATS.findall(log) or [("0", "0", "0", "0")])[-1]
-    return {"records": int(records), "drops": int(drops), "drops_by_reason": {}, "summary_seen": False}
+    records, exchanges, _, drops, _ = (STATS.findall(log) or [("0",) * 5])[-1]
+    return {"records": int(records), "exchanges": int(exchanges), "drops": int(drops), "drops_by_reason": {},
+            "summary_seen": False}  # fmt: skip
 
 
 def count_spans(path: Path, port: int, names: frozenset[str]) -> dict:

@@ -64,6 +64,9 @@ def _collector_options(fn):
     return fn
 
 
+KERNEL_EXCHANGES = ("http1", "redis")  # what `deeptrace agent` has the kernel assemble by default
+
+
 def _algorithm_option(fn):
     from deeptrace.association.names import ALGORITHM_NAMES, DEFAULT_ALGORITHM
 
@@ -72,9 +75,11 @@ def _algorithm_option(fn):
                         "no exact link exists (joint is ours; the rest are baselines).")(fn)  # fmt: skip
 
 
-def _run(opts: dict, on_batch, on_tick=None, on_end=None) -> None:
+def _run(opts: dict, on_batch, on_tick=None, on_end=None, on_exchanges=None, assemble=()) -> None:
     """Run the collector until --duration or a signal: on_batch(records, out) for each
-    batch, on_tick(out) about once a second, on_end(out) after the last batch."""
+    batch, on_exchanges(events, wall_offset_ns, out) for each batch of exchanges the kernel
+    assembled (of the protocols in `assemble`), on_tick(out) about once a second,
+    on_end(out) after the last batch."""
     from deeptrace.agent.collector import Collector, CollectorConfig
     from deeptrace.agent.selection import Selection
 
@@ -86,18 +91,28 @@ def _run(opts: dict, on_batch, on_tick=None, on_end=None) -> None:
         if sel.empty:
             raise DeepTraceError("say which processes to trace: --pid PID, --comm NAME or --all")
         config = CollectorConfig(selection=sel, capture_bytes=opts["capture_bytes"], ring_bytes=opts["ring_bytes"],
-                                 follow_forks=not opts["no_follow_forks"])  # fmt: skip
+                                 follow_forks=not opts["no_follow_forks"],
+                                 assemble=tuple(assemble) if on_exchanges else ())  # fmt: skip
         with Collector(config) as collector, _open_out(opts["out_path"]) as out:
             click.echo(f"deeptrace: tracing {_describe(sel, collector)}; Ctrl-C to stop", err=True)
             deadline = time.monotonic() + opts["duration"] if opts["duration"] is not None else None
             next_tick = time.monotonic() + 1
+
+            def one_batch(timeout_s: float) -> bool:
+                records = collector.poll(timeout_s=timeout_s)
+                exchanges = collector.poll_exchanges() if on_exchanges else ()
+                if len(exchanges):
+                    on_exchanges(exchanges, collector.wall_offset_ns, out)
+                on_batch(records, out)
+                return bool(records) or bool(len(exchanges))
+
             while not stop.requested and (deadline is None or time.monotonic() < deadline):
-                on_batch(collector.poll(timeout_s=0.1), out)
+                one_batch(0.1)
                 if on_tick and time.monotonic() >= next_tick:
                     next_tick += 1
                     on_tick(collector, out)
-            while batch := collector.poll(timeout_s=0):  # what arrived before the programs are detached
-                on_batch(batch, out)
+            while one_batch(0):  # what arrived before the programs are detached
+                pass
             if on_end:
                 on_end(out)
             out.flush()
@@ -151,8 +166,10 @@ def record(fmt, **opts) -> None:
               help="With --server: spool size limit; past it the oldest batches are dropped (and counted).")
 @click.option("--agent-id", default=None, help="With --server: this agent's id at the server "
               "(default: made once and kept in the spool directory).")
+@click.option("--no-kernel-exchanges", is_flag=True, help="Frame every connection in user space from records, "
+              "including the HTTP/1 connections whose exchanges the kernel would otherwise pair itself.")
 def agent(timeout_s, fmt, stats_interval, host_name, associate, algorithm, no_header_ids, hold, server_url,
-          token, spool_dir, spool_max_bytes, agent_id, **opts) -> None:  # fmt: skip
+          token, spool_dir, spool_max_bytes, agent_id, no_kernel_exchanges, **opts) -> None:  # fmt: skip
     """Trace processes and write one JSON span per request/response exchange (or ship them to a
     server with --server)."""
     from deeptrace.agent.services import ServiceNames
@@ -178,7 +195,7 @@ def agent(timeout_s, fmt, stats_interval, host_name, associate, algorithm, no_he
 
         def agent_stats() -> dict:
             st = pipeline.stats
-            return {"records": st.records, "spans": st.spans, "drops": kernel["drops"],
+            return {"records": st.records, "exchanges": st.exchanges, "spans": st.spans, "drops": kernel["drops"],
                     "open_connections": pipeline.open_connections}  # fmt: skip
 
         try:
@@ -226,7 +243,7 @@ def agent(timeout_s, fmt, stats_interval, host_name, associate, algorithm, no_he
         if time.monotonic() >= next_stats:
             next_stats += stats_interval
             st, drops = pipeline.stats, sum(collector.drops().values())
-            line = (f"deeptrace: records {st.records} spans {st.spans} drops {drops} "
+            line = (f"deeptrace: records {st.records} exchanges {st.exchanges} spans {st.spans} drops {drops} "
                     f"open connections {pipeline.open_connections}")  # fmt: skip
             click.echo(line + (f"; {shipper.stats.describe()}" if shipper is not None else ""), err=True)
 
@@ -236,7 +253,9 @@ def agent(timeout_s, fmt, stats_interval, host_name, associate, algorithm, no_he
             emit(linker.close(time.time_ns()), out)
 
     try:
-        _run(opts, lambda batch, out: write(pipeline.push(batch), out), tick, end)
+        _run(opts, lambda batch, out: write(pipeline.push(batch), out), tick, end,
+             on_exchanges=lambda events, wall, out: write(pipeline.push_exchanges(events, wall), out),
+             assemble=() if no_kernel_exchanges else KERNEL_EXCHANGES)
     finally:
         if shipper is not None:
             # Seals the open batch; what the server does not take within the grace time stays spooled.
@@ -355,7 +374,9 @@ def _summary(collector) -> None:
     skipped = {k[5:]: v for k, v in counters.items() if k.startswith("skip_") and v}
     line = (
         f"deeptrace: {collector.received} records "
-        f"(kernel submitted {counters['submitted']}, truncated {counters['truncated']}); "
+        f"(kernel submitted {counters['submitted']}, truncated {counters['truncated']}), "
+        f"{collector.received_exchanges} exchanges (kernel submitted {counters['exchanges']}; connections "
+        f"assembled {counters['conn_assembled']}, handed over {counters['conn_handed_over']}); "
         f"drops: {sum(drops.values())}"
     )
     if drops:

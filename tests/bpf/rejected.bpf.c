@@ -22,6 +22,11 @@ struct {
 	__uint(max_entries, 4096);
 } RECORDS SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 4096);
+} EXCHANGES SEC(".maps");
+
 SEC("tracepoint/syscalls/sys_enter_read")
 int unchecked(void *ctx)
 {

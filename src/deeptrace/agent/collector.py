@@ -15,7 +15,19 @@ from deeptrace.agent.libbpf import BpfError, BpfMap, BpfObject, libbpf
 from deeptrace.agent.ringbuf import RingReader
 from deeptrace.agent.selection import Selection
 from deeptrace.agent.system import kernel_has_btf_function, preflight
-from deeptrace.capture.records import CONFIG, COUNTERS, MAX_CAPTURE, TASK_COMM_LEN, Record, RecordDecoder
+import numpy as np
+
+from deeptrace.capture.records import (
+    CONFIG,
+    COUNTERS,
+    EXCHANGE_PROTOCOLS,
+    MAX_CAPTURE,
+    TASK_COMM_LEN,
+    XHEAD_MAX,
+    Record,
+    RecordDecoder,
+    exchange_dtype,
+)
 from deeptrace.errors import DeepTraceError
 
 BPF_DIR = Path(__file__).parent / "bpf"
@@ -47,16 +59,28 @@ class CollectorConfig:
     follow_forks: bool = True
     refresh_interval_s: float = 1.0
     bpf_object: Path = field(default_factory=bpf_object_path)
+    # Protocols (capture.records.EXCHANGE_PROTOCOLS) whose exchanges the kernel assembles,
+    # one event per request and response; empty: every connection comes as records.
+    assemble: tuple[str, ...] = ()
+    exchange_head: int = 256  # payload head per message of an exchange, multiple of 8
+    exchange_ring_bytes: int = 8 << 20
 
     def validate(self) -> None:
         self.selection.validate()
+        unknown = set(self.assemble) - set(EXCHANGE_PROTOCOLS[1:])
+        if unknown:
+            raise DeepTraceError(f"the kernel assembles no {', '.join(sorted(unknown))} exchanges "
+                                 f"(it does: {', '.join(EXCHANGE_PROTOCOLS[1:])})")  # fmt: skip
+        if not 8 <= self.exchange_head <= XHEAD_MAX or self.exchange_head % 8:
+            raise DeepTraceError(f"exchange head must be a multiple of 8 between 8 and {XHEAD_MAX} bytes")
         if self.wakeup_records < 1:
             raise DeepTraceError("wakeup_records must be at least 1")
         if not 0 <= self.capture_bytes <= MAX_CAPTURE:
             raise DeepTraceError(f"capture size must be between 0 and {MAX_CAPTURE} bytes")
         page = os.sysconf("SC_PAGE_SIZE")
-        if self.ring_bytes < page or self.ring_bytes & (self.ring_bytes - 1):
-            raise DeepTraceError(f"ring buffer size must be a power of two of at least {page} bytes")
+        for size in (self.ring_bytes, self.exchange_ring_bytes):
+            if size < page or size & (size - 1):
+                raise DeepTraceError(f"ring buffer size must be a power of two of at least {page} bytes")
 
 
 class Collector:
@@ -67,9 +91,12 @@ class Collector:
         self.config = config
         self._obj: BpfObject | None = None
         self._ring: RingReader | None = None
+        self._exchange_ring: RingReader | None = None
         self._decoder = RecordDecoder()
+        self.exchange_dtype = exchange_dtype(config.exchange_head)
         self._next_refresh = 0.0
         self.received = 0
+        self.received_exchanges = 0
         self.traced: set[int] = set()
 
     # ---- life cycle ----
@@ -84,6 +111,7 @@ class Collector:
         self._obj = obj
         try:
             obj.set_max_entries("RECORDS", cfg.ring_bytes)
+            obj.set_max_entries("EXCHANGES", cfg.exchange_ring_bytes)
             obj.set_max_entries("SCRATCH", libbpf().num_possible_cpus())
             obj.set_read_only_data(self._settings())
             obj.load()
@@ -91,6 +119,8 @@ class Collector:
             self._select_initial()
             obj.attach_all()
             self._ring = RingReader(self._records.fd, cfg.ring_bytes)
+            self._exchange_ring = RingReader(self._exchanges.fd, cfg.exchange_ring_bytes)
+            self._ring.watch(self._exchanges.fd)
         except BaseException:
             self.close()
             raise
@@ -103,6 +133,7 @@ class Collector:
         self._comms = self._sized(obj.map("COMMS"), TASK_COMM_LEN, _U32.size)
         self._counters = self._sized(obj.map("COUNTERS"), _U32.size, _U64.size)
         self._records = obj.map("RECORDS")
+        self._exchanges = obj.map("EXCHANGES")
 
     def _sized(self, m: BpfMap, key_size: int, value_size: int) -> BpfMap:
         if (m.key_size, m.value_size) != (key_size, value_size):
@@ -116,8 +147,9 @@ class Collector:
     def _settings(self) -> bytes:
         """struct dt_config, the programs' load-time settings (their `CFG`)."""
         cfg = self.config
+        protocols = sum(1 << EXCHANGE_PROTOCOLS.index(p) for p in set(cfg.assemble))
         return CONFIG.pack(cfg.capture_bytes, int(cfg.selection.trace_all), os.getpid(), int(cfg.follow_forks),
-                           cfg.wakeup_records)  # fmt: skip
+                           cfg.wakeup_records, protocols, cfg.exchange_head)  # fmt: skip
 
     def _select_initial(self) -> None:
         for name in self.config.selection.comms:
@@ -125,9 +157,10 @@ class Collector:
         self._sync_traced(selection.initial_tgids(self.config.selection))
 
     def close(self) -> None:
-        if self._ring:
-            self._ring.close()
-            self._ring = None
+        for ring in (self._ring, self._exchange_ring):
+            if ring:
+                ring.close()
+        self._ring = self._exchange_ring = None
         if self._obj:
             self._obj.close()
             self._obj = None
@@ -197,7 +230,7 @@ class Collector:
         if now >= self._next_refresh:
             self._next_refresh = now + self.config.refresh_interval_s
             self.refresh()
-        if ring.pending_bytes() == 0 and timeout_s > 0:
+        if ring.pending_bytes() == 0 and self._exchange_ring.pending_bytes() == 0 and timeout_s > 0:
             ring.wait(timeout_s)
         # Records hold no reference cycles, yet every one counts toward a cyclic
         # collection; pausing the collector while a batch is built saves ~20%.
@@ -210,6 +243,20 @@ class Collector:
                 gc.enable()
         self.received += len(batch)
         return batch
+
+    @property
+    def wall_offset_ns(self) -> int:
+        """What turns the kernel's CLOCK_MONOTONIC times into wall-clock time."""
+        return self._decoder.wall_offset_ns
+
+    def poll_exchanges(self, limit: int = 16384) -> np.ndarray:
+        """Exchanges the kernel assembled since the last call, as one array of
+        `exchange_dtype` (no wait: poll() waits for either ring)."""
+        if self._exchange_ring is None:
+            raise DeepTraceError("collector is not started")
+        events = self._exchange_ring.drain_array(self.exchange_dtype, limit)
+        self.received_exchanges += len(events)
+        return events
 
     def counters(self) -> dict[str, int]:
         """Kernel-side counters summed over CPUs, by name (see capture.records.COUNTERS)."""

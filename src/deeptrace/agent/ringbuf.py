@@ -23,6 +23,8 @@ import struct
 from collections.abc import Callable
 from typing import TypeVar
 
+import numpy as np
+
 T = TypeVar("T")
 
 _BUSY = 1 << 31
@@ -46,6 +48,10 @@ class RingReader:
         self._publish_every = publish_every
         self._epoll = select.epoll()
         self._epoll.register(map_fd, select.EPOLLIN)
+
+    def watch(self, fd: int) -> None:
+        """Also wake wait() when this file descriptor (another ring) is readable."""
+        self._epoll.register(fd, select.EPOLLIN)
 
     def wait(self, timeout_s: float) -> None:
         """Sleep until the kernel wakes us (backlog over the threshold) or timeout."""
@@ -81,6 +87,28 @@ class RingReader:
                 since_publish = 0
         self._consumer_pos[0] = cons
         return out
+
+    def drain_array(self, dtype: np.dtype, limit: int = 1 << 30) -> np.ndarray:
+        """Every committed sample (up to `limit`) as one array, for a ring whose samples all
+        have dtype's size: they lie at a fixed stride, and the data area is mapped twice in a
+        row, so any run of them is one strided view. Copied out, then their space released."""
+        stride = (dtype.itemsize + _HDR + 7) & ~7
+        cons = self._consumer_pos[0]
+        n = min((self._producer_pos[0] - cons) // stride, limit, self.size // stride)
+        if n <= 0:
+            return np.empty(0, dtype)
+        start = self._data_start + (cons & self._mask)
+        lengths = np.ndarray((n,), "<u4", self._producer, start, (stride,))
+        busy = np.flatnonzero(lengths & _BUSY)
+        if busy.size:  # reserved but not yet committed: stop before it
+            n = int(busy[0])
+            lengths = lengths[:n]
+        if np.any((lengths & (_DISCARD - 1)) != dtype.itemsize):
+            raise ValueError(f"a sample of this ring is not {dtype.itemsize} bytes long")
+        out = np.ndarray((n,), dtype, self._producer, start + _HDR, (stride,)).copy()
+        self._consumer_pos[0] = cons + n * stride
+        kept = (lengths & _DISCARD) == 0
+        return out if kept.all() else out[kept]
 
     def close(self) -> None:
         self._consumer_pos.release()

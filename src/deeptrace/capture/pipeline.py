@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from deeptrace import protocols
+from deeptrace.capture.exchanges import ExchangeSpans
 from deeptrace.capture.records import Record
 from deeptrace.capture.spans import Endpoint, Pairing, Span, make_span
 from deeptrace.capture.streams import OrderedStream
@@ -31,6 +32,7 @@ RECENCY_NS = 1_000_000_000  # a connection none of the parsers recognised by the
 @dataclass
 class PipelineStats:
     records: int = 0
+    exchanges: int = 0  # request/response pairs the kernel assembled
     messages: int = 0
     spans: int = 0
     unanswered: int = 0  # requests that got no response (timeout, close, bound)
@@ -67,6 +69,7 @@ class SpanPipeline:
         self.timeout_ns = timeout_ns
         self.stats = PipelineStats()
         self._conns: OrderedDict[tuple, _Connection] = OrderedDict()
+        self._exchanges = ExchangeSpans(self.host, self.service_name)
 
     @property
     def open_connections(self) -> int:
@@ -108,6 +111,20 @@ class SpanPipeline:
                 continue
             for chunk in conn.streams[rec.direction].push(rec, rec.exit_ns):
                 self._feed(conn, rec.direction, chunk, spans)
+        return spans
+
+    def push_exchanges(self, events, wall_offset_ns: int) -> list[Span]:
+        """Spans of exchanges the kernel assembled (an array of records.exchange_dtype; its
+        times are CLOCK_MONOTONIC, which wall_offset_ns turns into wall-clock time)."""
+        gc_was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            spans = self._exchanges.spans(events, wall_offset_ns)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+        self.stats.exchanges += len(events)
+        self.stats.spans += len(spans)
         return spans
 
     def flush(self, now_ns: int) -> list[Span]:

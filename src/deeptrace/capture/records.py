@@ -1,9 +1,10 @@
-"""The record: one socket syscall (or connection event) seen by the kernel side.
+"""What the kernel side writes: records (one socket syscall, or connection event) and
+exchanges (one request and its response, assembled in the kernel).
 
-`HEADER_FIELDS` mirrors `struct dt_record` in agent/bpf/deeptrace.h, field for
-field, and `CONFIG_FIELDS` its `struct dt_config`; tests/test_layout.py checks them
-against the BTF of the compiled object. The other constants mirror that header's
-enums and bounds, and the same test checks every one of them.
+`HEADER_FIELDS` mirrors `struct dt_record` in agent/bpf/deeptrace.h, field for field,
+`EXCHANGE_FIELDS` its `struct dt_exchange` and `CONFIG_FIELDS` its `struct dt_config`;
+tests/test_layout.py checks them against the BTF of the compiled object. The other
+constants mirror that header's enums and bounds, and the same test checks every one.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ import struct
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 MAX_CAPTURE = 16384  # DT_MAX_CAPTURE
 MAX_IOV = 64  # DT_MAX_IOV
 MAX_MMSG = 8  # DT_MAX_MMSG
 TASK_COMM_LEN = 16  # DT_TASK_COMM_LEN
+XHEAD_MAX = 512  # DT_XHEAD_MAX: payload head per message of an exchange, at most
 
 # (name, struct format) in the order of struct dt_record; little-endian, no padding
 # (the C struct has none: every field is naturally aligned).
@@ -65,6 +69,10 @@ L4 = {6: "tcp", 17: "udp"}
 FLAG_TRUNCATED = 1
 FLAG_PAYLOAD_FAULT = 2
 FLAG_ADDR_FROM_CALL = 4
+FLAG_ASSEMBLED = 8  # several calls' bytes, which the kernel held before handing the connection over
+
+# enum dt_xproto, index = value: protocols whose exchanges the kernel assembles
+EXCHANGE_PROTOCOLS = (None, "http1", "redis")
 
 # enum dt_counter, index = value. Names starting with "drop_" are data lost.
 COUNTERS = (
@@ -78,6 +86,11 @@ COUNTERS = (
     "skip_not_inet",
     "truncated",
     "payload_fault",
+    "exchanges",
+    "drop_exchange_ringbuf_full",
+    "drop_exchange_state_lost",
+    "conn_assembled",
+    "conn_handed_over",
 )
 
 # (name, struct format) in the order of struct dt_config, the programs' read-only CFG.
@@ -87,8 +100,45 @@ CONFIG_FIELDS: tuple[tuple[str, str], ...] = (
     ("agent_tgid", "I"),
     ("follow_forks", "I"),
     ("wakeup_records", "Q"),
+    ("exchange_protocols", "I"),
+    ("exchange_head", "I"),
 )
 CONFIG = struct.Struct("<" + "".join(fmt for _, fmt in CONFIG_FIELDS))
+
+# (name, struct format) in the order of struct dt_exchange; no padding but `pad`.
+EXCHANGE_FIELDS: tuple[tuple[str, str], ...] = (
+    ("start_ns", "Q"),
+    ("end_ns", "Q"),
+    ("conn_id", "Q"),
+    ("tgid", "I"),
+    ("req_tid", "I"),
+    ("resp_tid", "I"),
+    ("req_seq", "I"),
+    ("resp_seq", "I"),
+    ("req_size", "I"),
+    ("resp_size", "I"),
+    ("lport", "H"),
+    ("rport", "H"),
+    ("laddr", "16s"),
+    ("raddr", "16s"),
+    ("status", "H"),
+    ("req_captured", "H"),
+    ("resp_captured", "H"),
+    ("family", "B"),
+    ("role", "B"),
+    ("protocol", "B"),
+    ("flags", "B"),
+    ("pad", "6s"),
+    ("comm", f"{TASK_COMM_LEN}s"),
+)
+_NUMPY = {"Q": "<u8", "I": "<u4", "H": "<u2", "B": "u1"}
+
+
+def exchange_dtype(head: int) -> np.dtype:
+    """One exchange sample as numpy sees it: struct dt_exchange, then `head` bytes of the
+    request's head and as many of the response's."""
+    fields = [(name, _NUMPY.get(fmt) or f"V{fmt[:-1]}") for name, fmt in EXCHANGE_FIELDS]
+    return np.dtype(fields + [("req_head", f"V{head}"), ("resp_head", f"V{head}")])
 
 
 @dataclass(slots=True)

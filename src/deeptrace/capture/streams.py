@@ -9,7 +9,7 @@ length, so the parsers can skip it instead of being shifted by it.
 
 from __future__ import annotations
 
-from deeptrace.capture.records import Record
+from deeptrace.capture.records import FLAG_ASSEMBLED, Record
 from deeptrace.protocols.base import Chunk
 
 REORDER_WINDOW_NS = 50_000_000  # how long a later range waits for an earlier one
@@ -24,8 +24,9 @@ def _ahead(a: int, b: int) -> int:
 
 
 def to_chunk(rec: Record) -> Chunk:
-    # Data written is on its way at the write's enter; data read was there at the read's exit.
-    start = rec.enter_ns if rec.direction == "egress" else rec.exit_ns
+    # Data written is on its way at the write's enter; data read was there at the read's exit
+    # (a record the kernel assembled from several calls says when its first byte moved).
+    start = rec.enter_ns if rec.direction == "egress" or rec.flags & FLAG_ASSEMBLED else rec.exit_ns
     seq = rec.enter_seq if rec.l4 == "tcp" else None
     return Chunk(rec.payload, rec.size, start, rec.exit_ns, rec.tid, seq)
 

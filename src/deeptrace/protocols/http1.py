@@ -260,6 +260,15 @@ def salvage(buf: bytes, first_line) -> dict | None:
     return None
 
 
+def request_head_fields(head: bytes) -> dict | None:
+    """Fields of a request from its first bytes (a head the kernel kept of a request it framed)."""
+    return salvage(head, _request_line)
+
+
+def response_head_fields(head: bytes) -> dict | None:
+    return salvage(head, _status_line)
+
+
 def _cut_head(buf: bytes, first_line) -> dict | None:
     eol = buf.find(b"\n")
     if eol < 0:

@@ -116,11 +116,16 @@ def frame_request(buf: bytes) -> Frame | str:
         return INVALID
     if not args:
         return INVALID
+    return Frame(end, _command_fields(args, len(args)))
+
+
+def _command_fields(args: list[bytes], count: int) -> dict:
+    """Command, argument count and key of a command's first `args` of `count`."""
     command = args[0].decode("latin-1").upper()
-    fields = {"command": command, "args": len(args) - 1}
+    fields = {"command": command, "args": count - 1}
     if len(args) > 1 and command not in REDIS_ALL_ARGS:  # no password as a key
         fields["key"] = args[1][:128].decode("utf-8", "replace")
-    return Frame(end, fields)
+    return fields
 
 
 def frame_response(buf: bytes) -> Frame | str:
@@ -143,10 +148,14 @@ def frame_response(buf: bytes) -> Frame | str:
     if kind in b">*":
         fields.update(_confirmation(buf[:end]))
     if kind in b"-!":
-        text = buf[1 : buf.find(b"\r\n")] if kind == ord("-") else b""
-        fields["error"] = text.decode("utf-8", "replace")
-        fields["error_code"] = text.split(b" ", 1)[0].decode("latin-1") if text else "ERR"
+        fields.update(_error_fields(buf))
     return Frame(end, fields)
+
+
+def _error_fields(buf: bytes) -> dict:
+    """The message and code ("ERR", "WRONGTYPE") of an error reply; a blob error has no code."""
+    text = buf[1:].split(b"\r\n", 1)[0] if buf[0] == ord("-") else b""
+    return {"error": text.decode("utf-8", "replace"), "error_code": text.split(b" ", 1)[0].decode("latin-1") or "ERR"}
 
 
 def _confirmation(reply: bytes) -> dict:
@@ -189,12 +198,8 @@ class RedisConnection(FramedConnection):
         command = f.fields["command"]
         if command in SUBSCRIPTIONS and (f.fields["args"] or "UNSUB" in command):  # SUBSCRIBE alone is an error
             self._subscriptions.append(_Subscription(command, f.fields["args"] or None))
-        attrs = {"db.system": "redis", "db.operation.name": command}
-        if "key" in f.fields:
-            attrs["db.redis.key"] = f.fields["key"]
-        if command in SETUP:
-            attrs[CONNECTION_SETUP] = True
-        return message_from(f, PROTOCOL, True, name=f"redis {command}", attributes=attrs, head=f.head)
+        return message_from(f, PROTOCOL, True, name=f"redis {command}", attributes=request_attributes(f.fields),
+                            head=f.head)  # fmt: skip
 
     def _response(self, f: Framed) -> Message | None:
         waiting = self._waiting(f.fields.get("confirms"))
@@ -224,8 +229,52 @@ class RedisConnection(FramedConnection):
     @staticmethod
     def _reply(f: Framed) -> Message:
         error = f.fields["type"] == "error"
-        attrs = {"db.redis.reply_type": f.fields["type"]}
-        if error:
-            attrs["db.response.error"] = f.fields.get("error", "")
         return message_from(f, PROTOCOL, False, error=error, status_code=f.fields.get("error_code") if error else None,
-                            attributes=attrs, head=f.head)  # fmt: skip
+                            attributes=reply_attributes(f.fields), head=f.head)  # fmt: skip
+
+
+def request_attributes(fields: dict) -> dict:
+    attrs = {"db.system": "redis", "db.operation.name": fields["command"]}
+    if "key" in fields:
+        attrs["db.redis.key"] = fields["key"]
+    if fields["command"] in SETUP:
+        attrs[CONNECTION_SETUP] = True
+    return attrs
+
+
+def reply_attributes(fields: dict) -> dict:
+    attrs = {"db.redis.reply_type": fields["type"]}
+    if fields["type"] == "error":
+        attrs["db.response.error"] = fields.get("error", "")
+    return attrs
+
+
+def request_head_fields(head: bytes) -> dict | None:
+    """Fields of a command from its first bytes (a head the kernel kept of a request it
+    framed, which may end before the command does)."""
+    frame = frame_request(head)
+    if frame.__class__ is Frame:
+        return frame.fields
+    args: list[bytes] = []
+    try:
+        _value(head, 0, 0, args)  # the bulk strings whole within the head are kept
+    except (_Short, _Bad):
+        pass
+    count = head[1 : head.find(b"\r\n")] if head[:1] == b"*" else b""
+    if not args or not count.isdigit():
+        return None
+    return _command_fields(args, int(count))
+
+
+def reply_head_fields(head: bytes) -> dict | None:
+    """Fields of a reply from its first bytes (which may end before the reply does)."""
+    frame = frame_response(head)
+    if frame.__class__ is Frame:
+        return frame.fields
+    kind = head[0] if head else None
+    if kind not in _TYPE_NAMES:
+        return None
+    fields: dict = {"type": _TYPE_NAMES[kind]}
+    if kind in b"-!":  # an error line longer than the head: its code is at its start
+        fields.update(_error_fields(head))
+    return fields

@@ -67,7 +67,7 @@ class _Health:
             g = GaugeMetricFamily(f"deeptrace_server_{name}", f"DeepTrace server: {name.replace('_', ' ')}.")
             g.add_metric([], value)
             yield g
-        agent_stats = ("records", "spans", "drops", "cpu_seconds", "rss_bytes", "spool_batches", "spool_bytes",
+        agent_stats = ("records", "exchanges", "spans", "drops", "cpu_seconds", "rss_bytes", "spool_batches", "spool_bytes",
                        "spool_dropped_batches", "spool_dropped_spans", "spool_write_failed_batches",
                        "spool_write_failed_spans", "sent_batches", "sent_spans", "send_failures")  # fmt: skip
         families = {k: GaugeMetricFamily(f"deeptrace_agent_{k}", f"Agent's own count: {k.replace('_', ' ')}.",

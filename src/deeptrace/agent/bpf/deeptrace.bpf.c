@@ -38,7 +38,60 @@ struct conn {
 	__u64 id;
 	__u64 ino; /* the socket's inode number: tells a socket from an earlier one at its address */
 	__u8 role;
-	__u8 pad[7];
+	__u8 mode; /* enum xmode: who frames this connection's bytes */
+	__u8 pad[6];
+};
+
+/* Who frames a connection's bytes. Decided at its first data, for good: a connection
+ * whose start we saw (connect or accept), carrying a protocol of exchange_protocols, is
+ * assembled here; any other goes to user space as records. An assembled connection is
+ * handed to user space when something is not simple (pipelining, 1xx, no length, a
+ * header longer than DT_XSCAN), with what it holds of the exchange as records. */
+enum xmode { XM_UNDECIDED = 0, XM_ASSEMBLED = 1, XM_RECORDS = 2 };
+
+/* Where an assembled connection is within its exchange. */
+enum xphase {
+	XP_IDLE = 0,    /* between exchanges */
+	XP_REQ,         /* request begun, `left` bytes of it to come */
+	XP_WAIT,        /* request whole, no response yet */
+	XP_RESP,        /* response begun, `left` bytes of it to come */
+	XP_RESP_CHUNKED /* response begun, chunked: ends with its last chunk */
+};
+
+/* An assembled connection's exchange in the making. The heads follow `x` directly, so
+ * that x and both heads go to the ring in one copy. */
+struct xstate {
+	struct dt_exchange x;
+	__u8 heads[2 * DT_XHEAD_MAX]; /* request head at 0, response head at CFG.exchange_head */
+	__u64 req_end_ns;    /* for handing over: the request's last byte */
+	__u64 resp_start_ns; /* ... and the response's first */
+	__u32 left;
+	__u8 phase;          /* enum xphase */
+	__u8 head_request;   /* a HEAD request: its response has no body */
+	__u8 pad[2];
+};
+
+/* A record made from an xstate when its connection is handed over (its own scratch:
+ * the record of the call being handled is in SCRATCH). */
+struct handover {
+	struct dt_record rec;
+	__u8 data[DT_XHEAD_MAX];
+};
+
+/* Where a message in the scratch payload ends, as a search of its first bytes finds it.
+ * Kept in the map, not on the stack: the verifier does not follow values through map
+ * memory, so a search loop's position is not a different state on every step (which
+ * made loading the programs take seconds longer). */
+struct hscan {
+	__u32 len;       /* bytes searched */
+	__u32 pos;       /* where the search goes on */
+	__u32 end;       /* HTTP: header length; RESP: the value's length; 0: not found */
+	__u32 remaining; /* RESP: values still to walk */
+	__u8 chunked;    /* HTTP: a Transfer-Encoding header */
+	__u8 bad;        /* a length we do not frame by (repeated, unreadable, huge) */
+	__u8 in_line;    /* RESP: inside a simple value's line */
+	__u8 pad[5];
+	__s64 length;    /* HTTP: Content-Length, or -1 */
 };
 
 struct scratch {
@@ -46,6 +99,7 @@ struct scratch {
 	/* Twice the largest capture so that offset + length always stays inside the
 	 * buffer in a way the verifier can check (both are bounded by DT_MAX_CAPTURE). */
 	__u8 data[2 * DT_MAX_CAPTURE];
+	struct hscan scan;
 };
 
 struct {
@@ -112,6 +166,28 @@ struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 24);
 } RECORDS SEC(".maps");
+
+/* struct dt_exchange + two heads per sample, all samples of one size. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 22);
+} EXCHANGES SEC(".maps");
+
+/* Keyed by connection id. LRU: a process that exits leaves its entries behind; an
+ * entry evicted while its connection is still assembled is a counted lost exchange. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct xstate);
+} XSTATE SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct handover);
+} HANDOVER SEC(".maps");
 
 /* ---- reading kernel memory ----
  * Default (kernel 6.2+): typed pointers from bpf_get_current_task_btf() and
@@ -277,7 +353,7 @@ static __always_inline struct scratch *cpu_scratch(void)
 
 /* Fill everything but payload, size and seq: who, when, which socket. */
 static __always_inline struct scratch *begin_record(struct args *a, __u8 direction, __u8 role,
-						    bool fresh_conn)
+						    bool fresh_conn, struct conn **conn)
 {
 	struct scratch *s = cpu_scratch();
 	__u64 id = bpf_get_current_pid_tgid();
@@ -302,34 +378,38 @@ static __always_inline struct scratch *begin_record(struct args *a, __u8 directi
 		rec->conn_id = c->id;
 		rec->role = c->role;
 	}
+	*conn = c;
 	return s;
+}
+
+/* One sample to a ring, counted as written or lost. One wake-up per wakeup_records
+ * samples of this CPU, not one per sample; the reader also polls on a short timeout so
+ * a quiet trickle is not held back. (Asking the ring for its backlog instead costs a
+ * cross-CPU cache miss on every sample: measured at ~400 ns.) */
+static __always_inline void output(void *ring, void *data, __u64 len, __u32 written, __u32 lost)
+{
+	__u64 *n = bpf_map_lookup_elem(&COUNTERS, &written);
+	__u64 flags = BPF_RB_NO_WAKEUP;
+
+	if (!n)
+		return;
+	if (*n % CFG.wakeup_records == CFG.wakeup_records - 1)
+		flags = BPF_RB_FORCE_WAKEUP;
+	if (bpf_ringbuf_output(ring, data, len, flags))
+		count(lost);
+	else
+		*n += 1;
 }
 
 static __always_inline void submit(struct scratch *s, __u64 captured)
 {
-	__u32 idx = DT_CNT_SUBMITTED;
-	__u64 *submitted = bpf_map_lookup_elem(&COUNTERS, &idx);
-	__u64 len, flags = BPF_RB_NO_WAKEUP;
-
-	if (!submitted)
-		return;
 	VERIFIER_MIN(captured, DT_MAX_CAPTURE);
 	s->rec.captured = captured;
 	if (captured < s->rec.size)
 		s->rec.flags |= DT_FLAG_TRUNCATED;
 	if (s->rec.flags & DT_FLAG_TRUNCATED)
 		count(DT_CNT_TRUNCATED);
-	len = sizeof(struct dt_record) + captured;
-	/* One wake-up per wakeup_records records of this CPU, not one per record; the
-	 * reader also polls on a short timeout so a quiet trickle is not held back.
-	 * (Asking the ring for its backlog instead costs a cross-CPU cache miss on
-	 * every record: measured at ~400 ns.) */
-	if (*submitted % CFG.wakeup_records == CFG.wakeup_records - 1)
-		flags = BPF_RB_FORCE_WAKEUP;
-	if (bpf_ringbuf_output(&RECORDS, s, len, flags))
-		count(DT_CNT_DROP_RINGBUF_FULL);
-	else
-		*submitted += 1;
+	output(&RECORDS, s, sizeof(struct dt_record) + captured, DT_CNT_SUBMITTED, DT_CNT_DROP_RINGBUF_FULL);
 }
 
 static __always_inline __u32 capture_limit(void)
@@ -404,6 +484,639 @@ static __always_inline void set_seq(struct dt_record *rec, struct args *a)
 	}
 }
 
+/* ---- handing an assembled connection to user space ---- */
+
+/* Payload head per message of an exchange. */
+static __always_inline __u32 xhead(void)
+{
+	__u32 h = CFG.exchange_head;
+
+	return h > DT_XHEAD_MAX ? DT_XHEAD_MAX : h;
+}
+
+
+/* One record standing for what the state holds of one message of its exchange. */
+static __always_inline void hand_over_part(struct xstate *xs, struct dt_record *cur, bool request)
+{
+	__u32 zero = 0;
+	struct handover *h = bpf_map_lookup_elem(&HANDOVER, &zero);
+	struct dt_exchange *x = &xs->x;
+	__u64 n, at;
+
+	if (!h)
+		return;
+	struct dt_record *r = &h->rec;
+	__builtin_memcpy(r, cur, sizeof(*r)); /* who and where: the same connection */
+	bool ingress = request == (cur->role == DT_ROLE_SERVER);
+	r->direction = ingress ? DT_DIR_INGRESS : DT_DIR_EGRESS;
+	r->syscall = ingress ? DT_SYS_READ : DT_SYS_WRITE;
+	r->flags = DT_FLAG_ASSEMBLED;
+	r->msg_index = 0;
+	if (request) {
+		r->enter_ns = x->start_ns;
+		r->exit_ns = xs->req_end_ns;
+		r->tid = x->req_tid;
+		r->enter_seq = x->req_seq;
+		r->size = x->req_size;
+		n = x->req_captured;
+		at = 0;
+	} else {
+		r->enter_ns = xs->resp_start_ns;
+		r->exit_ns = x->end_ns;
+		r->tid = x->resp_tid;
+		r->enter_seq = x->resp_seq;
+		r->size = x->resp_size;
+		n = x->resp_captured;
+		at = xhead();
+	}
+	r->exit_seq = r->enter_seq + r->size;
+	r->ret = r->size;
+	VERIFIER_MIN(n, DT_XHEAD_MAX);
+	VERIFIER_MIN(at, DT_XHEAD_MAX);
+	if (n && bpf_probe_read_kernel(h->data, n, &xs->heads[at]))
+		n = 0;
+	r->captured = n;
+	if (n < r->size)
+		r->flags |= DT_FLAG_TRUNCATED;
+	output(&RECORDS, h, sizeof(*r) + n, DT_CNT_SUBMITTED, DT_CNT_DROP_RINGBUF_FULL);
+}
+
+/* From now on the connection's bytes go to user space as records, beginning with what
+ * the kernel holds of the exchange in progress. `cur` is a record of the connection. */
+static __always_inline void hand_over(struct conn *c, struct xstate *xs, struct dt_record *cur)
+{
+	if (xs->phase != XP_IDLE)
+		hand_over_part(xs, cur, true);
+	if (xs->phase >= XP_RESP)
+		hand_over_part(xs, cur, false);
+	bpf_map_delete_elem(&XSTATE, &cur->conn_id);
+	c->mode = XM_RECORDS;
+	count(DT_CNT_CONN_HANDED_OVER);
+}
+
+/* The connection goes to user space as records from now on. */
+static __always_inline void records_only(struct conn *c, struct dt_record *cur)
+{
+	struct xstate *xs = c->mode == XM_ASSEMBLED ? bpf_map_lookup_elem(&XSTATE, &cur->conn_id) : NULL;
+
+	if (xs)
+		hand_over(c, xs, cur);
+	c->mode = XM_RECORDS;
+}
+
+/* A closing connection's state goes; an exchange in progress goes to user space first,
+ * which ends it as the close says (a response that runs until close, or none). */
+static __always_inline void release(struct conn *c, struct dt_record *cur)
+{
+	struct xstate *xs = bpf_map_lookup_elem(&XSTATE, &cur->conn_id);
+
+	if (xs && xs->phase != XP_IDLE)
+		hand_over(c, xs, cur);
+	else
+		bpf_map_delete_elem(&XSTATE, &cur->conn_id);
+}
+
+/* ---- exchanges assembled in the kernel (HTTP/1) ----
+ * A request is framed here when its start line and header are in its first call (within
+ * DT_XSCAN bytes) and its length is known from them (no body, or Content-Length); a
+ * response when, besides, it is a final one (status >= 200) with a length of its own
+ * (Content-Length, chunked, or none by rule: HEAD, 204, 304). A call carrying more than
+ * the message (pipelining), a call of the wrong side, a gap in the TCP sequence, or a
+ * message not framed here hands the connection to user space, exchange so far included:
+ * the kernel never guesses where a message ends. */
+
+#ifndef DT_COMPAT_READS /* bpf_loop: kernels 5.17+; the compat object leaves assembly out */
+
+/* Little-endian words of up to 8 characters, for comparing bytes 8 at a time. */
+#define CH(c, i) ((__u64)(__u8)(c) << (8 * (i)))
+#define W4(a, b, c, d) (CH(a, 0) | CH(b, 1) | CH(c, 2) | CH(d, 3))
+#define W8(a, b, c, d, e, f, g, h) (W4(a, b, c, d) | CH(e, 4) | CH(f, 5) | CH(g, 6) | CH(h, 7))
+#define LOW(n) ((n) == 8 ? ~0ULL : (1ULL << (8 * (n))) - 1)
+#define LOWER 0x2020202020202020ULL /* ORed in: ASCII letters to lower case */
+
+static __always_inline __u64 load8(const __u8 *p)
+{
+	return *(const __u64 *)p;
+}
+
+enum { NOT_FRAMED = 0, METHOD = 1, METHOD_HEAD = 2 };
+
+/* The request methods framed here; any other goes to user space. */
+static __always_inline int http_method(__u64 w)
+{
+	if ((w & LOW(4)) == W4('G', 'E', 'T', ' ') || (w & LOW(4)) == W4('P', 'U', 'T', ' ') ||
+	    (w & LOW(5)) == W8('P', 'O', 'S', 'T', ' ', 0, 0, 0) ||
+	    (w & LOW(7)) == W8('D', 'E', 'L', 'E', 'T', 'E', ' ', 0) ||
+	    (w & LOW(6)) == W8('P', 'A', 'T', 'C', 'H', ' ', 0, 0) ||
+	    w == W8('O', 'P', 'T', 'I', 'O', 'N', 'S', ' '))
+		return METHOD;
+	if ((w & LOW(5)) == W8('H', 'E', 'A', 'D', ' ', 0, 0, 0))
+		return METHOD_HEAD;
+	return NOT_FRAMED;
+}
+
+static __always_inline bool is_digit(__u8 c)
+{
+	return c >= '0' && c <= '9';
+}
+
+/* A header line at p: Content-Length and Transfer-Encoding are what framing needs. */
+static __always_inline void header_line(struct scratch *s, __u64 p)
+{
+	struct hscan *h = &s->scan;
+	__u8 *d = s->data;
+
+	VERIFIER_MASK(p, 2 * DT_XSCAN - 1);
+	__u64 a = load8(&d[p]) | LOWER, b = load8(&d[p + 8]) | LOWER;
+	if (a == W8('t', 'r', 'a', 'n', 's', 'f', 'e', 'r') && b == W8('-', 'e', 'n', 'c', 'o', 'd', 'i', 'n')) {
+		h->chunked = 1;
+		return;
+	}
+	if (a != W8('c', 'o', 'n', 't', 'e', 'n', 't', '-') || (b & LOW(7)) != W8('l', 'e', 'n', 'g', 't', 'h', ':', 0))
+		return;
+	if (h->length >= 0) {
+		h->bad = 1; /* repeated: user space decides what that means */
+		return;
+	}
+	__u64 q = p + 15, v = 0;
+	int digits = 0;
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+		if (d[q] == ' ' || d[q] == '\t')
+			q++;
+#pragma unroll
+	for (int i = 0; i < 10; i++) {
+		if (!is_digit(d[q]))
+			break;
+		v = v * 10 + (d[q] - '0');
+		q++;
+		digits++;
+	}
+	if (!digits || v >= (1U << 31) || (d[q] != '\r' && d[q] != '\n' && d[q] != ' ' && d[q] != '\t'))
+		h->bad = 1;
+	else
+		h->length = v;
+}
+
+/* bpf_loop callback: from `pos` to the start of the next line, 8 bytes at a time
+ * where there is no '\n' in them; each line's header is looked at. */
+static long scan_step(__u32 i, void *ctx)
+{
+	struct scratch *s = *(struct scratch **)ctx;
+	struct hscan *h = &s->scan;
+	__u64 pos = h->pos;
+
+	if (pos >= h->len)
+		return 1;
+	VERIFIER_MASK(pos, DT_XSCAN - 1);
+	__u8 *d = s->data;
+	__u64 w = load8(&d[pos]), x = w ^ 0x0a0a0a0a0a0a0a0aULL;
+	if (!((x - 0x0101010101010101ULL) & ~x & 0x8080808080808080ULL)) {
+		h->pos = pos + 8; /* no '\n' in these 8 bytes */
+		return 0;
+	}
+	__u64 p = pos + 8;
+#pragma unroll
+	for (int j = 7; j >= 0; j--)
+		if (((w >> (8 * j)) & 0xff) == '\n')
+			p = pos + j + 1; /* the first '\n' wins: it is set last */
+	h->pos = p;
+	if (p >= h->len)
+		return 1;
+	VERIFIER_MASK(p, 2 * DT_XSCAN - 1);
+	__u32 end = 0;
+	if (d[p] == '\n')
+		end = p + 1;
+	else if (d[p] == '\r' && d[p + 1] == '\n')
+		end = p + 2;
+	if (end) {
+		if (end <= h->len)
+			h->end = end;
+		return 1;
+	}
+	header_line(s, p);
+	return 0;
+}
+
+static __always_inline bool scan_header(struct scratch *s, __u32 captured)
+{
+	struct hscan *h = &s->scan;
+
+	h->len = captured < DT_XSCAN ? captured : DT_XSCAN;
+	h->pos = 0;
+	h->end = 0;
+	h->length = -1;
+	h->chunked = 0;
+	h->bad = 0;
+	bpf_loop(DT_XSCAN, scan_step, &s, 0); /* each step moves on by at least a byte */
+	return h->end && !h->bad;
+}
+
+/* Up to exchange_head bytes of this call's payload into the state's head at `at`. */
+static __always_inline __u16 keep_head(struct xstate *xs, __u64 at, struct scratch *s, __u64 captured)
+{
+	__u64 n = captured < xhead() ? captured : xhead();
+
+	VERIFIER_MIN(n, DT_XHEAD_MAX);
+	VERIFIER_MIN(at, DT_XHEAD_MAX);
+	if (n && bpf_probe_read_kernel(&xs->heads[at], n, s->data))
+		return 0;
+	return n;
+}
+
+/* The last chunk of a chunked body ends this call, which was captured whole. */
+static __always_inline bool ends_chunked(struct scratch *s, __u32 captured, __u32 size)
+{
+	if (captured != size || captured < 8)
+		return false;
+	__u64 at = captured - 8;
+	VERIFIER_MASK(at, DT_MAX_CAPTURE - 1);
+	return load8(&s->data[at]) >> 8 == W8('\r', '\n', '0', '\r', '\n', '\r', '\n', 0);
+}
+
+/* ---- Redis (RESP2/3): a request is an array of bulk strings; a reply any value ---- */
+
+#define RESP_MAX_VALUES 1024 /* values walked in one message; more is user space's */
+
+static __always_inline bool resp_length_type(__u8 t)
+{
+	return t == '$' || t == '!' || t == '=' || t == '*' || t == '~' || t == '%';
+}
+
+static __always_inline bool resp_line_type(__u8 t)
+{
+	return t == '+' || t == '-' || t == ':' || t == '_' || t == ',' || t == '#' || t == '(';
+}
+
+/* bpf_loop callback: one step of walking RESP values from `pos`, until `remaining` is
+ * none. A bulk value's bytes are skipped by its length, so the last may run past the
+ * bytes searched; anything else must be within them. */
+static long resp_step(__u32 i, void *ctx)
+{
+	struct scratch *s = *(struct scratch **)ctx;
+	struct hscan *h = &s->scan;
+	__u64 pos = h->pos;
+
+	if (!h->remaining) {
+		h->end = pos;
+		return 1;
+	}
+	if (pos >= h->len)
+		return 1; /* its bytes are past what was searched: not framed here */
+	VERIFIER_MASK(pos, DT_XSCAN - 1);
+	__u8 *d = s->data;
+	if (h->in_line) { /* to the end of a simple value's line */
+		__u64 w = load8(&d[pos]), x = w ^ 0x0a0a0a0a0a0a0a0aULL, p = pos + 8;
+		if ((x - 0x0101010101010101ULL) & ~x & 0x8080808080808080ULL) {
+#pragma unroll
+			for (int j = 7; j >= 0; j--)
+				if (((w >> (8 * j)) & 0xff) == '\n')
+					p = pos + j + 1;
+			if (p > h->len)
+				return 1;
+			h->in_line = 0;
+			h->remaining--;
+		}
+		h->pos = p;
+		return 0;
+	}
+	__u8 t = d[pos];
+	if (resp_line_type(t)) {
+		h->in_line = 1;
+		h->pos = pos + 1;
+		return 0;
+	}
+	if (!resp_length_type(t)) {
+		h->bad = 1;
+		return 1;
+	}
+	__u64 q = pos + 1, v = 0;
+	bool negative = d[q] == '-';
+	int digits = 0;
+	if (negative)
+		q++;
+#pragma unroll
+	for (int k = 0; k < 10; k++) {
+		if (!is_digit(d[q]))
+			break;
+		v = v * 10 + (d[q] - '0');
+		q++;
+		digits++;
+	}
+	if (q + 2 > h->len)
+		return 1; /* the length line is not all here */
+	if (!digits || d[q] != '\r' || d[q + 1] != '\n' || (negative && v != 1) || v >= (1U << 31)) {
+		h->bad = 1;
+		return 1;
+	}
+	pos = q + 2;
+	h->remaining--;
+	if (negative) {
+		/* nil */
+	} else if (t == '$' || t == '!' || t == '=') {
+		pos += v + 2;
+	} else {
+		h->remaining += t == '%' ? 2 * v : v;
+		if (h->remaining > RESP_MAX_VALUES) {
+			h->bad = 1;
+			return 1;
+		}
+	}
+	h->pos = pos;
+	return 0;
+}
+
+/* The length of the RESP value at the start of the scratch payload; 0: not framed here. */
+static __always_inline __u64 resp_length(struct scratch *s, __u32 captured)
+{
+	struct hscan *h = &s->scan;
+
+	h->len = captured < DT_XSCAN ? captured : DT_XSCAN;
+	h->pos = 0;
+	h->end = 0;
+	h->remaining = 1;
+	h->in_line = 0;
+	h->bad = 0;
+	bpf_loop(DT_XSCAN, resp_step, &s, 0); /* each step moves on, or ends a line */
+	return h->bad ? 0 : h->end;
+}
+
+/* A command framed here: an array (as clients send them) whose name is not one that
+ * changes what the connection carries (subscriptions, MONITOR, replication). */
+static __always_inline bool redis_command(struct scratch *s, __u32 captured)
+{
+	__u8 *d = s->data;
+
+	if (captured < 16 || d[0] != '*' || !is_digit(d[1]))
+		return false;
+	/* "*N\r\n$L\r\nNAME": the name starts after the second line end, within 16 bytes. */
+	__u64 at = 0;
+	int ends = 0;
+#pragma unroll
+	for (int k = 2; k < 14; k++) {
+		if (ends < 2 && d[k] == '\n') {
+			ends++;
+			at = k + 1;
+		}
+	}
+	if (ends < 2)
+		return false;
+	VERIFIER_MASK(at, 15);
+	__u64 w = load8(&d[at]) | LOWER;
+	return w != W8('s', 'u', 'b', 's', 'c', 'r', 'i', 'b') && w != W8('p', 's', 'u', 'b', 's', 'c', 'r', 'i') &&
+	       w != W8('s', 's', 'u', 'b', 's', 'c', 'r', 'i') && w != W8('u', 'n', 's', 'u', 'b', 's', 'c', 'r') &&
+	       w != W8('p', 'u', 'n', 's', 'u', 'b', 's', 'c') && w != W8('s', 'u', 'n', 's', 'u', 'b', 's', 'c') &&
+	       (w & LOW(7)) != W8('m', 'o', 'n', 'i', 't', 'o', 'r', 0) &&
+	       (w & LOW(5)) != W8('s', 'y', 'n', 'c', '\r' | 0x20, 0, 0, 0) &&
+	       (w & LOW(6)) != W8('p', 's', 'y', 'n', 'c', '\r' | 0x20, 0, 0);
+}
+
+static __always_inline void emit_exchange(struct xstate *xs)
+{
+	output(&EXCHANGES, &xs->x, sizeof(xs->x) + 2 * xhead(), DT_CNT_EXCHANGES,
+	       DT_CNT_DROP_EXCHANGE_RINGBUF_FULL);
+	xs->phase = XP_IDLE;
+}
+
+/* The length of the HTTP request at the start of the scratch payload; 0: not framed here. */
+static __always_inline __u64 http_request_length(struct xstate *xs, struct scratch *s, __u32 captured)
+{
+	struct hscan *h = &s->scan;
+	int method = captured >= 8 ? http_method(load8(s->data)) : NOT_FRAMED;
+
+	if (method == NOT_FRAMED || !scan_header(s, captured) || h->chunked)
+		return 0;
+	xs->head_request = method == METHOD_HEAD;
+	return h->end + (h->length > 0 ? h->length : 0);
+}
+
+/* The request's first call: who, where, and how long the request is. */
+static __always_inline bool begin_request(struct xstate *xs, struct scratch *s, __u32 captured)
+{
+	struct dt_record *rec = &s->rec;
+	struct dt_exchange *x = &xs->x;
+	__u64 total;
+
+	if (x->protocol == DT_XP_REDIS)
+		total = redis_command(s, captured) ? resp_length(s, captured) : 0;
+	else
+		total = http_request_length(xs, s, captured);
+	if (!total || rec->size > total)
+		return false; /* not framed here, or more than one request in the call: pipelined */
+	x->start_ns = rec->direction == DT_DIR_EGRESS ? rec->enter_ns : rec->exit_ns;
+	x->end_ns = rec->exit_ns;
+	x->conn_id = rec->conn_id;
+	x->tgid = rec->tgid;
+	x->req_tid = rec->tid;
+	x->resp_tid = 0;
+	x->req_seq = rec->enter_seq;
+	x->req_size = rec->size;
+	x->resp_seq = 0;
+	x->resp_size = 0;
+	x->lport = rec->lport;
+	x->rport = rec->rport;
+	__builtin_memcpy(x->laddr, rec->laddr, 16);
+	__builtin_memcpy(x->raddr, rec->raddr, 16);
+	__builtin_memcpy(x->comm, rec->comm, DT_TASK_COMM_LEN);
+	x->status = 0;
+	x->resp_captured = 0;
+	x->family = rec->family;
+	x->role = rec->role;
+	x->flags = 0;
+	x->req_captured = keep_head(xs, 0, s, captured);
+	xs->req_end_ns = rec->exit_ns;
+	xs->left = total - rec->size;
+	xs->phase = xs->left ? XP_REQ : XP_WAIT;
+	return true;
+}
+
+/* The first call of an HTTP response: its status and length (RESP_CHUNKED: chunked);
+ * 0: not framed here. */
+#define RESP_CHUNKED (~0ULL)
+static __always_inline __u64 http_response_length(struct xstate *xs, struct scratch *s, __u32 captured)
+{
+	struct hscan *h = &s->scan;
+	__u8 *d = s->data;
+
+	if (captured < 13 || (load8(d) & LOW(7)) != W8('H', 'T', 'T', 'P', '/', '1', '.', 0) || d[8] != ' ' ||
+	    !is_digit(d[9]) || !is_digit(d[10]) || !is_digit(d[11]))
+		return 0;
+	__u16 status = (d[9] - '0') * 100 + (d[10] - '0') * 10 + (d[11] - '0');
+	if (status < 200 || !scan_header(s, captured))
+		return 0; /* interim (100 Continue, 101 Switching Protocols): user space's */
+	xs->x.status = status;
+	if (xs->head_request || status == 204 || status == 304)
+		return h->end;
+	if (h->chunked)
+		return RESP_CHUNKED;
+	if (h->length >= 0)
+		return h->end + h->length;
+	return 0; /* its body runs until the connection closes */
+}
+
+/* The first call of a Redis reply; pushes (RESP3 '>') and attributes ('|') are not
+ * replies to a request, and are user space's. */
+static __always_inline __u64 redis_reply_length(struct xstate *xs, struct scratch *s, __u32 captured)
+{
+	__u8 t = captured ? s->data[0] : 0;
+
+	if (!resp_line_type(t) && !resp_length_type(t))
+		return 0;
+	xs->x.status = t == '-' || t == '!';
+	return resp_length(s, captured);
+}
+
+/* The response's first call: its status and how long it is. */
+static __always_inline bool begin_response(struct xstate *xs, struct scratch *s, __u32 captured)
+{
+	struct dt_record *rec = &s->rec;
+	struct dt_exchange *x = &xs->x;
+	__u64 total;
+
+	if (x->protocol == DT_XP_REDIS)
+		total = redis_reply_length(xs, s, captured);
+	else
+		total = http_response_length(xs, s, captured);
+	if (!total)
+		return false;
+	x->resp_seq = rec->enter_seq;
+	x->resp_size = rec->size;
+	x->resp_tid = rec->tid;
+	x->end_ns = rec->exit_ns;
+	x->resp_captured = keep_head(xs, xhead(), s, captured);
+	xs->resp_start_ns = rec->direction == DT_DIR_EGRESS ? rec->enter_ns : rec->exit_ns;
+	if (total == RESP_CHUNKED) {
+		xs->phase = XP_RESP_CHUNKED;
+		if (ends_chunked(s, captured, rec->size))
+			emit_exchange(xs);
+		return true;
+	}
+	if (rec->size > total)
+		return false;
+	xs->left = total - rec->size;
+	xs->phase = XP_RESP;
+	if (!xs->left)
+		emit_exchange(xs);
+	return true;
+}
+
+/* A call that goes on the message being framed: it must start where the last one ended. */
+static __always_inline bool goes_on(struct xstate *xs, struct dt_record *rec, bool request)
+{
+	struct dt_exchange *x = &xs->x;
+	__u32 next = request ? x->req_seq + x->req_size : x->resp_seq + x->resp_size;
+
+	if (rec->enter_seq != next)
+		return false;
+	if (request) {
+		x->req_size += rec->size;
+		xs->req_end_ns = rec->exit_ns;
+	} else {
+		x->resp_size += rec->size;
+		x->resp_tid = rec->tid;
+		x->end_ns = rec->exit_ns;
+	}
+	return true;
+}
+
+/* Frames this call into the connection's exchange; false: its bytes are user space's,
+ * as a record (the connection is, or has just been, handed over). */
+static __always_inline bool assemble(struct conn *c, struct scratch *s, __u32 captured)
+{
+	struct dt_record *rec = &s->rec;
+	bool request = (rec->direction == DT_DIR_INGRESS) == (c->role == DT_ROLE_SERVER);
+	struct xstate *xs;
+
+	if (rec->enter_seq == rec->exit_seq)
+		return c->mode == XM_ASSEMBLED; /* MSG_PEEK: the same bytes come again */
+	if (c->mode == XM_UNDECIDED) {
+		c->mode = XM_RECORDS;
+		if (c->role == DT_ROLE_UNKNOWN || !request || captured < 8)
+			return false;
+		__u8 protocol = DT_XP_NONE;
+		if (http_method(load8(s->data)))
+			protocol = DT_XP_HTTP1;
+		else if (s->data[0] == '*' && is_digit(s->data[1]))
+			protocol = DT_XP_REDIS;
+		if (!protocol || !(CFG.exchange_protocols & (1 << protocol)))
+			return false;
+		/* Any bytes do as the new entry's value: begin_request sets what is read. */
+		if (bpf_map_update_elem(&XSTATE, &rec->conn_id, &s->data[DT_MAX_CAPTURE], BPF_ANY))
+			return false;
+		xs = bpf_map_lookup_elem(&XSTATE, &rec->conn_id);
+		if (!xs)
+			return false;
+		xs->phase = XP_IDLE;
+		xs->x.protocol = protocol;
+		c->mode = XM_ASSEMBLED;
+		count(DT_CNT_CONN_ASSEMBLED);
+	} else {
+		xs = bpf_map_lookup_elem(&XSTATE, &rec->conn_id);
+		if (!xs) {
+			c->mode = XM_RECORDS;
+			count(DT_CNT_DROP_EXCHANGE_STATE_LOST);
+			return false;
+		}
+	}
+	if (!(rec->flags & DT_FLAG_PAYLOAD_FAULT)) {
+		__u32 left = xs->left;
+		switch (xs->phase) {
+		case XP_IDLE:
+			if (request && begin_request(xs, s, captured))
+				return true;
+			break;
+		case XP_REQ:
+			if (request && rec->size <= left && goes_on(xs, rec, true)) {
+				xs->left = left - rec->size;
+				if (!xs->left)
+					xs->phase = XP_WAIT;
+				return true;
+			}
+			break;
+		case XP_WAIT:
+			if (!request && begin_response(xs, s, captured))
+				return true;
+			break;
+		case XP_RESP:
+			if (!request && rec->size <= left && goes_on(xs, rec, false)) {
+				xs->left = left - rec->size;
+				if (!xs->left)
+					emit_exchange(xs);
+				return true;
+			}
+			break;
+		case XP_RESP_CHUNKED:
+			if (!request && goes_on(xs, rec, false)) {
+				if (ends_chunked(s, captured, rec->size))
+					emit_exchange(xs);
+				return true;
+			}
+			break;
+		}
+	}
+	hand_over(c, xs, rec);
+	return false;
+}
+
+/* A global function: the verifier checks it once per program, apart from the paths of
+ * its callers, which keeps loading fast. */
+__noinline int assemble_call(struct conn *c, struct scratch *s, __u32 captured)
+{
+	if (!c || !s)
+		return 0;
+	return assemble(c, s, captured);
+}
+
+#else
+
+static __always_inline int assemble_call(struct conn *c, struct scratch *s, __u32 captured)
+{
+	c->mode = XM_RECORDS;
+	return 0;
+}
+
+#endif
+
 /* ---- enter: filter, resolve the socket, stash the arguments ---- */
 
 /* A thread keeps its slot between calls and it is rewritten in place: a lookup
@@ -462,7 +1175,7 @@ static __always_inline bool take_args(void *map, struct args *out)
 /* ---- exit: one record per message ---- */
 
 /* One message of a msghdr: its iovecs and, on unconnected sockets, its address. */
-static __always_inline void emit_msghdr(struct scratch *s, __u64 umsg, __u64 size)
+static __always_inline __u32 capture_msghdr(struct scratch *s, __u64 umsg, __u64 size)
 {
 	struct user_msghdr msg;
 
@@ -470,41 +1183,47 @@ static __always_inline void emit_msghdr(struct scratch *s, __u64 umsg, __u64 siz
 	if (bpf_probe_read_user(&msg, sizeof(msg), (void *)umsg)) {
 		s->rec.flags |= DT_FLAG_PAYLOAD_FAULT;
 		count(DT_CNT_PAYLOAD_FAULT);
-		submit(s, 0);
-		return;
+		return 0;
 	}
 	if (s->rec.rport == 0)
 		peer_from_sockaddr(&s->rec, (__u64)msg.msg_name);
-	submit(s, copy_iovecs((__u64)msg.msg_iov, msg.msg_iovlen, size, capture_limit()));
+	return copy_iovecs((__u64)msg.msg_iov, msg.msg_iovlen, size, capture_limit());
 }
 
 /* Where a single-message call keeps its bytes; a constant at every call site, so
  * each program carries only its own branch. */
 enum buf_kind { BUF_FLAT, BUF_IOVEC, BUF_MSGHDR };
 
-/* read/write/recvfrom/sendto (flat), readv/writev (iovec), recvmsg/sendmsg (msghdr). */
+/* read/write/recvfrom/sendto (flat), readv/writev (iovec), recvmsg/sendmsg (msghdr):
+ * the payload head into the scratch record, then either into the connection's
+ * exchange (assembled here) or to user space as that record. */
 static __always_inline int exit_single(void *map, __u8 direction, long ret, enum buf_kind kind)
 {
 	struct args a;
+	struct conn *c;
+	__u32 captured;
 
 	if (!take_args(map, &a) || ret <= 0)
 		return 0;
-	struct scratch *s = begin_record(&a, direction, DT_ROLE_UNKNOWN, false);
+	struct scratch *s = begin_record(&a, direction, DT_ROLE_UNKNOWN, false, &c);
 	if (!s)
 		return 0;
 	s->rec.ret = ret;
 	s->rec.size = ret;
 	set_seq(&s->rec, &a);
 	if (kind == BUF_MSGHDR) {
-		emit_msghdr(s, a.buf, ret);
+		captured = capture_msghdr(s, a.buf, ret);
 	} else if (kind == BUF_IOVEC) {
-		submit(s, copy_iovecs(a.buf, a.count, ret, capture_limit()));
+		captured = copy_iovecs(a.buf, a.count, ret, capture_limit());
 	} else {
 		if (a.addr && s->rec.rport == 0)
 			peer_from_sockaddr(&s->rec, a.addr);
 		__u32 cap = capture_limit();
-		submit(s, copy_user(s, 0, (__u64)ret < cap ? (__u64)ret : cap, a.buf));
+		captured = copy_user(s, 0, (__u64)ret < cap ? (__u64)ret : cap, a.buf);
 	}
+	if (c && a.l4 == IPPROTO_TCP && c->mode != XM_RECORDS && assemble_call(c, s, captured))
+		return 0;
+	submit(s, captured);
 	return 0;
 }
 
@@ -526,9 +1245,12 @@ static __always_inline int exit_mmsg(void *map, __u8 direction, long ret)
 		if (i >= ret)
 			break;
 		bpf_probe_read_user(&len, sizeof(len), (void *)(um + offsetof(struct mmsghdr, msg_len)));
-		struct scratch *s = begin_record(&a, direction, DT_ROLE_UNKNOWN, false);
+		struct conn *c;
+		struct scratch *s = begin_record(&a, direction, DT_ROLE_UNKNOWN, false, &c);
 		if (!s)
 			return 0;
+		if (c && c->mode != XM_RECORDS)
+			records_only(c, &s->rec); /* batches of messages are user space's to frame */
 		s->rec.ret = ret;
 		s->rec.msg_index = i;
 		if (a.l4 == IPPROTO_TCP) {
@@ -537,7 +1259,7 @@ static __always_inline int exit_mmsg(void *map, __u8 direction, long ret)
 				seq += len;
 			s->rec.exit_seq = seq;
 		}
-		emit_msghdr(s, um, len);
+		submit(s, capture_msghdr(s, um, len));
 	}
 	if (ret > DT_MAX_MMSG) {
 		__u32 idx = DT_CNT_DROP_MMSG_OVERFLOW;
@@ -602,7 +1324,8 @@ EXIT(connect)
 
 	if (!take_args(&EGRESS, &a) || (ret != 0 && ret != -EINPROGRESS))
 		return 0;
-	struct scratch *s = begin_record(&a, DT_DIR_NONE, DT_ROLE_CLIENT, false);
+	struct conn *c;
+	struct scratch *s = begin_record(&a, DT_DIR_NONE, DT_ROLE_CLIENT, false, &c);
 	if (!s)
 		return 0;
 	s->rec.ret = ret;
@@ -637,7 +1360,8 @@ static __always_inline int accept_exit(long ret)
 	a.sk = (__u64)sk;
 	a.fd = ret;
 	a.l4 = l4;
-	struct scratch *s = begin_record(&a, DT_DIR_NONE, DT_ROLE_SERVER, true);
+	struct conn *c;
+	struct scratch *s = begin_record(&a, DT_DIR_NONE, DT_ROLE_SERVER, true, &c);
 	if (!s)
 		return 0;
 	s->rec.ret = ret;
@@ -668,9 +1392,12 @@ ENTER(close)
 		.syscall = DT_SYS_CLOSE,
 		.l4 = l4,
 	};
-	struct scratch *s = begin_record(&a, DT_DIR_NONE, DT_ROLE_UNKNOWN, false);
+	struct conn *c;
+	struct scratch *s = begin_record(&a, DT_DIR_NONE, DT_ROLE_UNKNOWN, false, &c);
 	if (!s)
 		return 0;
+	if (c && c->mode == XM_ASSEMBLED)
+		release(c, &s->rec);
 	submit(s, 0);
 	bpf_map_delete_elem(&CONNS, &a.sk);
 	return 0;

@@ -9,6 +9,8 @@
 #define DT_IOV_BATCH 16      /* iovecs read from user memory at a time */
 #define DT_MAX_MMSG 8        /* messages reported per sendmmsg/recvmmsg call */
 #define DT_TASK_COMM_LEN 16
+#define DT_XHEAD_MAX 512     /* payload head per message an exchange event carries, at most */
+#define DT_XSCAN 1024        /* first bytes of a message searched for the end of its header */
 
 enum dt_syscall {
 	DT_SYS_READ = 1,
@@ -41,7 +43,17 @@ enum dt_role {
 enum dt_flags {
 	DT_FLAG_TRUNCATED = 1,     /* captured < size */
 	DT_FLAG_PAYLOAD_FAULT = 2, /* user memory could not be read; captured bytes are zero */
-	DT_FLAG_ADDR_FROM_CALL = 4 /* peer address came from the syscall's sockaddr (unconnected UDP) */
+	DT_FLAG_ADDR_FROM_CALL = 4, /* peer address came from the syscall's sockaddr (unconnected UDP) */
+	DT_FLAG_ASSEMBLED = 8       /* the bytes of several calls, assembled in the kernel before the
+				       connection was handed to user space: enter_ns is when the first
+				       byte moved, exit_ns when the last did, payload their first bytes */
+};
+
+/* Protocols whose exchanges the kernel can assemble; bit (1 << p) of CFG.exchange_protocols. */
+enum dt_xproto {
+	DT_XP_NONE = 0,
+	DT_XP_HTTP1 = 1,
+	DT_XP_REDIS = 2,
 };
 
 /* Every counter is a per-CPU u64 in the COUNTERS map, indexed by this enum. */
@@ -56,6 +68,11 @@ enum dt_counter {
 	DT_CNT_SKIP_NOT_INET,       /* socket that is not TCP/UDP over IPv4/IPv6 */
 	DT_CNT_TRUNCATED,           /* records whose payload was cut at the capture limit */
 	DT_CNT_PAYLOAD_FAULT,       /* records whose payload could not be read */
+	DT_CNT_EXCHANGES,           /* exchange events written to the EXCHANGES ring */
+	DT_CNT_DROP_EXCHANGE_RINGBUF_FULL, /* exchange lost: EXCHANGES had no room */
+	DT_CNT_DROP_EXCHANGE_STATE_LOST,   /* exchange lost: its connection's state left XSTATE (full) */
+	DT_CNT_CONN_ASSEMBLED,      /* connections whose exchanges the kernel assembles */
+	DT_CNT_CONN_HANDED_OVER,    /* ... of which later handed to user space (pipelining, 1xx, ...) */
 	DT_CNT_MAX,
 };
 
@@ -66,6 +83,8 @@ struct dt_config {
 	__u32 agent_tgid;
 	__u32 follow_forks;  /* 1: children of traced processes are traced */
 	__u64 wakeup_records; /* wake the reader once per this many records of a CPU (>= 1) */
+	__u32 exchange_protocols; /* bit (1 << enum dt_xproto): assembled in the kernel; 0: records only */
+	__u32 exchange_head;      /* payload head per message of an exchange, multiple of 8, <= DT_XHEAD_MAX */
 };
 
 /* Fixed header of every ring-buffer record; `captured` payload bytes follow it. */
@@ -92,6 +111,36 @@ struct dt_record {
 	__u8 role;       /* enum dt_role */
 	__u8 flags;      /* enum dt_flags */
 	__u16 msg_index; /* position in a sendmmsg/recvmmsg batch, else 0 */
+	char comm[DT_TASK_COMM_LEN];
+};
+
+/* One request and its response, assembled in the kernel (the EXCHANGES ring). Fixed
+ * size: `exchange_head` bytes of the request's head, then as many of the response's,
+ * follow it, so every sample of that ring has the same length and user space reads a
+ * batch as one array. Times are CLOCK_MONOTONIC. */
+struct dt_exchange {
+	__u64 start_ns;  /* the request's first byte: write enter, or read exit */
+	__u64 end_ns;    /* the response's last byte: exit of its last call */
+	__u64 conn_id;
+	__u32 tgid;
+	__u32 req_tid;   /* thread that moved the request's first byte */
+	__u32 resp_tid;  /* thread that moved the response's last byte */
+	__u32 req_seq;   /* TCP seq of the request's first byte; it ends at req_seq + req_size */
+	__u32 resp_seq;
+	__u32 req_size;  /* bytes on the wire */
+	__u32 resp_size;
+	__u16 lport;
+	__u16 rport;
+	__u8 laddr[16];
+	__u8 raddr[16];
+	__u16 status;        /* HTTP status code; Redis: 1 if the reply is an error */
+	__u16 req_captured;  /* head bytes that are the request's (<= exchange_head) */
+	__u16 resp_captured;
+	__u8 family;
+	__u8 role;           /* enum dt_role */
+	__u8 protocol;       /* enum dt_xproto */
+	__u8 flags;          /* none defined yet */
+	__u8 pad[6];
 	char comm[DT_TASK_COMM_LEN];
 };
 
