@@ -231,6 +231,13 @@ def agent(timeout_s, fmt, stats_interval, host_name, associate, algorithm, no_he
                       else json_lines([span.to_json_dict() for span in spans]))  # fmt: skip
             out.flush()
 
+    def exchanges(events, wall_offset_ns, out) -> None:
+        if shipper is None and linker is None and fmt == "json":  # straight to JSON lines, no Span objects
+            out.write(json_lines(pipeline.push_exchanges_json(events, wall_offset_ns)))
+            out.flush()
+        else:
+            write(pipeline.push_exchanges(events, wall_offset_ns), out)
+
     next_stats = time.monotonic() + stats_interval
 
     def tick(collector, out) -> None:
@@ -253,8 +260,7 @@ def agent(timeout_s, fmt, stats_interval, host_name, associate, algorithm, no_he
             emit(linker.close(time.time_ns()), out)
 
     try:
-        _run(opts, lambda batch, out: write(pipeline.push(batch), out), tick, end,
-             on_exchanges=lambda events, wall, out: write(pipeline.push_exchanges(events, wall), out),
+        _run(opts, lambda batch, out: write(pipeline.push(batch), out), tick, end, on_exchanges=exchanges,
              assemble=() if no_kernel_exchanges else KERNEL_EXCHANGES)
     finally:
         if shipper is not None:

@@ -14,14 +14,16 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 
+import msgspec
 import numpy as np
 
 from deeptrace.capture.records import EXCHANGE_PROTOCOLS
-from deeptrace.capture.spans import Endpoint, Span
+from deeptrace.capture.spans import Endpoint, Span, SpanJson, b64_head, new_id
 from deeptrace.protocols import http1, redis
 from deeptrace.protocols.redaction import redact_span_parts
 
 _CACHE_LIMIT = 4096  # distinct heads (and connections) remembered
+_ENCODER = msgspec.json.Encoder()
 _SEQ = 0xFFFFFFFF
 _ROLE_SERVER = 2  # enum dt_role
 
@@ -48,7 +50,9 @@ def _http_response(head: bytes, status: int) -> Response:
 
 def _redis_request(head: bytes) -> Request:
     fields = redis.request_head_fields(head)
-    name, attrs = (f"redis {fields['command']}", redis.request_attributes(fields)) if fields else ("redis", {})
+    name, attrs = (
+        (f"redis {fields['command']}", redis.request_attributes(fields)) if fields else ("redis", {})
+    )
     redacted, _ = redact_span_parts(redis.PROTOCOL, attrs, head, b"")
     return redis.PROTOCOL, name, attrs, redacted
 
@@ -69,6 +73,24 @@ _SIDES: dict[int, tuple[Callable[[bytes], Request], Callable[[bytes, int], Respo
 }
 
 
+class _Columns:
+    """A batch of events as Python lists, one per field the spans take: one conversion in C
+    per column, not one Python object per event."""
+
+    def __init__(self, events: np.ndarray, wall_offset_ns: int) -> None:
+        wall = np.int64(wall_offset_ns)
+        self.n = len(events)
+        self.start = (events["start_ns"].astype(np.int64) + wall).tolist()
+        self.end = (events["end_ns"].astype(np.int64) + wall).tolist()
+        self.tgid, self.conn = events["tgid"].tolist(), events["conn_id"].tolist()
+        self.req_tid, self.resp_tid = events["req_tid"].tolist(), events["resp_tid"].tolist()
+        self.req_seq, self.resp_seq = events["req_seq"].tolist(), events["resp_seq"].tolist()
+        self.req_size, self.resp_size = events["req_size"].tolist(), events["resp_size"].tolist()
+        self.protocol, self.status = events["protocol"].tolist(), events["status"].tolist()
+        self.req_head, self.resp_head = events["req_head"].tolist(), events["resp_head"].tolist()
+        self.req_len, self.resp_len = events["req_captured"].tolist(), events["resp_captured"].tolist()
+
+
 class ExchangeSpans:
     """Turns arrays of exchange events into spans; keeps bounded caches between batches."""
 
@@ -78,34 +100,75 @@ class ExchangeSpans:
         self._endpoints: dict[tuple[int, int], tuple[Endpoint, str]] = {}  # -> (endpoint, span kind)
         self._requests: dict[tuple[int, bytes], Request] = {}
         self._responses: dict[tuple[int, bytes, int], Response] = {}
+        self._attributes: dict[tuple, dict | msgspec.Raw] = {}  # (request key, response key) -> encoded
 
     def spans(self, events: np.ndarray, wall_offset_ns: int) -> list[Span]:
-        if not len(events):
-            return []
-        wall = np.int64(wall_offset_ns)
-        start = (events["start_ns"].astype(np.int64) + wall).tolist()
-        end = (events["end_ns"].astype(np.int64) + wall).tolist()
-        tgid, conn = events["tgid"].tolist(), events["conn_id"].tolist()
-        req_tid, resp_tid = events["req_tid"].tolist(), events["resp_tid"].tolist()
-        req_seq, resp_seq = events["req_seq"].tolist(), events["resp_seq"].tolist()
-        req_size, resp_size = events["req_size"].tolist(), events["resp_size"].tolist()
-        protocol, status = events["protocol"].tolist(), events["status"].tolist()
-        req_heads, resp_heads = events["req_head"].tolist(), events["resp_head"].tolist()
-        req_len, resp_len = events["req_captured"].tolist(), events["resp_captured"].tolist()
+        c = _Columns(events, wall_offset_ns)
         endpoints, requests, responses = self._endpoints, self._requests, self._responses
         out = []
-        for i in range(len(start)):
-            key = (tgid[i], conn[i])
+        for i in range(c.n):
+            key = (c.tgid[i], c.conn[i])
             endpoint, kind = endpoints.get(key) or self._endpoint(key, events[i])
-            req_key = (protocol[i], req_heads[i][: req_len[i]])
+            req_key = (c.protocol[i], c.req_head[i][: c.req_len[i]])
             req = requests.get(req_key) or self._request(req_key)
-            resp_key = (protocol[i], resp_heads[i][: resp_len[i]], status[i])
+            resp_key = (c.protocol[i], c.resp_head[i][: c.resp_len[i]], c.status[i])
             resp = responses.get(resp_key) or self._response(resp_key)
-            out.append(Span(kind, req[1], req[0], endpoint, start[i], end[i], resp[0], resp[1], req_tid[i], resp_tid[i],
-                            req_size[i], resp_size[i], (req_seq[i], (req_seq[i] + req_size[i]) & _SEQ),
-                            (resp_seq[i], (resp_seq[i] + resp_size[i]) & _SEQ), {**req[2], **resp[2]}, req[3],
-                            resp[3]))  # fmt: skip
+            req_seq, req_size, resp_seq, resp_size = (
+                c.req_seq[i],
+                c.req_size[i],
+                c.resp_seq[i],
+                c.resp_size[i],
+            )
+            out.append(Span(kind, req[1], req[0], endpoint, c.start[i], c.end[i], resp[0], resp[1], c.req_tid[i],
+                            c.resp_tid[i], req_size, resp_size, (req_seq, (req_seq + req_size) & _SEQ),
+                            (resp_seq, (resp_seq + resp_size) & _SEQ), {**req[2], **resp[2]}, req[3], resp[3]))  # fmt: skip
         return out
+
+    def json(self, events: np.ndarray, wall_offset_ns: int) -> list[SpanJson]:
+        """What `[s.to_json() for s in self.spans(...)]` gives, without the Span objects, and
+        with the attributes of each distinct pair of heads encoded once: the agent's path when
+        it writes JSON lines."""
+        c = _Columns(events, wall_offset_ns)
+        endpoints, requests, responses, attributes = (
+            self._endpoints,
+            self._requests,
+            self._responses,
+            self._attributes,
+        )
+        ids = new_id(24 * c.n)  # a trace id and a span id each
+        out = []
+        for i in range(c.n):
+            key = (c.tgid[i], c.conn[i])
+            e, kind = endpoints.get(key) or self._endpoint(key, events[i])
+            req_key = (c.protocol[i], c.req_head[i][: c.req_len[i]])
+            req = requests.get(req_key) or self._request(req_key)
+            resp_key = (c.protocol[i], c.resp_head[i][: c.resp_len[i]], c.status[i])
+            resp = responses.get(resp_key) or self._response(resp_key)
+            attrs = attributes.get((req_key, resp_key)) or self._attributes_of(req_key, resp_key, req, resp)
+            req_seq, req_size, resp_seq, resp_size = (
+                c.req_seq[i],
+                c.req_size[i],
+                c.resp_seq[i],
+                c.resp_size[i],
+            )
+            start, end, at = c.start[i], c.end[i], 48 * i
+            out.append(SpanJson(ids[at : at + 32], ids[at + 32 : at + 48], None, kind, req[1], req[0], e.service,
+                                e.host, e.pid, c.req_tid[i], c.resp_tid[i], start, end, end - start, resp[0],
+                                resp[1], e.laddr, e.lport, e.raddr, e.rport, e.conn_id, req_size, resp_size,
+                                [req_seq, (req_seq + req_size) & _SEQ], [resp_seq, (resp_seq + resp_size) & _SEQ],
+                                attrs, b64_head(req[3]), b64_head(resp[3])))  # fmt: skip
+        return out
+
+    def _attributes_of(self, req_key, resp_key, req: Request, resp: Response) -> dict | msgspec.Raw:
+        if len(self._attributes) >= _CACHE_LIMIT:
+            self._attributes.clear()
+        attrs = {**req[2], **resp[2]}
+        try:
+            attrs = msgspec.Raw(_ENCODER.encode(attrs))
+        except UnicodeEncodeError:
+            pass  # lone surrogates: json_lines writes this span as json.dumps does
+        self._attributes[(req_key, resp_key)] = attrs
+        return attrs
 
     def _endpoint(self, key: tuple[int, int], event) -> tuple[Endpoint, str]:
         if len(self._endpoints) >= _CACHE_LIMIT:
@@ -116,7 +179,10 @@ class ExchangeSpans:
         endpoint = Endpoint(self.service_name(key[0], comm), self.host, key[0],
                             socket.inet_ntop(family, bytes(event["laddr"])[:width]), int(event["lport"]),
                             socket.inet_ntop(family, bytes(event["raddr"])[:width]), int(event["rport"]), key[1])  # fmt: skip
-        self._endpoints[key] = known = (endpoint, "SERVER" if int(event["role"]) == _ROLE_SERVER else "CLIENT")
+        self._endpoints[key] = known = (
+            endpoint,
+            "SERVER" if int(event["role"]) == _ROLE_SERVER else "CLIENT",
+        )
         return known
 
     def _request(self, key: tuple[int, bytes]) -> Request:

@@ -119,58 +119,81 @@ class Span:
     def duration_ns(self) -> int:
         return self.end_ns - self.start_ns
 
-    def to_json_dict(self) -> dict:
+    def to_json(self) -> SpanJson:
         e = self.endpoint
         if self._trace_id is None:
             self._trace_id = _HEX.take(32)
         if self._span_id is None:
             self._span_id = _HEX.take(16)
-        return {
-            "trace_id": self._trace_id,
-            "span_id": self._span_id,
-            "parent_span_id": self.parent_span_id,
-            "kind": self.kind,
-            "name": self.name,
-            "protocol": self.protocol,
-            "service": e.service,
-            "host": e.host,
-            "pid": e.pid,
-            "tid": self.tid,
-            "resp_tid": self.resp_tid,
-            "start_ns": self.start_ns,
-            "end_ns": self.end_ns,
-            "duration_ns": self.end_ns - self.start_ns,
-            "status": self.status,
-            "status_code": self.status_code,
-            "laddr": e.laddr,
-            "lport": e.lport,
-            "raddr": e.raddr,
-            "rport": e.rport,
-            "conn_id": e.conn_id,
-            "req_size": self.req_size,
-            "resp_size": self.resp_size,
-            "req_seq": list(self.req_seq) if self.req_seq else None,
-            "resp_seq": list(self.resp_seq) if self.resp_seq else None,
-            "attributes": self.attributes,
-            "req_head": b64_head(self.req_head),
-            "resp_head": b64_head(self.resp_head),
-        }
+        return SpanJson(self._trace_id, self._span_id, self.parent_span_id, self.kind, self.name, self.protocol,
+                        e.service, e.host, e.pid, self.tid, self.resp_tid, self.start_ns, self.end_ns,
+                        self.end_ns - self.start_ns, self.status, self.status_code, e.laddr, e.lport, e.raddr,
+                        e.rport, e.conn_id, self.req_size, self.resp_size,
+                        list(self.req_seq) if self.req_seq else None, list(self.resp_seq) if self.resp_seq else None,
+                        self.attributes, b64_head(self.req_head), b64_head(self.resp_head))  # fmt: skip
+
+    def to_json_dict(self) -> dict:
+        return msgspec.structs.asdict(self.to_json())
+
+
+class SpanJson(msgspec.Struct):
+    """A span as the agent writes it, one JSON object per line, and ships it: the one
+    definition of that layout (key order included)."""
+
+    trace_id: str
+    span_id: str
+    parent_span_id: str | None
+    kind: str
+    name: str
+    protocol: str
+    service: str
+    host: str
+    pid: int
+    tid: int
+    resp_tid: int | None
+    start_ns: int
+    end_ns: int
+    duration_ns: int
+    status: str
+    status_code: str | None
+    laddr: str
+    lport: int
+    raddr: str
+    rport: int
+    conn_id: int
+    req_size: int
+    resp_size: int
+    req_seq: list[int] | None
+    resp_seq: list[int] | None
+    # Raw: encoded already (the kernel's exchanges repeat the same attributes, encoded once).
+    attributes: dict | msgspec.Raw
+    req_head: str  # base64
+    resp_head: str
+
+
+def _builtins(item: SpanJson | dict) -> dict:
+    if item.__class__ is not SpanJson:
+        return item
+    d = msgspec.structs.asdict(item)
+    if d["attributes"].__class__ is msgspec.Raw:
+        d["attributes"] = json.loads(bytes(d["attributes"]))
+    return d
 
 
 _ENCODER = msgspec.json.Encoder()
 
 
-def json_lines(dicts: list[dict]) -> str:
-    """Spans (`to_json_dict`) as JSON lines, in ASCII. msgspec encodes in C, 3x json.dumps,
-    which took a third of the agent's time per span, but writes text as UTF-8 and refuses
-    lone surrogates (bytes kept with surrogateescape): a batch with either is written as
-    json.dumps writes it, escaped, so that no reader splits a line at U+0085 or U+2028."""
+def json_lines(spans: list[SpanJson | dict]) -> str:
+    """Spans (`to_json` or `to_json_dict`) as JSON lines, in ASCII. msgspec encodes in C, 3x
+    json.dumps, which took a third of the agent's time per span, but writes text as UTF-8 and
+    refuses lone surrogates (bytes kept with surrogateescape): a batch with either is written
+    as json.dumps writes it, escaped, so that no reader splits a line at U+0085 or U+2028."""
     try:
-        text = _ENCODER.encode_lines(dicts).decode()
+        text = _ENCODER.encode_lines(spans).decode()
     except UnicodeEncodeError:
         text = None
     if text is None or not text.isascii():
-        return "".join(json.dumps(d) + "\n" for d in dicts)
+        return "".join(json.dumps(_builtins(d)) + "\n" for d in spans)
     return text
 
 
