@@ -24,7 +24,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE.parents[1] / "src"))
 sys.path.insert(0, str(HERE))
 
-from run import LOOP_CPU, RUNNER_CPU, Reader, build
+from run import LOOP_CPU, RUNNER_CPU, Reader, build, own_program_ids
 
 from deeptrace.agent.collector import Collector, CollectorConfig
 from deeptrace.agent.selection import Selection
@@ -34,9 +34,12 @@ STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 
 
 def program_stats() -> dict[str, tuple[int, int]]:
+    """(runs, ns) by name of the programs this process loaded (another agent's or a test's
+    programs of the same names are not ours)."""
     progs = json.loads(subprocess.run(["bpftool", "prog", "show", "-j"], capture_output=True, text=True,
                                       check=True).stdout)  # fmt: skip
-    return {p["name"]: (p.get("run_cnt", 0), p.get("run_time_ns", 0)) for p in progs}
+    mine = own_program_ids()
+    return {p["name"]: (p.get("run_cnt", 0), p.get("run_time_ns", 0)) for p in progs if p["id"] in mine}
 
 
 def main() -> None:
