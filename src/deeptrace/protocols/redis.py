@@ -191,7 +191,10 @@ class RedisConnection(FramedConnection):
     protocol = PROTOCOL
 
     def __init__(self) -> None:
-        super().__init__(DirectionFramer(frame_request, starts_request), DirectionFramer(frame_response, starts_response))
+        # A command or reply cut by bytes never captured (longer than the capture) is still a
+        # message: salvaged from its first bytes, so that pairing stays in order after it.
+        super().__init__(DirectionFramer(frame_request, starts_request, request_head_fields),
+                         DirectionFramer(frame_response, starts_response, reply_head_fields))  # fmt: skip
         self._subscriptions: deque[_Subscription] = deque(maxlen=MAX_SUBSCRIPTIONS_PENDING)
 
     def _request(self, f: Framed) -> Message:
@@ -250,8 +253,8 @@ def reply_attributes(fields: dict) -> dict:
 
 
 def request_head_fields(head: bytes) -> dict | None:
-    """Fields of a command from its first bytes (a head the kernel kept of a request it
-    framed, which may end before the command does)."""
+    """Fields of a command from its first bytes, which may end before the command does (a
+    head the kernel kept, a command longer than the capture)."""
     frame = frame_request(head)
     if frame.__class__ is Frame:
         return frame.fields
