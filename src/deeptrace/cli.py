@@ -167,7 +167,7 @@ def record(fmt, **opts) -> None:
 @click.option("--agent-id", default=None, help="With --server: this agent's id at the server "
               "(default: made once and kept in the spool directory).")
 @click.option("--no-kernel-exchanges", is_flag=True, help="Frame every connection in user space from records, "
-              "including the HTTP/1 connections whose exchanges the kernel would otherwise pair itself.")
+              "including the HTTP/1 and Redis connections whose exchanges the kernel would otherwise pair itself.")
 def agent(timeout_s, fmt, stats_interval, host_name, associate, algorithm, no_header_ids, hold, server_url,
           token, spool_dir, spool_max_bytes, agent_id, no_kernel_exchanges, **opts) -> None:  # fmt: skip
     """Trace processes and write one JSON span per request/response exchange (or ship them to a

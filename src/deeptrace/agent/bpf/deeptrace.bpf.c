@@ -55,7 +55,8 @@ enum xphase {
 	XP_REQ,         /* request begun, `left` bytes of it to come */
 	XP_WAIT,        /* request whole, no response yet */
 	XP_RESP,        /* response begun, `left` bytes of it to come */
-	XP_RESP_CHUNKED /* response begun, chunked: ends with its last chunk */
+	XP_RESP_CHUNKED,/* response begun, chunked: ends with its last chunk */
+	XP_HANDED       /* handed over to user space: nothing more is done with it */
 };
 
 /* An assembled connection's exchange in the making. The heads follow `x` directly, so
@@ -65,10 +66,14 @@ struct xstate {
 	__u8 heads[2 * DT_XHEAD_MAX]; /* request head at 0, response head at CFG.exchange_head */
 	__u64 req_end_ns;    /* for handing over: the request's last byte */
 	__u64 resp_start_ns; /* ... and the response's first */
+	__u64 owner;         /* thread whose hook works on this state now, 0 if none (see claim) */
+	__u64 broken;        /* another hook found it claimed: hand over when let go */
 	__u32 left;
+	__u32 chunk_left;    /* chunked: bytes of the current chunk (data and line end) to come */
 	__u8 phase;          /* enum xphase */
 	__u8 head_request;   /* a HEAD request: its response has no body */
-	__u8 pad[2];
+	__u8 last_chunk;     /* chunked: chunk_left is the line end after the last chunk */
+	__u8 pad[5];
 };
 
 /* A record made from an xstate when its connection is handed over (its own scratch:
@@ -94,12 +99,25 @@ struct hscan {
 	__s64 length;    /* HTTP: Content-Length, or -1 */
 };
 
+/* What a walk of one call through a chunked body found. In the scratch map (see hscan). */
+struct cwalk {
+	__u32 pos;      /* offset in the call */
+	__u32 size;     /* the call's bytes */
+	__u32 captured; /* of which in the scratch payload */
+	__u32 left;     /* bytes of the current chunk (data, line end) still to come */
+	__u8 last;      /* left is the line end after the last chunk */
+	__u8 end;       /* the body ended exactly at the call's end */
+	__u8 bad;       /* a chunk-size line not here, not a size, or bytes after the end */
+	__u8 pad;
+};
+
 struct scratch {
 	struct dt_record rec;
 	/* Twice the largest capture so that offset + length always stays inside the
 	 * buffer in a way the verifier can check (both are bounded by DT_MAX_CAPTURE). */
 	__u8 data[2 * DT_MAX_CAPTURE];
 	struct hscan scan;
+	struct cwalk walk;
 };
 
 struct {
@@ -536,8 +554,10 @@ static __always_inline void hand_over_part(struct xstate *xs, struct dt_record *
 	if (n && bpf_probe_read_kernel(h->data, n, &xs->heads[at]))
 		n = 0;
 	r->captured = n;
-	if (n < r->size)
+	if (n < r->size) {
 		r->flags |= DT_FLAG_TRUNCATED;
+		count(DT_CNT_TRUNCATED);
+	}
 	output(&RECORDS, h, sizeof(*r) + n, DT_CNT_SUBMITTED, DT_CNT_DROP_RINGBUF_FULL);
 }
 
@@ -545,13 +565,39 @@ static __always_inline void hand_over_part(struct xstate *xs, struct dt_record *
  * the kernel holds of the exchange in progress. `cur` is a record of the connection. */
 static __always_inline void hand_over(struct conn *c, struct xstate *xs, struct dt_record *cur)
 {
+	if (xs->phase == XP_HANDED)
+		return;
 	if (xs->phase != XP_IDLE)
 		hand_over_part(xs, cur, true);
 	if (xs->phase >= XP_RESP)
 		hand_over_part(xs, cur, false);
-	bpf_map_delete_elem(&XSTATE, &cur->conn_id);
+	xs->phase = XP_HANDED; /* kept, not deleted, until close: another CPU's hook may hold it */
 	c->mode = XM_RECORDS;
 	count(DT_CNT_CONN_HANDED_OVER);
+}
+
+/* One hook at a time works on a connection's state: a connection read by one thread and
+ * written by another has hooks running at once on two CPUs (measured: one exchange sent
+ * twice, then every later pair shifted by one). The loser does not wait: its call goes to
+ * user space as a record and it marks the state broken; the holder, letting go, hands the
+ * connection over, and user space, which puts each direction back in TCP order, frames all
+ * of it from there. */
+static __always_inline bool claim(struct xstate *xs, __u32 tid)
+{
+	return __sync_val_compare_and_swap(&xs->owner, 0, tid) == 0;
+}
+
+static __always_inline void let_go(struct conn *c, struct xstate *xs, struct dt_record *cur)
+{
+	if (xs->broken)
+		hand_over(c, xs, cur);
+	__sync_lock_test_and_set(&xs->owner, 0);
+}
+
+static __always_inline void refuse(struct conn *c, struct xstate *xs)
+{
+	__sync_fetch_and_or(&xs->broken, 1);
+	c->mode = XM_RECORDS;
 }
 
 /* The connection goes to user space as records from now on. */
@@ -559,31 +605,40 @@ static __always_inline void records_only(struct conn *c, struct dt_record *cur)
 {
 	struct xstate *xs = c->mode == XM_ASSEMBLED ? bpf_map_lookup_elem(&XSTATE, &cur->conn_id) : NULL;
 
-	if (xs)
+	if (xs && claim(xs, cur->tid)) {
 		hand_over(c, xs, cur);
+		let_go(c, xs, cur);
+	} else if (xs) {
+		refuse(c, xs);
+	}
 	c->mode = XM_RECORDS;
 }
 
 /* A closing connection's state goes; an exchange in progress goes to user space first,
  * which ends it as the close says (a response that runs until close, or none). */
-static __always_inline void release(struct conn *c, struct dt_record *cur)
+static __always_inline void closing(struct conn *c, struct dt_record *cur)
 {
 	struct xstate *xs = bpf_map_lookup_elem(&XSTATE, &cur->conn_id);
 
-	if (xs && xs->phase != XP_IDLE)
+	if (!xs)
+		return;
+	if (!claim(xs, cur->tid)) {
+		refuse(c, xs); /* the holder hands over; the entry stays for the LRU to take */
+		return;
+	}
+	if (xs->phase != XP_IDLE)
 		hand_over(c, xs, cur);
-	else
-		bpf_map_delete_elem(&XSTATE, &cur->conn_id);
+	bpf_map_delete_elem(&XSTATE, &cur->conn_id);
 }
 
 /* ---- exchanges assembled in the kernel (HTTP/1) ----
  * A request is framed here when its start line and header are in its first call (within
- * DT_XSCAN bytes) and its length is known from them (no body, or Content-Length); a
+ * the exchange head) and its length is known from them (no body, or Content-Length); a
  * response when, besides, it is a final one (status >= 200) with a length of its own
- * (Content-Length, chunked, or none by rule: HEAD, 204, 304). A call carrying more than
- * the message (pipelining), a call of the wrong side, a gap in the TCP sequence, or a
- * message not framed here hands the connection to user space, exchange so far included:
- * the kernel never guesses where a message ends. */
+ * (Content-Length, chunked walked chunk by chunk, or none by rule: HEAD, 204, 304). A
+ * call carrying more than the message (pipelining), a call of the wrong side, a gap in
+ * the TCP sequence, or a message not framed here hands the connection to user space,
+ * exchange so far included: the kernel never guesses where a message ends. */
 
 #ifndef DT_COMPAT_READS /* bpf_loop: kernels 5.17+; the compat object leaves assembly out */
 
@@ -652,7 +707,12 @@ static __always_inline void header_line(struct scratch *s, __u64 p)
 		q++;
 		digits++;
 	}
-	if (!digits || v >= (1U << 31) || (d[q] != '\r' && d[q] != '\n' && d[q] != ' ' && d[q] != '\t'))
+#pragma unroll
+	for (int i = 0; i < 4; i++)
+		if (d[q] == ' ' || d[q] == '\t')
+			q++;
+	/* Digits, then only the line end: "5 6" or "5x" is for user space to judge. */
+	if (!digits || v >= (1U << 31) || (d[q] != '\r' && d[q] != '\n'))
 		h->bad = 1;
 	else
 		h->length = v;
@@ -722,16 +782,6 @@ static __always_inline __u16 keep_head(struct xstate *xs, __u64 at, struct scrat
 	if (n && bpf_probe_read_kernel(&xs->heads[at], n, s->data))
 		return 0;
 	return n;
-}
-
-/* The last chunk of a chunked body ends this call, which was captured whole. */
-static __always_inline bool ends_chunked(struct scratch *s, __u32 captured, __u32 size)
-{
-	if (captured != size || captured < 8)
-		return false;
-	__u64 at = captured - 8;
-	VERIFIER_MASK(at, DT_MAX_CAPTURE - 1);
-	return load8(&s->data[at]) >> 8 == W8('\r', '\n', '0', '\r', '\n', '\r', '\n', 0);
 }
 
 /* ---- Redis (RESP2/3): a request is an array of bulk strings; a reply any value ---- */
@@ -816,6 +866,10 @@ static long resp_step(__u32 i, void *ctx)
 	} else if (t == '$' || t == '!' || t == '=') {
 		pos += v + 2;
 	} else {
+		if (v > RESP_MAX_VALUES) {
+			h->bad = 1;
+			return 1;
+		}
 		h->remaining += t == '%' ? 2 * v : v;
 		if (h->remaining > RESP_MAX_VALUES) {
 			h->bad = 1;
@@ -847,14 +901,14 @@ static __always_inline bool redis_command(struct scratch *s, __u32 captured)
 {
 	__u8 *d = s->data;
 
-	if (captured < 16 || d[0] != '*' || !is_digit(d[1]))
+	if (captured < 8 || d[0] != '*' || !is_digit(d[1]))
 		return false;
-	/* "*N\r\n$L\r\nNAME": the name starts after the second line end, within 16 bytes. */
+	/* "*N\r\n$L\r\nNAME": the name starts after the second line end, within 14 bytes. */
 	__u64 at = 0;
 	int ends = 0;
 #pragma unroll
 	for (int k = 2; k < 14; k++) {
-		if (ends < 2 && d[k] == '\n') {
+		if (ends < 2 && k < captured && d[k] == '\n') {
 			ends++;
 			at = k + 1;
 		}
@@ -871,6 +925,87 @@ static __always_inline bool redis_command(struct scratch *s, __u32 captured)
 	       (w & LOW(6)) != W8('p', 's', 'y', 'n', 'c', '\r' | 0x20, 0, 0);
 }
 
+/* ---- chunked bodies: walked chunk by chunk, by their sizes ---- */
+
+static __always_inline int hex_value(__u8 c)
+{
+	if (c >= '0' && c <= '9')
+		return c - '0';
+	c |= 0x20;
+	return c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
+/* bpf_loop callback: one chunk (or the rest of one) of the call. */
+static long chunk_step(__u32 i, void *ctx)
+{
+	struct scratch *s = *(struct scratch **)ctx;
+	struct cwalk *w = &s->walk;
+	__u32 pos = w->pos;
+
+	if (w->left) {
+		__u32 take = w->size - pos < w->left ? w->size - pos : w->left;
+		w->pos = pos + take;
+		w->left -= take;
+		if (!w->left && w->last) { /* the body's last byte: the call must end with it */
+			w->end = w->pos == w->size;
+			w->bad = !w->end;
+			return 1;
+		}
+		return w->pos >= w->size;
+	}
+	if (pos >= w->size)
+		return 1;
+	if (pos + 20 > w->captured && w->captured < w->size) {
+		w->bad = 1; /* a chunk-size line past what was captured */
+		return 1;
+	}
+	__u64 q = pos;
+	VERIFIER_MASK(q, DT_MAX_CAPTURE - 1);
+	__u8 *d = s->data;
+	__u64 v = 0;
+	int digits = 0;
+#pragma unroll
+	for (int k = 0; k < 8; k++) {
+		int h = hex_value(d[q]);
+		if (h < 0)
+			break;
+		v = v * 16 + h;
+		q++;
+		digits++;
+	}
+	/* A size and its line end; extensions and trailers are user space's. */
+	if (!digits || q + 2 > w->captured || d[q] != '\r' || d[q + 1] != '\n' || v >= (1U << 31)) {
+		w->bad = 1;
+		return 1;
+	}
+	w->pos = q + 2;
+	w->left = v + 2; /* the data and its line end; after the last chunk, the empty line */
+	w->last = v == 0;
+	return 0;
+}
+
+enum { CHUNKS_BAD = -1, CHUNKS_GO_ON = 0, CHUNKS_END = 1 };
+
+/* Walks this call's bytes from `from` through the chunked body. */
+static __always_inline int walk_chunks(struct xstate *xs, struct scratch *s, __u32 captured, __u32 from)
+{
+	struct cwalk *w = &s->walk;
+
+	w->pos = from;
+	w->size = s->rec.size;
+	w->captured = captured;
+	w->left = xs->chunk_left;
+	w->last = xs->last_chunk;
+	w->end = 0;
+	w->bad = 0;
+	bpf_loop(64, chunk_step, &s, 0);
+	if (w->bad || (!w->end && w->pos < w->size))
+		return CHUNKS_BAD; /* more than 64 chunks in one call are user space's too */
+	xs->chunk_left = w->left;
+	xs->last_chunk = w->last;
+	return w->end ? CHUNKS_END : CHUNKS_GO_ON;
+}
+
 static __always_inline void emit_exchange(struct xstate *xs)
 {
 	output(&EXCHANGES, &xs->x, sizeof(xs->x) + 2 * xhead(), DT_CNT_EXCHANGES,
@@ -884,7 +1019,8 @@ static __always_inline __u64 http_request_length(struct xstate *xs, struct scrat
 	struct hscan *h = &s->scan;
 	int method = captured >= 8 ? http_method(load8(s->data)) : NOT_FRAMED;
 
-	if (method == NOT_FRAMED || !scan_header(s, captured) || h->chunked)
+	/* A header longer than the head is user space's: its fields past the head would be lost. */
+	if (method == NOT_FRAMED || !scan_header(s, captured) || h->chunked || h->end > xhead())
 		return 0;
 	xs->head_request = method == METHOD_HEAD;
 	return h->end + (h->length > 0 ? h->length : 0);
@@ -942,8 +1078,8 @@ static __always_inline __u64 http_response_length(struct xstate *xs, struct scra
 	    !is_digit(d[9]) || !is_digit(d[10]) || !is_digit(d[11]))
 		return 0;
 	__u16 status = (d[9] - '0') * 100 + (d[10] - '0') * 10 + (d[11] - '0');
-	if (status < 200 || !scan_header(s, captured))
-		return 0; /* interim (100 Continue, 101 Switching Protocols): user space's */
+	if (status < 200 || !scan_header(s, captured) || h->end > xhead())
+		return 0; /* interim (100 Continue, 101 Switching Protocols), or a header past the head */
 	xs->x.status = status;
 	if (xs->head_request || status == 204 || status == 304)
 		return h->end;
@@ -986,8 +1122,13 @@ static __always_inline bool begin_response(struct xstate *xs, struct scratch *s,
 	x->resp_captured = keep_head(xs, xhead(), s, captured);
 	xs->resp_start_ns = rec->direction == DT_DIR_EGRESS ? rec->enter_ns : rec->exit_ns;
 	if (total == RESP_CHUNKED) {
+		xs->chunk_left = 0;
+		xs->last_chunk = 0;
+		int walked = walk_chunks(xs, s, captured, s->scan.end);
+		if (walked == CHUNKS_BAD)
+			return false; /* (in XP_WAIT still: handed over without this call, which goes as a record) */
 		xs->phase = XP_RESP_CHUNKED;
-		if (ends_chunked(s, captured, rec->size))
+		if (walked == CHUNKS_END)
 			emit_exchange(xs);
 		return true;
 	}
@@ -1000,14 +1141,25 @@ static __always_inline bool begin_response(struct xstate *xs, struct scratch *s,
 	return true;
 }
 
-/* A call that goes on the message being framed: it must start where the last one ended. */
-static __always_inline bool goes_on(struct xstate *xs, struct dt_record *rec, bool request)
+/* A call goes on the message being framed only where the last one ended. */
+static __always_inline bool continues(struct xstate *xs, struct dt_record *rec, bool request)
 {
 	struct dt_exchange *x = &xs->x;
-	__u32 next = request ? x->req_seq + x->req_size : x->resp_seq + x->resp_size;
 
-	if (rec->enter_seq != next)
-		return false;
+	return rec->enter_seq == (request ? x->req_seq + x->req_size : x->resp_seq + x->resp_size);
+}
+
+/* The call's bytes into the message: its size, its end, and, for Redis and chunked bodies,
+ * its first bytes into the head where the message's first calls left it short (as user
+ * space keeps heads: it frames those once all of them is here, other HTTP messages at the
+ * end of their header). */
+static __always_inline void take(struct xstate *xs, struct scratch *s, __u32 captured, bool request)
+{
+	struct dt_record *rec = &s->rec;
+	struct dt_exchange *x = &xs->x;
+	__u64 have = request ? x->req_captured : x->resp_captured, at = request ? 0 : xhead();
+	__u64 n = xhead() - have;
+
 	if (request) {
 		x->req_size += rec->size;
 		xs->req_end_ns = rec->exit_ns;
@@ -1016,7 +1168,61 @@ static __always_inline bool goes_on(struct xstate *xs, struct dt_record *rec, bo
 		x->resp_tid = rec->tid;
 		x->end_ns = rec->exit_ns;
 	}
-	return true;
+	if ((x->protocol != DT_XP_REDIS && xs->phase != XP_RESP_CHUNKED) || have >= xhead() ||
+	    (request ? x->req_size : x->resp_size) - rec->size != have)
+		return; /* head full, or a byte of it was not captured: what follows is not its next */
+	n = captured < n ? captured : n;
+	VERIFIER_MIN(have, DT_XHEAD_MAX);
+	VERIFIER_MIN(at, DT_XHEAD_MAX);
+	VERIFIER_MIN(n, DT_XHEAD_MAX);
+	if (n && !bpf_probe_read_kernel(&xs->heads[at + have], n, s->data)) {
+		if (request)
+			x->req_captured += n;
+		else
+			x->resp_captured += n;
+	}
+}
+
+/* The call, in the exchange's phase; false: not framed here (the caller hands over). */
+static __always_inline bool step(struct xstate *xs, struct scratch *s, __u32 captured, bool request)
+{
+	struct dt_record *rec = &s->rec;
+	__u32 left = xs->left;
+	int walked;
+
+	switch (xs->phase) {
+	case XP_IDLE:
+		return request && begin_request(xs, s, captured);
+	case XP_REQ:
+		if (!request || rec->size > left || !continues(xs, rec, true))
+			return false;
+		take(xs, s, captured, true);
+		xs->left = left - rec->size;
+		if (!xs->left)
+			xs->phase = XP_WAIT;
+		return true;
+	case XP_WAIT:
+		return !request && begin_response(xs, s, captured);
+	case XP_RESP:
+		if (request || rec->size > left || !continues(xs, rec, false))
+			return false;
+		take(xs, s, captured, false);
+		xs->left = left - rec->size;
+		if (!xs->left)
+			emit_exchange(xs);
+		return true;
+	case XP_RESP_CHUNKED:
+		if (request || !continues(xs, rec, false))
+			return false;
+		walked = walk_chunks(xs, s, captured, 0);
+		if (walked == CHUNKS_BAD)
+			return false;
+		take(xs, s, captured, false);
+		if (walked == CHUNKS_END)
+			emit_exchange(xs);
+		return true;
+	}
+	return false; /* XP_HANDED: a hook that lost the race to hand over; the call is a record */
 }
 
 /* Frames this call into the connection's exchange; false: its bytes are user space's,
@@ -1058,44 +1264,15 @@ static __always_inline bool assemble(struct conn *c, struct scratch *s, __u32 ca
 			return false;
 		}
 	}
-	if (!(rec->flags & DT_FLAG_PAYLOAD_FAULT)) {
-		__u32 left = xs->left;
-		switch (xs->phase) {
-		case XP_IDLE:
-			if (request && begin_request(xs, s, captured))
-				return true;
-			break;
-		case XP_REQ:
-			if (request && rec->size <= left && goes_on(xs, rec, true)) {
-				xs->left = left - rec->size;
-				if (!xs->left)
-					xs->phase = XP_WAIT;
-				return true;
-			}
-			break;
-		case XP_WAIT:
-			if (!request && begin_response(xs, s, captured))
-				return true;
-			break;
-		case XP_RESP:
-			if (!request && rec->size <= left && goes_on(xs, rec, false)) {
-				xs->left = left - rec->size;
-				if (!xs->left)
-					emit_exchange(xs);
-				return true;
-			}
-			break;
-		case XP_RESP_CHUNKED:
-			if (!request && goes_on(xs, rec, false)) {
-				if (ends_chunked(s, captured, rec->size))
-					emit_exchange(xs);
-				return true;
-			}
-			break;
-		}
+	if (!claim(xs, rec->tid)) {
+		refuse(c, xs);
+		return false;
 	}
-	hand_over(c, xs, rec);
-	return false;
+	bool framed = !(rec->flags & DT_FLAG_PAYLOAD_FAULT) && step(xs, s, captured, request);
+	if (!framed)
+		hand_over(c, xs, rec);
+	let_go(c, xs, rec);
+	return framed;
 }
 
 /* A global function: the verifier checks it once per program, apart from the paths of
@@ -1397,7 +1574,7 @@ ENTER(close)
 	if (!s)
 		return 0;
 	if (c && c->mode == XM_ASSEMBLED)
-		release(c, &s->rec);
+		closing(c, &s->rec);
 	submit(s, 0);
 	bpf_map_delete_elem(&CONNS, &a.sk);
 	return 0;

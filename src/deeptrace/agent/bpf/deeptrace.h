@@ -44,9 +44,10 @@ enum dt_flags {
 	DT_FLAG_TRUNCATED = 1,     /* captured < size */
 	DT_FLAG_PAYLOAD_FAULT = 2, /* user memory could not be read; captured bytes are zero */
 	DT_FLAG_ADDR_FROM_CALL = 4, /* peer address came from the syscall's sockaddr (unconnected UDP) */
-	DT_FLAG_ASSEMBLED = 8       /* the bytes of several calls, assembled in the kernel before the
-				       connection was handed to user space: enter_ns is when the first
-				       byte moved, exit_ns when the last did, payload their first bytes */
+	DT_FLAG_ASSEMBLED = 8       /* a message (or its start) the kernel held when it handed the
+				       connection to user space: enter_ns is when its first byte moved,
+				       exit_ns when its last did, size all its bytes, payload the head
+				       the kernel kept of it (exchange_head bytes at most) */
 };
 
 /* Protocols whose exchanges the kernel can assemble; bit (1 << p) of CFG.exchange_protocols. */
@@ -70,7 +71,9 @@ enum dt_counter {
 	DT_CNT_PAYLOAD_FAULT,       /* records whose payload could not be read */
 	DT_CNT_EXCHANGES,           /* exchange events written to the EXCHANGES ring */
 	DT_CNT_DROP_EXCHANGE_RINGBUF_FULL, /* exchange lost: EXCHANGES had no room */
-	DT_CNT_DROP_EXCHANGE_STATE_LOST,   /* exchange lost: its connection's state left XSTATE (full) */
+	DT_CNT_DROP_EXCHANGE_STATE_LOST,   /* an assembled connection's state left XSTATE (full), with the
+					      exchange in progress if there was one; the connection goes on
+					      as records */
 	DT_CNT_CONN_ASSEMBLED,      /* connections whose exchanges the kernel assembles */
 	DT_CNT_CONN_HANDED_OVER,    /* ... of which later handed to user space (pipelining, 1xx, ...) */
 	DT_CNT_MAX,
