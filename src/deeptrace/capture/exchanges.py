@@ -24,7 +24,6 @@ from deeptrace.protocols.redaction import redact_span_parts
 
 _CACHE_LIMIT = 4096  # distinct heads (and connections) remembered
 _ENCODER = msgspec.json.Encoder()
-_SEQ = 0xFFFFFFFF
 _ROLE_SERVER = 2  # enum dt_role
 
 # What a span takes from each side of an exchange, made once per distinct head:
@@ -86,6 +85,9 @@ class _Columns:
         self.req_tid, self.resp_tid = events["req_tid"].tolist(), events["resp_tid"].tolist()
         self.req_seq, self.resp_seq = events["req_seq"].tolist(), events["resp_seq"].tolist()
         self.req_size, self.resp_size = events["req_size"].tolist(), events["resp_size"].tolist()
+        # Where each message's TCP byte range ends: uint32 arithmetic wraps as sequence numbers do.
+        self.req_seq_end = (events["req_seq"] + events["req_size"]).tolist()
+        self.resp_seq_end = (events["resp_seq"] + events["resp_size"]).tolist()
         self.protocol, self.status = events["protocol"].tolist(), events["status"].tolist()
         self.req_head, self.resp_head = events["req_head"].tolist(), events["resp_head"].tolist()
         self.req_len, self.resp_len = events["req_captured"].tolist(), events["resp_captured"].tolist()
@@ -104,8 +106,35 @@ class ExchangeSpans:
 
     def spans(self, events: np.ndarray, wall_offset_ns: int) -> list[Span]:
         c = _Columns(events, wall_offset_ns)
-        endpoints, requests, responses = self._endpoints, self._requests, self._responses
+        return [
+            Span(kind, req[1], req[0], endpoint, c.start[i], c.end[i], resp[0], resp[1], c.req_tid[i], c.resp_tid[i],
+                 c.req_size[i], c.resp_size[i], (c.req_seq[i], c.req_seq_end[i]), (c.resp_seq[i], c.resp_seq_end[i]),
+                 {**req[2], **resp[2]}, req[3], resp[3])
+            for i, endpoint, kind, _, req, _, resp in self._sides(c, events)
+        ]  # fmt: skip
+
+    def json(self, events: np.ndarray, wall_offset_ns: int) -> list[SpanJson]:
+        """What `[s.to_json() for s in self.spans(...)]` gives, without the Span objects, and
+        with the attributes of each distinct pair of heads encoded once: the agent's path when
+        it writes JSON lines."""
+        c = _Columns(events, wall_offset_ns)
+        attributes = self._attributes
+        ids = new_id(24 * c.n)  # a trace id and a span id each
         out = []
+        for i, e, kind, req_key, req, resp_key, resp in self._sides(c, events):
+            attrs = attributes.get((req_key, resp_key)) or self._attributes_of(req_key, resp_key, req, resp)
+            start, end, at = c.start[i], c.end[i], 48 * i
+            out.append(SpanJson(ids[at : at + 32], ids[at + 32 : at + 48], None, kind, req[1], req[0], e.service,
+                                e.host, e.pid, c.req_tid[i], c.resp_tid[i], start, end, end - start, resp[0],
+                                resp[1], e.laddr, e.lport, e.raddr, e.rport, e.conn_id, c.req_size[i],
+                                c.resp_size[i], [c.req_seq[i], c.req_seq_end[i]], [c.resp_seq[i], c.resp_seq_end[i]],
+                                attrs, b64_head(req[3]), b64_head(resp[3])))  # fmt: skip
+        return out
+
+    def _sides(self, c: _Columns, events: np.ndarray):
+        """Per event: (index, endpoint, span kind, request key, request, response key, response),
+        each looked up in its cache, made on a miss."""
+        endpoints, requests, responses = self._endpoints, self._requests, self._responses
         for i in range(c.n):
             key = (c.tgid[i], c.conn[i])
             endpoint, kind = endpoints.get(key) or self._endpoint(key, events[i])
@@ -113,51 +142,7 @@ class ExchangeSpans:
             req = requests.get(req_key) or self._request(req_key)
             resp_key = (c.protocol[i], c.resp_head[i][: c.resp_len[i]], c.status[i])
             resp = responses.get(resp_key) or self._response(resp_key)
-            req_seq, req_size, resp_seq, resp_size = (
-                c.req_seq[i],
-                c.req_size[i],
-                c.resp_seq[i],
-                c.resp_size[i],
-            )
-            out.append(Span(kind, req[1], req[0], endpoint, c.start[i], c.end[i], resp[0], resp[1], c.req_tid[i],
-                            c.resp_tid[i], req_size, resp_size, (req_seq, (req_seq + req_size) & _SEQ),
-                            (resp_seq, (resp_seq + resp_size) & _SEQ), {**req[2], **resp[2]}, req[3], resp[3]))  # fmt: skip
-        return out
-
-    def json(self, events: np.ndarray, wall_offset_ns: int) -> list[SpanJson]:
-        """What `[s.to_json() for s in self.spans(...)]` gives, without the Span objects, and
-        with the attributes of each distinct pair of heads encoded once: the agent's path when
-        it writes JSON lines."""
-        c = _Columns(events, wall_offset_ns)
-        endpoints, requests, responses, attributes = (
-            self._endpoints,
-            self._requests,
-            self._responses,
-            self._attributes,
-        )
-        ids = new_id(24 * c.n)  # a trace id and a span id each
-        out = []
-        for i in range(c.n):
-            key = (c.tgid[i], c.conn[i])
-            e, kind = endpoints.get(key) or self._endpoint(key, events[i])
-            req_key = (c.protocol[i], c.req_head[i][: c.req_len[i]])
-            req = requests.get(req_key) or self._request(req_key)
-            resp_key = (c.protocol[i], c.resp_head[i][: c.resp_len[i]], c.status[i])
-            resp = responses.get(resp_key) or self._response(resp_key)
-            attrs = attributes.get((req_key, resp_key)) or self._attributes_of(req_key, resp_key, req, resp)
-            req_seq, req_size, resp_seq, resp_size = (
-                c.req_seq[i],
-                c.req_size[i],
-                c.resp_seq[i],
-                c.resp_size[i],
-            )
-            start, end, at = c.start[i], c.end[i], 48 * i
-            out.append(SpanJson(ids[at : at + 32], ids[at + 32 : at + 48], None, kind, req[1], req[0], e.service,
-                                e.host, e.pid, c.req_tid[i], c.resp_tid[i], start, end, end - start, resp[0],
-                                resp[1], e.laddr, e.lport, e.raddr, e.rport, e.conn_id, req_size, resp_size,
-                                [req_seq, (req_seq + req_size) & _SEQ], [resp_seq, (resp_seq + resp_size) & _SEQ],
-                                attrs, b64_head(req[3]), b64_head(resp[3])))  # fmt: skip
-        return out
+            yield i, endpoint, kind, req_key, req, resp_key, resp
 
     def _attributes_of(self, req_key, resp_key, req: Request, resp: Response) -> dict | msgspec.Raw:
         if len(self._attributes) >= _CACHE_LIMIT:

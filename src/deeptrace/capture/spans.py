@@ -122,9 +122,9 @@ class Span:
     def to_json(self) -> SpanJson:
         e = self.endpoint
         if self._trace_id is None:
-            self._trace_id = _HEX.take(32)
+            self._trace_id = new_id(16)
         if self._span_id is None:
-            self._span_id = _HEX.take(16)
+            self._span_id = new_id(8)
         return SpanJson(self._trace_id, self._span_id, self.parent_span_id, self.kind, self.name, self.protocol,
                         e.service, e.host, e.pid, self.tid, self.resp_tid, self.start_ns, self.end_ns,
                         self.end_ns - self.start_ns, self.status, self.status_code, e.laddr, e.lport, e.raddr,
