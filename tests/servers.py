@@ -62,10 +62,10 @@ http {{
 def nginx_conf(directory, port: int, http: str = "access_log {dir}/access.log;",
                server: str = 'location /hello {{ default_type text/plain; return 200 "hello from nginx\\n"; }}') -> str:  # fmt: skip
     """One worker in the foreground, every file in `directory`; `http` and `server` are
-    lines for those blocks (format fields and braces as in str.format). The default
-    serves /hello, as the tests use it."""
+    lines for those blocks (format fields {dir} and, in `server`, {port}; braces as in
+    str.format). The default serves /hello, as the tests use it."""
     return _NGINX_CONF.format(dir=directory, port=port, http=http.format(dir=directory),
-                              server=server.format(dir=directory))  # fmt: skip
+                              server=server.format(dir=directory, port=port))  # fmt: skip
 
 
 @contextmanager
@@ -81,10 +81,11 @@ def serving(argv: list[str], port: int, **popen):
 
 
 @contextmanager
-def nginx(tmp_path: Path):
+def nginx(tmp_path: Path, server: str | None = None):
+    """nginx serving /hello, or these server-block lines (see nginx_conf); yields (master pid, port)."""
     port = free_port()
     conf = tmp_path / "nginx.conf"
-    conf.write_text(nginx_conf(tmp_path, port))
+    conf.write_text(nginx_conf(tmp_path, port, **({"server": server} if server else {})))
     with serving([need("nginx"), "-c", str(conf), "-e", str(tmp_path / "error.log")], port) as pid:
         # The master listens before it forks its worker: a test that traces the master's
         # children right away could miss the worker that will serve its requests.

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import require_bpf
-from servers import free_port, need, nginx, nginx_conf, serving
+from servers import free_port, need, nginx, serving
 
 from deeptrace.agent.collector import Collector, CollectorConfig
 from deeptrace.agent.selection import Selection
@@ -260,21 +260,6 @@ def assert_joined(spans) -> None:
     assert client == server and all(seq is not None for c in client for seq in c[:2])
 
 
-@contextmanager
-def nginx_serving(tmp_path: Path, server: str):
-    """nginx with these server-block lines (str.format fields as servers.nginx_conf; @PORT@
-    is its port)."""
-    port = free_port()
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(nginx_conf(tmp_path, port, server=server.replace("@PORT@", str(port))))
-    with serving([need("nginx"), "-c", str(conf), "-e", str(tmp_path / "error.log")], port) as pid:
-        children = Path(f"/proc/{pid}/task/{pid}/children")
-        deadline = time.monotonic() + 10
-        while not children.read_text().split() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        yield pid, port
-
-
 # ---- 1. curl and nginx: every exchange assembled in the kernel ----
 
 
@@ -322,7 +307,7 @@ def test_nginx_200kb_response_written_is_one_exchange_and_sendfile_is_not_seen(t
     (files / "big.bin").write_bytes(body)
     server = (f"location /written/ {{{{ sendfile off; alias {files}/; }}}} "
               f"location /sent/ {{{{ sendfile on; alias {files}/; }}}}")  # fmt: skip
-    with nginx_serving(tmp_path, server) as (master, port):
+    with nginx(tmp_path, server) as (master, port):
         twin.trace(master)
         out = tmp_path / "got.bin"
         twin.run([need("curl"), "-s", "-o", str(out), f"http://127.0.0.1:{port}/written/big.bin"])
@@ -1076,9 +1061,9 @@ def test_an_exchange_handed_over_at_a_close_after_the_peers_keeps_its_endpoint(t
 
 def test_204_304_and_head_have_no_body_and_ipv6_endpoints_are_the_records(twin, tmp_path, files):
     (files / "page.txt").write_text("a page\n" * 50)
-    server = (f'listen [::1]:@PORT@; location /hello {{{{ return 200 "hi\\n"; }}}} '
+    server = (f'listen [::1]:{{port}}; location /hello {{{{ return 200 "hi\\n"; }}}} '
               f"location /nothing {{{{ return 204; }}}} location /static/ {{{{ alias {files}/; }}}}")  # fmt: skip
-    with nginx_serving(tmp_path, server) as (master, port):
+    with nginx(tmp_path, server) as (master, port):
         twin.trace(master)
         for host in ("127.0.0.1", "[::1]"):
             base = f"http://{host}:{port}"
