@@ -718,6 +718,20 @@ static __always_inline void header_line(struct scratch *s, __u64 p)
 		h->length = v;
 }
 
+/* The offset just past the first '\n' in the 8 bytes at d[pos], or 0 if there is none. */
+static __always_inline __u64 after_newline(__u8 *d, __u64 pos)
+{
+	__u64 w = load8(&d[pos]), x = w ^ 0x0a0a0a0a0a0a0a0aULL, p = 0;
+
+	if (!((x - 0x0101010101010101ULL) & ~x & 0x8080808080808080ULL))
+		return 0;
+#pragma unroll
+	for (int j = 7; j >= 0; j--)
+		if (((w >> (8 * j)) & 0xff) == '\n')
+			p = pos + j + 1; /* the first '\n' wins: it is set last */
+	return p;
+}
+
 /* bpf_loop callback: from `pos` to the start of the next line, 8 bytes at a time
  * where there is no '\n' in them; each line's header is looked at. */
 static long scan_step(__u32 i, void *ctx)
@@ -730,16 +744,11 @@ static long scan_step(__u32 i, void *ctx)
 		return 1;
 	VERIFIER_MASK(pos, DT_XSCAN - 1);
 	__u8 *d = s->data;
-	__u64 w = load8(&d[pos]), x = w ^ 0x0a0a0a0a0a0a0a0aULL;
-	if (!((x - 0x0101010101010101ULL) & ~x & 0x8080808080808080ULL)) {
+	__u64 p = after_newline(d, pos);
+	if (!p) {
 		h->pos = pos + 8; /* no '\n' in these 8 bytes */
 		return 0;
 	}
-	__u64 p = pos + 8;
-#pragma unroll
-	for (int j = 7; j >= 0; j--)
-		if (((w >> (8 * j)) & 0xff) == '\n')
-			p = pos + j + 1; /* the first '\n' wins: it is set last */
 	h->pos = p;
 	if (p >= h->len)
 		return 1;
@@ -816,17 +825,15 @@ static long resp_step(__u32 i, void *ctx)
 	VERIFIER_MASK(pos, DT_XSCAN - 1);
 	__u8 *d = s->data;
 	if (h->in_line) { /* to the end of a simple value's line */
-		__u64 w = load8(&d[pos]), x = w ^ 0x0a0a0a0a0a0a0a0aULL, p = pos + 8;
-		if ((x - 0x0101010101010101ULL) & ~x & 0x8080808080808080ULL) {
-#pragma unroll
-			for (int j = 7; j >= 0; j--)
-				if (((w >> (8 * j)) & 0xff) == '\n')
-					p = pos + j + 1;
-			if (p > h->len)
-				return 1;
-			h->in_line = 0;
-			h->remaining--;
+		__u64 p = after_newline(d, pos);
+		if (!p) {
+			h->pos = pos + 8;
+			return 0;
 		}
+		if (p > h->len)
+			return 1;
+		h->in_line = 0;
+		h->remaining--;
 		h->pos = p;
 		return 0;
 	}
