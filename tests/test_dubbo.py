@@ -93,7 +93,7 @@ def test_message_longer_than_captured_is_skipped_through():
     big = request(9, "sayHello", "Ljava/lang/String;", h_string("x" * 5000))
     conn = DubboConnection()
     (req,) = conn.feed(True, chunk(big[:1024], size=3000)) + conn.feed(True, chunk(big[3000:], t=1))
-    assert (req.name, req.size, req.partial) == (f"dubbo {SERVICE}/sayHello", len(big), True)
+    assert (req.name, req.size, req.partial) == (f"dubbo {SERVICE}/sayHello", len(big), False)
     assert [m.pair_key for m in conn.feed(True, chunk(HELLO, t=2))] == [7]
 
 
@@ -180,7 +180,8 @@ def test_live_provider_and_consumer_and_their_capture(collector, store, tmp_path
         assert sorted((s.name, s.status, s.status_code) for s in spans) == want, kind
         assert all(s.kind == kind for s in spans)
         big = [s for s in spans if s.req_size > 3000]
-        assert len(big) == 1 and big[0].attributes.get("deeptrace.partial")  # larger than the capture limit
+        # Larger than the capture limit, but every byte counted: whole.
+        assert len(big) == 1 and "deeptrace.partial" not in big[0].attributes
         assert not any(b"s3cr3t" in s.req_head for s in spans)
         if kind == "SERVER":
             assert sorted(map(span_key, replayed_spans(cap))) == sorted(map(span_key, spans))

@@ -235,7 +235,7 @@ def test_message_larger_than_captured_is_skipped_through():
     conn = KafkaConnection()
     big = encode(produce(records=b"x" * 100_000), 9, corr=1)
     (req,) = conn.feed(True, chunk(big[:1024], size=len(big)))
-    assert req.name == "kafka Produce orders" and req.size == len(big) and req.partial
+    assert req.name == "kafka Produce orders" and req.size == len(big) and not req.partial
     resp = encode(fetch_response(records=b"y" * 50_000), 12, corr=2)
     conn.feed(True, chunk(encode(fetch(), 12, corr=2)))
     assert [m.size for m in conn.feed(False, chunk(resp[:700], size=len(resp)))] == [len(resp)]

@@ -328,9 +328,10 @@ def test_100kb_value_set_and_get_are_one_exchange_each_with_every_byte_counted(t
     assert not twin.record_spans
     d = twin.check_counters()
     assert d["conn_handed_over"] == 0 and d["exchanges"] == 2, d
-    # The records path, capturing 1 KiB of each call: the same GET, marked partial.
+    # The records path, capturing 1 KiB of each call: the same GET, not partial either (its
+    # length was known and every byte counted).
     (plain_get,) = [p for p in twin.plain_spans if p.name == "redis GET"]
-    assert plain_get.attributes.get(PARTIAL) is True and span_key(plain_get) == span_key(g)
+    assert PARTIAL not in plain_get.attributes and span_key(plain_get) == span_key(g)
 
 
 def test_commands_past_the_scan_window_are_handed_over_and_still_right(twin, server):

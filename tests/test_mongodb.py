@@ -198,7 +198,7 @@ def test_message_larger_than_captured_is_skipped_through():
     rid, data = op_msg({"insert": "blobs", "documents": [{"b": b"x" * 200_000}]})
     conn = MongoConnection()
     (req,) = conn.feed(True, chunk(data[:1024], size=len(data)))
-    assert req.name == "mongodb insert blobs" and req.size == len(data) and req.partial
+    assert req.name == "mongodb insert blobs" and req.size == len(data) and not req.partial
     big = reply({"cursor": {"firstBatch": [{"b": b"y" * 100_000}]}, "ok": 1.0}, rid)
     assert [m.size for m in conn.feed(False, chunk(big[:700], size=len(big)))] == [len(big)]
     (req,) = conn.feed(True, chunk(op_msg({"ping": 1})[1], t=3))

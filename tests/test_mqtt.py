@@ -208,7 +208,7 @@ def test_publish_longer_than_captured_is_skipped_through():
     varint = bytes([rl & 127 | 128, (rl >> 7) & 127 | 128, rl >> 14])
     pub = b"\x32" + varint + b"\x00\x05big/t\x00\x01" + payload
     (msg,) = conn.feed(True, chunk(pub[:1024], size=len(pub)))
-    assert msg.size == len(pub) and msg.partial and msg.name == "mqtt PUBLISH big/t"
+    assert msg.size == len(pub) and not msg.partial and msg.name == "mqtt PUBLISH big/t"
     assert msg.attributes["messaging.message.body.size"] == len(payload)
     assert [m.name for m in conn.feed(True, chunk(b"\xc0\x00", t=3))] == ["mqtt PINGREQ"]
 

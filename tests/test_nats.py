@@ -131,7 +131,7 @@ def test_payload_longer_than_captured_is_skipped_through():
     conn = NatsConnection()
     pub = b"PUB big 100000\r\n" + b"x" * 100000 + b"\r\n"
     (msg,) = conn.feed(True, chunk(pub[:1024], size=len(pub)))
-    assert msg.size == len(pub) and msg.partial and msg.attributes["messaging.message.body.size"] == 100000
+    assert msg.size == len(pub) and not msg.partial and msg.attributes["messaging.message.body.size"] == 100000
     assert [m.name for m in conn.feed(True, chunk(b"PUB next 0\r\n\r\n", t=2))] == ["nats PUB next"]
 
 

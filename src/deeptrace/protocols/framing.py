@@ -101,13 +101,17 @@ class DirectionFramer:
             self._frame_buffered(out, chunk)
         missing = chunk.size - len(chunk.data)
         if missing > 0:
-            self.hole(missing, chunk, out)
+            self.hole(missing, chunk, out, counted=True)
         return out
 
-    def hole(self, nbytes: int, chunk: Chunk, out: list[Framed]) -> None:
-        """nbytes moved but were not captured (truncation or lost records)."""
+    def hole(self, nbytes: int, chunk: Chunk, out: list[Framed], counted: bool = False) -> None:
+        """nbytes moved but were not captured (truncation or lost records). counted: bytes of
+        this very call past the capture limit; a message of known length that they lie inside
+        is still whole (its size and end are exact), so it is not marked partial."""
         if self._open is not None:
-            self._open.partial = True
+            rem = self._open.remaining
+            if not (counted and rem is not None and rem >= nbytes):
+                self._open.partial = True
             if self._open.remaining is None or self._open.remaining >= nbytes:
                 self._skip(nbytes, chunk, out, b"")
                 return
