@@ -716,9 +716,8 @@ def test_a_chunk_whose_data_ends_like_the_last_chunk_does_not_end_the_response(t
     assert_same_spans(plain, asm)
 
 
-@pytest.mark.xfail(strict=True, reason="the records path marks a message longer than capture_bytes "
-                   "deeptrace.partial (its body was not captured), an exchange of the same message is not marked")  # fmt: skip
-def test_a_message_longer_than_the_capture_is_partial_either_way(twin):
+def test_a_message_longer_than_the_capture_is_whole_either_way(twin):
+    """Its length is known and the kernel counted every byte: not partial on either path."""
     with py_server() as (pid, port):
         twin.trace(pid)
         twin.run(
@@ -726,7 +725,7 @@ def test_a_message_longer_than_the_capture_is_partial_either_way(twin):
         )
         twin.settle(closes=2)
         plain, asm = twin.spans()
-    assert len(plain) == 2 and all(s.req_size > CAPTURE for s in plain)
+    assert len(plain) == 2 and all(s.req_size > CAPTURE and "deeptrace.partial" not in s.attributes for s in plain)
     assert_same_spans(plain, asm)
 
 
@@ -922,10 +921,6 @@ print(got.split(b"\r\n", 1)[0].decode(), flush=True)
 GARBAGE = b"GET " + bytes(range(0x80, 0xD0)) + bytes(c for c in range(32) if c not in (10, 13)) + b"\r\n\r\n"
 
 
-@pytest.mark.xfail(strict=True, reason="the kernel frames as HTTP any request starting with a method and a space "
-                   "whose header ends within 1024 bytes; Python takes as HTTP only a request line ending in the "
-                   "version: binary after 'GET ' gives an exchange 'GET <binary>' 400 in the kernel, a 'redis GET' span "
-                   "without response from records")  # fmt: skip
 def test_binary_garbage_after_get_is_what_records_make_of_it(twin, tmp_path):
     with nginx(tmp_path) as (master, port):
         twin.trace(master)
@@ -936,12 +931,7 @@ def test_binary_garbage_after_get_is_what_records_make_of_it(twin, tmp_path):
     assert_same_spans(plain, asm)
 
 
-CR_IN_NAME = pytest.mark.xfail(strict=True, reason="the kernel matches header names with their bytes ORed "
-                               "with 0x20, so 'Content\\rLength: 1' frames the request by a length of 1; Python "
-                               "sees no Content-Length: req_size 53 vs 52, req_head with the body byte")  # fmt: skip
-
-
-@pytest.mark.parametrize("header", [b"Content-Length: 1 0", pytest.param(b"Content\rLength: 1", marks=CR_IN_NAME)],
+@pytest.mark.parametrize("header", [b"Content-Length: 1 0", b"Content\rLength: 1"],
                          ids=["value-1-space-0", "cr-in-name"])  # fmt: skip
 def test_a_content_length_python_rejects_is_not_framed_by_in_the_kernel(twin, tmp_path, header):
     request = b"POST /hello HTTP/1.1\r\nHost: x\r\n" + header + b"\r\n\r\nX"
@@ -1032,9 +1022,6 @@ s.close()
 """
 
 
-@pytest.mark.xfail(strict=True, reason="a connection handed over at its close writes the exchange it held as "
-                   "records with the close's endpoint, read from a socket that may be closed already: lport 0, "
-                   "so the server span's endpoint has lport 0")  # fmt: skip
 def test_an_exchange_handed_over_at_a_close_after_the_peers_keeps_its_endpoint(twin):
     port = free_port()
     server = subprocess.Popen([sys.executable, "-c", CLOSES_LAST, str(port)], stdin=subprocess.PIPE,
@@ -1248,9 +1235,6 @@ s.close()
 """
 
 
-@pytest.mark.xfail(strict=True, reason="the kernel reads the status from the three bytes after 'HTTP/1.x ' and "
-                   "looks no further: 'HTTP/1.1 2000 OK' is an ok 200 exchange, a '2000' error from records; "
-                   "'HTTP/1.1 200OK' an ok 200 exchange, no span from records")  # fmt: skip
 @pytest.mark.parametrize(
     "status_line", [b"HTTP/1.1 2000 OK", b"HTTP/1.1 200OK"], ids=["four-digits", "no-space"]
 )

@@ -95,7 +95,8 @@ struct hscan {
 	__u8 chunked;    /* HTTP: a Transfer-Encoding header */
 	__u8 bad;        /* a length we do not frame by (repeated, unreadable, huge) */
 	__u8 in_line;    /* RESP: inside a simple value's line */
-	__u8 pad[5];
+	__u8 pad;
+	__u32 line1;     /* HTTP: just past the first line's '\n'; 0: not found */
 	__s64 length;    /* HTTP: Content-Length, or -1 */
 };
 
@@ -524,8 +525,17 @@ static __always_inline void hand_over_part(struct xstate *xs, struct dt_record *
 	if (!h)
 		return;
 	struct dt_record *r = &h->rec;
-	__builtin_memcpy(r, cur, sizeof(*r)); /* who and where: the same connection */
-	bool ingress = request == (cur->role == DT_ROLE_SERVER);
+	__builtin_memcpy(r, cur, sizeof(*r)); /* who: the same connection */
+	/* Where: as the exchange began. A close's own record may come from a socket already
+	 * taken apart (lport 0). */
+	r->lport = x->lport;
+	r->rport = x->rport;
+	__builtin_memcpy(r->laddr, x->laddr, 16);
+	__builtin_memcpy(r->raddr, x->raddr, 16);
+	r->family = x->family;
+	r->role = x->role;
+	r->l4 = IPPROTO_TCP;
+	bool ingress = request == (x->role == DT_ROLE_SERVER);
 	r->direction = ingress ? DT_DIR_INGRESS : DT_DIR_EGRESS;
 	r->syscall = ingress ? DT_SYS_READ : DT_SYS_WRITE;
 	r->flags = DT_FLAG_ASSEMBLED;
@@ -682,12 +692,15 @@ static __always_inline void header_line(struct scratch *s, __u64 p)
 	__u8 *d = s->data;
 
 	VERIFIER_MASK(p, 2 * DT_XSCAN - 1);
-	__u64 a = load8(&d[p]) | LOWER, b = load8(&d[p + 8]) | LOWER;
-	if (a == W8('t', 'r', 'a', 'n', 's', 'f', 'e', 'r') && b == W8('-', 'e', 'n', 'c', 'o', 'd', 'i', 'n')) {
+	/* Case is folded on the letters' positions only: folded, '\r' would read as '-'. */
+	__u64 a = load8(&d[p]), b = load8(&d[p + 8]);
+	if ((a | LOWER) == W8('t', 'r', 'a', 'n', 's', 'f', 'e', 'r') &&
+	    (b | (LOWER << 8)) == W8('-', 'e', 'n', 'c', 'o', 'd', 'i', 'n')) {
 		h->chunked = 1;
 		return;
 	}
-	if (a != W8('c', 'o', 'n', 't', 'e', 'n', 't', '-') || (b & LOW(7)) != W8('l', 'e', 'n', 'g', 't', 'h', ':', 0))
+	if ((a | (LOWER >> 8)) != W8('c', 'o', 'n', 't', 'e', 'n', 't', '-') ||
+	    ((b | LOWER) & LOW(6)) != W8('l', 'e', 'n', 'g', 't', 'h', 0, 0) || d[p + 14] != ':')
 		return;
 	if (h->length >= 0) {
 		h->bad = 1; /* repeated: user space decides what that means */
@@ -750,6 +763,8 @@ static long scan_step(__u32 i, void *ctx)
 		return 0;
 	}
 	h->pos = p;
+	if (!h->line1)
+		h->line1 = p;
 	if (p >= h->len)
 		return 1;
 	VERIFIER_MASK(p, 2 * DT_XSCAN - 1);
@@ -777,6 +792,7 @@ static __always_inline bool scan_header(struct scratch *s, __u32 captured)
 	h->length = -1;
 	h->chunked = 0;
 	h->bad = 0;
+	h->line1 = 0;
 	bpf_loop(DT_XSCAN, scan_step, &s, 0); /* each step moves on by at least a byte */
 	return h->end && !h->bad;
 }
@@ -1029,6 +1045,15 @@ static __always_inline __u64 http_request_length(struct xstate *xs, struct scrat
 	/* A header longer than the head is user space's: its fields past the head would be lost. */
 	if (method == NOT_FRAMED || !scan_header(s, captured) || h->chunked || h->end > xhead())
 		return 0;
+	/* The request line ends in " HTTP/1.x" (what user space detects HTTP by, and more). */
+	__u64 e = h->line1 - 1; /* its '\n' */
+	VERIFIER_MASK(e, DT_XSCAN - 1);
+	if (e < 14)
+		return 0;
+	if (s->data[e - 1] == '\r')
+		e--;
+	if (load8(&s->data[e - 9]) != W8(' ', 'H', 'T', 'T', 'P', '/', '1', '.') || !is_digit(s->data[e - 1]))
+		return 0;
 	xs->head_request = method == METHOD_HEAD;
 	return h->end + (h->length > 0 ? h->length : 0);
 }
@@ -1081,8 +1106,10 @@ static __always_inline __u64 http_response_length(struct xstate *xs, struct scra
 	struct hscan *h = &s->scan;
 	__u8 *d = s->data;
 
+	/* Three digits and then the reason's space or the line's end, as user space reads it. */
 	if (captured < 13 || (load8(d) & LOW(7)) != W8('H', 'T', 'T', 'P', '/', '1', '.', 0) || d[8] != ' ' ||
-	    !is_digit(d[9]) || !is_digit(d[10]) || !is_digit(d[11]))
+	    !is_digit(d[9]) || !is_digit(d[10]) || !is_digit(d[11]) ||
+	    (d[12] != ' ' && d[12] != '\r' && d[12] != '\n'))
 		return 0;
 	__u16 status = (d[9] - '0') * 100 + (d[10] - '0') * 10 + (d[11] - '0');
 	if (status < 200 || !scan_header(s, captured) || h->end > xhead())
