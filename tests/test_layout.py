@@ -32,6 +32,7 @@ BOUNDS = {
     "DT_MAX_MMSG": "MAX_MMSG",
     "DT_TASK_COMM_LEN": "TASK_COMM_LEN",
     "DT_XHEAD_MAX": "XHEAD_MAX",
+    "DT_SAMPLE_SHIFT_MAX": "SAMPLE_SHIFT_MAX",
 }
 # The header's own types, which the probe declares (it includes no kernel headers).
 _PROBE_TYPES = """\

@@ -45,6 +45,17 @@ def test_request_response_make_one_server_span():
     assert span.endpoint.service == "svc" and span.endpoint.host == "h"
 
 
+def test_records_of_a_sampled_connection_give_spans_weighted_by_it():
+    c = Conn()
+    recs = [c.rec("ingress", REQ), c.rec("egress", RESP)]
+    for r in recs:
+        r.sample_shift = 2  # the kernel kept its connection with probability 1/4
+    (span,) = SpanPipeline(host="h").push(recs)
+    assert span.attributes["sampling.weight"] == 4 and span.status == "ok"
+    (plain,) = SpanPipeline(host="h").push([Conn().rec("ingress", REQ), Conn().rec("egress", RESP)])
+    assert "sampling.weight" not in plain.attributes
+
+
 def test_client_side_kind():
     c = Conn(role="client")
     (span,) = SpanPipeline().push([c.rec("egress", REQ), c.rec("ingress", RESP)])

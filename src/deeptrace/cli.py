@@ -75,11 +75,11 @@ def _algorithm_option(fn):
                         "no exact link exists (joint is ours; the rest are baselines).")(fn)  # fmt: skip
 
 
-def _run(opts: dict, on_batch, on_tick=None, on_end=None, on_exchanges=None, assemble=()) -> None:
+def _run(opts: dict, on_batch, on_tick=None, on_end=None, on_exchanges=None, assemble=(), sampling=False) -> None:
     """Run the collector until --duration or a signal: on_batch(records, out) for each
     batch, on_exchanges(events, wall_offset_ns, out) for each batch of exchanges the kernel
     assembled (of the protocols in `assemble`), on_tick(out) about once a second,
-    on_end(out) after the last batch."""
+    on_end(out) after the last batch. sampling: connections sampled under overload."""
     from deeptrace.agent.collector import Collector, CollectorConfig
     from deeptrace.agent.selection import Selection
 
@@ -92,7 +92,7 @@ def _run(opts: dict, on_batch, on_tick=None, on_end=None, on_exchanges=None, ass
             raise DeepTraceError("say which processes to trace: --pid PID, --comm NAME or --all")
         config = CollectorConfig(selection=sel, capture_bytes=opts["capture_bytes"], ring_bytes=opts["ring_bytes"],
                                  follow_forks=not opts["no_follow_forks"],
-                                 assemble=tuple(assemble) if on_exchanges else ())  # fmt: skip
+                                 assemble=tuple(assemble) if on_exchanges else (), sampling=sampling)  # fmt: skip
         with Collector(config) as collector, _open_out(opts["out_path"]) as out:
             click.echo(f"deeptrace: tracing {_describe(sel, collector)}; Ctrl-C to stop", err=True)
             deadline = time.monotonic() + opts["duration"] if opts["duration"] is not None else None
@@ -168,8 +168,10 @@ def record(fmt, **opts) -> None:
               "(default: made once and kept in the spool directory).")
 @click.option("--no-kernel-exchanges", is_flag=True, help="Frame every connection in user space from records, "
               "including the HTTP/1 and Redis connections whose exchanges the kernel would otherwise pair itself.")
+@click.option("--no-sampling", is_flag=True, help="Never sample: under overload, what finds the ring buffer full "
+              "is lost (counted) instead of whole connections being left out (spans then carry sampling.weight).")
 def agent(timeout_s, fmt, stats_interval, host_name, associate, algorithm, no_header_ids, hold, server_url,
-          token, spool_dir, spool_max_bytes, agent_id, no_kernel_exchanges, **opts) -> None:  # fmt: skip
+          token, spool_dir, spool_max_bytes, agent_id, no_kernel_exchanges, no_sampling, **opts) -> None:  # fmt: skip
     """Trace processes and write one JSON span per request/response exchange (or ship them to a
     server with --server)."""
     from deeptrace.agent.services import ServiceNames
@@ -177,7 +179,7 @@ def agent(timeout_s, fmt, stats_interval, host_name, associate, algorithm, no_he
     from deeptrace.capture.spans import format_text, json_lines
 
     pipeline = SpanPipeline(host=host_name, timeout_ns=int(timeout_s * 1e9), service_name=ServiceNames())
-    shipper, kernel = None, {"drops": 0}  # kernel drops: counted on this thread, read by the heartbeat's
+    shipper, kernel = None, {"drops": 0, "sampled": 0, "sample_level": 0}  # counted on this thread, read by the heartbeat's
     if server_url is not None:
         from click.core import ParameterSource
 
@@ -196,6 +198,7 @@ def agent(timeout_s, fmt, stats_interval, host_name, associate, algorithm, no_he
         def agent_stats() -> dict:
             st = pipeline.stats
             return {"records": st.records, "exchanges": st.exchanges, "spans": st.spans, "drops": kernel["drops"],
+                    "sampled": kernel["sampled"], "sample_level": kernel["sample_level"],
                     "open_connections": pipeline.open_connections}  # fmt: skip
 
         try:
@@ -246,11 +249,15 @@ def agent(timeout_s, fmt, stats_interval, host_name, associate, algorithm, no_he
         if linker is not None:
             emit(linker.pop_ready(time.time_ns()), out)
         if shipper is not None:
-            kernel["drops"] = sum(collector.drops().values())
+            counters = collector.counters()
+            kernel["drops"] = sum(v for k, v in counters.items() if k.startswith("drop_"))
+            kernel["sampled"], kernel["sample_level"] = _sampled_away(counters), collector.sampling.level
         if time.monotonic() >= next_stats:
             next_stats += stats_interval
-            st, drops = pipeline.stats, sum(collector.drops().values())
+            st, counters = pipeline.stats, collector.counters()
+            drops = sum(v for k, v in counters.items() if k.startswith("drop_"))
             line = (f"deeptrace: records {st.records} exchanges {st.exchanges} spans {st.spans} drops {drops} "
+                    f"sampled away {_sampled_away(counters)} (level {collector.sampling.level}) "
                     f"open connections {pipeline.open_connections}")  # fmt: skip
             click.echo(line + (f"; {shipper.stats.describe()}" if shipper is not None else ""), err=True)
 
@@ -261,7 +268,7 @@ def agent(timeout_s, fmt, stats_interval, host_name, associate, algorithm, no_he
 
     try:
         _run(opts, lambda batch, out: write(pipeline.push(batch), out), tick, end, on_exchanges=exchanges,
-             assemble=() if no_kernel_exchanges else KERNEL_EXCHANGES)
+             assemble=() if no_kernel_exchanges else KERNEL_EXCHANGES, sampling=not no_sampling)
     finally:
         if shipper is not None:
             # Seals the open batch; what the server does not take within the grace time stays spooled.
@@ -374,6 +381,11 @@ def _describe(sel, collector) -> str:
     return " and ".join(parts) + f" ({len(collector.traced)} processes now)"
 
 
+def _sampled_away(counters: dict[str, int]) -> int:
+    """Records and exchanges the kernel did not write because sampling left their connection out."""
+    return counters["sampled_records"] + counters["sampled_exchanges"]
+
+
 def _summary(collector) -> None:
     counters = collector.counters()
     drops = {k[5:]: v for k, v in counters.items() if k.startswith("drop_") and v}
@@ -385,6 +397,10 @@ def _summary(collector) -> None:
         f"assembled {counters['conn_assembled']}, handed over {counters['conn_handed_over']}); "
         f"drops: {sum(drops.values())}"
     )
+    if collector.config.sampling:
+        line += (f"; sampled away: {counters['sampled_records']} records, {counters['sampled_exchanges']} exchanges "
+                 f"({counters['conn_sampled_out']} connections left out when first seen; level now "
+                 f"{collector.sampling.level})")  # fmt: skip
     if drops:
         line += " (" + ", ".join(f"{k} {v}" for k, v in drops.items()) + ")"
     if skipped:

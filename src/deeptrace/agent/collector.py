@@ -10,18 +10,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from deeptrace.agent import selection
 from deeptrace.agent.libbpf import BpfError, BpfMap, BpfObject, libbpf
 from deeptrace.agent.ringbuf import RingReader
+from deeptrace.agent.sampling import SamplingControl
 from deeptrace.agent.selection import Selection
 from deeptrace.agent.system import kernel_has_btf_function, preflight
-import numpy as np
-
 from deeptrace.capture.records import (
     CONFIG,
     COUNTERS,
     EXCHANGE_PROTOCOLS,
     MAX_CAPTURE,
+    SAMPLE_SHIFT_MAX,
     TASK_COMM_LEN,
     XHEAD_MAX,
     Record,
@@ -37,6 +39,7 @@ COMPAT_OBJECT = BPF_DIR / "deeptrace-compat.bpf.o"
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _ONE = _U32.pack(1)
+_SAMPLE_EVERY_S = 0.05  # how often the reader's backlog sets the sampling level
 
 
 def bpf_object_path() -> Path:
@@ -64,6 +67,9 @@ class CollectorConfig:
     assemble: tuple[str, ...] = ()
     exchange_head: int = 256  # payload head per message of an exchange, multiple of 8
     exchange_ring_bytes: int = 8 << 20
+    # Under overload, have the kernel write only some connections, whole (agent/sampling.py);
+    # off: every record is written while there is room, and what finds none is lost.
+    sampling: bool = False
 
     def validate(self) -> None:
         self.selection.validate()
@@ -95,6 +101,9 @@ class Collector:
         self._decoder = RecordDecoder()
         self.exchange_dtype = exchange_dtype(config.exchange_head)
         self._next_refresh = 0.0
+        self.sampling = SamplingControl()
+        self._next_sample = 0.0
+        self._ring_lost = 0  # ring-full drops counted so far, for the sampling control
         self.received = 0
         self.received_exchanges = 0
         self.traced: set[int] = set()
@@ -134,6 +143,7 @@ class Collector:
         self._counters = self._sized(obj.map("COUNTERS"), _U32.size, _U64.size)
         self._records = obj.map("RECORDS")
         self._exchanges = obj.map("EXCHANGES")
+        self._sampling = self._sized(obj.map("SAMPLING"), _U32.size, _U32.size)
 
     def _sized(self, m: BpfMap, key_size: int, value_size: int) -> BpfMap:
         if (m.key_size, m.value_size) != (key_size, value_size):
@@ -230,6 +240,9 @@ class Collector:
         if now >= self._next_refresh:
             self._next_refresh = now + self.config.refresh_interval_s
             self.refresh()
+        if self.config.sampling and now >= self._next_sample:
+            self._next_sample = now + _SAMPLE_EVERY_S
+            self._adjust_sampling(now)
         if ring.pending_bytes() == 0 and self._exchange_ring.pending_bytes() == 0 and timeout_s > 0:
             ring.wait(timeout_s)
         # Records hold no reference cycles, yet every one counts toward a cyclic
@@ -243,6 +256,21 @@ class Collector:
                 gc.enable()
         self.received += len(batch)
         return batch
+
+    def _adjust_sampling(self, now: float) -> None:
+        backlog = max(self._ring.pending_bytes() / self.config.ring_bytes,
+                      self._exchange_ring.pending_bytes() / self.config.exchange_ring_bytes)  # fmt: skip
+        lost = self._counter("drop_ringbuf_full") + self._counter("drop_exchange_ringbuf_full")
+        if self.sampling.update(backlog, lost > self._ring_lost, now):
+            self.set_sample_level(self.sampling.level)
+        self._ring_lost = lost
+
+    def set_sample_level(self, level: int) -> None:
+        """From now on the kernel keeps connections with probability 1/2^level (sampling.py)."""
+        if not 0 <= level <= SAMPLE_SHIFT_MAX:
+            raise DeepTraceError(f"sampling level must be between 0 and {SAMPLE_SHIFT_MAX}")
+        self.sampling.level = level
+        self._sampling.update(_U32.pack(0), _U32.pack(level))
 
     @property
     def wall_offset_ns(self) -> int:
@@ -260,12 +288,12 @@ class Collector:
 
     def counters(self) -> dict[str, int]:
         """Kernel-side counters summed over CPUs, by name (see capture.records.COUNTERS)."""
-        ncpu = libbpf().num_possible_cpus()
-        out = {}
-        for i, name in enumerate(COUNTERS):
-            raw = self._counters.lookup(_U32.pack(i), self._counters.value_size * ncpu) or b""
-            out[name] = sum(struct.unpack(f"<{len(raw) // 8}Q", raw))
-        return out
+        return {name: self._counter(name) for name in COUNTERS}
+
+    def _counter(self, name: str) -> int:
+        raw = self._counters.lookup(_U32.pack(COUNTERS.index(name)),
+                                    self._counters.value_size * libbpf().num_possible_cpus()) or b""  # fmt: skip
+        return sum(struct.unpack(f"<{len(raw) // 8}Q", raw))
 
     def drops(self) -> dict[str, int]:
         return {k: v for k, v in self.counters().items() if k.startswith("drop_")}

@@ -18,7 +18,7 @@ import msgspec
 import numpy as np
 
 from deeptrace.capture.records import EXCHANGE_PROTOCOLS
-from deeptrace.capture.spans import Endpoint, Span, SpanJson, b64_head, new_id
+from deeptrace.capture.spans import SAMPLING_WEIGHT, Endpoint, Span, SpanJson, b64_head, new_id
 from deeptrace.protocols import http1, redis
 from deeptrace.protocols.redaction import redact_span_parts
 
@@ -72,6 +72,13 @@ _SIDES: dict[int, tuple[Callable[[bytes], Request], Callable[[bytes, int], Respo
 }
 
 
+def _attributes(req: Request, resp: Response, sample_shift: int) -> dict:
+    attrs = {**req[2], **resp[2]}
+    if sample_shift:
+        attrs[SAMPLING_WEIGHT] = 1 << sample_shift
+    return attrs
+
+
 class _Columns:
     """A batch of events as Python lists, one per field the spans take: one conversion in C
     per column, not one Python object per event."""
@@ -91,6 +98,7 @@ class _Columns:
         self.protocol, self.status = events["protocol"].tolist(), events["status"].tolist()
         self.req_head, self.resp_head = events["req_head"].tolist(), events["resp_head"].tolist()
         self.req_len, self.resp_len = events["req_captured"].tolist(), events["resp_captured"].tolist()
+        self.shift = events["sample_shift"].tolist()
 
 
 class ExchangeSpans:
@@ -102,14 +110,14 @@ class ExchangeSpans:
         self._endpoints: dict[tuple[int, int], tuple[Endpoint, str]] = {}  # -> (endpoint, span kind)
         self._requests: dict[tuple[int, bytes], Request] = {}
         self._responses: dict[tuple[int, bytes, int], Response] = {}
-        self._attributes: dict[tuple, dict | msgspec.Raw] = {}  # (request key, response key) -> encoded
+        self._attributes: dict[tuple, dict | msgspec.Raw] = {}  # (request key, response key, shift) -> encoded
 
     def spans(self, events: np.ndarray, wall_offset_ns: int) -> list[Span]:
         c = _Columns(events, wall_offset_ns)
         return [
             Span(kind, req[1], req[0], endpoint, c.start[i], c.end[i], resp[0], resp[1], c.req_tid[i], c.resp_tid[i],
                  c.req_size[i], c.resp_size[i], (c.req_seq[i], c.req_seq_end[i]), (c.resp_seq[i], c.resp_seq_end[i]),
-                 {**req[2], **resp[2]}, req[3], resp[3])
+                 _attributes(req, resp, c.shift[i]), req[3], resp[3])
             for i, endpoint, kind, _, req, _, resp in self._sides(c, events)
         ]  # fmt: skip
 
@@ -122,7 +130,8 @@ class ExchangeSpans:
         ids = new_id(24 * c.n)  # a trace id and a span id each
         out = []
         for i, e, kind, req_key, req, resp_key, resp in self._sides(c, events):
-            attrs = attributes.get((req_key, resp_key)) or self._attributes_of(req_key, resp_key, req, resp)
+            shift = c.shift[i]
+            attrs = attributes.get((req_key, resp_key, shift)) or self._encoded(req_key, resp_key, shift, req, resp)
             start, end, at = c.start[i], c.end[i], 48 * i
             out.append(SpanJson(ids[at : at + 32], ids[at + 32 : at + 48], None, kind, req[1], req[0], e.service,
                                 e.host, e.pid, c.req_tid[i], c.resp_tid[i], start, end, end - start, resp[0],
@@ -144,15 +153,15 @@ class ExchangeSpans:
             resp = responses.get(resp_key) or self._response(resp_key)
             yield i, endpoint, kind, req_key, req, resp_key, resp
 
-    def _attributes_of(self, req_key, resp_key, req: Request, resp: Response) -> dict | msgspec.Raw:
+    def _encoded(self, req_key, resp_key, shift: int, req: Request, resp: Response) -> dict | msgspec.Raw:
         if len(self._attributes) >= _CACHE_LIMIT:
             self._attributes.clear()
-        attrs = {**req[2], **resp[2]}
+        attrs = _attributes(req, resp, shift)
         try:
             attrs = msgspec.Raw(_ENCODER.encode(attrs))
         except UnicodeEncodeError:
             pass  # lone surrogates: json_lines writes this span as json.dumps does
-        self._attributes[(req_key, resp_key)] = attrs
+        self._attributes[(req_key, resp_key, shift)] = attrs
         return attrs
 
     def _endpoint(self, key: tuple[int, int], event) -> tuple[Endpoint, str]:

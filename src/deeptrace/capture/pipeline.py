@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from deeptrace import protocols
 from deeptrace.capture.exchanges import ExchangeSpans
 from deeptrace.capture.records import Record
-from deeptrace.capture.spans import Endpoint, Pairing, Span, SpanJson, make_span
+from deeptrace.capture.spans import SAMPLING_WEIGHT, Endpoint, Pairing, Span, SpanJson, make_span
 from deeptrace.capture.streams import OrderedStream
 from deeptrace.protocols.base import ConnectionParser, Message
 
@@ -54,6 +54,7 @@ class _Connection:
     ignored: bool = False
     pairing: Pairing = field(default_factory=Pairing)
     last_ns: int = 0
+    sample_shift: int = 0  # the kernel kept it with probability 1/2^sample_shift
 
     @property
     def kind(self) -> str:
@@ -161,7 +162,8 @@ class SpanPipeline:
             self._close(oldest, rec.exit_ns, spans, reason="evicted")
         service = self.service_name(rec.tgid, rec.comm)
         endpoint = Endpoint(service, self.host, rec.tgid, rec.laddr, rec.lport, rec.raddr, rec.rport, rec.conn_id)
-        conn = _Connection(endpoint, rec.l4, {d: OrderedStream(self.stats) for d in ("ingress", "egress")})
+        conn = _Connection(endpoint, rec.l4, {d: OrderedStream(self.stats) for d in ("ingress", "egress")},
+                           sample_shift=rec.sample_shift)  # fmt: skip
         if rec.role in ("client", "server"):
             conn.request_direction = "ingress" if rec.role == "server" else "egress"
         self._conns[key] = conn
@@ -197,7 +199,7 @@ class SpanPipeline:
     def _message(self, conn: _Connection, msg, spans: list[Span]) -> None:
         self.stats.messages += 1
         if msg.is_request and not msg.expects_response:
-            self._emit(make_span(conn.kind, conn.endpoint, msg, None), spans)
+            self._emit(conn, make_span(conn.kind, conn.endpoint, msg, None), spans)
         elif msg.is_request:
             for dropped in conn.pairing.request(msg):
                 self._unanswered(conn, dropped, "too many requests waiting", spans)
@@ -221,13 +223,15 @@ class SpanPipeline:
         if req is None:
             self.stats.orphan_responses += 1
             return
-        self._emit(make_span(conn.kind, conn.endpoint, req, msg), spans)
+        self._emit(conn, make_span(conn.kind, conn.endpoint, req, msg), spans)
 
     def _unanswered(self, conn: _Connection, req: Message, reason: str, spans: list[Span]) -> None:
-        self._emit(make_span(conn.kind, conn.endpoint, req, None, reason), spans)
+        self._emit(conn, make_span(conn.kind, conn.endpoint, req, None, reason), spans)
         self.stats.unanswered += 1
 
-    def _emit(self, span: Span, spans: list[Span]) -> None:
+    def _emit(self, conn: _Connection, span: Span, spans: list[Span]) -> None:
+        if conn.sample_shift:
+            span.attributes[SAMPLING_WEIGHT] = 1 << conn.sample_shift
         spans.append(span)
         self.stats.spans += 1
 

@@ -22,6 +22,7 @@ MAX_IOV = 64  # DT_MAX_IOV
 MAX_MMSG = 8  # DT_MAX_MMSG
 TASK_COMM_LEN = 16  # DT_TASK_COMM_LEN
 XHEAD_MAX = 512  # DT_XHEAD_MAX: payload head per message of an exchange, at most
+SAMPLE_SHIFT_MAX = 10  # DT_SAMPLE_SHIFT_MAX: sampling keeps at least 1 connection in 2^10
 
 # (name, struct format) in the order of struct dt_record; little-endian, no padding
 # (the C struct has none: every field is naturally aligned).
@@ -47,7 +48,8 @@ HEADER_FIELDS: tuple[tuple[str, str], ...] = (
     ("l4", "B"),
     ("role", "B"),
     ("flags", "B"),
-    ("msg_index", "H"),
+    ("msg_index", "B"),
+    ("sample_shift", "B"),
     ("comm", f"{TASK_COMM_LEN}s"),
 )
 HEADER = struct.Struct("<" + "".join(fmt for _, fmt in HEADER_FIELDS))
@@ -70,6 +72,7 @@ FLAG_TRUNCATED = 1
 FLAG_PAYLOAD_FAULT = 2
 FLAG_ADDR_FROM_CALL = 4
 FLAG_ASSEMBLED = 8  # several calls' bytes, which the kernel held before handing the connection over
+FLAG_SAMPLED_OUT = 128  # the kernel's mark of a record it does not write (never seen here)
 
 # enum dt_xproto, index = value: protocols whose exchanges the kernel assembles
 EXCHANGE_PROTOCOLS = (None, "http1", "redis")
@@ -91,6 +94,9 @@ COUNTERS = (
     "drop_exchange_state_lost",
     "conn_assembled",
     "conn_handed_over",
+    "sampled_records",
+    "sampled_exchanges",
+    "conn_sampled_out",
 )
 
 # (name, struct format) in the order of struct dt_config, the programs' read-only CFG.
@@ -128,7 +134,8 @@ EXCHANGE_FIELDS: tuple[tuple[str, str], ...] = (
     ("role", "B"),
     ("protocol", "B"),
     ("flags", "B"),
-    ("pad", "6s"),
+    ("sample_shift", "B"),
+    ("pad", "5s"),
     ("comm", f"{TASK_COMM_LEN}s"),
 )
 _NUMPY = {"Q": "<u8", "I": "<u4", "H": "<u2", "B": "u1"}
@@ -168,6 +175,7 @@ class Record:
     msg_index: int  # position in a sendmmsg/recvmmsg batch
     flags: int
     payload: bytes  # the first `captured` bytes
+    sample_shift: int = 0  # its connection was kept with probability 1/2^sample_shift (sampling)
 
     @property
     def captured(self) -> int:
@@ -202,6 +210,7 @@ class Record:
             "captured": self.captured,
             "truncated": self.truncated,
             "msg_index": self.msg_index,
+            "sample_shift": self.sample_shift,
             "payload_b64": base64.b64encode(self.payload).decode(),
         }
 
@@ -263,7 +272,7 @@ class RecordDecoder:
         """Decode the sample that starts at `offset` of `buf` (bytes, mmap or memoryview)."""
         (enter_ns, exit_ns, conn_id, ret, tgid, tid, enter_seq, exit_seq, size, captured, fd,
          lport, rport, laddr, raddr, syscall, direction, family, l4, role, flags, msg_index,
-         comm) = HEADER.unpack_from(buf, offset)  # fmt: skip
+         sample_shift, comm) = HEADER.unpack_from(buf, offset)  # fmt: skip
         start = offset + HEADER_SIZE
         wall = self.wall_offset_ns
         return Record(
@@ -290,4 +299,5 @@ class RecordDecoder:
             msg_index,
             flags,
             bytes(buf[start : start + captured]),
+            sample_shift,
         )

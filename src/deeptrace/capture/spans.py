@@ -57,6 +57,10 @@ def b64_head(head: bytes) -> str:
     return text
 
 
+# Attribute of a span written under sampling: how many exchanges it stands for (2^level).
+SAMPLING_WEIGHT = "sampling.weight"
+
+
 @dataclass(slots=True)
 class Endpoint:
     """Who saw the exchange: the process and its side of the connection."""

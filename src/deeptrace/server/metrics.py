@@ -9,6 +9,9 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from deeptrace.capture.records import SAMPLE_SHIFT_MAX
+from deeptrace.capture.spans import SAMPLING_WEIGHT
+
 disable_created_metrics()  # a `_created` twin per series doubles the scrape for nothing a dashboard uses
 
 # Seconds: from a cache hit to a slow page.
@@ -34,23 +37,45 @@ class Metrics:
         self.registry.register(_Health(health, agents))
 
     def observe(self, spans: list[dict]) -> None:
+        """Count each span as the exchanges it stands for: one, or its sampling.weight."""
         for d in spans:
             seconds, failed = (d["end_ns"] - d["start_ns"]) / 1e9, d.get("status") == "error"
+            weight = _weight(d)
             if d["kind"] == "SERVER":
                 service = d.get("service", "unknown")
-                self.requests.labels(service, d["name"]).inc()
+                self.requests.labels(service, d["name"]).inc(weight)
                 if failed:
-                    self.errors.labels(service, d["name"]).inc()
-                self.duration.labels(service).observe(seconds)
+                    self.errors.labels(service, d["name"]).inc(weight)
+                _observe(self.duration.labels(service), seconds, weight)
             elif d["kind"] == "CLIENT":
                 edge = (d.get("service", "unknown"), d.get("peer_service") or "unknown")
-                self.calls.labels(*edge).inc()
+                self.calls.labels(*edge).inc(weight)
                 if failed:
-                    self.call_errors.labels(*edge).inc()
-                self.call_duration.labels(*edge).observe(seconds)
+                    self.call_errors.labels(*edge).inc(weight)
+                _observe(self.call_duration.labels(*edge), seconds, weight)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _weight(span: dict) -> int:
+    attrs = span.get("attributes")
+    weight = attrs.get(SAMPLING_WEIGHT, 1) if isinstance(attrs, dict) else 1
+    # From the wire: only a sane power of two counts as a weight.
+    return weight if type(weight) is int and 1 <= weight <= 1 << SAMPLE_SHIFT_MAX else 1
+
+
+def _observe(histogram, seconds: float, weight: int) -> None:
+    """Histogram.observe as if called `weight` times (prometheus_client has no weights:
+    this does what its observe does, with the weight in place of 1)."""
+    if weight == 1:
+        histogram.observe(seconds)
+        return
+    histogram._sum.inc(seconds * weight)
+    for bound, bucket in zip(histogram._upper_bounds, histogram._buckets):
+        if seconds <= bound:
+            bucket.inc(weight)
+            break
 
 
 class _Health:
@@ -67,7 +92,7 @@ class _Health:
             g = GaugeMetricFamily(f"deeptrace_server_{name}", f"DeepTrace server: {name.replace('_', ' ')}.")
             g.add_metric([], value)
             yield g
-        agent_stats = ("records", "exchanges", "spans", "drops", "cpu_seconds", "rss_bytes", "spool_batches", "spool_bytes",
+        agent_stats = ("records", "exchanges", "spans", "drops", "sampled", "sample_level", "cpu_seconds", "rss_bytes", "spool_batches", "spool_bytes",
                        "spool_dropped_batches", "spool_dropped_spans", "spool_write_failed_batches",
                        "spool_write_failed_spans", "sent_batches", "sent_spans", "send_failures")  # fmt: skip
         families = {k: GaugeMetricFamily(f"deeptrace_agent_{k}", f"Agent's own count: {k.replace('_', ' ')}.",

@@ -39,7 +39,10 @@ struct conn {
 	__u64 ino; /* the socket's inode number: tells a socket from an earlier one at its address */
 	__u8 role;
 	__u8 mode; /* enum xmode: who frames this connection's bytes */
-	__u8 pad[6];
+	__u8 sample_shift; /* the sampling level at its first record: kept with 1/2^shift;
+			      SHIFT_UNDECIDED before (a socket() has no endpoints yet) */
+	__u8 sampled_out;  /* ... and not kept: its records are not written */
+	__u32 hash;        /* of its two endpoints, the same on both sides (see sampling) */
 };
 
 /* Who frames a connection's bytes. Decided at its first data, for good: a connection
@@ -48,6 +51,8 @@ struct conn {
  * handed to user space when something is not simple (pipelining, 1xx, no length, a
  * header longer than DT_XSCAN), with what it holds of the exchange as records. */
 enum xmode { XM_UNDECIDED = 0, XM_ASSEMBLED = 1, XM_RECORDS = 2 };
+
+#define SHIFT_UNDECIDED 0xff
 
 /* Where an assembled connection is within its exchange. */
 enum xphase {
@@ -73,7 +78,8 @@ struct xstate {
 	__u8 phase;          /* enum xphase */
 	__u8 head_request;   /* a HEAD request: its response has no body */
 	__u8 last_chunk;     /* chunked: chunk_left is the line end after the last chunk */
-	__u8 pad[5];
+	__u8 sampled_out;    /* the exchange in progress is not to be written (see sampling) */
+	__u32 hash;          /* the connection's */
 };
 
 /* A record made from an xstate when its connection is handed over (its own scratch:
@@ -157,6 +163,15 @@ struct {
 	__type(key, __u64); /* struct sock * */
 	__type(value, struct conn);
 } CONNS SEC(".maps");
+
+/* The sampling level, set by user space as it drains the rings: at level k a connection is
+ * kept with probability 1/2^k (0: all). One entry. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} SAMPLING SEC(".maps");
 
 /* Load-time settings, read-only data that user space fills in before load: the
  * verifier knows their values, so a program reads a constant instead of looking up a
@@ -313,6 +328,58 @@ static __always_inline void read_endpoints(struct dt_record *rec, __u64 skp)
  * socket may reuse the memory, and so the key, of a closed one). An entry of
  * another inode is stale: a socket freed without a close we saw (its process was
  * killed) whose memory the kernel gave to this one, which predates tracing. */
+/* ---- sampling ----
+ * Under overload user space raises the level (SAMPLING), and the kernel writes only what
+ * hashes with its low `level` bits zero: never single records, so all it writes is whole.
+ * A connection of records is decided once, when first seen, by its endpoints; an
+ * assembled exchange when it starts, by its connection's endpoints and its TCP seq, so
+ * the level reaches long-lived connections too and a few busy connections are sampled
+ * as finely as many. Both hashes are the same on the client's and the server's end (at
+ * one level), and what is kept at a level is kept at every lower one. */
+
+static __always_inline __u32 sample_level(void)
+{
+	__u32 zero = 0, *level = bpf_map_lookup_elem(&SAMPLING, &zero);
+
+	if (!level)
+		return 0;
+	return *level > DT_SAMPLE_SHIFT_MAX ? DT_SAMPLE_SHIFT_MAX : *level;
+}
+
+static __always_inline bool sampled_out(__u32 hash, __u32 level)
+{
+	return hash & ((1U << level) - 1);
+}
+
+static __always_inline __u64 mix(__u64 v)
+{
+	v ^= v >> 33;
+	v *= 0xff51afd7ed558ccdULL;
+	v ^= v >> 33;
+	return v;
+}
+
+/* Symmetric in the two endpoints: the client and the server compute the same. */
+static __always_inline __u32 endpoints_hash(const struct dt_record *rec)
+{
+	const __u64 *l = (const __u64 *)rec->laddr, *r = (const __u64 *)rec->raddr;
+	__u64 a = mix(l[0] ^ mix(l[1] ^ rec->lport)), b = mix(r[0] ^ mix(r[1] ^ rec->rport));
+
+	return mix(a ^ b) >> 32;
+}
+
+/* A connection's first record decides whether its records are written. */
+static __always_inline void sample_connection(struct conn *c, const struct dt_record *rec)
+{
+	__u32 level = sample_level();
+
+	c->hash = endpoints_hash(rec);
+	c->sample_shift = level;
+	c->sampled_out = sampled_out(c->hash, level);
+	if (c->sampled_out)
+		count(DT_CNT_CONN_SAMPLED_OUT);
+}
+
 static __always_inline struct conn *conn_of(__u64 sk, __u8 role, bool fresh)
 {
 	struct sock *s = AS(struct sock, sk);
@@ -335,6 +402,7 @@ static __always_inline struct conn *conn_of(__u64 sk, __u8 role, bool fresh)
 		.id = ((bpf_ktime_get_ns() << 8) | (bpf_get_smp_processor_id() & 0xff)) & 0x7fffffffffffffffULL,
 		.ino = ino,
 		.role = role,
+		.sample_shift = SHIFT_UNDECIDED,
 	};
 	if (bpf_map_update_elem(&CONNS, &sk, &n, BPF_ANY)) {
 		count(DT_CNT_DROP_CONN_MAP_FULL);
@@ -394,8 +462,13 @@ static __always_inline struct scratch *begin_record(struct args *a, __u8 directi
 	read_endpoints(rec, a->sk);
 	struct conn *c = conn_of(a->sk, role, fresh_conn);
 	if (c) {
+		if (c->sample_shift == SHIFT_UNDECIDED)
+			sample_connection(c, rec);
 		rec->conn_id = c->id;
 		rec->role = c->role;
+		rec->sample_shift = c->sample_shift;
+		if (c->sampled_out)
+			rec->flags |= DT_FLAG_SAMPLED_OUT;
 	}
 	*conn = c;
 	return s;
@@ -422,6 +495,10 @@ static __always_inline void output(void *ring, void *data, __u64 len, __u32 writ
 
 static __always_inline void submit(struct scratch *s, __u64 captured)
 {
+	if (s->rec.flags & DT_FLAG_SAMPLED_OUT) {
+		count(DT_CNT_SAMPLED_RECORDS);
+		return;
+	}
 	VERIFIER_MIN(captured, DT_MAX_CAPTURE);
 	s->rec.captured = captured;
 	if (captured < s->rec.size)
@@ -540,6 +617,7 @@ static __always_inline void hand_over_part(struct xstate *xs, struct dt_record *
 	r->syscall = ingress ? DT_SYS_READ : DT_SYS_WRITE;
 	r->flags = DT_FLAG_ASSEMBLED;
 	r->msg_index = 0;
+	r->sample_shift = 0; /* handed over, it is written whatever the level */
 	if (request) {
 		r->enter_ns = x->start_ns;
 		r->exit_ns = xs->req_end_ns;
@@ -583,6 +661,11 @@ static __always_inline void hand_over(struct conn *c, struct xstate *xs, struct 
 		hand_over_part(xs, cur, false);
 	xs->phase = XP_HANDED; /* kept, not deleted, until close: another CPU's hook may hold it */
 	c->mode = XM_RECORDS;
+	/* Its records from now on go on from the exchange handed over: all written. */
+	c->sampled_out = 0;
+	c->sample_shift = 0;
+	cur->flags &= ~DT_FLAG_SAMPLED_OUT;
+	cur->sample_shift = 0;
 	count(DT_CNT_CONN_HANDED_OVER);
 }
 
@@ -1031,8 +1114,11 @@ static __always_inline int walk_chunks(struct xstate *xs, struct scratch *s, __u
 
 static __always_inline void emit_exchange(struct xstate *xs)
 {
-	output(&EXCHANGES, &xs->x, sizeof(xs->x) + 2 * xhead(), DT_CNT_EXCHANGES,
-	       DT_CNT_DROP_EXCHANGE_RINGBUF_FULL);
+	if (xs->sampled_out)
+		count(DT_CNT_SAMPLED_EXCHANGES);
+	else
+		output(&EXCHANGES, &xs->x, sizeof(xs->x) + 2 * xhead(), DT_CNT_EXCHANGES,
+		       DT_CNT_DROP_EXCHANGE_RINGBUF_FULL);
 	xs->phase = XP_IDLE;
 }
 
@@ -1091,6 +1177,11 @@ static __always_inline bool begin_request(struct xstate *xs, struct scratch *s, 
 	x->family = rec->family;
 	x->role = rec->role;
 	x->flags = 0;
+	/* Decided per exchange, by its connection and its first byte's TCP seq, which both ends
+	 * see alike; framed either way: the next exchange starts where this one ends. */
+	__u32 level = sample_level();
+	x->sample_shift = level;
+	xs->sampled_out = sampled_out(mix(xs->hash ^ x->req_seq) >> 32, level);
 	x->req_captured = keep_head(xs, 0, s, captured);
 	xs->req_end_ns = rec->exit_ns;
 	xs->left = total - rec->size;
@@ -1288,6 +1379,7 @@ static __always_inline bool assemble(struct conn *c, struct scratch *s, __u32 ca
 			return false;
 		xs->phase = XP_IDLE;
 		xs->x.protocol = protocol;
+		xs->hash = c->hash;
 		c->mode = XM_ASSEMBLED;
 		count(DT_CNT_CONN_ASSEMBLED);
 	} else {

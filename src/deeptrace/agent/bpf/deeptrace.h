@@ -11,6 +11,7 @@
 #define DT_TASK_COMM_LEN 16
 #define DT_XHEAD_MAX 512     /* payload head per message an exchange event carries, at most */
 #define DT_XSCAN 1024        /* first bytes of a message searched for the end of its header */
+#define DT_SAMPLE_SHIFT_MAX 10 /* sampling keeps 1 connection in 2^shift, at most 1 in 1024 */
 
 enum dt_syscall {
 	DT_SYS_READ = 1,
@@ -44,10 +45,12 @@ enum dt_flags {
 	DT_FLAG_TRUNCATED = 1,     /* captured < size */
 	DT_FLAG_PAYLOAD_FAULT = 2, /* user memory could not be read; captured bytes are zero */
 	DT_FLAG_ADDR_FROM_CALL = 4, /* peer address came from the syscall's sockaddr (unconnected UDP) */
-	DT_FLAG_ASSEMBLED = 8       /* a message (or its start) the kernel held when it handed the
+	DT_FLAG_ASSEMBLED = 8,      /* a message (or its start) the kernel held when it handed the
 				       connection to user space: enter_ns is when its first byte moved,
 				       exit_ns when its last did, size all its bytes, payload the head
 				       the kernel kept of it (exchange_head bytes at most) */
+	DT_FLAG_SAMPLED_OUT = 128   /* the kernel's own mark of a record not to write (its connection
+				       is sampled away); no written record carries it */
 };
 
 /* Protocols whose exchanges the kernel can assemble; bit (1 << p) of CFG.exchange_protocols. */
@@ -76,6 +79,9 @@ enum dt_counter {
 					      as records */
 	DT_CNT_CONN_ASSEMBLED,      /* connections whose exchanges the kernel assembles */
 	DT_CNT_CONN_HANDED_OVER,    /* ... of which later handed to user space (pipelining, 1xx, ...) */
+	DT_CNT_SAMPLED_RECORDS,     /* records not written: their connection was sampled away */
+	DT_CNT_SAMPLED_EXCHANGES,   /* exchanges not written: their connection was sampled away */
+	DT_CNT_CONN_SAMPLED_OUT,    /* connections whose records are sampled away (decided when first seen) */
 	DT_CNT_MAX,
 };
 
@@ -113,7 +119,8 @@ struct dt_record {
 	__u8 l4;         /* IPPROTO_TCP 6, IPPROTO_UDP 17 */
 	__u8 role;       /* enum dt_role */
 	__u8 flags;      /* enum dt_flags */
-	__u16 msg_index; /* position in a sendmmsg/recvmmsg batch, else 0 */
+	__u8 msg_index;  /* position in a sendmmsg/recvmmsg batch, else 0 */
+	__u8 sample_shift; /* its connection was kept with probability 1/2^sample_shift */
 	char comm[DT_TASK_COMM_LEN];
 };
 
@@ -143,7 +150,8 @@ struct dt_exchange {
 	__u8 role;           /* enum dt_role */
 	__u8 protocol;       /* enum dt_xproto */
 	__u8 flags;          /* none defined yet */
-	__u8 pad[6];
+	__u8 sample_shift;   /* kept with probability 1/2^sample_shift (its connection, at its start) */
+	__u8 pad[5];
 	char comm[DT_TASK_COMM_LEN];
 };
 
