@@ -278,41 +278,55 @@ def stop_agent(proc: subprocess.Popen, timeout_s: float = 300) -> tuple[os.struc
         time.sleep(0.1)
 
 
-STATS = re.compile(r"deeptrace: records (\d+) exchanges (\d+) spans (\d+) drops (\d+) open connections (\d+)")
+STATS = re.compile(r"deeptrace: records (\d+) exchanges (\d+) spans (\d+) drops (\d+) sampled away (\d+) "
+                   r"\(level (\d+)\) open connections (\d+)")  # fmt: skip
 SUMMARY = re.compile(
     r"deeptrace: (\d+) records \(kernel submitted (\d+), truncated (\d+)\), (\d+) exchanges \(kernel submitted "
     r"(\d+); connections assembled (\d+), handed over (\d+)\); drops: (\d+)(?: \(([^)]*)\))?"
 )
+SAMPLED = re.compile(r"sampled away: (\d+) records, (\d+) exchanges \((\d+) connections left out when first seen; "
+                     r"level now (\d+)\)")  # fmt: skip
 
 
 def agent_counters(log: str) -> dict:
     """Records and drops from the agent's stderr: its exit summary, else its last stats line."""
+    levels = [int(m[5]) for m in STATS.findall(log)]
+    sampled = {"max_sample_level": max(levels, default=0)}
+    if m := SAMPLED.search(log):
+        sampled.update(sampled_records=int(m[1]), sampled_exchanges=int(m[2]), connections_left_out=int(m[3]),
+                       final_sample_level=int(m[4]))  # fmt: skip
     if m := SUMMARY.search(log):
         reasons = dict(part.rsplit(" ", 1) for part in m[9].split(", ")) if m[9] else {}
         return {"records": int(m[1]), "kernel_submitted": int(m[2]), "truncated": int(m[3]), "exchanges": int(m[4]),
                 "kernel_exchanges": int(m[5]), "connections_assembled": int(m[6]),
                 "connections_handed_over": int(m[7]), "drops": int(m[8]),
-                "drops_by_reason": {k: int(v) for k, v in reasons.items()}, "summary_seen": True}  # fmt: skip
-    records, exchanges, _, drops, _ = (STATS.findall(log) or [("0",) * 5])[-1]
+                "drops_by_reason": {k: int(v) for k, v in reasons.items()}, "summary_seen": True, **sampled}  # fmt: skip
+    records, exchanges, _, drops, *_ = (STATS.findall(log) or [("0",) * 7])[-1]
     return {"records": int(records), "exchanges": int(exchanges), "drops": int(drops), "drops_by_reason": {},
-            "summary_seen": False}  # fmt: skip
+            "summary_seen": False, **sampled}  # fmt: skip
 
 
 def count_spans(path: Path, port: int, names: frozenset[str]) -> dict:
     """The server's spans (SERVER kind, on our port): those named as the load's requests,
-    by status, and any others by name (e.g. redis-benchmark's CONFIG GET at start-up)."""
-    counted, statuses, others = 0, Counter(), Counter()
+    by status, with the exchanges they stand for (their sampling.weight, else 1) and how
+    many are not whole (marked partial, or without a response); any others by name (e.g.
+    redis-benchmark's CONFIG GET at start-up)."""
+    counted, weighted, not_whole, statuses, others = 0, 0, 0, Counter(), Counter()
     with open(path) as f:
         for line in f:
             span = json.loads(line)
             if span["kind"] != "SERVER" or span["lport"] != port:
                 continue
             if span["name"] in names:
+                attrs = span["attributes"]
                 counted += 1
+                weighted += attrs.get("sampling.weight", 1)
+                not_whole += "deeptrace.partial" in attrs or "deeptrace.no_response" in attrs
                 statuses[span["status"]] += 1
             else:
                 others[span["name"]] += 1
-    return {"spans": counted, "by_status": dict(statuses), "other_server_spans": dict(others)}
+    return {"spans": counted, "weighted_spans": weighted, "spans_not_whole": not_whole, "by_status": dict(statuses),
+            "other_server_spans": dict(others)}  # fmt: skip
 
 
 # ---- phases ----
@@ -331,12 +345,16 @@ def max_known(*counts: int | None) -> int | None:
     return max((c for c in counts if c is not None), default=None)
 
 
-def agent_phase(case: Case, port: int, seconds: float, tmp: Path, procs: Processes) -> dict:
+def agent_phase(case: Case, port: int, seconds: float, tmp: Path, procs: Processes, agent_args: list[str],
+                agent_cores: float | None) -> dict:  # fmt: skip
     spans_file, log = tmp / "spans.jsonl", tmp / "agent.log"
-    argv = [str(AGENT), "agent", "--comm", case.comm, "--out", str(spans_file), "--stats-interval", "1"]
-    progress(f"{case.name} B: starting the agent ({' '.join(argv[1:])})")
+    argv = [str(AGENT), "agent", "--comm", case.comm, "--out", str(spans_file), "--stats-interval", "1", *agent_args]
+    limit = f", limited to {agent_cores} cores" if agent_cores else ""
+    progress(f"{case.name} B: starting the agent ({' '.join(argv[1:])}{limit})")
     tracers = other_tracers()  # before ours are loaded
     agent = procs.start(argv, log)
+    if agent_cores:
+        cpu_limit(agent.pid, agent_cores)
     # Its first stats line comes after the programs are attached and its loop runs.
     wait_for("the agent", lambda: STATS.search(log.read_text()) is not None, agent, log, 120)
     progress(f"{case.name} B: agent attached; {seconds:.0f} s of load with the agent")
@@ -354,6 +372,7 @@ def agent_phase(case: Case, port: int, seconds: float, tmp: Path, procs: Process
         "requests": load.requests, "seconds": round(load.seconds, 3), "rps": round(load.rps, 1),
         "errors": load.errors, "other_tracers": tracers, **spans,
         "spans_per_request": round(spans["spans"] / load.requests, 4),
+        "weighted_spans_per_request": round(spans.get("weighted_spans", 0) / load.requests, 4),
         "agent": {
             **counters, "exit_code": agent.returncode, "exit_seconds": round(exit_s, 2),
             "cpu_seconds_during_load": round(load_cpu, 2), "cores_during_load": round(load_cpu / load_wall, 3),
@@ -363,7 +382,39 @@ def agent_phase(case: Case, port: int, seconds: float, tmp: Path, procs: Process
     }  # fmt: skip
 
 
-def run_case(case: Case, seconds: float) -> dict:
+def cpu_limit(pid: int, cores: float) -> None:
+    """Hold a process (and the threads it starts) to `cores` CPUs, as a container's CPU limit
+    does: a cgroup with a CPU quota (cgroup v2 cpu.max, or v1's cpu controller)."""
+    period = 100_000
+    quota = max(1000, round(cores * period))
+    v2, v1 = Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/cpu")
+    if (v2 / "cgroup.controllers").exists() and "cpu" in (v2 / "cgroup.controllers").read_text().split():
+        root, settings = v2, {"cpu.max": f"{quota} {period}"}
+    elif (v1 / "cpu.cfs_quota_us").exists():
+        root, settings = v1, {"cpu.cfs_period_us": str(period), "cpu.cfs_quota_us": str(quota)}
+    else:
+        raise SystemExit("--agent-cores needs a cgroup CPU controller (cgroup v2 with cpu, or v1 mounted at "
+                         f"{v1})")  # fmt: skip
+    group = root / f"deeptrace-app-impact-{pid}"
+    group.mkdir(exist_ok=True)
+    CGROUPS.append(group)
+    for name, value in settings.items():
+        (group / name).write_text(value)
+    (group / "cgroup.procs").write_text(str(pid))
+
+
+CGROUPS: list[Path] = []  # made by cpu_limit; removed once their process is gone
+
+
+def remove_cgroups() -> None:
+    while CGROUPS:
+        try:
+            CGROUPS.pop().rmdir()
+        except OSError:
+            pass
+
+
+def run_case(case: Case, seconds: float, agent_args: list[str], agent_cores: float | None) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"deeptrace-app-impact-{case.name}-") as d, Processes() as procs:
         tmp = Path(d)
         tmp.chmod(0o755)  # nginx's worker runs as nobody and reads the page from here
@@ -374,7 +425,7 @@ def run_case(case: Case, seconds: float) -> dict:
         progress(f"{case.name}: serving on 127.0.0.1:{port} (pid {server.pid})")
         phases = {
             "A1": plain_phase(case, port, seconds, "A1"),
-            "B": agent_phase(case, port, seconds, tmp, procs),
+            "B": agent_phase(case, port, seconds, tmp, procs, agent_args, agent_cores),
             "A2": plain_phase(case, port, seconds, "A2"),
         }
     baseline = (phases["A1"]["rps"] + phases["A2"]["rps"]) / 2
@@ -386,6 +437,8 @@ def run_case(case: Case, seconds: float) -> dict:
         "baseline_spread": round(abs(phases["A1"]["rps"] - phases["A2"]["rps"]) / baseline, 3),
         "throughput_ratio": round(throughput_ratio, 3),
         "spans_per_request": b["spans_per_request"],
+        "weighted_spans_per_request": b["weighted_spans_per_request"],
+        "spans_not_whole": b.get("spans_not_whole", 0),
         "drops": b["agent"]["drops"],
         "spans_target_met": b["spans_per_request"] >= TARGET_SPANS and b["agent"]["drops"] == 0,
         "throughput_target_met": throughput_ratio >= TARGET_THROUGHPUT,
@@ -422,6 +475,12 @@ def print_table(results: dict[str, dict]) -> None:
             notes.append(f"WARNING: BPF tracing programs of another process were loaded (per phase: {busy})")
         if errors := {k: v for k, v in p["B"].get("by_status", {}).items() if k != "ok"}:
             notes.append(f"spans not ok {errors}")
+        agent = p["B"]["agent"]
+        if agent.get("max_sample_level"):
+            notes.append(f"sampled: level up to {agent['max_sample_level']} (keeps 1 in {2 ** agent['max_sample_level']}), "
+                         f"{agent.get('sampled_exchanges', 0):,} exchanges and {agent.get('sampled_records', 0):,} records "
+                         f"left out; spans weighted by sampling.weight / requests {r['weighted_spans_per_request']:.3f}")  # fmt: skip
+        notes.append(f"spans not whole (partial or no response) {r['spans_not_whole']:,}")
         print(f"{name}: " + "; ".join(notes))
         print(f"{name}: target spans >= {TARGET_SPANS} x requests with no drops -> "
               f"{'met' if r['spans_target_met'] else 'NOT met'}; target throughput >= {TARGET_THROUGHPUT:.0%} "
@@ -446,6 +505,10 @@ def main() -> None:
     ap.add_argument("--cases", default="nginx,redis", help="comma-separated: " + ", ".join(CASES))
     ap.add_argument("--quick", action="store_true", help="3-second phases")
     ap.add_argument("--json", type=Path, help="also write the JSON result to this file")
+    ap.add_argument("--agent-cores", type=float, default=None,
+                    help="hold the agent to this many CPUs (a cgroup quota, as a container limit): load past "
+                         "what it can follow, to see sampling at work")
+    ap.add_argument("--agent-args", default="", help="more arguments for `deeptrace agent`, e.g. '--no-sampling'")
     args = ap.parse_args()
     if args.quick:
         args.seconds = 3.0
@@ -458,14 +521,18 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
 
     try:
-        results = {case.name: run_case(case, args.seconds) for case in cases}
+        results = {case.name: run_case(case, args.seconds, args.agent_args.split(), args.agent_cores)
+                   for case in cases}  # fmt: skip
     except KeyboardInterrupt:
         raise SystemExit("interrupted: everything started was stopped") from None
+    finally:
+        remove_cgroups()
 
     print_table(results)
     out = {
         "benchmark": "app_impact", "phase_seconds": args.seconds, "connections": CONNECTIONS,
-        "cpus": os.cpu_count(), "target_spans_per_request": TARGET_SPANS,
+        "cpus": os.cpu_count(), "agent_cores_limit": args.agent_cores, "agent_args": args.agent_args,
+        "target_spans_per_request": TARGET_SPANS,
         "target_throughput_ratio": TARGET_THROUGHPUT, "cases": results,
     }  # fmt: skip
     if args.json:
