@@ -38,8 +38,8 @@ from run import (  # the same set-up as the full benchmark
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
 
-from deeptrace.agent.collector import Collector, CollectorConfig  # noqa: E402
-from deeptrace.agent.selection import Selection  # noqa: E402
+from deeptrace.agent.collector import Collector, CollectorConfig
+from deeptrace.agent.selection import Selection
 
 
 def with_hooks(pid: int, port: int, seconds: float, assemble: tuple[str, ...]) -> dict:
