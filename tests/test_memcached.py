@@ -39,6 +39,17 @@ def test_multi_block_reply_split_at_every_byte(cut):
     assert [m.size for m in feed_split(MemcachedConnection(), False, GET_HIT, cut)] == [len(GET_HIT)]
 
 
+def test_a_reply_longer_than_the_capture_is_salvaged_and_the_next_exchange_parses():
+    conn = MemcachedConnection()
+    conn.feed(True, chunk(b"get big\r\n"))
+    reply = b"VALUE big 0 3000\r\n" + b"x" * 3000 + b"\r\nEND\r\n"
+    (resp,) = conn.feed(False, chunk(reply[:1024], t=1, size=len(reply)))  # END was not captured
+    assert (resp.status_code, resp.partial, resp.size, resp.attributes["db.memcached.values"]) == (
+        "VALUE", True, len(reply), 1)  # fmt: skip
+    req, resp = exchange(conn, b"get k\r\n", b"END\r\n", t=2)
+    assert (req.name, resp.status_code) == ("memcached get", "END")
+
+
 def test_errors_and_misses():
     conn = MemcachedConnection()
     _, err = exchange(conn, b"incr user:42 1\r\n", b"CLIENT_ERROR cannot increment or decrement non-numeric value\r\n")

@@ -52,7 +52,8 @@ def test_records_of_a_sampled_connection_give_spans_weighted_by_it():
         r.sample_shift = 2  # the kernel kept its connection with probability 1/4
     (span,) = SpanPipeline(host="h").push(recs)
     assert span.attributes["sampling.weight"] == 4 and span.status == "ok"
-    (plain,) = SpanPipeline(host="h").push([Conn().rec("ingress", REQ), Conn().rec("egress", RESP)])
+    c = Conn()
+    (plain,) = SpanPipeline(host="h").push([c.rec("ingress", REQ), c.rec("egress", RESP)])
     assert "sampling.weight" not in plain.attributes
 
 

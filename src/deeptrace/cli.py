@@ -64,7 +64,7 @@ def _collector_options(fn):
     return fn
 
 
-KERNEL_EXCHANGES = ("http1", "redis")  # what `deeptrace agent` has the kernel assemble by default
+KERNEL_EXCHANGES = ("http1", "redis", "memcached")  # what `deeptrace agent` has the kernel assemble by default
 
 
 def _algorithm_option(fn):
@@ -167,7 +167,7 @@ def record(fmt, **opts) -> None:
 @click.option("--agent-id", default=None, help="With --server: this agent's id at the server "
               "(default: made once and kept in the spool directory).")
 @click.option("--no-kernel-exchanges", is_flag=True, help="Frame every connection in user space from records, "
-              "including the HTTP/1 and Redis connections whose exchanges the kernel would otherwise pair itself.")
+              "including the HTTP/1, Redis and Memcached connections whose exchanges the kernel would otherwise pair.")
 @click.option("--no-sampling", is_flag=True, help="Never sample: under overload, what finds the ring buffer full "
               "is lost (counted) instead of whole connections being left out (spans then carry sampling.weight).")
 def agent(timeout_s, fmt, stats_interval, host_name, associate, algorithm, no_header_ids, hold, server_url,

@@ -1,6 +1,6 @@
 """Exchanges the kernel assembled -> spans, a batch at a time.
 
-For the protocols it can frame (agent/bpf/deeptrace.bpf.c: HTTP/1, Redis), the kernel pairs
+For the protocols it can frame (agent/bpf/deeptrace.bpf.c: HTTP/1, Redis, Memcached text), the kernel pairs
 each request with its response and writes one fixed-size event for both
 (records.EXCHANGE_FIELDS), with the first bytes of each. A batch of them arrives as one numpy
 array; its columns become Python lists once per batch, and names, status and attributes come
@@ -19,7 +19,7 @@ import numpy as np
 
 from deeptrace.capture.records import EXCHANGE_PROTOCOLS
 from deeptrace.capture.spans import SAMPLING_WEIGHT, Endpoint, Span, SpanJson, b64_head, new_id
-from deeptrace.protocols import http1, redis
+from deeptrace.protocols import http1, memcached, redis
 from deeptrace.protocols.redaction import redact_span_parts
 
 _CACHE_LIMIT = 4096  # distinct heads (and connections) remembered
@@ -65,10 +65,27 @@ def _redis_response(head: bytes, error: int) -> Response:
     return "ok", None, attrs, redacted
 
 
+def _memcached_request(head: bytes) -> Request:
+    fields = memcached.request_head_fields(head)
+    name, attrs = (
+        (f"memcached {fields['command'].lower()}", memcached.request_attributes(fields)) if fields else ("memcached", {})
+    )
+    redacted, _ = redact_span_parts(memcached.PROTOCOL, attrs, head, b"")
+    return memcached.PROTOCOL, name, attrs, redacted
+
+
+def _memcached_response(head: bytes, values: int) -> Response:
+    fields = memcached.reply_head_fields(head, values) or {"reply": "?", "values": values}
+    attrs = memcached.reply_attributes(fields)
+    _, redacted = redact_span_parts(memcached.PROTOCOL, attrs, b"", head)
+    return "error" if "error" in fields else "ok", fields["reply"], attrs, redacted
+
+
 # By enum dt_xproto.
 _SIDES: dict[int, tuple[Callable[[bytes], Request], Callable[[bytes, int], Response]]] = {
     EXCHANGE_PROTOCOLS.index("http1"): (_http_request, _http_response),
     EXCHANGE_PROTOCOLS.index("redis"): (_redis_request, _redis_response),
+    EXCHANGE_PROTOCOLS.index("memcached"): (_memcached_request, _memcached_response),
 }
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from deeptrace import protocols
 from deeptrace.capture.exchanges import ExchangeSpans
-from deeptrace.capture.records import Record
+from deeptrace.capture.records import EXCHANGE_PROTOCOLS, FLAG_HANDED_OVER, Record
 from deeptrace.capture.spans import SAMPLING_WEIGHT, Endpoint, Pairing, Span, SpanJson, make_span
 from deeptrace.capture.streams import OrderedStream
 from deeptrace.protocols.base import ConnectionParser, Message
@@ -92,9 +92,10 @@ class SpanPipeline:
         spans: list[Span] = []
         self.stats.records += len(records)
         conns = self._conns
+        if any(rec.flags & FLAG_HANDED_OVER for rec in records):
+            records = self._handed_over(records, spans)
         for rec in _in_order(records):
-            # An unconnected UDP socket talks to many peers: each is a connection of its own.
-            key = (rec.tgid, rec.conn_id) if rec.l4 == "tcp" else (rec.tgid, rec.conn_id, rec.raddr, rec.rport)
+            key = _key(rec)
             if rec.syscall == "close":
                 conn = conns.pop(key, None)
                 if conn is not None:
@@ -113,6 +114,17 @@ class SpanPipeline:
             for chunk in conn.streams[rec.direction].push(rec, rec.exit_ns):
                 self._feed(conn, rec.direction, chunk, spans)
         return spans
+
+    def _handed_over(self, records: list[Record], spans: list[Span]) -> list[Record]:
+        """A connection the kernel framed and hands over from now on is parsed as the protocol
+        it framed it as, whatever its next bytes look like. The marks go; the rest stays."""
+        for rec in records:
+            if rec.flags & FLAG_HANDED_OVER and rec.msg_index < len(EXCHANGE_PROTOCOLS):
+                key = _key(rec)
+                conn = self._conns.get(key) or self._open(key, rec, spans)
+                if conn.parser is None and not conn.undetected:
+                    conn.parser = protocols.parser_for(_FRAMED_AS[EXCHANGE_PROTOCOLS[rec.msg_index]])
+        return [rec for rec in records if not rec.flags & FLAG_HANDED_OVER]
 
     def push_exchanges(self, events, wall_offset_ns: int) -> list[Span]:
         """Spans of exchanges the kernel assembled (an array of records.exchange_dtype; its
@@ -246,6 +258,16 @@ class SpanPipeline:
 
 
 _EXIT_NS = operator.attrgetter("exit_ns")
+
+
+def _key(rec: Record) -> tuple:
+    # An unconnected UDP socket talks to many peers: each is a connection of its own.
+    return (rec.tgid, rec.conn_id) if rec.l4 == "tcp" else (rec.tgid, rec.conn_id, rec.raddr, rec.rport)
+
+
+# The protocol module each kernel-framed protocol (records.EXCHANGE_PROTOCOLS) is parsed by.
+_FRAMED_AS = {"http1": protocols.http1.PROTOCOL, "redis": protocols.redis.PROTOCOL,
+              "memcached": protocols.memcached.PROTOCOL}  # fmt: skip
 
 
 def _in_order(records: list[Record]) -> list[Record]:

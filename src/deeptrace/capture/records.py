@@ -72,10 +72,11 @@ FLAG_TRUNCATED = 1
 FLAG_PAYLOAD_FAULT = 2
 FLAG_ADDR_FROM_CALL = 4
 FLAG_ASSEMBLED = 8  # several calls' bytes, which the kernel held before handing the connection over
+FLAG_HANDED_OVER = 16  # no bytes: the kernel hands the connection over; msg_index is its EXCHANGE_PROTOCOLS index
 FLAG_SAMPLED_OUT = 128  # the kernel's mark of a record it does not write (never seen here)
 
 # enum dt_xproto, index = value: protocols whose exchanges the kernel assembles
-EXCHANGE_PROTOCOLS = (None, "http1", "redis")
+EXCHANGE_PROTOCOLS = (None, "http1", "redis", "memcached")
 
 # enum dt_counter, index = value. Names starting with "drop_" are data lost.
 COUNTERS = (

@@ -100,4 +100,9 @@ def detect(data: bytes, is_request: bool | None, l4: str = "tcp") -> tuple[str, 
     return None
 
 
-__all__ = ["PROTOCOLS", "Chunk", "ConnectionParser", "Message", "ProtocolSpec", "detect"]
+def parser_for(name: str, l4: str = "tcp") -> ConnectionParser:
+    """A parser for a connection whose protocol is known without looking (the kernel framed it)."""
+    return next(spec for spec in PROTOCOLS if spec.name == name).parser(l4)
+
+
+__all__ = ["PROTOCOLS", "Chunk", "ConnectionParser", "Message", "ProtocolSpec", "detect", "parser_for"]

@@ -132,6 +132,53 @@ def frame_response(buf: bytes) -> Frame | str:
     return Frame(pos, fields)
 
 
+def request_attributes(fields: dict) -> dict:
+    attrs = {"db.system": "memcached", "db.operation.name": fields["command"]}
+    if "key" in fields:
+        attrs["db.memcached.key"] = fields["key"]
+    return attrs
+
+
+def reply_attributes(fields: dict) -> dict:
+    attrs = {"db.response.status_code": fields["reply"], "db.memcached.values": fields["values"]}
+    if "error" in fields:
+        attrs["db.response.error"] = fields["error"]
+    return attrs
+
+
+def request_head_fields(head: bytes) -> dict | None:
+    """Fields of a text command from its first bytes (its line whole in them; a storage
+    command's data block may run past them)."""
+    frame = frame_request(head)
+    return frame.fields if frame.__class__ is Frame and not frame.fields["binary"] else None
+
+
+def reply_head_fields(head: bytes, values: int) -> dict | None:
+    """Fields of a text reply from its first bytes, its first line whole in them, with the
+    number of VALUE blocks counted by whoever saw all of it."""
+    end = head.find(b"\r\n")
+    words = head[:end].split() if end >= 0 else None
+    if not words or words[0] not in REPLY_WORDS:
+        return None
+    fields = {"binary": False, "reply": words[0].decode(), "values": values}
+    if words[0] in ERRORS:
+        fields["error"] = head[:end].decode("utf-8", "replace")
+    return fields
+
+
+def _reply_salvage(buf: bytes) -> dict | None:
+    """A text reply whose rest was not captured (a value past the capture): its word, and the
+    VALUE blocks whose lines were seen."""
+    pos, values = 0, 0
+    while (end := buf.find(b"\r\n", pos)) >= 0:
+        words = buf[pos:end].split()
+        if len(words) < 4 or words[0] != b"VALUE" or not words[3].isdigit():
+            break
+        values += 1
+        pos = end + 2 + int(words[3]) + 2
+    return reply_head_fields(buf, values) if buf[:1] != bytes([BIN_RESPONSE]) else None
+
+
 class MemcachedConnection(FramedConnection):
     protocol = PROTOCOL
 
@@ -141,7 +188,8 @@ class MemcachedConnection(FramedConnection):
         self._quiet: dict[int, tuple[int, Message]] = {}
         self._order: dict[int, int] = {}
         self._sent = 0
-        super().__init__(DirectionFramer(frame_request, starts_request), DirectionFramer(frame_response, starts_response))
+        super().__init__(DirectionFramer(frame_request, starts_request),
+                         DirectionFramer(frame_response, starts_response, salvage=_reply_salvage))  # fmt: skip
 
     def close(self, end_ns: int) -> list[Message]:
         return self._passed_over(None)
@@ -149,9 +197,7 @@ class MemcachedConnection(FramedConnection):
     def _request(self, f: Framed) -> Message | list[Message] | None:
         fields = f.fields
         command = fields["command"]
-        attrs = {"db.system": "memcached", "db.operation.name": command}
-        if "key" in fields:
-            attrs["db.memcached.key"] = fields["key"]
+        attrs = request_attributes(fields)
         binary = fields["binary"]
         # `noreply` text commands, `quit` and QUITQ are never answered.
         one_way = fields.get("noreply", False) or command == "quit" or command in NEVER_ANSWERED
@@ -199,7 +245,5 @@ class MemcachedConnection(FramedConnection):
             return self._passed_over(order) + [msg] if order is not None and self._quiet else msg
         reply = fields["reply"]
         error = reply.encode() in ERRORS
-        attrs = {"db.response.status_code": reply, "db.memcached.values": fields["values"]}
-        if error:
-            attrs["db.response.error"] = fields["error"]
-        return message_from(f, PROTOCOL, False, error=error, status_code=reply, attributes=attrs, head=f.head)
+        return message_from(f, PROTOCOL, False, error=error, status_code=reply, attributes=reply_attributes(fields),
+                            head=f.head)  # fmt: skip

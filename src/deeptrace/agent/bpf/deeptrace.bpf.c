@@ -80,6 +80,9 @@ struct xstate {
 	__u8 last_chunk;     /* chunked: chunk_left is the line end after the last chunk */
 	__u8 sampled_out;    /* the exchange in progress is not to be written (see sampling) */
 	__u32 hash;          /* the connection's */
+	__u8 with_cas;       /* memcached: a gets, whose VALUE lines end in a cas token */
+	__u8 framed;         /* an exchange of it was framed here: its protocol is known */
+	__u8 pad[6];
 };
 
 /* A record made from an xstate when its connection is handed over (its own scratch:
@@ -104,6 +107,8 @@ struct hscan {
 	__u8 pad;
 	__u32 line1;     /* HTTP: just past the first line's '\n'; 0: not found */
 	__s64 length;    /* HTTP: Content-Length, or -1 */
+	__u32 mark;      /* memcached: where the line being walked starts */
+	__u32 values;    /* memcached: VALUE blocks walked */
 };
 
 /* What a walk of one call through a chunked body found. In the scratch map (see hscan). */
@@ -649,12 +654,43 @@ static __always_inline void hand_over_part(struct xstate *xs, struct dt_record *
 	output(&RECORDS, h, sizeof(*r) + n, DT_CNT_SUBMITTED, DT_CNT_DROP_RINGBUF_FULL);
 }
 
+/* A record of no bytes that tells user space the protocol the connection was framed as,
+ * once an exchange of it was: its next bytes may be a message no detection by content
+ * would take for that protocol (an unknown command). Before that, what its first bytes
+ * looked like to the kernel is no more than a guess: user space detects it itself. */
+static __always_inline void hand_over_mark(struct xstate *xs, struct dt_record *cur)
+{
+	__u32 zero = 0;
+	struct handover *h = xs->framed ? bpf_map_lookup_elem(&HANDOVER, &zero) : NULL;
+	struct dt_exchange *x = &xs->x;
+
+	if (!h)
+		return;
+	struct dt_record *r = &h->rec;
+	__builtin_memcpy(r, cur, sizeof(*r));
+	if (xs->phase != XP_IDLE) { /* as the exchange began: a close's record may have no endpoint */
+		r->lport = x->lport;
+		r->rport = x->rport;
+		__builtin_memcpy(r->laddr, x->laddr, 16);
+		__builtin_memcpy(r->raddr, x->raddr, 16);
+	}
+	r->direction = cur->role == DT_ROLE_SERVER ? DT_DIR_INGRESS : DT_DIR_EGRESS; /* its requests' */
+	r->syscall = r->direction == DT_DIR_INGRESS ? DT_SYS_READ : DT_SYS_WRITE;
+	r->flags = DT_FLAG_HANDED_OVER;
+	r->msg_index = x->protocol;
+	r->sample_shift = 0;
+	r->ret = r->size = r->captured = 0;
+	r->exit_seq = r->enter_seq; /* no bytes: a place in the stream, not data */
+	output(&RECORDS, h, sizeof(*r), DT_CNT_SUBMITTED, DT_CNT_DROP_RINGBUF_FULL);
+}
+
 /* From now on the connection's bytes go to user space as records, beginning with what
  * the kernel holds of the exchange in progress. `cur` is a record of the connection. */
 static __always_inline void hand_over(struct conn *c, struct xstate *xs, struct dt_record *cur)
 {
 	if (xs->phase == XP_HANDED)
 		return;
+	hand_over_mark(xs, cur);
 	if (xs->phase != XP_IDLE)
 		hand_over_part(xs, cur, true);
 	if (xs->phase >= XP_RESP)
@@ -1031,6 +1067,253 @@ static __always_inline bool redis_command(struct scratch *s, __u32 captured)
 	       (w & LOW(6)) != W8('p', 's', 'y', 'n', 'c', '\r' | 0x20, 0, 0);
 }
 
+/* ---- Memcached text: a command line (and a storage command's data block); a reply line,
+ * or VALUE blocks up to END, all in the reply's first call ---- */
+
+enum { MC_NONE = 0, MC_RETRIEVAL, MC_STORAGE, MC_OTHER };
+
+/* The commands framed here (lower case, as memcached takes them); any other is user space's. */
+static __always_inline int memcached_command(__u64 w)
+{
+	if ((w & LOW(4)) == W4('g', 'e', 't', ' ') || (w & LOW(5)) == W8('g', 'e', 't', 's', ' ', 0, 0, 0))
+		return MC_RETRIEVAL;
+	if ((w & LOW(4)) == W4('s', 'e', 't', ' ') || (w & LOW(4)) == W4('a', 'd', 'd', ' ') ||
+	    (w & LOW(4)) == W4('c', 'a', 's', ' ') || w == W8('r', 'e', 'p', 'l', 'a', 'c', 'e', ' ') ||
+	    w == W8('p', 'r', 'e', 'p', 'e', 'n', 'd', ' ') || (w & LOW(7)) == W8('a', 'p', 'p', 'e', 'n', 'd', ' ', 0))
+		return MC_STORAGE;
+	if ((w & LOW(7)) == W8('d', 'e', 'l', 'e', 't', 'e', ' ', 0) || (w & LOW(6)) == W8('t', 'o', 'u', 'c', 'h', ' ', 0, 0))
+		return MC_OTHER;
+	return MC_NONE;
+}
+
+/* bpf_loop callback: from `pos` to just past the next '\n' (h->end), 8 bytes at a time. */
+static long line_step(__u32 i, void *ctx)
+{
+	struct scratch *s = *(struct scratch **)ctx;
+	struct hscan *h = &s->scan;
+	__u64 pos = h->pos;
+
+	if (pos >= h->len)
+		return 1;
+	VERIFIER_MASK(pos, DT_XSCAN - 1);
+	__u64 p = after_newline(s->data, pos);
+	if (!p) {
+		h->pos = pos + 8;
+		return 0;
+	}
+	if (p <= h->len)
+		h->end = p;
+	return 1;
+}
+
+/* Just past the "\r\n" ending the line at `from`, within the first `len` bytes; 0: none. */
+static __always_inline __u32 line_end(struct scratch *s, __u32 from, __u32 len)
+{
+	struct hscan *h = &s->scan;
+	__u64 e;
+
+	h->len = len < DT_XSCAN ? len : DT_XSCAN;
+	h->pos = from;
+	h->end = 0;
+	bpf_loop(DT_XSCAN / 8, line_step, &s, 0);
+	e = h->end;
+	VERIFIER_MASK(e, 2 * DT_XSCAN - 1);
+	if (e < 2 || s->data[e - 2] != '\r')
+		return 0;
+	return e;
+}
+
+/* The decimal number ending just before d[end] and starting after a space: its value, its
+ * first digit's offset in *start; -1 if there is none. */
+static __always_inline __s64 number_before(__u8 *d, __u64 end, __u64 *start)
+{
+	__u64 v = 0, scale = 1, q = end;
+	int digits = 0;
+
+#pragma unroll
+	for (int k = 0; k < 10; k++) {
+		VERIFIER_MASK(q, 2 * DT_XSCAN - 1);
+		if (q == 0 || !is_digit(d[q - 1]))
+			break;
+		v += (d[q - 1] - '0') * scale;
+		scale *= 10;
+		q--;
+		digits++;
+	}
+	VERIFIER_MASK(q, 2 * DT_XSCAN - 1);
+	if (!digits || q == 0 || d[q - 1] != ' ' || v >= (1U << 31))
+		return -1;
+	*start = q;
+	return v;
+}
+
+/* bpf_loop callback: one bpf_loop step of tokenising a storage command's line, to its 5th
+ * word (the data block's length). Words are split by single spaces only: anything else
+ * (tabs, runs of spaces) is for user space to read. */
+static long mc_word_step(__u32 i, void *ctx)
+{
+	struct scratch *s = *(struct scratch **)ctx;
+	struct hscan *h = &s->scan;
+	__u64 pos = h->pos;
+
+	if (pos >= h->len)
+		return 1; /* the line's end */
+	VERIFIER_MASK(pos, DT_XSCAN - 1);
+	__u8 c = s->data[pos];
+	h->pos = pos + 1;
+	if (c == ' ') {
+		if (s->data[pos + 1] == ' ') {
+			h->bad = 1;
+			return 1;
+		}
+		h->values++;
+		return h->values > 4; /* past the length word: done */
+	}
+	if (c < '!' || c > '~') {
+		h->bad = 1;
+		return 1;
+	}
+	if (h->values == 4) {
+		if (!is_digit(c) || h->length >= (1U << 30)) {
+			h->bad = 1;
+			return 1;
+		}
+		h->length = (h->length < 0 ? 0 : h->length) * 10 + (c - '0');
+	}
+	return 0;
+}
+
+/* The memcached command at the start of the scratch payload: its length; 0: not framed. */
+static __always_inline __u64 memcached_request_length(struct xstate *xs, struct scratch *s, __u32 captured)
+{
+	struct hscan *h = &s->scan;
+	int kind = captured >= 7 ? memcached_command(load8(s->data)) : MC_NONE;
+	__u64 line = kind == MC_NONE ? 0 : line_end(s, 0, captured);
+
+	/* The line within the head (names come from it); noreply commands get no reply. */
+	if (!line || line > xhead())
+		return 0;
+	VERIFIER_MASK(line, DT_XSCAN - 1);
+	if (line >= 10 && load8(&s->data[line - 10]) == W8(' ', 'n', 'o', 'r', 'e', 'p', 'l', 'y'))
+		return 0;
+	xs->with_cas = (load8(s->data) & LOW(5)) == W8('g', 'e', 't', 's', ' ', 0, 0, 0);
+	if (kind != MC_STORAGE)
+		return line;
+	h->len = line - 2;
+	h->pos = 0;
+	h->values = 0; /* words begun */
+	h->length = -1;
+	h->bad = 0;
+	bpf_loop(DT_XSCAN, mc_word_step, &s, 0);
+	if (h->bad || h->values < 4 || h->length < 0)
+		return 0;
+	return line + h->length + 2; /* the line, the data block and its CRLF */
+}
+
+/* bpf_loop callback: one line of a reply (VALUE lines by their data's length), to END. */
+static long mc_reply_step(__u32 i, void *ctx)
+{
+	struct scratch *s = *(struct scratch **)ctx;
+	struct hscan *h = &s->scan;
+	__u64 pos = h->pos;
+	__u8 *d = s->data;
+
+	if (h->in_line) { /* a VALUE line: to its end */
+		if (pos >= h->len)
+			return 1;
+		VERIFIER_MASK(pos, DT_XSCAN - 1);
+		__u64 p = after_newline(d, pos), start = 0;
+		if (!p) {
+			h->pos = pos + 8;
+			return 0;
+		}
+		VERIFIER_MASK(p, 2 * DT_XSCAN - 1);
+		if (p > h->len || p < 3 || d[p - 2] != '\r') {
+			h->bad = 1;
+			return 1;
+		}
+		__u64 end = p - 2;
+		if (h->chunked) { /* gets: "VALUE key flags bytes cas" */
+			if (number_before(d, end, &start) < 0) {
+				h->bad = 1;
+				return 1;
+			}
+			end = start - 1;
+		}
+		__s64 n = number_before(d, end, &start);
+		if (n < 0) {
+			h->bad = 1;
+			return 1;
+		}
+		h->in_line = 0;
+		h->values++;
+		h->pos = p + n + 2;
+		return 0;
+	}
+	if (pos + 8 > h->len) {
+		if (pos + 5 <= h->len) { /* "END\r\n" at the very end */
+			VERIFIER_MASK(pos, DT_XSCAN - 1);
+			if (d[pos] == 'E' && d[pos + 1] == 'N' && d[pos + 2] == 'D' && d[pos + 3] == '\r' && d[pos + 4] == '\n')
+				h->end = pos + 5;
+		}
+		return 1;
+	}
+	VERIFIER_MASK(pos, DT_XSCAN - 1);
+	__u64 w = load8(&d[pos]);
+	if ((w & LOW(5)) == W8('E', 'N', 'D', '\r', '\n', 0, 0, 0)) {
+		h->end = pos + 5;
+		return 1;
+	}
+	if ((w & LOW(6)) == W8('V', 'A', 'L', 'U', 'E', ' ', 0, 0)) {
+		h->in_line = 1;
+		h->pos = pos + 6;
+		return 0;
+	}
+	h->bad = 1;
+	return 1;
+}
+
+/* A reply that is one line: the words memcached answers the commands framed here with. */
+static __always_inline bool memcached_reply_line(__u64 w)
+{
+	return w == W8('S', 'T', 'O', 'R', 'E', 'D', '\r', '\n') || w == W8('D', 'E', 'L', 'E', 'T', 'E', 'D', '\r') ||
+	       w == W8('T', 'O', 'U', 'C', 'H', 'E', 'D', '\r') || w == W8('N', 'O', 'T', '_', 'S', 'T', 'O', 'R') ||
+	       w == W8('N', 'O', 'T', '_', 'F', 'O', 'U', 'N') || (w & LOW(7)) == W8('E', 'X', 'I', 'S', 'T', 'S', '\r', 0) ||
+	       (w & LOW(6)) == W8('E', 'R', 'R', 'O', 'R', '\r', 0, 0) || w == W8('C', 'L', 'I', 'E', 'N', 'T', '_', 'E') ||
+	       w == W8('S', 'E', 'R', 'V', 'E', 'R', '_', 'E');
+}
+
+/* A memcached reply, whole in its first call (the kernel sees its END); its length, 0: not
+ * framed here. Its VALUE blocks are counted in the exchange's status. */
+static __always_inline __u64 memcached_reply_length(struct xstate *xs, struct scratch *s, __u32 captured)
+{
+	struct hscan *h = &s->scan;
+	__u64 first;
+
+	if (captured < 5)
+		return 0;
+	first = line_end(s, 0, captured);
+	/* Its first line within the head: the reply's word and an error's text come from it. */
+	if (!first || first > xhead())
+		return 0;
+	if (memcached_reply_line(load8(s->data))) { /* (compared within its line: >= 7 bytes) */
+		xs->x.status = 0;
+		return first;
+	}
+	h->len = captured < DT_XSCAN ? captured : DT_XSCAN;
+	h->pos = 0;
+	h->end = 0;
+	h->in_line = 0;
+	h->values = 0;
+	h->chunked = xs->with_cas;
+	h->bad = 0;
+	bpf_loop(DT_XSCAN, mc_reply_step, &s, 0);
+	if (h->bad || !h->end || h->values > 0xffff)
+		return 0;
+	xs->x.status = h->values;
+	return h->end;
+}
+
 /* ---- chunked bodies: walked chunk by chunk, by their sizes ---- */
 
 static __always_inline int hex_value(__u8 c)
@@ -1114,6 +1397,7 @@ static __always_inline int walk_chunks(struct xstate *xs, struct scratch *s, __u
 
 static __always_inline void emit_exchange(struct xstate *xs)
 {
+	xs->framed = 1;
 	if (xs->sampled_out)
 		count(DT_CNT_SAMPLED_EXCHANGES);
 	else
@@ -1153,6 +1437,8 @@ static __always_inline bool begin_request(struct xstate *xs, struct scratch *s, 
 
 	if (x->protocol == DT_XP_REDIS)
 		total = redis_command(s, captured) ? resp_length(s, captured) : 0;
+	else if (x->protocol == DT_XP_MEMCACHED)
+		total = memcached_request_length(xs, s, captured);
 	else
 		total = http_request_length(xs, s, captured);
 	if (!total || rec->size > total)
@@ -1236,6 +1522,8 @@ static __always_inline bool begin_response(struct xstate *xs, struct scratch *s,
 
 	if (x->protocol == DT_XP_REDIS)
 		total = redis_reply_length(xs, s, captured);
+	else if (x->protocol == DT_XP_MEMCACHED)
+		total = memcached_reply_length(xs, s, captured);
 	else
 		total = http_response_length(xs, s, captured);
 	if (!total)
@@ -1293,6 +1581,8 @@ static __always_inline void take(struct xstate *xs, struct scratch *s, __u32 cap
 		x->resp_tid = rec->tid;
 		x->end_ns = rec->exit_ns;
 	}
+	/* As user space's heads: a message framed by lengths in its first bytes (HTTP, memcached)
+	 * has those bytes as its head; one framed only when whole (Redis) its first bytes. */
 	if ((x->protocol != DT_XP_REDIS && xs->phase != XP_RESP_CHUNKED) || have >= xhead() ||
 	    (request ? x->req_size : x->resp_size) - rec->size != have)
 		return; /* head full, or a byte of it was not captured: what follows is not its next */
@@ -1362,13 +1652,15 @@ static __always_inline bool assemble(struct conn *c, struct scratch *s, __u32 ca
 		return c->mode == XM_ASSEMBLED; /* MSG_PEEK: the same bytes come again */
 	if (c->mode == XM_UNDECIDED) {
 		c->mode = XM_RECORDS;
-		if (c->role == DT_ROLE_UNKNOWN || !request || captured < 8)
+		if (c->role == DT_ROLE_UNKNOWN || !request || captured < 7) /* "get k\r\n" */
 			return false;
 		__u8 protocol = DT_XP_NONE;
 		if (http_method(load8(s->data)))
 			protocol = DT_XP_HTTP1;
 		else if (s->data[0] == '*' && is_digit(s->data[1]))
 			protocol = DT_XP_REDIS;
+		else if (memcached_command(load8(s->data)))
+			protocol = DT_XP_MEMCACHED;
 		if (!protocol || !(CFG.exchange_protocols & (1 << protocol)))
 			return false;
 		/* Any bytes do as the new entry's value: begin_request sets what is read. */
@@ -1380,6 +1672,7 @@ static __always_inline bool assemble(struct conn *c, struct scratch *s, __u32 ca
 		xs->phase = XP_IDLE;
 		xs->x.protocol = protocol;
 		xs->hash = c->hash;
+		xs->framed = 0;
 		c->mode = XM_ASSEMBLED;
 		count(DT_CNT_CONN_ASSEMBLED);
 	} else {

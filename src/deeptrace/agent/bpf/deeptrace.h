@@ -49,6 +49,8 @@ enum dt_flags {
 				       connection to user space: enter_ns is when its first byte moved,
 				       exit_ns when its last did, size all its bytes, payload the head
 				       the kernel kept of it (exchange_head bytes at most) */
+	DT_FLAG_HANDED_OVER = 16,   /* no bytes: the kernel hands this connection to user space from
+				       here on; msg_index is the enum dt_xproto it framed it as */
 	DT_FLAG_SAMPLED_OUT = 128   /* the kernel's own mark of a record not to write (its connection
 				       is sampled away); no written record carries it */
 };
@@ -58,6 +60,7 @@ enum dt_xproto {
 	DT_XP_NONE = 0,
 	DT_XP_HTTP1 = 1,
 	DT_XP_REDIS = 2,
+	DT_XP_MEMCACHED = 3, /* text protocol */
 };
 
 /* Every counter is a per-CPU u64 in the COUNTERS map, indexed by this enum. */
@@ -143,7 +146,7 @@ struct dt_exchange {
 	__u16 rport;
 	__u8 laddr[16];
 	__u8 raddr[16];
-	__u16 status;        /* HTTP status code; Redis: 1 if the reply is an error */
+	__u16 status;        /* HTTP status code; Redis: 1 if the reply is an error; memcached: VALUE blocks */
 	__u16 req_captured;  /* head bytes that are the request's (<= exchange_head) */
 	__u16 resp_captured;
 	__u8 family;

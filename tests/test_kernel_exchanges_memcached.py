@@ -1,0 +1,202 @@
+"""Memcached text exchanges the kernel assembles, against the records path (tests/twins.py).
+
+The kernel frames a command line it knows (get, gets, set, add, replace, append, prepend,
+cas, delete, touch), a storage command's data block by its length, and a reply that is one
+line or VALUE blocks up to END, whole in the reply's first call. Anything else (other
+commands, noreply, pipelining, a reply longer than the first 1024 bytes of its call, an
+unknown command) hands the connection to user space, which then parses it as memcached
+whatever its next bytes are. The rule: the same spans either way, never a wrong pairing.
+
+Traffic: pymemcache (a client we did not write) and raw sockets, against a real memcached.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from servers import free_port, need, serving
+from twins import Twin, assembling_collector, assert_same_spans, summary
+
+
+@pytest.fixture(scope="module")
+def assembling():
+    c = assembling_collector(("memcached",))
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    argv = [need("memcached"), "-u", "nobody", "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-t", "2"]
+    with serving(argv, port) as pid:
+        yield pid, port
+
+
+@pytest.fixture
+def twin(collector, store, assembling):
+    t = Twin(collector, store, assembling)
+    yield t
+    for pid in t.tgids:
+        store.by_tgid.pop(pid, None)
+
+
+def client(twin: Twin, port: int, script: str, raw: bool = False) -> None:
+    """A Python client traced from its start (so its connections are seen from connect);
+    raw: with a socket `s` and ask(bytes, until) that sends and reads up to `until`."""
+    code = f"import socket, sys\nport = {port}\nsys.stdin.readline()\n" + (RAW if raw else "") + textwrap.dedent(script)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, text=True)
+    twin.trace(proc.pid)
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    twin.run(proc)
+    assert proc.wait() == 0
+
+
+RAW = """
+s = socket.create_connection(("127.0.0.1", port))
+def ask(data, until):
+    s.sendall(data)
+    got = b""
+    while not got.endswith(until):
+        more = s.recv(65536)
+        assert more, got
+        got += more
+    return got
+"""
+
+
+def test_pymemcache_commands_are_all_exchanges_and_the_same_spans(twin, server):
+    pid, port = server
+    twin.trace(pid)
+    client(twin, port, """
+        from pymemcache.client.base import Client
+        c = Client(("127.0.0.1", port), default_noreply=False)
+        c.set("user:1", b"alice")
+        assert c.get("user:1") == b"alice"
+        assert c.get("nobody") is None
+        value, cas = c.gets("user:1")
+        assert c.cas("user:1", b"bob", cas) is True
+        assert c.cas("user:1", b"eve", cas) is False
+        assert c.add("user:1", b"x") is False and c.add("user:2", b"x") is True
+        assert c.replace("user:2", b"y") is True and c.append("user:2", b"z") and c.prepend("user:2", b"w")
+        assert c.get_many(["user:1", "user:2", "user:3"]) == {"user:1": b"bob", "user:2": b"wyz"}
+        assert c.touch("user:1", 60) is True and c.touch("nobody", 60) is False
+        assert c.delete("user:2") is True and c.delete("user:2") is False
+        c.close()
+    """)  # fmt: skip
+    twin.close()
+    assert_same_spans(twin)
+    got = summary([s for s in twin.exchange_spans if s.kind == "SERVER"])
+    assert len(twin.exchange_spans) == 2 * len(got)  # the client's span of each too
+    assert [name for name, _, _ in got] == ["memcached " + c for c in (
+        "set", "get", "get", "gets", "cas", "cas", "add", "add", "replace", "append", "prepend", "get", "touch",
+        "touch", "delete", "delete")]  # fmt: skip
+    assert [code for _, _, code in got] == ["STORED", "VALUE", "END", "VALUE", "STORED", "EXISTS", "NOT_STORED",
+                                            "STORED", "STORED", "STORED", "STORED", "VALUE", "TOUCHED", "NOT_FOUND",
+                                            "DELETED", "NOT_FOUND"]  # fmt: skip
+    multi = [s for s in twin.exchange_spans if s.attributes["db.memcached.values"] == 2]
+    assert len(multi) == 2 and all(s.attributes["db.memcached.key"] == "user:1" for s in multi)
+    assert not twin.record_spans
+    d = twin.check_counters()
+    assert d["conn_assembled"] == 2 and d["conn_handed_over"] == 0, d  # both ends of the one connection
+
+
+def test_commands_the_kernel_does_not_frame_hand_over_and_stay_memcached(twin, server):
+    """incr, stats, a noreply set, a meta command and an unknown one: the connection goes to
+    user space at the first of them, and is parsed as memcached from there (an unknown
+    command first would otherwise read as a Redis inline command)."""
+    pid, port = server
+    twin.trace(pid)
+    client(twin, port, raw=True, script="""
+        ask(b"set n 0 0 1\\r\\n5\\r\\n", b"STORED\\r\\n")
+        ask(b"bogus command\\r\\n", b"ERROR\\r\\n")
+        ask(b"incr n 2\\r\\n", b"7\\r\\n")
+        ask(b"set q 0 0 1 noreply\\r\\nx\\r\\nget q\\r\\n", b"END\\r\\n")
+        ask(b"mg n v\\r\\n", b"\\r\\n7\\r\\n")
+        ask(b"stats\\r\\n", b"END\\r\\n")
+        ask(b"get n\\r\\n", b"END\\r\\n")
+    """)  # fmt: skip
+    twin.close()
+    assert_same_spans(twin)
+    assert [s.name for s in twin.exchange_spans] == ["memcached set"] * 2
+    assert all(s.protocol == "memcached" for s in twin.record_spans), summary(twin.record_spans)
+    assert "memcached get" in {s.name for s in twin.record_spans}
+    d = twin.check_counters()
+    assert d["conn_handed_over"] == 2, d
+
+
+def test_a_storage_command_sent_in_two_writes_is_one_exchange(twin, server):
+    """Its head is its first call's bytes, as user space's (which frames it by the line's length)."""
+    pid, port = server
+    twin.trace(pid)
+    client(twin, port, raw=True, script="""
+        s.sendall(b"set split 0 0 11\\r\\n")
+        ask(b"hello world\\r\\n", b"STORED\\r\\n")
+        ask(b"get split\\r\\n", b"END\\r\\n")
+    """)  # fmt: skip
+    twin.close()
+    assert_same_spans(twin)
+    first = min(twin.exchange_spans, key=lambda s: s.start_ns)
+    assert first.req_head.startswith(b"set split 0 0 11\r\n") and first.req_size == 31
+    assert len(twin.exchange_spans) == 4 and not twin.record_spans  # two commands, seen from both ends
+    assert twin.check_counters()["conn_handed_over"] == 0
+
+
+def test_a_value_past_the_scan_window_and_pipelined_gets_are_handed_over_alike(twin, server):
+    pid, port = server
+    twin.trace(pid)
+    client(twin, port, raw=True, script="""
+        ask(b"set big 0 0 3000\\r\\n" + b"v" * 3000 + b"\\r\\n", b"STORED\\r\\n")
+        ask(b"get big\\r\\n", b"END\\r\\n")
+        ask(b"get big\\r\\nget nope\\r\\n", b"END\\r\\nEND\\r\\n")
+    """)  # fmt: skip
+    client(twin, port, raw=True, script="""
+        ask(b"get a\\r\\nget b\\r\\n", b"END\\r\\nEND\\r\\n")
+    """)  # fmt: skip
+    twin.close()
+    assert_same_spans(twin)
+    big = [s for s in twin.asm_spans if s.name == "memcached get" and s.resp_size > 3000]
+    assert big and all(s.status_code == "VALUE" for s in big)
+    assert twin.check_counters()["conn_handed_over"] >= 2
+
+
+def test_hostile_replies_from_a_fake_server_never_pair_wrongly(twin):
+    """Replies a real memcached does not send: a VALUE with a bad length, a reply to no
+    command, garbage, a reply split before its END."""
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import socket, time
+        srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("127.0.0.1", {port})); srv.listen(); print("listening", flush=True)
+        replies = [b"VALUE k 0 zz\\r\\nab\\r\\nEND\\r\\n", b"STORED\\r\\nSTORED\\r\\n", b"\\x00\\xff garbage\\r\\n",
+                   b"VALUE k 0 2\\r\\nab\\r\\n", b"END\\r\\n", b"DELETED\\r\\n"]
+        c, _ = srv.accept()
+        for r in replies:
+            if r == b"END\\r\\n":
+                c.sendall(r)
+                continue
+            c.recv(65536)
+            c.sendall(r)
+            time.sleep(0.05)
+        c.close()
+    """)], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert server.stdout.readline() == "listening\n"
+        twin.trace(server.pid)
+        client(twin, port, """
+            s = socket.create_connection(("127.0.0.1", port))
+            for cmd in (b"get k\\r\\n", b"set k 0 0 1\\r\\nx\\r\\n", b"get k\\r\\n", b"get k\\r\\n", b"delete k\\r\\n"):
+                s.sendall(cmd)
+                import time; time.sleep(0.15)
+                s.recv(65536)
+        """)  # fmt: skip
+    finally:
+        server.wait(10)
+    twin.close()
+    assert_same_spans(twin)
+    d = twin.check_counters()
+    assert d["conn_handed_over"] >= 1, d
