@@ -7,7 +7,8 @@ commands, noreply, pipelining, a reply longer than the first 1024 bytes of its c
 unknown command) hands the connection to user space, which then parses it as memcached
 whatever its next bytes are. The rule: the same spans either way, never a wrong pairing.
 
-Traffic: pymemcache (a client we did not write) and raw sockets, against a real memcached.
+Traffic: pymemcache and memcaslap (clients we did not write) and raw sockets, against a real
+memcached.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 
 import pytest
 from servers import free_port, need, serving
@@ -103,6 +105,24 @@ def test_pymemcache_commands_are_all_exchanges_and_the_same_spans(twin, server):
     assert not twin.record_spans
     d = twin.check_counters()
     assert d["conn_assembled"] == 2 and d["conn_handed_over"] == 0, d  # both ends of the one connection
+
+
+def test_memcaslap_load_is_all_exchanges_and_the_same_spans(twin, server):
+    """libmemcached's load tool (its keys start with control bytes, its commands are written
+    with sendmsg in pieces): one second of gets and sets on 2 connections."""
+    pid, port = server
+    twin.trace(pid)
+    proc = subprocess.Popen([need("memcaslap"), "-s", f"127.0.0.1:{port}", "-T", "1", "-c", "2", "-t", "1s",
+                             "-X", "10"], stdout=subprocess.DEVNULL)  # fmt: skip
+    twin.run(proc)
+    assert proc.returncode == 0
+    twin.close()
+    assert_same_spans(twin)
+    by_name = Counter(s.name for s in twin.exchange_spans)
+    assert set(by_name) == {"memcached get", "memcached set"} and by_name["memcached get"] > 1000, by_name
+    assert not twin.record_spans
+    d = twin.check_counters()
+    assert d["conn_assembled"] == 2 and d["conn_handed_over"] == 0, d
 
 
 def test_commands_the_kernel_does_not_frame_hand_over_and_stay_memcached(twin, server):

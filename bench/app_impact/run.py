@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """What the agent costs a saturated application, and whether it keeps up with it.
 
-Two cases, each with its own server on a free loopback port, loaded to saturation:
+Three cases, each with its own server on a free loopback port, loaded to saturation:
 
-  nginx   1 worker, a static ~600-byte page, keep-alive, no access log;
-          load: wrk -t1 -c16 -d<seconds>s
-  redis   redis-server --save '' --appendonly no;
-          load: redis-benchmark -t get,set -c 16 -P 1 -n 20000, run again and again
-          until the phase has lasted <seconds> (it has no duration option)
+  nginx      1 worker, a static ~600-byte page, keep-alive, no access log;
+             load: wrk -t1 -c16 -d<seconds>s
+  redis      redis-server --save '' --appendonly no;
+             load: redis-benchmark -t get,set -c 16 -P 1 -n 20000, run again and again
+             until the phase has lasted <seconds> (it has no duration option)
+  memcached  1 worker thread; load: memcaslap -T1 -c16 -t<seconds>s -X100 (libmemcached's
+             tool: 90% get, 10% set of 100-byte values)
 
 Each case runs three phases on the same server process: A1 without the agent, B with
 `deeptrace agent --comm <server> --out <file>` (its spans written to a file), A2 without
@@ -22,7 +24,8 @@ agent) is flagged with a WARNING: those slow every syscall, baselines included.
 
 Run as root from the repository root (about 40 seconds per case at 10-second phases):
 
-    .venv/bin/python bench/app_impact/run.py [--seconds 10] [--cases nginx,redis] [--quick] [--json FILE]
+    .venv/bin/python bench/app_impact/run.py [--seconds 10] [--cases nginx,redis,memcached] [--quick] [--json FILE]
+        [--agent-cores N] [--agent-args "..."]
 
 Progress goes to stderr; the table and, last, one JSON object with every figure to stdout.
 """
@@ -51,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from servers import nginx_conf  # the test suite's nginx set-up, with this benchmark's lines
+
 AGENT = ROOT / ".venv/bin/deeptrace"
 CONNECTIONS = 16
 TARGET_SPANS = 0.99  # spans per request, with no drops
@@ -132,6 +136,24 @@ def redis_load(port: int, seconds: float) -> Load:
     return Load(requests, busy)
 
 
+# ---- memcached + memcaslap ----
+
+
+def memcached_server(tmp: Path, port: int) -> list[str]:
+    # One worker thread, as nginx runs one worker; UDP off.
+    return [need("memcached"), "-u", "nobody", "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-t", "1"]
+
+
+def memcaslap_load(port: int, seconds: float) -> Load:
+    """libmemcached's load tool: 90% get, 10% set of 100-byte values, 16 connections."""
+    out = run_tool([need("memcaslap"), "-s", f"127.0.0.1:{port}", "-T", "1", "-c", str(CONNECTIONS),
+                    "-t", f"{round(seconds)}s", "-X", "100"], timeout=seconds + 60)  # fmt: skip
+    m = re.search(r"Run time: ([\d.]+)s Ops: (\d+) TPS: (\d+)", out)
+    if m is None:
+        raise RuntimeError(f"memcaslap: no 'Run time: ... Ops: ... TPS:' line in its output:\n{out}")
+    return Load(int(m[2]), float(m[1]))
+
+
 # ---- the cases ----
 
 
@@ -150,6 +172,8 @@ CASES = {
                   frozenset({"GET /page.html"})),
     "redis": Case("redis", "redis-server", {"redis-server": "redis-server", "redis-benchmark": "redis-tools"},
                   redis_server, redis_load, frozenset({"redis GET", "redis SET"})),
+    "memcached": Case("memcached", "memcached", {"memcached": "memcached", "memcaslap": "libmemcached-tools"},
+                      memcached_server, memcaslap_load, frozenset({"memcached get", "memcached set"})),
 }  # fmt: skip
 
 
@@ -502,7 +526,7 @@ def preflight(cases: list[Case]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=10.0, help="length of each phase")
-    ap.add_argument("--cases", default="nginx,redis", help="comma-separated: " + ", ".join(CASES))
+    ap.add_argument("--cases", default="nginx,redis,memcached", help="comma-separated: " + ", ".join(CASES))
     ap.add_argument("--quick", action="store_true", help="3-second phases")
     ap.add_argument("--json", type=Path, help="also write the JSON result to this file")
     ap.add_argument("--agent-cores", type=float, default=None,

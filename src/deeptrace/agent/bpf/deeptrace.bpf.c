@@ -1147,9 +1147,9 @@ static __always_inline __s64 number_before(__u8 *d, __u64 end, __u64 *start)
 	return v;
 }
 
-/* bpf_loop callback: one bpf_loop step of tokenising a storage command's line, to its 5th
- * word (the data block's length). Words are split by single spaces only: anything else
- * (tabs, runs of spaces) is for user space to read. */
+/* bpf_loop callback: one step of splitting a storage command's line into words, to its
+ * 5th (the data block's length). Words are split by single spaces only: other white space
+ * (tabs, runs of spaces) is for user space to read; any other byte is a word's, as there. */
 static long mc_word_step(__u32 i, void *ctx)
 {
 	struct scratch *s = *(struct scratch **)ctx;
@@ -1169,7 +1169,7 @@ static long mc_word_step(__u32 i, void *ctx)
 		h->values++;
 		return h->values > 4; /* past the length word: done */
 	}
-	if (c < '!' || c > '~') {
+	if (c == '\t' || c == '\n' || c == '\r' || c == 0x0b || c == 0x0c) { /* more of what splits words */
 		h->bad = 1;
 		return 1;
 	}
