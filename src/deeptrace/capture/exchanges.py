@@ -33,52 +33,55 @@ Request = tuple[str, str, dict, bytes]
 Response = tuple[str, str | None, dict, bytes]
 
 
+def _request_side(protocol: str, head: bytes, name: str, attrs: dict) -> Request:
+    redacted, _ = redact_span_parts(protocol, attrs, head, b"")
+    return protocol, name, attrs, redacted
+
+
+def _response_side(protocol: str, head: bytes, status: str, code: str | None, attrs: dict) -> Response:
+    _, redacted = redact_span_parts(protocol, attrs, b"", head)
+    return status, code, attrs, redacted
+
+
 def _http_request(head: bytes) -> Request:
     fields = http1.request_head_fields(head)
-    name, attrs = (http1.request_name(fields), http1.request_attributes(fields)) if fields else ("http", {})
-    redacted, _ = redact_span_parts(http1.PROTOCOL, attrs, head, b"")
-    return http1.PROTOCOL, name, attrs, redacted
+    if not fields:
+        return _request_side(http1.PROTOCOL, head, "http", {})
+    return _request_side(http1.PROTOCOL, head, http1.request_name(fields), http1.request_attributes(fields))
 
 
 def _http_response(head: bytes, status: int) -> Response:
     fields = http1.response_head_fields(head)
     attrs = http1.response_attributes(fields) if fields else {"http.response.status_code": status}
-    _, redacted = redact_span_parts(http1.PROTOCOL, attrs, b"", head)
-    return "error" if status >= 400 else "ok", str(status), attrs, redacted
+    return _response_side(http1.PROTOCOL, head, "error" if status >= 400 else "ok", str(status), attrs)
 
 
 def _redis_request(head: bytes) -> Request:
     fields = redis.request_head_fields(head)
-    name, attrs = (
-        (f"redis {fields['command']}", redis.request_attributes(fields)) if fields else ("redis", {})
-    )
-    redacted, _ = redact_span_parts(redis.PROTOCOL, attrs, head, b"")
-    return redis.PROTOCOL, name, attrs, redacted
+    if not fields:
+        return _request_side(redis.PROTOCOL, head, "redis", {})
+    return _request_side(redis.PROTOCOL, head, f"redis {fields['command']}", redis.request_attributes(fields))
 
 
 def _redis_response(head: bytes, error: int) -> Response:
     fields = redis.reply_head_fields(head) or {"type": "error" if error else "?"}
-    attrs = redis.reply_attributes(fields)
-    _, redacted = redact_span_parts(redis.PROTOCOL, attrs, b"", head)
-    if fields["type"] == "error":
-        return "error", fields.get("error_code", "ERR"), attrs, redacted
-    return "ok", None, attrs, redacted
+    failed = fields["type"] == "error"
+    return _response_side(redis.PROTOCOL, head, "error" if failed else "ok",
+                     fields.get("error_code", "ERR") if failed else None, redis.reply_attributes(fields))  # fmt: skip
 
 
 def _memcached_request(head: bytes) -> Request:
     fields = memcached.request_head_fields(head)
-    name, attrs = (
-        (f"memcached {fields['command'].lower()}", memcached.request_attributes(fields)) if fields else ("memcached", {})
-    )
-    redacted, _ = redact_span_parts(memcached.PROTOCOL, attrs, head, b"")
-    return memcached.PROTOCOL, name, attrs, redacted
+    if not fields:
+        return _request_side(memcached.PROTOCOL, head, "memcached", {})
+    name = f"memcached {fields['command'].lower()}"
+    return _request_side(memcached.PROTOCOL, head, name, memcached.request_attributes(fields))
 
 
 def _memcached_response(head: bytes, values: int) -> Response:
     fields = memcached.reply_head_fields(head, values) or {"reply": "?", "values": values}
-    attrs = memcached.reply_attributes(fields)
-    _, redacted = redact_span_parts(memcached.PROTOCOL, attrs, b"", head)
-    return "error" if "error" in fields else "ok", fields["reply"], attrs, redacted
+    return _response_side(memcached.PROTOCOL, head, "error" if "error" in fields else "ok", fields["reply"],
+                     memcached.reply_attributes(fields))  # fmt: skip
 
 
 # By enum dt_xproto.

@@ -864,23 +864,38 @@ static __always_inline __u64 after_newline(__u8 *d, __u64 pos)
 	return p;
 }
 
+#define PAST_SEARCH (~0ULL)
+
+/* One step of a walk through the search's bytes to the next line: just past the first '\n'
+ * in the 8 bytes at h->pos; 0 if there is none (h->pos moves on by 8); PAST_SEARCH if h->pos
+ * is past the bytes searched. */
+static __always_inline __u64 next_newline(struct scratch *s)
+{
+	struct hscan *h = &s->scan;
+	__u64 pos = h->pos;
+
+	if (pos >= h->len)
+		return PAST_SEARCH;
+	VERIFIER_MASK(pos, DT_XSCAN - 1);
+	__u64 p = after_newline(s->data, pos);
+	if (!p)
+		h->pos = pos + 8;
+	return p;
+}
+
 /* bpf_loop callback: from `pos` to the start of the next line, 8 bytes at a time
  * where there is no '\n' in them; each line's header is looked at. */
 static long scan_step(__u32 i, void *ctx)
 {
 	struct scratch *s = *(struct scratch **)ctx;
 	struct hscan *h = &s->scan;
-	__u64 pos = h->pos;
-
-	if (pos >= h->len)
-		return 1;
-	VERIFIER_MASK(pos, DT_XSCAN - 1);
 	__u8 *d = s->data;
-	__u64 p = after_newline(d, pos);
-	if (!p) {
-		h->pos = pos + 8; /* no '\n' in these 8 bytes */
+	__u64 p = next_newline(s);
+
+	if (p == PAST_SEARCH)
+		return 1;
+	if (!p)
 		return 0;
-	}
 	h->pos = p;
 	if (!h->line1)
 		h->line1 = p;
@@ -960,11 +975,9 @@ static long resp_step(__u32 i, void *ctx)
 	VERIFIER_MASK(pos, DT_XSCAN - 1);
 	__u8 *d = s->data;
 	if (h->in_line) { /* to the end of a simple value's line */
-		__u64 p = after_newline(d, pos);
-		if (!p) {
-			h->pos = pos + 8;
+		__u64 p = next_newline(s);
+		if (!p)
 			return 0;
-		}
 		if (p > h->len)
 			return 1;
 		h->in_line = 0;
@@ -1091,16 +1104,12 @@ static long line_step(__u32 i, void *ctx)
 {
 	struct scratch *s = *(struct scratch **)ctx;
 	struct hscan *h = &s->scan;
-	__u64 pos = h->pos;
+	__u64 p = next_newline(s);
 
-	if (pos >= h->len)
+	if (p == PAST_SEARCH)
 		return 1;
-	VERIFIER_MASK(pos, DT_XSCAN - 1);
-	__u64 p = after_newline(s->data, pos);
-	if (!p) {
-		h->pos = pos + 8;
+	if (!p)
 		return 0;
-	}
 	if (p <= h->len)
 		h->end = p;
 	return 1;
@@ -1219,14 +1228,11 @@ static long mc_reply_step(__u32 i, void *ctx)
 	__u8 *d = s->data;
 
 	if (h->in_line) { /* a VALUE line: to its end */
-		if (pos >= h->len)
+		__u64 p = next_newline(s), start = 0;
+		if (p == PAST_SEARCH)
 			return 1;
-		VERIFIER_MASK(pos, DT_XSCAN - 1);
-		__u64 p = after_newline(d, pos), start = 0;
-		if (!p) {
-			h->pos = pos + 8;
+		if (!p)
 			return 0;
-		}
 		VERIFIER_MASK(p, 2 * DT_XSCAN - 1);
 		if (p > h->len || p < 3 || d[p - 2] != '\r') {
 			h->bad = 1;
