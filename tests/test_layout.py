@@ -67,6 +67,8 @@ def struct_format(types: dict[int, dict], type_id: int) -> str:
         return fmt if t["encoding"] == "SIGNED" else fmt.upper()
     if t["kind"] == "ARRAY" and struct_format(types, t["type_id"]) in ("b", "B"):
         return f"{t['nr_elems']}s"
+    if t["kind"] == "STRUCT":  # a nested struct, checked on its own: as bytes here
+        return f"{t['size']}s"
     raise AssertionError(f"no struct format for BTF type {t}")
 
 
@@ -132,6 +134,16 @@ def test_exchange_matches_the_c_struct(bpf_object):
     assert records.exchange_dtype(256).itemsize == size + 2 * 256
 
 
+def test_xstate_matches_the_c_struct(bpf_object):
+    assert python_struct(records.XSTATE_FIELDS) == c_struct(bpf_object, "dt_xstate")
+    assert records.XSTATE.size == python_struct(records.XSTATE_FIELDS)[0]
+    assert records.EXCHANGE_SIZE == python_struct(records.EXCHANGE_FIELDS)[0]
+
+
+def test_phases_match_the_c_enum(compiled):
+    assert compiled[0]["dt_xphase"] == {f"DT_PHASE_{p.upper()}": i for i, p in enumerate(records.PHASES)}
+
+
 def test_exchange_protocols_match_the_c_enum(compiled):
     values = compiled[0]["dt_xproto"]
     assert values == {"DT_XP_NONE": 0, **{f"DT_XP_{p.upper()}": i for i, p in enumerate(records.EXCHANGE_PROTOCOLS) if i}}
@@ -144,7 +156,7 @@ def test_config_matches_the_c_struct(bpf_object):
 
 def test_every_enum_is_mirrored(compiled):
     enums, _ = compiled
-    assert set(enums) == {"dt_syscall", "dt_direction", "dt_role", "dt_flags", "dt_counter", "dt_xproto"}
+    assert set(enums) == {"dt_syscall", "dt_direction", "dt_role", "dt_flags", "dt_counter", "dt_xproto", "dt_xphase"}
 
 
 def test_syscalls_match_the_c_enum(compiled):

@@ -64,6 +64,8 @@ def _collector_options(fn):
     return fn
 
 
+# How often the agent looks for requests the kernel holds that have waited past --timeout.
+SWEEP_INTERVAL_S = 5.0
 KERNEL_EXCHANGES = ("http1", "redis", "memcached")  # what `deeptrace agent` has the kernel assemble by default
 
 
@@ -242,10 +244,16 @@ def agent(timeout_s, fmt, stats_interval, host_name, associate, algorithm, no_he
             write(pipeline.push_exchanges(events, wall_offset_ns), out)
 
     next_stats = time.monotonic() + stats_interval
+    next_sweep = time.monotonic() + SWEEP_INTERVAL_S
 
     def tick(collector, out) -> None:
-        nonlocal next_stats
+        nonlocal next_stats, next_sweep
         write(pipeline.flush(time.time_ns()), out)
+        if time.monotonic() >= next_sweep:  # requests the kernel holds that wait past --timeout
+            next_sweep += SWEEP_INTERVAL_S
+            events, ends = collector.waiting_exchanges(time.monotonic_ns() - pipeline.timeout_ns)
+            if len(events):
+                write(pipeline.expire_exchanges(events, ends, collector.wall_offset_ns), out)
         if linker is not None:
             emit(linker.pop_ready(time.time_ns()), out)
         if shipper is not None:

@@ -23,9 +23,14 @@ from deeptrace.capture.records import (
     COUNTERS,
     EXCHANGE_PROTOCOLS,
     MAX_CAPTURE,
+    PHASES,
     SAMPLE_SHIFT_MAX,
     TASK_COMM_LEN,
     XHEAD_MAX,
+    XSTATE,
+    XSTATE_PHASE_AT,
+    XSTATE_REQ_END_AT,
+    XSTATE_SAMPLED_OUT_AT,
     Record,
     RecordDecoder,
     exchange_dtype,
@@ -144,6 +149,7 @@ class Collector:
         self._records = obj.map("RECORDS")
         self._exchanges = obj.map("EXCHANGES")
         self._sampling = self._sized(obj.map("SAMPLING"), _U32.size, _U32.size)
+        self._xstate = self._sized(obj.map("XSTATE"), _U64.size, XSTATE.size)
 
     def _sized(self, m: BpfMap, key_size: int, value_size: int) -> BpfMap:
         if (m.key_size, m.value_size) != (key_size, value_size):
@@ -285,6 +291,25 @@ class Collector:
         events = self._exchange_ring.drain_array(self.exchange_dtype, limit)
         self.received_exchanges += len(events)
         return events
+
+    def waiting_exchanges(self, ended_before_ns: int) -> tuple[np.ndarray, list[int]]:
+        """Requests the kernel holds, whole, whose response has not come (or not all of it)
+        though they ended before `ended_before_ns` (CLOCK_MONOTONIC): as exchange events
+        (their response fields empty), with when each one's last byte moved. One map
+        lookup per assembled connection: for a periodic sweep, not for every poll."""
+        if self._obj is None:
+            raise DeepTraceError("collector is not started")
+        waiting = (PHASES.index("wait"), PHASES.index("resp"), PHASES.index("resp_chunked"))
+        size, rows, ends = self.exchange_dtype.itemsize, [], []
+        for key in self._xstate.keys():
+            raw = self._xstate.lookup(key)
+            if raw is None or raw[XSTATE_PHASE_AT] not in waiting or raw[XSTATE_SAMPLED_OUT_AT]:
+                continue
+            (end,) = _U64.unpack_from(raw, XSTATE_REQ_END_AT)
+            if end < ended_before_ns:
+                rows.append(raw[:size])
+                ends.append(end)
+        return np.frombuffer(b"".join(rows), dtype=self.exchange_dtype), ends
 
     def counters(self) -> dict[str, int]:
         """Kernel-side counters summed over CPUs, by name (see capture.records.COUNTERS)."""

@@ -18,7 +18,7 @@ import msgspec
 import numpy as np
 
 from deeptrace.capture.records import EXCHANGE_PROTOCOLS
-from deeptrace.capture.spans import SAMPLING_WEIGHT, Endpoint, Span, SpanJson, b64_head, new_id
+from deeptrace.capture.spans import NO_RESPONSE, SAMPLING_WEIGHT, Endpoint, Span, SpanJson, b64_head, new_id
 from deeptrace.protocols import http1, memcached, redis
 from deeptrace.protocols.redaction import redact_span_parts
 
@@ -158,6 +158,25 @@ class ExchangeSpans:
                                 resp[1], e.laddr, e.lport, e.raddr, e.rport, e.conn_id, c.req_size[i],
                                 c.resp_size[i], [c.req_seq[i], c.req_seq_end[i]], [c.resp_seq[i], c.resp_seq_end[i]],
                                 attrs, b64_head(req[3]), b64_head(resp[3])))  # fmt: skip
+        return out
+
+    def unanswered(self, events: np.ndarray, req_end_ns: list[int], wall_offset_ns: int, reason: str) -> list[Span]:
+        """Error spans for requests the kernel holds with no response (events from
+        Collector.waiting_exchanges, whose last request bytes moved at req_end_ns), as the
+        records path makes them for a request that waited longer than its timeout."""
+        c = _Columns(events, wall_offset_ns)
+        out = []
+        for i in range(c.n):
+            key = (c.tgid[i], c.conn[i])
+            endpoint, kind = self._endpoints.get(key) or self._endpoint(key, events[i])
+            req_key = (c.protocol[i], c.req_head[i][: c.req_len[i]])
+            req = self._requests.get(req_key) or self._request(req_key)
+            attrs = {**req[2], NO_RESPONSE: reason}
+            if c.shift[i]:
+                attrs[SAMPLING_WEIGHT] = 1 << c.shift[i]
+            out.append(Span(kind, req[1], req[0], endpoint, c.start[i], req_end_ns[i] + wall_offset_ns, "error",
+                            reason, c.req_tid[i], None, c.req_size[i], 0, (c.req_seq[i], c.req_seq_end[i]), None,
+                            attrs, req[3], b""))  # fmt: skip
         return out
 
     def _sides(self, c: _Columns, events: np.ndarray):

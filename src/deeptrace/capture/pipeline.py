@@ -15,6 +15,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from deeptrace import protocols
 from deeptrace.capture.exchanges import ExchangeSpans
 from deeptrace.capture.records import EXCHANGE_PROTOCOLS, FLAG_HANDED_OVER, Record
@@ -23,6 +25,7 @@ from deeptrace.capture.streams import OrderedStream
 from deeptrace.protocols.base import ConnectionParser, Message
 
 MAX_CONNECTIONS = 65536
+MAX_TIMED_OUT = 65536  # kernel-held requests reported as timed out, remembered to drop a late response
 DETECT_GIVE_UP_BYTES = 4096
 # A connection moves to the back of the eviction order at most this often: every
 # record would be exact, and costs more than the order is worth.
@@ -71,6 +74,7 @@ class SpanPipeline:
         self.stats = PipelineStats()
         self._conns: OrderedDict[tuple, _Connection] = OrderedDict()
         self._exchanges = ExchangeSpans(self.host, self.service_name)
+        self._timed_out: dict[tuple[int, int], None] = {}  # (conn id, request seq) of expire_exchanges
 
     @property
     def open_connections(self) -> int:
@@ -131,12 +135,35 @@ class SpanPipeline:
         times are CLOCK_MONOTONIC, which wall_offset_ns turns into wall-clock time)."""
         return self._from_exchanges(self._exchanges.spans, events, wall_offset_ns)
 
+    def expire_exchanges(self, events, req_end_ns: list[int], wall_offset_ns: int) -> list[Span]:
+        """Timeout spans for requests the kernel holds that waited longer than the timeout
+        (Collector.waiting_exchanges); their responses, if they come after all, make no span
+        (as a late response makes none on the records path). Each request is reported once,
+        however many sweeps find it still waiting."""
+        keys = list(zip(events["conn_id"].tolist(), events["req_seq"].tolist()))
+        new = [key not in self._timed_out for key in keys]
+        events, req_end_ns = events[np.array(new, dtype=bool)], [e for e, n in zip(req_end_ns, new) if n]
+        for key, n in zip(keys, new):
+            if n:
+                self._timed_out[key] = None
+        while len(self._timed_out) > MAX_TIMED_OUT:
+            self._timed_out.pop(next(iter(self._timed_out)))
+        spans = self._exchanges.unanswered(events, req_end_ns, wall_offset_ns, "timeout")
+        self.stats.unanswered += len(spans)
+        self.stats.spans += len(spans)
+        return spans
+
     def push_exchanges_json(self, events, wall_offset_ns: int) -> list[SpanJson]:
         """The same spans as push_exchanges, as the agent writes them (Span.to_json), made
         without the Span objects: the fast path to JSON lines."""
         return self._from_exchanges(self._exchanges.json, events, wall_offset_ns)
 
     def _from_exchanges(self, make, events, wall_offset_ns: int) -> list:
+        if self._timed_out and len(events):
+            late = [(c, s) in self._timed_out for c, s in zip(events["conn_id"].tolist(), events["req_seq"].tolist())]
+            if any(late):
+                self.stats.orphan_responses += sum(late)
+                events = events[~np.array(late)]
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:

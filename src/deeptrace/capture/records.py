@@ -139,6 +139,44 @@ EXCHANGE_FIELDS: tuple[tuple[str, str], ...] = (
     ("pad", "5s"),
     ("comm", f"{TASK_COMM_LEN}s"),
 )
+EXCHANGE_SIZE = struct.calcsize("<" + "".join(fmt for _, fmt in EXCHANGE_FIELDS))  # 120
+
+# enum dt_xphase, index = value: where an assembled connection is within its exchange.
+PHASES = ("idle", "req", "wait", "resp", "resp_chunked", "handed")
+
+# (name, struct format) in the order of struct dt_xstate, the XSTATE map's value: the
+# exchange in the making (`x`, then the two heads: read as an exchange event), and the
+# kernel's own state of it.
+XSTATE_FIELDS: tuple[tuple[str, str], ...] = (
+    ("x", f"{EXCHANGE_SIZE}s"),
+    ("heads", f"{2 * XHEAD_MAX}s"),
+    ("req_end_ns", "Q"),
+    ("resp_start_ns", "Q"),
+    ("owner", "Q"),
+    ("broken", "Q"),
+    ("left", "I"),
+    ("chunk_left", "I"),
+    ("phase", "B"),
+    ("head_request", "B"),
+    ("last_chunk", "B"),
+    ("sampled_out", "B"),
+    ("hash", "I"),
+    ("with_cas", "B"),
+    ("framed", "B"),
+    ("pad", "6s"),
+)
+XSTATE = struct.Struct("<" + "".join(fmt for _, fmt in XSTATE_FIELDS))
+
+
+def _offset(fields: tuple[tuple[str, str], ...], name: str) -> int:
+    before = [fmt for n, fmt in fields[: [n for n, _ in fields].index(name)]]
+    return struct.calcsize("<" + "".join(before))
+
+
+XSTATE_REQ_END_AT = _offset(XSTATE_FIELDS, "req_end_ns")
+XSTATE_PHASE_AT = _offset(XSTATE_FIELDS, "phase")
+XSTATE_SAMPLED_OUT_AT = _offset(XSTATE_FIELDS, "sampled_out")
+
 _NUMPY = {"Q": "<u8", "I": "<u4", "H": "<u2", "B": "u1"}
 
 

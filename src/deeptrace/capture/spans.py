@@ -59,6 +59,8 @@ def b64_head(head: bytes) -> str:
 
 # Attribute of a span written under sampling: how many exchanges it stands for (2^level).
 SAMPLING_WEIGHT = "sampling.weight"
+# Attribute of a request's span that got no response: why (timeout, connection closed, ...).
+NO_RESPONSE = "deeptrace.no_response"
 
 
 @dataclass(slots=True)
@@ -232,7 +234,7 @@ def make_span(kind: str, endpoint: Endpoint, req: Message, resp: Message | None,
         attrs["deeptrace.one_way"] = True
         return Span(kind, req.name or req.protocol, req.protocol, endpoint, req.start_ns, req.end_ns, "ok", None,
                     req.tid_start, None, req.size, 0, _seq(req), None, attrs, req_head, b"")  # fmt: skip
-    attrs["deeptrace.no_response"] = reason
+    attrs[NO_RESPONSE] = reason
     return Span(kind, req.name or req.protocol, req.protocol, endpoint, req.start_ns, req.end_ns, "error", reason,
                 req.tid_start, None, req.size, 0, _seq(req), None, attrs, req_head, b"")  # fmt: skip
 

@@ -54,37 +54,6 @@ enum xmode { XM_UNDECIDED = 0, XM_ASSEMBLED = 1, XM_RECORDS = 2 };
 
 #define SHIFT_UNDECIDED 0xff
 
-/* Where an assembled connection is within its exchange. */
-enum xphase {
-	XP_IDLE = 0,    /* between exchanges */
-	XP_REQ,         /* request begun, `left` bytes of it to come */
-	XP_WAIT,        /* request whole, no response yet */
-	XP_RESP,        /* response begun, `left` bytes of it to come */
-	XP_RESP_CHUNKED,/* response begun, chunked: ends with its last chunk */
-	XP_HANDED       /* handed over to user space: nothing more is done with it */
-};
-
-/* An assembled connection's exchange in the making. The heads follow `x` directly, so
- * that x and both heads go to the ring in one copy. */
-struct xstate {
-	struct dt_exchange x;
-	__u8 heads[2 * DT_XHEAD_MAX]; /* request head at 0, response head at CFG.exchange_head */
-	__u64 req_end_ns;    /* for handing over: the request's last byte */
-	__u64 resp_start_ns; /* ... and the response's first */
-	__u64 owner;         /* thread whose hook works on this state now, 0 if none (see claim) */
-	__u64 broken;        /* another hook found it claimed: hand over when let go */
-	__u32 left;
-	__u32 chunk_left;    /* chunked: bytes of the current chunk (data and line end) to come */
-	__u8 phase;          /* enum xphase */
-	__u8 head_request;   /* a HEAD request: its response has no body */
-	__u8 last_chunk;     /* chunked: chunk_left is the line end after the last chunk */
-	__u8 sampled_out;    /* the exchange in progress is not to be written (see sampling) */
-	__u32 hash;          /* the connection's */
-	__u8 with_cas;       /* memcached: a gets, whose VALUE lines end in a cas token */
-	__u8 framed;         /* an exchange of it was framed here: its protocol is known */
-	__u8 pad[6];
-};
-
 /* A record made from an xstate when its connection is handed over (its own scratch:
  * the record of the call being handled is in SCRATCH). */
 struct handover {
@@ -218,7 +187,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, 16384);
 	__type(key, __u64);
-	__type(value, struct xstate);
+	__type(value, struct dt_xstate);
 } XSTATE SEC(".maps");
 
 struct {
@@ -597,7 +566,7 @@ static __always_inline __u32 xhead(void)
 
 
 /* One record standing for what the state holds of one message of its exchange. */
-static __always_inline void hand_over_part(struct xstate *xs, struct dt_record *cur, bool request)
+static __always_inline void hand_over_part(struct dt_xstate *xs, struct dt_record *cur, bool request)
 {
 	__u32 zero = 0;
 	struct handover *h = bpf_map_lookup_elem(&HANDOVER, &zero);
@@ -658,7 +627,7 @@ static __always_inline void hand_over_part(struct xstate *xs, struct dt_record *
  * once an exchange of it was: its next bytes may be a message no detection by content
  * would take for that protocol (an unknown command). Before that, what its first bytes
  * looked like to the kernel is no more than a guess: user space detects it itself. */
-static __always_inline void hand_over_mark(struct xstate *xs, struct dt_record *cur)
+static __always_inline void hand_over_mark(struct dt_xstate *xs, struct dt_record *cur)
 {
 	__u32 zero = 0;
 	struct handover *h = xs->framed ? bpf_map_lookup_elem(&HANDOVER, &zero) : NULL;
@@ -668,7 +637,7 @@ static __always_inline void hand_over_mark(struct xstate *xs, struct dt_record *
 		return;
 	struct dt_record *r = &h->rec;
 	__builtin_memcpy(r, cur, sizeof(*r));
-	if (xs->phase != XP_IDLE) { /* as the exchange began: a close's record may have no endpoint */
+	if (xs->phase != DT_PHASE_IDLE) { /* as the exchange began: a close's record may have no endpoint */
 		r->lport = x->lport;
 		r->rport = x->rport;
 		__builtin_memcpy(r->laddr, x->laddr, 16);
@@ -686,16 +655,16 @@ static __always_inline void hand_over_mark(struct xstate *xs, struct dt_record *
 
 /* From now on the connection's bytes go to user space as records, beginning with what
  * the kernel holds of the exchange in progress. `cur` is a record of the connection. */
-static __always_inline void hand_over(struct conn *c, struct xstate *xs, struct dt_record *cur)
+static __always_inline void hand_over(struct conn *c, struct dt_xstate *xs, struct dt_record *cur)
 {
-	if (xs->phase == XP_HANDED)
+	if (xs->phase == DT_PHASE_HANDED)
 		return;
 	hand_over_mark(xs, cur);
-	if (xs->phase != XP_IDLE)
+	if (xs->phase != DT_PHASE_IDLE)
 		hand_over_part(xs, cur, true);
-	if (xs->phase >= XP_RESP)
+	if (xs->phase >= DT_PHASE_RESP)
 		hand_over_part(xs, cur, false);
-	xs->phase = XP_HANDED; /* kept, not deleted, until close: another CPU's hook may hold it */
+	xs->phase = DT_PHASE_HANDED; /* kept, not deleted, until close: another CPU's hook may hold it */
 	c->mode = XM_RECORDS;
 	/* Its records from now on go on from the exchange handed over: all written. */
 	c->sampled_out = 0;
@@ -711,19 +680,19 @@ static __always_inline void hand_over(struct conn *c, struct xstate *xs, struct 
  * user space as a record and it marks the state broken; the holder, letting go, hands the
  * connection over, and user space, which puts each direction back in TCP order, frames all
  * of it from there. */
-static __always_inline bool claim(struct xstate *xs, __u32 tid)
+static __always_inline bool claim(struct dt_xstate *xs, __u32 tid)
 {
 	return __sync_val_compare_and_swap(&xs->owner, 0, tid) == 0;
 }
 
-static __always_inline void let_go(struct conn *c, struct xstate *xs, struct dt_record *cur)
+static __always_inline void let_go(struct conn *c, struct dt_xstate *xs, struct dt_record *cur)
 {
 	if (xs->broken)
 		hand_over(c, xs, cur);
 	__sync_lock_test_and_set(&xs->owner, 0);
 }
 
-static __always_inline void refuse(struct conn *c, struct xstate *xs)
+static __always_inline void refuse(struct conn *c, struct dt_xstate *xs)
 {
 	__sync_fetch_and_or(&xs->broken, 1);
 	c->mode = XM_RECORDS;
@@ -732,7 +701,7 @@ static __always_inline void refuse(struct conn *c, struct xstate *xs)
 /* The connection goes to user space as records from now on. */
 static __always_inline void records_only(struct conn *c, struct dt_record *cur)
 {
-	struct xstate *xs = c->mode == XM_ASSEMBLED ? bpf_map_lookup_elem(&XSTATE, &cur->conn_id) : NULL;
+	struct dt_xstate *xs = c->mode == XM_ASSEMBLED ? bpf_map_lookup_elem(&XSTATE, &cur->conn_id) : NULL;
 
 	if (xs && claim(xs, cur->tid)) {
 		hand_over(c, xs, cur);
@@ -747,7 +716,7 @@ static __always_inline void records_only(struct conn *c, struct dt_record *cur)
  * which ends it as the close says (a response that runs until close, or none). */
 static __always_inline void closing(struct conn *c, struct dt_record *cur)
 {
-	struct xstate *xs = bpf_map_lookup_elem(&XSTATE, &cur->conn_id);
+	struct dt_xstate *xs = bpf_map_lookup_elem(&XSTATE, &cur->conn_id);
 
 	if (!xs)
 		return;
@@ -755,7 +724,7 @@ static __always_inline void closing(struct conn *c, struct dt_record *cur)
 		refuse(c, xs); /* the holder hands over; the entry stays for the LRU to take */
 		return;
 	}
-	if (xs->phase != XP_IDLE)
+	if (xs->phase != DT_PHASE_IDLE)
 		hand_over(c, xs, cur);
 	bpf_map_delete_elem(&XSTATE, &cur->conn_id);
 }
@@ -932,7 +901,7 @@ static __always_inline bool scan_header(struct scratch *s, __u32 captured)
 }
 
 /* Up to exchange_head bytes of this call's payload into the state's head at `at`. */
-static __always_inline __u16 keep_head(struct xstate *xs, __u64 at, struct scratch *s, __u64 captured)
+static __always_inline __u16 keep_head(struct dt_xstate *xs, __u64 at, struct scratch *s, __u64 captured)
 {
 	__u64 n = captured < xhead() ? captured : xhead();
 
@@ -1193,7 +1162,7 @@ static long mc_word_step(__u32 i, void *ctx)
 }
 
 /* The memcached command at the start of the scratch payload: its length; 0: not framed. */
-static __always_inline __u64 memcached_request_length(struct xstate *xs, struct scratch *s, __u32 captured)
+static __always_inline __u64 memcached_request_length(struct dt_xstate *xs, struct scratch *s, __u32 captured)
 {
 	struct hscan *h = &s->scan;
 	int kind = captured >= 7 ? memcached_command(load8(s->data)) : MC_NONE;
@@ -1291,7 +1260,7 @@ static __always_inline bool memcached_reply_line(__u64 w)
 
 /* A memcached reply, whole in its first call (the kernel sees its END); its length, 0: not
  * framed here. Its VALUE blocks are counted in the exchange's status. */
-static __always_inline __u64 memcached_reply_length(struct xstate *xs, struct scratch *s, __u32 captured)
+static __always_inline __u64 memcached_reply_length(struct dt_xstate *xs, struct scratch *s, __u32 captured)
 {
 	struct hscan *h = &s->scan;
 	__u64 first;
@@ -1382,7 +1351,7 @@ static long chunk_step(__u32 i, void *ctx)
 enum { CHUNKS_BAD = -1, CHUNKS_GO_ON = 0, CHUNKS_END = 1 };
 
 /* Walks this call's bytes from `from` through the chunked body. */
-static __always_inline int walk_chunks(struct xstate *xs, struct scratch *s, __u32 captured, __u32 from)
+static __always_inline int walk_chunks(struct dt_xstate *xs, struct scratch *s, __u32 captured, __u32 from)
 {
 	struct cwalk *w = &s->walk;
 
@@ -1401,7 +1370,7 @@ static __always_inline int walk_chunks(struct xstate *xs, struct scratch *s, __u
 	return w->end ? CHUNKS_END : CHUNKS_GO_ON;
 }
 
-static __always_inline void emit_exchange(struct xstate *xs)
+static __always_inline void emit_exchange(struct dt_xstate *xs)
 {
 	xs->framed = 1;
 	if (xs->sampled_out)
@@ -1409,11 +1378,11 @@ static __always_inline void emit_exchange(struct xstate *xs)
 	else
 		output(&EXCHANGES, &xs->x, sizeof(xs->x) + 2 * xhead(), DT_CNT_EXCHANGES,
 		       DT_CNT_DROP_EXCHANGE_RINGBUF_FULL);
-	xs->phase = XP_IDLE;
+	xs->phase = DT_PHASE_IDLE;
 }
 
 /* The length of the HTTP request at the start of the scratch payload; 0: not framed here. */
-static __always_inline __u64 http_request_length(struct xstate *xs, struct scratch *s, __u32 captured)
+static __always_inline __u64 http_request_length(struct dt_xstate *xs, struct scratch *s, __u32 captured)
 {
 	struct hscan *h = &s->scan;
 	int method = captured >= 8 ? http_method(load8(s->data)) : NOT_FRAMED;
@@ -1435,7 +1404,7 @@ static __always_inline __u64 http_request_length(struct xstate *xs, struct scrat
 }
 
 /* The request's first call: who, where, and how long the request is. */
-static __always_inline bool begin_request(struct xstate *xs, struct scratch *s, __u32 captured)
+static __always_inline bool begin_request(struct dt_xstate *xs, struct scratch *s, __u32 captured)
 {
 	struct dt_record *rec = &s->rec;
 	struct dt_exchange *x = &xs->x;
@@ -1477,14 +1446,14 @@ static __always_inline bool begin_request(struct xstate *xs, struct scratch *s, 
 	x->req_captured = keep_head(xs, 0, s, captured);
 	xs->req_end_ns = rec->exit_ns;
 	xs->left = total - rec->size;
-	xs->phase = xs->left ? XP_REQ : XP_WAIT;
+	xs->phase = xs->left ? DT_PHASE_REQ : DT_PHASE_WAIT;
 	return true;
 }
 
 /* The first call of an HTTP response: its status and length (RESP_CHUNKED: chunked);
  * 0: not framed here. */
 #define RESP_CHUNKED (~0ULL)
-static __always_inline __u64 http_response_length(struct xstate *xs, struct scratch *s, __u32 captured)
+static __always_inline __u64 http_response_length(struct dt_xstate *xs, struct scratch *s, __u32 captured)
 {
 	struct hscan *h = &s->scan;
 	__u8 *d = s->data;
@@ -1509,7 +1478,7 @@ static __always_inline __u64 http_response_length(struct xstate *xs, struct scra
 
 /* The first call of a Redis reply; pushes (RESP3 '>') and attributes ('|') are not
  * replies to a request, and are user space's. */
-static __always_inline __u64 redis_reply_length(struct xstate *xs, struct scratch *s, __u32 captured)
+static __always_inline __u64 redis_reply_length(struct dt_xstate *xs, struct scratch *s, __u32 captured)
 {
 	__u8 t = captured ? s->data[0] : 0;
 
@@ -1520,7 +1489,7 @@ static __always_inline __u64 redis_reply_length(struct xstate *xs, struct scratc
 }
 
 /* The response's first call: its status and how long it is. */
-static __always_inline bool begin_response(struct xstate *xs, struct scratch *s, __u32 captured)
+static __always_inline bool begin_response(struct dt_xstate *xs, struct scratch *s, __u32 captured)
 {
 	struct dt_record *rec = &s->rec;
 	struct dt_exchange *x = &xs->x;
@@ -1545,8 +1514,8 @@ static __always_inline bool begin_response(struct xstate *xs, struct scratch *s,
 		xs->last_chunk = 0;
 		int walked = walk_chunks(xs, s, captured, s->scan.end);
 		if (walked == CHUNKS_BAD)
-			return false; /* (in XP_WAIT still: handed over without this call, which goes as a record) */
-		xs->phase = XP_RESP_CHUNKED;
+			return false; /* (in DT_PHASE_WAIT still: handed over without this call, which goes as a record) */
+		xs->phase = DT_PHASE_RESP_CHUNKED;
 		if (walked == CHUNKS_END)
 			emit_exchange(xs);
 		return true;
@@ -1554,14 +1523,14 @@ static __always_inline bool begin_response(struct xstate *xs, struct scratch *s,
 	if (rec->size > total)
 		return false;
 	xs->left = total - rec->size;
-	xs->phase = XP_RESP;
+	xs->phase = DT_PHASE_RESP;
 	if (!xs->left)
 		emit_exchange(xs);
 	return true;
 }
 
 /* A call goes on the message being framed only where the last one ended. */
-static __always_inline bool continues(struct xstate *xs, struct dt_record *rec, bool request)
+static __always_inline bool continues(struct dt_xstate *xs, struct dt_record *rec, bool request)
 {
 	struct dt_exchange *x = &xs->x;
 
@@ -1572,7 +1541,7 @@ static __always_inline bool continues(struct xstate *xs, struct dt_record *rec, 
  * its first bytes into the head where the message's first calls left it short (as user
  * space keeps heads: it frames those once all of them is here, other HTTP messages at the
  * end of their header). */
-static __always_inline void take(struct xstate *xs, struct scratch *s, __u32 captured, bool request)
+static __always_inline void take(struct dt_xstate *xs, struct scratch *s, __u32 captured, bool request)
 {
 	struct dt_record *rec = &s->rec;
 	struct dt_exchange *x = &xs->x;
@@ -1589,7 +1558,7 @@ static __always_inline void take(struct xstate *xs, struct scratch *s, __u32 cap
 	}
 	/* As user space's heads: a message framed by lengths in its first bytes (HTTP, memcached)
 	 * has those bytes as its head; one framed only when whole (Redis) its first bytes. */
-	if ((x->protocol != DT_XP_REDIS && xs->phase != XP_RESP_CHUNKED) || have >= xhead() ||
+	if ((x->protocol != DT_XP_REDIS && xs->phase != DT_PHASE_RESP_CHUNKED) || have >= xhead() ||
 	    (request ? x->req_size : x->resp_size) - rec->size != have)
 		return; /* head full, or a byte of it was not captured: what follows is not its next */
 	n = captured < n ? captured : n;
@@ -1605,26 +1574,26 @@ static __always_inline void take(struct xstate *xs, struct scratch *s, __u32 cap
 }
 
 /* The call, in the exchange's phase; false: not framed here (the caller hands over). */
-static __always_inline bool step(struct xstate *xs, struct scratch *s, __u32 captured, bool request)
+static __always_inline bool step(struct dt_xstate *xs, struct scratch *s, __u32 captured, bool request)
 {
 	struct dt_record *rec = &s->rec;
 	__u32 left = xs->left;
 	int walked;
 
 	switch (xs->phase) {
-	case XP_IDLE:
+	case DT_PHASE_IDLE:
 		return request && begin_request(xs, s, captured);
-	case XP_REQ:
+	case DT_PHASE_REQ:
 		if (!request || rec->size > left || !continues(xs, rec, true))
 			return false;
 		take(xs, s, captured, true);
 		xs->left = left - rec->size;
 		if (!xs->left)
-			xs->phase = XP_WAIT;
+			xs->phase = DT_PHASE_WAIT;
 		return true;
-	case XP_WAIT:
+	case DT_PHASE_WAIT:
 		return !request && begin_response(xs, s, captured);
-	case XP_RESP:
+	case DT_PHASE_RESP:
 		if (request || rec->size > left || !continues(xs, rec, false))
 			return false;
 		take(xs, s, captured, false);
@@ -1632,7 +1601,7 @@ static __always_inline bool step(struct xstate *xs, struct scratch *s, __u32 cap
 		if (!xs->left)
 			emit_exchange(xs);
 		return true;
-	case XP_RESP_CHUNKED:
+	case DT_PHASE_RESP_CHUNKED:
 		if (request || !continues(xs, rec, false))
 			return false;
 		walked = walk_chunks(xs, s, captured, 0);
@@ -1643,7 +1612,7 @@ static __always_inline bool step(struct xstate *xs, struct scratch *s, __u32 cap
 			emit_exchange(xs);
 		return true;
 	}
-	return false; /* XP_HANDED: a hook that lost the race to hand over; the call is a record */
+	return false; /* DT_PHASE_HANDED: a hook that lost the race to hand over; the call is a record */
 }
 
 /* Frames this call into the connection's exchange; false: its bytes are user space's,
@@ -1652,7 +1621,7 @@ static __always_inline bool assemble(struct conn *c, struct scratch *s, __u32 ca
 {
 	struct dt_record *rec = &s->rec;
 	bool request = (rec->direction == DT_DIR_INGRESS) == (c->role == DT_ROLE_SERVER);
-	struct xstate *xs;
+	struct dt_xstate *xs;
 
 	if (rec->enter_seq == rec->exit_seq)
 		return c->mode == XM_ASSEMBLED; /* MSG_PEEK: the same bytes come again */
@@ -1675,7 +1644,7 @@ static __always_inline bool assemble(struct conn *c, struct scratch *s, __u32 ca
 		xs = bpf_map_lookup_elem(&XSTATE, &rec->conn_id);
 		if (!xs)
 			return false;
-		xs->phase = XP_IDLE;
+		xs->phase = DT_PHASE_IDLE;
 		xs->x.protocol = protocol;
 		xs->hash = c->hash;
 		xs->framed = 0;

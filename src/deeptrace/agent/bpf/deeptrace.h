@@ -158,4 +158,37 @@ struct dt_exchange {
 	char comm[DT_TASK_COMM_LEN];
 };
 
+/* Where an assembled connection is within its exchange (struct dt_xstate's phase). */
+enum dt_xphase {
+	DT_PHASE_IDLE = 0,     /* between exchanges */
+	DT_PHASE_REQ,          /* request begun, `left` bytes of it to come */
+	DT_PHASE_WAIT,         /* request whole, no response yet */
+	DT_PHASE_RESP,         /* response begun, `left` bytes of it to come */
+	DT_PHASE_RESP_CHUNKED, /* response begun, chunked: ends with its last chunk */
+	DT_PHASE_HANDED        /* handed over to user space: nothing more is done with it */
+};
+
+/* An assembled connection's exchange in the making, the value of the XSTATE map. The heads
+ * follow `x` directly, so that x and both heads go to the ring in one copy (and so that
+ * user space, looking for requests that wait too long for their response, reads an entry's
+ * start as it reads an exchange event). */
+struct dt_xstate {
+	struct dt_exchange x;
+	__u8 heads[2 * DT_XHEAD_MAX]; /* request head at 0, response head at CFG.exchange_head */
+	__u64 req_end_ns;    /* for handing over: the request's last byte */
+	__u64 resp_start_ns; /* ... and the response's first */
+	__u64 owner;         /* thread whose hook works on this state now, 0 if none (see claim) */
+	__u64 broken;        /* another hook found it claimed: hand over when let go */
+	__u32 left;
+	__u32 chunk_left;    /* chunked: bytes of the current chunk (data and line end) to come */
+	__u8 phase;          /* enum dt_xphase */
+	__u8 head_request;   /* a HEAD request: its response has no body */
+	__u8 last_chunk;     /* chunked: chunk_left is the line end after the last chunk */
+	__u8 sampled_out;    /* the exchange in progress is not to be written (see sampling) */
+	__u32 hash;          /* the connection's */
+	__u8 with_cas;       /* memcached: a gets, whose VALUE lines end in a cas token */
+	__u8 framed;         /* an exchange of it was framed here: its protocol is known */
+	__u8 pad[6];
+};
+
 #endif
