@@ -106,6 +106,15 @@ def redis(tmp_path: Path):
 
 
 @contextmanager
+def memcached(tmp_path: Path | None = None):
+    """memcached on TCP only, two worker threads; yields (pid, port)."""
+    port = free_port()
+    argv = [need("memcached"), "-u", "nobody", "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-t", "2"]
+    with serving(argv, port) as pid:
+        yield pid, port
+
+
+@contextmanager
 def dnsmasq(tmp_path: Path):
     """A DNS server answering web.test with 10.1.2.3 and NXDOMAIN for other .test names."""
     port = free_port()

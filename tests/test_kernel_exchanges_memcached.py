@@ -19,7 +19,7 @@ import textwrap
 from collections import Counter
 
 import pytest
-from servers import free_port, need, serving
+from servers import free_port, memcached, need
 from twins import Twin, assembling_collector, assert_same_spans, summary
 
 
@@ -32,9 +32,7 @@ def assembling():
 
 @pytest.fixture(scope="module")
 def server():
-    port = free_port()
-    argv = [need("memcached"), "-u", "nobody", "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-t", "2"]
-    with serving(argv, port) as pid:
+    with memcached() as (pid, port):
         yield pid, port
 
 
