@@ -218,3 +218,78 @@ def test_hostile_replies_from_a_fake_server_never_pair_wrongly(twin):
     assert_same_spans(twin)
     d = twin.check_counters()
     assert d["conn_handed_over"] >= 1, d
+
+
+# ---- found by review: each gave different spans on the two paths before its fix ----
+
+
+def test_keys_named_q_and_noreply_are_keys(twin, server):
+    """`q` ends a meta command quietly, `noreply` a storage command: as a text command's key,
+    each is answered (the records path took `get q` as one-way)."""
+    pid, port = server
+    twin.trace(pid)
+    client(twin, port, raw=True, script="""
+        ask(b"set q 0 0 1\\r\\nx\\r\\n", b"STORED\\r\\n")
+        ask(b"get q\\r\\n", b"END\\r\\n")
+        ask(b"get noreply\\r\\n", b"END\\r\\n")
+        ask(b"delete q\\r\\n", b"DELETED\\r\\n")
+    """)  # fmt: skip
+    twin.close()
+    assert_same_spans(twin)
+    assert all("deeptrace.one_way" not in s.attributes for s in twin.asm_spans)
+    assert sum(s.name == "memcached get" and s.status_code in ("VALUE", "END") for s in twin.plain_spans) == 4
+
+
+def fake_server(twin: Twin, replies: list[bytes], requests: list[bytes]) -> None:
+    """A server that answers each request with the next of `replies`, whatever it was."""
+    port = free_port()
+    srv = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import socket, sys, time
+        srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("127.0.0.1", {port})); srv.listen(); print("listening", flush=True)
+        sys.stdin.readline()
+        c, _ = srv.accept()
+        for r in {replies!r}:
+            c.recv(65536)
+            c.sendall(r)
+            time.sleep(0.05)
+        time.sleep(0.3)
+        c.close()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert srv.stdout.readline() == "listening\n"
+        twin.trace(srv.pid)
+        srv.stdin.write("go\n")
+        srv.stdin.flush()
+        client(twin, port, f"""
+            import time
+            s = socket.create_connection(("127.0.0.1", port))
+            for cmd in {requests!r}:
+                s.sendall(cmd)
+                time.sleep(0.15)
+                s.recv(65536)
+            time.sleep(0.5)
+        """)  # fmt: skip
+    finally:
+        srv.wait(10)
+    twin.close()
+
+
+@pytest.mark.parametrize("reply", [b"NOT_FOUNDX\r\n", b"SERVER_ERRORX\r\n", b"CLIENT_EXX\r\n"])
+def test_a_reply_word_is_read_whole(twin, reply):
+    fake_server(twin, [b"STORED\r\n", reply, b"DELETED\r\n"], [b"set k 0 0 1\r\nx\r\n", b"delete k\r\n", b"delete j\r\n"])  # fmt: skip
+    assert_same_spans(twin)
+
+
+@pytest.mark.parametrize("reply", [b"VALUE k 0 2 5\r\nab\r\nEND\r\nEND\r\n", b"VALUE 0\r\n\r\nEND\r\n",
+                                   b"VALUE a b 0 2\r\nab\r\nEND\r\n", b"VALUE k\t0 2\r\nab\r\nEND\r\n"],
+                         ids=["cas-to-a-get", "too-few-words", "five-words", "tab"])  # fmt: skip
+def test_a_value_line_of_another_shape_is_read_as_user_space_reads_it(twin, reply):
+    fake_server(twin, [b"STORED\r\n", reply, b"DELETED\r\n"], [b"set k 0 0 1\r\nx\r\n", b"get k\r\n", b"delete k\r\n"])  # fmt: skip
+    assert_same_spans(twin)
+
+
+def test_a_data_length_past_32_bits_is_not_wrapped(twin):
+    fake_server(twin, [b"STORED\r\n", b"DELETED\r\n"], [b"set k 0 0 4294967301\r\nhello\r\n", b"delete k\r\n"])  # fmt: skip
+    assert_same_spans(twin)
+

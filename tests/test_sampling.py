@@ -105,7 +105,7 @@ def test_metrics_count_a_weighted_span_as_that_many_spans():
     assert b'deeptrace_service_requests_total{operation="GET /a",service="web"} 7.0' in weighted.render()
 
 
-@pytest.mark.parametrize("bad", [0, -4, 3.5, "8", True, 1 << 40])
+@pytest.mark.parametrize("bad", [0, -4, 3, 1000, 3.5, "8", True, 1 << 40])
 def test_a_weight_that_is_no_sane_power_of_two_counts_once(bad):
     m = Metrics(dict, list)
     m.observe([_span(bad, 0.01)])

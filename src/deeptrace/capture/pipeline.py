@@ -94,10 +94,10 @@ class SpanPipeline:
 
     def _push(self, records: list[Record]) -> list[Span]:
         spans: list[Span] = []
-        self.stats.records += len(records)
         conns = self._conns
         if any(rec.flags & FLAG_HANDED_OVER for rec in records):
             records = self._handed_over(records, spans)
+        self.stats.records += len(records)
         for rec in _in_order(records):
             key = _key(rec)
             if rec.syscall == "close":

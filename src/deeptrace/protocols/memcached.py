@@ -20,6 +20,8 @@ MAX_LINE = 8 << 10
 STORAGE = {b"set": 4, b"add": 4, b"replace": 4, b"append": 4, b"prepend": 4, b"cas": 4, b"ms": 2}
 OTHER = frozenset(b"get gets gat gats delete incr decr touch stats flush_all version verbosity quit "
                   b"mg md ma mn me shutdown cache_memlimit lru_crawler slabs watch".split())  # fmt: skip
+RETRIEVAL = frozenset(("get", "gets", "gat", "gats"))
+META = frozenset(("mg", "ms", "md", "ma", "mn", "me"))
 ERRORS = (b"ERROR", b"CLIENT_ERROR", b"SERVER_ERROR")
 MISSES = (b"NOT_FOUND", b"NOT_STORED", b"EXISTS", b"NF", b"NS", b"EX", b"EN")
 REPLY_WORDS = frozenset(b"STORED NOT_STORED EXISTS NOT_FOUND DELETED TOUCHED OK ERROR CLIENT_ERROR SERVER_ERROR "
@@ -87,7 +89,11 @@ def frame_request(buf: bytes) -> Frame | str:
     if not words or not (words[0] in STORAGE or words[0] in OTHER):
         return INVALID
     command = words[0].decode()
-    fields = {"binary": False, "command": command, "noreply": words[-1] in (b"noreply", b"q")}
+    # Only the commands that take it are made one-way by `noreply` (a meta command by its q flag):
+    # `get noreply` asks for a key named noreply, and is answered.
+    last = words[-1] if len(words) > 1 else b""
+    noreply = last == b"q" if command in META else last == b"noreply" and command not in RETRIEVAL
+    fields = {"binary": False, "command": command, "noreply": noreply}
     if len(words) > 1 and command not in ("stats", "verbosity", "flush_all", "gat", "gats"):
         fields["key"] = words[1].decode("utf-8", "replace")
     elif command in ("gat", "gats") and len(words) > 2:

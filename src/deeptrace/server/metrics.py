@@ -62,7 +62,8 @@ def _weight(span: dict) -> int:
     attrs = span.get("attributes")
     weight = attrs.get(SAMPLING_WEIGHT, 1) if isinstance(attrs, dict) else 1
     # From the wire: only a sane power of two counts as a weight.
-    return weight if type(weight) is int and 1 <= weight <= 1 << SAMPLE_SHIFT_MAX else 1
+    sane = type(weight) is int and 1 <= weight <= 1 << SAMPLE_SHIFT_MAX and not weight & (weight - 1)
+    return weight if sane else 1
 
 
 def _observe(histogram, seconds: float, weight: int) -> None:

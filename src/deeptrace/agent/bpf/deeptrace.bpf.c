@@ -76,8 +76,10 @@ struct hscan {
 	__u8 pad;
 	__u32 line1;     /* HTTP: just past the first line's '\n'; 0: not found */
 	__s64 length;    /* HTTP: Content-Length, or -1 */
-	__u32 mark;      /* memcached: where the line being walked starts */
 	__u32 values;    /* memcached: VALUE blocks walked */
+	__u32 key_end;   /* memcached: where the key of the VALUE line being walked ends */
+	__u32 next;      /* memcached: where the line after that VALUE block starts */
+	__u32 pad2;
 };
 
 /* What a walk of one call through a chunked body found. In the scratch map (see hscan). */
@@ -333,13 +335,24 @@ static __always_inline __u64 mix(__u64 v)
 	return v;
 }
 
+/* An address as the hash takes it: IPv4-mapped IPv6 (::ffff:a.b.c.d, a dual-stack socket's
+ * view of an IPv4 peer) as the IPv4 address an IPv4 socket holds (a.b.c.d, then zeros). */
+static __always_inline __u64 endpoint_key(const __u8 *addr, __u16 port)
+{
+	const __u64 *a = (const __u64 *)addr;
+	__u64 lo = a[0], hi = a[1];
+
+	if (lo == 0 && (hi & 0xffffffffULL) == 0xffff0000ULL) { /* bytes 8-11: 00 00 ff ff */
+		lo = hi >> 32;
+		hi = 0;
+	}
+	return mix(lo ^ mix(hi ^ port));
+}
+
 /* Symmetric in the two endpoints: the client and the server compute the same. */
 static __always_inline __u32 endpoints_hash(const struct dt_record *rec)
 {
-	const __u64 *l = (const __u64 *)rec->laddr, *r = (const __u64 *)rec->raddr;
-	__u64 a = mix(l[0] ^ mix(l[1] ^ rec->lport)), b = mix(r[0] ^ mix(r[1] ^ rec->rport));
-
-	return mix(a ^ b) >> 32;
+	return mix(endpoint_key(rec->laddr, rec->lport) ^ endpoint_key(rec->raddr, rec->rport)) >> 32;
 }
 
 /* A connection's first record decides whether its records are written. */
@@ -1152,11 +1165,12 @@ static long mc_word_step(__u32 i, void *ctx)
 		return 1;
 	}
 	if (h->values == 4) {
-		if (!is_digit(c) || h->length >= (1U << 30)) {
+		__s64 v = (h->length < 0 ? 0 : h->length) * 10 + (c - '0');
+		if (!is_digit(c) || v >= (1U << 30)) { /* 1 GiB: far past any item memcached stores */
 			h->bad = 1;
 			return 1;
 		}
-		h->length = (h->length < 0 ? 0 : h->length) * 10 + (c - '0');
+		h->length = v;
 	}
 	return 0;
 }
@@ -1172,7 +1186,7 @@ static __always_inline __u64 memcached_request_length(struct dt_xstate *xs, stru
 	if (!line || line > xhead())
 		return 0;
 	VERIFIER_MASK(line, DT_XSCAN - 1);
-	if (line >= 10 && load8(&s->data[line - 10]) == W8(' ', 'n', 'o', 'r', 'e', 'p', 'l', 'y'))
+	if (kind != MC_RETRIEVAL && line >= 10 && load8(&s->data[line - 10]) == W8(' ', 'n', 'o', 'r', 'e', 'p', 'l', 'y'))
 		return 0;
 	xs->with_cas = (load8(s->data) & LOW(5)) == W8('g', 'e', 't', 's', ' ', 0, 0, 0);
 	if (kind != MC_STORAGE)
@@ -1189,15 +1203,35 @@ static __always_inline __u64 memcached_request_length(struct dt_xstate *xs, stru
 }
 
 /* bpf_loop callback: one line of a reply (VALUE lines by their data's length), to END. */
+static __always_inline bool has_byte(__u64 w, __u8 c)
+{
+	__u64 x = w ^ (0x0101010101010101ULL * c);
+
+	return (x - 0x0101010101010101ULL) & ~x & 0x8080808080808080ULL;
+}
+
+/* What user space splits a line's words at. */
+static __always_inline bool has_space(__u64 w)
+{
+	return has_byte(w, ' ') || has_byte(w, '\t') || has_byte(w, '\n') || has_byte(w, 0x0b) ||
+	       has_byte(w, 0x0c) || has_byte(w, '\r');
+}
+
+enum { MC_AT_LINE = 0, MC_IN_VALUE_LINE, MC_IN_KEY };
+
+/* bpf_loop callback: one step through a reply, line by line, to END. A VALUE line must be
+ * "VALUE key flags bytes" (and " cas" after a gets) with single spaces, as user space takes
+ * its 4th word for the block's length: its numbers are read back from the line's end, then
+ * its key is searched for white space, 8 bytes at a time; its block is skipped by length. */
 static long mc_reply_step(__u32 i, void *ctx)
 {
 	struct scratch *s = *(struct scratch **)ctx;
 	struct hscan *h = &s->scan;
-	__u64 pos = h->pos;
+	__u64 pos = h->pos, start = 0;
 	__u8 *d = s->data;
 
-	if (h->in_line) { /* a VALUE line: to its end */
-		__u64 p = next_newline(s), start = 0;
+	if (h->in_line == MC_IN_VALUE_LINE) {
+		__u64 p = next_newline(s);
 		if (p == PAST_SEARCH)
 			return 1;
 		if (!p)
@@ -1208,7 +1242,7 @@ static long mc_reply_step(__u32 i, void *ctx)
 			return 1;
 		}
 		__u64 end = p - 2;
-		if (h->chunked) { /* gets: "VALUE key flags bytes cas" */
+		if (h->chunked) { /* gets: the cas word last */
 			if (number_before(d, end, &start) < 0) {
 				h->bad = 1;
 				return 1;
@@ -1216,13 +1250,32 @@ static long mc_reply_step(__u32 i, void *ctx)
 			end = start - 1;
 		}
 		__s64 n = number_before(d, end, &start);
-		if (n < 0) {
+		if (n < 0 || number_before(d, start - 1, &start) < 0 || start < h->key_end + 2) {
+			h->bad = 1; /* no bytes or flags word, or no key before them */
+			return 1;
+		}
+		h->pos = h->key_end; /* the key's first byte, noted at "VALUE " */
+		h->key_end = start - 1;
+		h->next = p + n + 2;
+		h->in_line = MC_IN_KEY;
+		return 0;
+	}
+	if (h->in_line == MC_IN_KEY) {
+		if (pos >= h->key_end) {
+			h->values++;
+			h->pos = h->next;
+			h->in_line = MC_AT_LINE;
+			return 0;
+		}
+		VERIFIER_MASK(pos, DT_XSCAN - 1);
+		__u64 w = load8(&d[pos]), left = h->key_end - pos;
+		if (left < 8)
+			w |= ~LOW(left) & 0x6161616161616161ULL; /* past the key: letters */
+		if (has_space(w)) {
 			h->bad = 1;
 			return 1;
 		}
-		h->in_line = 0;
-		h->values++;
-		h->pos = p + n + 2;
+		h->pos = pos + 8;
 		return 0;
 	}
 	if (pos + 8 > h->len) {
@@ -1240,22 +1293,35 @@ static long mc_reply_step(__u32 i, void *ctx)
 		return 1;
 	}
 	if ((w & LOW(6)) == W8('V', 'A', 'L', 'U', 'E', ' ', 0, 0)) {
-		h->in_line = 1;
+		h->in_line = MC_IN_VALUE_LINE;
 		h->pos = pos + 6;
+		h->key_end = pos + 6; /* for now: where the key starts */
 		return 0;
 	}
 	h->bad = 1;
 	return 1;
 }
 
-/* A reply that is one line: the words memcached answers the commands framed here with. */
-static __always_inline bool memcached_reply_line(__u64 w)
+/* A reply that is one line (`len` bytes with its CRLF) of a word memcached answers the
+ * commands framed here with: the word whole, then the line's end (or an error's text). */
+static __always_inline bool memcached_reply_line(const __u8 *d, __u64 len)
 {
-	return w == W8('S', 'T', 'O', 'R', 'E', 'D', '\r', '\n') || w == W8('D', 'E', 'L', 'E', 'T', 'E', 'D', '\r') ||
-	       w == W8('T', 'O', 'U', 'C', 'H', 'E', 'D', '\r') || w == W8('N', 'O', 'T', '_', 'S', 'T', 'O', 'R') ||
-	       w == W8('N', 'O', 'T', '_', 'F', 'O', 'U', 'N') || (w & LOW(7)) == W8('E', 'X', 'I', 'S', 'T', 'S', '\r', 0) ||
-	       (w & LOW(6)) == W8('E', 'R', 'R', 'O', 'R', '\r', 0, 0) || w == W8('C', 'L', 'I', 'E', 'N', 'T', '_', 'E') ||
-	       w == W8('S', 'E', 'R', 'V', 'E', 'R', '_', 'E');
+	__u64 w = load8(d);
+
+	if (len == 8 && w == W8('S', 'T', 'O', 'R', 'E', 'D', '\r', '\n'))
+		return true;
+	if (len == 9 && (w == W8('D', 'E', 'L', 'E', 'T', 'E', 'D', '\r') || w == W8('T', 'O', 'U', 'C', 'H', 'E', 'D', '\r')))
+		return true;
+	if (len == 8 && (w & LOW(7)) == W8('E', 'X', 'I', 'S', 'T', 'S', '\r', 0))
+		return true;
+	if (len == 7 && (w & LOW(6)) == W8('E', 'R', 'R', 'O', 'R', '\r', 0, 0))
+		return true;
+	if (len == 12 && w == W8('N', 'O', 'T', '_', 'S', 'T', 'O', 'R') && d[8] == 'E' && d[9] == 'D')
+		return true;
+	if (len == 11 && w == W8('N', 'O', 'T', '_', 'F', 'O', 'U', 'N') && d[8] == 'D')
+		return true;
+	return len >= 14 && (w == W8('C', 'L', 'I', 'E', 'N', 'T', '_', 'E') || w == W8('S', 'E', 'R', 'V', 'E', 'R', '_', 'E')) &&
+	       d[8] == 'R' && d[9] == 'R' && d[10] == 'O' && d[11] == 'R' && (d[12] == ' ' || d[12] == '\r');
 }
 
 /* A memcached reply, whole in its first call (the kernel sees its END); its length, 0: not
@@ -1271,14 +1337,14 @@ static __always_inline __u64 memcached_reply_length(struct dt_xstate *xs, struct
 	/* Its first line within the head: the reply's word and an error's text come from it. */
 	if (!first || first > xhead())
 		return 0;
-	if (memcached_reply_line(load8(s->data))) { /* (compared within its line: >= 7 bytes) */
+	if (memcached_reply_line(s->data, first)) {
 		xs->x.status = 0;
 		return first;
 	}
 	h->len = captured < DT_XSCAN ? captured : DT_XSCAN;
 	h->pos = 0;
 	h->end = 0;
-	h->in_line = 0;
+	h->in_line = MC_AT_LINE;
 	h->values = 0;
 	h->chunked = xs->with_cas;
 	h->bad = 0;
@@ -1649,6 +1715,11 @@ static __always_inline bool assemble(struct conn *c, struct scratch *s, __u32 ca
 		xs->hash = c->hash;
 		xs->framed = 0;
 		c->mode = XM_ASSEMBLED;
+		/* Sampled exchange by exchange from now on; any record of it (a hand-over) is written. */
+		c->sampled_out = 0;
+		c->sample_shift = 0;
+		rec->flags &= ~DT_FLAG_SAMPLED_OUT;
+		rec->sample_shift = 0;
 		count(DT_CNT_CONN_ASSEMBLED);
 	} else {
 		xs = bpf_map_lookup_elem(&XSTATE, &rec->conn_id);
