@@ -27,36 +27,44 @@ from deeptrace.server.metrics import Metrics
 
 def test_level_rises_one_step_at_a_time_while_behind_and_falls_after_calm():
     ctl = SamplingControl(high_water=0.25, low_water=0.05, step_s=0.2, calm_s=1.0)
-    assert ctl.update(0.5, False, 0.0) and ctl.level == 1
-    assert not ctl.update(0.5, False, 0.1) and ctl.level == 1  # a step has time to show
-    assert ctl.update(0.1, True, 0.2) and ctl.level == 2  # something lost: behind, whatever the backlog
-    assert not ctl.update(0.1, False, 0.3) and ctl.level == 2  # between the marks: stays
-    assert not ctl.update(0.01, False, 1.0)  # calm starts
-    assert not ctl.update(0.01, False, 1.9)
-    assert ctl.update(0.01, False, 2.0) and ctl.level == 1
-    assert not ctl.update(0.01, False, 2.5)
-    assert ctl.update(0.01, False, 3.0) and ctl.level == 0
-    assert not ctl.update(0.0, False, 10.0) and ctl.level == 0
+    assert ctl.update(0.5, 0.0, 0.0) and ctl.level == 1
+    assert not ctl.update(0.5, 0.0, 0.1) and ctl.level == 1  # a step has time to show
+    assert ctl.update(0.1, 0.01, 0.2) and ctl.level == 2  # something lost: behind, whatever the backlog
+    assert not ctl.update(0.1, 0.0, 0.3) and ctl.level == 2  # between the marks: stays
+    assert not ctl.update(0.01, 0.0, 1.0)  # calm starts
+    assert not ctl.update(0.01, 0.0, 1.9)
+    assert ctl.update(0.01, 0.0, 2.0) and ctl.level == 1
+    assert not ctl.update(0.01, 0.0, 2.5)
+    assert ctl.update(0.01, 0.0, 3.0) and ctl.level == 0
+    assert not ctl.update(0.0, 0.0, 10.0) and ctl.level == 0
+
+
+def test_a_loss_raises_the_level_by_as_many_halvings_as_it_takes():
+    ctl = SamplingControl(step_s=0.0)
+    assert ctl.update(0.0, 0.1, 0.0) and ctl.level == 1  # 10% lost: one halving covers it
+    assert ctl.update(0.0, 0.5, 1.0) and ctl.level == 2
+    assert ctl.update(0.0, 0.8, 2.0) and ctl.level == 5  # 1/(1-0.8) = 5: three halvings
+    assert ctl.update(0.0, 1.0, 3.0) and ctl.level == ctl.max_level  # bounded
 
 
 def test_a_backlog_being_drained_is_not_falling_behind():
     ctl = SamplingControl(high_water=0.25, step_s=0.0)
-    assert ctl.update(0.4, False, 0.0) and ctl.level == 1  # grew past the mark
-    assert not ctl.update(0.3, False, 1.0) and ctl.level == 1  # above it, but shrinking
-    assert ctl.update(0.35, False, 2.0) and ctl.level == 2  # growing again
-    assert ctl.update(0.3, False, 3.0) is False
-    assert ctl.update(0.6, False, 4.0) and ctl.level == 3  # over twice the mark: behind, whatever the trend
+    assert ctl.update(0.4, 0.0, 0.0) and ctl.level == 1  # grew past the mark
+    assert not ctl.update(0.3, 0.0, 1.0) and ctl.level == 1  # above it, but shrinking
+    assert ctl.update(0.35, 0.0, 2.0) and ctl.level == 2  # growing again
+    assert ctl.update(0.3, 0.0, 3.0) is False
+    assert ctl.update(0.6, 0.0, 4.0) and ctl.level == 3  # over twice the mark: behind, whatever the trend
 
 
 def test_calm_is_broken_by_a_backlog_and_the_level_is_bounded():
     ctl = SamplingControl(step_s=0.0, calm_s=1.0, max_level=SAMPLE_SHIFT_MAX)
     for t in range(20):
-        ctl.update(1.0, False, float(t))
+        ctl.update(1.0, 0.0, float(t))
     assert ctl.level == SAMPLE_SHIFT_MAX
-    ctl.update(0.0, False, 100.0)
-    ctl.update(0.1, False, 100.9)  # above low water: calm starts over
-    assert not ctl.update(0.0, False, 101.5) and ctl.level == SAMPLE_SHIFT_MAX
-    assert ctl.update(0.0, False, 102.5) and ctl.level == SAMPLE_SHIFT_MAX - 1
+    ctl.update(0.0, 0.0, 100.0)
+    ctl.update(0.1, 0.0, 100.9)  # above low water: calm starts over
+    assert not ctl.update(0.0, 0.0, 101.5) and ctl.level == SAMPLE_SHIFT_MAX
+    assert ctl.update(0.0, 0.0, 102.5) and ctl.level == SAMPLE_SHIFT_MAX - 1
 
 
 # ---- weights on spans ----

@@ -108,7 +108,7 @@ class Collector:
         self._next_refresh = 0.0
         self.sampling = SamplingControl()
         self._next_sample = 0.0
-        self._ring_lost = 0  # ring-full drops counted so far, for the sampling control
+        self._ring_lost = self._ring_written = 0  # ring-full drops and writes so far, for the sampling control
         self.received = 0
         self.received_exchanges = 0
         self.traced: set[int] = set()
@@ -267,9 +267,12 @@ class Collector:
         backlog = max(self._ring.pending_bytes() / self.config.ring_bytes,
                       self._exchange_ring.pending_bytes() / self.config.exchange_ring_bytes)  # fmt: skip
         lost = self._counter("drop_ringbuf_full") + self._counter("drop_exchange_ringbuf_full")
-        if self.sampling.update(backlog, lost > self._ring_lost, now):
+        written = self._counter("submitted") + self._counter("exchanges")
+        new_lost, new_written = lost - self._ring_lost, written - self._ring_written
+        fraction = new_lost / (new_lost + new_written) if new_lost else 0.0
+        if self.sampling.update(backlog, fraction, now):
             self.set_sample_level(self.sampling.level)
-        self._ring_lost = lost
+        self._ring_lost, self._ring_written = lost, written
 
     def set_sample_level(self, level: int) -> None:
         """From now on the kernel keeps connections with probability 1/2^level (sampling.py)."""

@@ -5,14 +5,17 @@ The kernel keeps an exchange, or a connection of records, with probability 1/2^l
 (agent/bpf/deeptrace.bpf.c, "sampling"). Level 0 keeps all. The reader is falling behind
 when a ring holds more than `high_water` of its size unread and more than at the last look
 (a burst it is draining is not that), when it holds more than twice that, or when the
-kernel counted something lost for want of room: the level goes up one step (at most once
-per `step_s`, so a step has time to show). When the rings stay under `low_water` for
+kernel counted something lost for want of room: the level goes up (at most once per
+`step_s`, so a step has time to show), one step, or, when a fraction f of what came was
+lost, as many as halve what is written until it fits (log2 of 1/(1-f), rounded up): a
+reader held to a CPU quota looks only a few times a second, and the rings fill in less. When the rings stay under `low_water` for
 `calm_s` with nothing lost, it comes down one step. The level a span was written at is
 its `sampling.weight` (2^level).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from deeptrace.capture.records import SAMPLE_SHIFT_MAX
@@ -30,14 +33,16 @@ class SamplingControl:
     _calm_since: float | None = None
     _last_backlog: float = 0.0
 
-    def update(self, backlog: float, lost: bool, now: float) -> bool:
-        """backlog: the fullest ring's unread fraction; lost: the kernel lost something
-        since the last update. True if the level changed."""
+    def update(self, backlog: float, lost: float, now: float) -> bool:
+        """backlog: the fullest ring's unread fraction; lost: the fraction of what the kernel
+        had to write since the last update that it lost for want of room. True if the level
+        changed."""
         growing, self._last_backlog = backlog > self._last_backlog, backlog
         if lost or backlog > 2 * self.high_water or (backlog > self.high_water and growing):
             self._calm_since = None
             if self.level < self.max_level and now - self._last_step >= self.step_s:
-                self.level += 1
+                steps = max(1, math.ceil(-math.log2(1 - min(lost, 0.999))))
+                self.level = min(self.max_level, self.level + steps)
                 self._last_step = now
                 return True
             return False
