@@ -48,6 +48,12 @@ STATUSES = {0: "OK", 1: "KEY_NOT_FOUND", 2: "KEY_EXISTS", 3: "VALUE_TOO_LARGE", 
 _NOT_ERRORS = ("OK", "KEY_NOT_FOUND", "KEY_EXISTS", "ITEM_NOT_STORED", "AUTH_CONTINUE")
 
 
+def _key_text(key: bytes) -> str:
+    """A key as text: UTF-8, and any other byte as \\xNN, so that keys of random bytes (as
+    load generators make) stay told apart, and ASCII."""
+    return key.decode("utf-8", "backslashreplace")
+
+
 def _first_word(data: bytes) -> bytes:
     return data[:16].split(b" ", 1)[0].split(b"\r\n", 1)[0]
 
@@ -73,7 +79,7 @@ def _binary(buf: bytes, is_request: bool) -> Frame | str:
         return INVALID
     fields = {"binary": True, "command": OPCODES.get(opcode, f"0x{opcode:02x}"), "opaque": opaque}
     if is_request and keylen:
-        fields["key"] = buf[24 + extlen : 24 + extlen + keylen].decode("utf-8", "replace")
+        fields["key"] = _key_text(buf[24 + extlen : 24 + extlen + keylen])
     if not is_request:
         fields["status"] = STATUSES.get(status, str(status))
     return Frame(24 + body, fields)
@@ -95,9 +101,9 @@ def frame_request(buf: bytes) -> Frame | str:
     noreply = last == b"q" if command in META else last == b"noreply" and command not in RETRIEVAL
     fields = {"binary": False, "command": command, "noreply": noreply}
     if len(words) > 1 and command not in ("stats", "verbosity", "flush_all", "gat", "gats"):
-        fields["key"] = words[1].decode("utf-8", "replace")
+        fields["key"] = _key_text(words[1])
     elif command in ("gat", "gats") and len(words) > 2:
-        fields["key"] = words[2].decode("utf-8", "replace")
+        fields["key"] = _key_text(words[2])
     length = end + 2
     if words[0] in STORAGE:
         try:
