@@ -36,7 +36,7 @@ from servers import free_port, need, nginx, serving
 from deeptrace.agent.collector import Collector, CollectorConfig
 from deeptrace.agent.selection import Selection
 from deeptrace.capture.pipeline import SpanPipeline
-from deeptrace.capture.records import FLAG_ASSEMBLED
+from deeptrace.capture.records import FLAG_ASSEMBLED, FLAG_HANDED_OVER
 from deeptrace.capture.spans import json_lines
 
 HEAD = 256  # CollectorConfig.exchange_head, and the records path's framing.HEAD_BYTES
@@ -133,8 +133,9 @@ class Twin:
         return [r for t in tgids for r in self.asm_records.get(t, [])]
 
     def data_records(self, tgids=None) -> list:
-        """Records of socket data the assembling collector delivered (not connect/accept/close)."""
-        return [r for r in self.records(tgids) if r.direction is not None]
+        """Records of socket data the assembling collector delivered (not connect/accept/close,
+        nor the byteless marks of a hand-over)."""
+        return [r for r in self.records(tgids) if r.direction is not None and not r.flags & FLAG_HANDED_OVER]
 
     def spans(self, tgids=None) -> tuple[list, list]:
         """(records path spans, assembling collector's spans) of these processes."""
