@@ -578,6 +578,26 @@ static __always_inline __u32 xhead(void)
 }
 
 
+/* Every record of this connection is written from now on, `cur` included: the sampling of
+ * records (by connection, when first seen) no longer applies to it. */
+static __always_inline void write_all_records(struct conn *c, struct dt_record *cur)
+{
+	c->sampled_out = 0;
+	c->sample_shift = 0;
+	cur->flags &= ~DT_FLAG_SAMPLED_OUT;
+	cur->sample_shift = 0;
+}
+
+/* Where a record of a handed-over exchange says it was: as the exchange began. A close's own
+ * record may come from a socket already taken apart (lport 0). */
+static __always_inline void exchange_endpoint(struct dt_record *r, const struct dt_exchange *x)
+{
+	r->lport = x->lport;
+	r->rport = x->rport;
+	__builtin_memcpy(r->laddr, x->laddr, 16);
+	__builtin_memcpy(r->raddr, x->raddr, 16);
+}
+
 /* One record standing for what the state holds of one message of its exchange. */
 static __always_inline void hand_over_part(struct dt_xstate *xs, struct dt_record *cur, bool request)
 {
@@ -590,12 +610,7 @@ static __always_inline void hand_over_part(struct dt_xstate *xs, struct dt_recor
 		return;
 	struct dt_record *r = &h->rec;
 	__builtin_memcpy(r, cur, sizeof(*r)); /* who: the same connection */
-	/* Where: as the exchange began. A close's own record may come from a socket already
-	 * taken apart (lport 0). */
-	r->lport = x->lport;
-	r->rport = x->rport;
-	__builtin_memcpy(r->laddr, x->laddr, 16);
-	__builtin_memcpy(r->raddr, x->raddr, 16);
+	exchange_endpoint(r, x);
 	r->family = x->family;
 	r->role = x->role;
 	r->l4 = IPPROTO_TCP;
@@ -650,12 +665,8 @@ static __always_inline void hand_over_mark(struct dt_xstate *xs, struct dt_recor
 		return;
 	struct dt_record *r = &h->rec;
 	__builtin_memcpy(r, cur, sizeof(*r));
-	if (xs->phase != DT_PHASE_IDLE) { /* as the exchange began: a close's record may have no endpoint */
-		r->lport = x->lport;
-		r->rport = x->rport;
-		__builtin_memcpy(r->laddr, x->laddr, 16);
-		__builtin_memcpy(r->raddr, x->raddr, 16);
-	}
+	if (xs->phase != DT_PHASE_IDLE)
+		exchange_endpoint(r, x);
 	r->direction = cur->role == DT_ROLE_SERVER ? DT_DIR_INGRESS : DT_DIR_EGRESS; /* its requests' */
 	r->syscall = r->direction == DT_DIR_INGRESS ? DT_SYS_READ : DT_SYS_WRITE;
 	r->flags = DT_FLAG_HANDED_OVER;
@@ -679,11 +690,7 @@ static __always_inline void hand_over(struct conn *c, struct dt_xstate *xs, stru
 		hand_over_part(xs, cur, false);
 	xs->phase = DT_PHASE_HANDED; /* kept, not deleted, until close: another CPU's hook may hold it */
 	c->mode = XM_RECORDS;
-	/* Its records from now on go on from the exchange handed over: all written. */
-	c->sampled_out = 0;
-	c->sample_shift = 0;
-	cur->flags &= ~DT_FLAG_SAMPLED_OUT;
-	cur->sample_shift = 0;
+	write_all_records(c, cur); /* they go on from the exchange handed over */
 	count(DT_CNT_CONN_HANDED_OVER);
 }
 
@@ -832,12 +839,20 @@ static __always_inline void header_line(struct scratch *s, __u64 p)
 		h->length = v;
 }
 
+/* Whether any of the 8 bytes in w is c. */
+static __always_inline bool has_byte(__u64 w, __u8 c)
+{
+	__u64 x = w ^ (0x0101010101010101ULL * c);
+
+	return (x - 0x0101010101010101ULL) & ~x & 0x8080808080808080ULL;
+}
+
 /* The offset just past the first '\n' in the 8 bytes at d[pos], or 0 if there is none. */
 static __always_inline __u64 after_newline(__u8 *d, __u64 pos)
 {
-	__u64 w = load8(&d[pos]), x = w ^ 0x0a0a0a0a0a0a0a0aULL, p = 0;
+	__u64 w = load8(&d[pos]), p = 0;
 
-	if (!((x - 0x0101010101010101ULL) & ~x & 0x8080808080808080ULL))
+	if (!has_byte(w, '\n'))
 		return 0;
 #pragma unroll
 	for (int j = 7; j >= 0; j--)
@@ -1200,14 +1215,6 @@ static __always_inline __u64 memcached_request_length(struct dt_xstate *xs, stru
 	if (h->bad || h->values < 4 || h->length < 0)
 		return 0;
 	return line + h->length + 2; /* the line, the data block and its CRLF */
-}
-
-/* bpf_loop callback: one line of a reply (VALUE lines by their data's length), to END. */
-static __always_inline bool has_byte(__u64 w, __u8 c)
-{
-	__u64 x = w ^ (0x0101010101010101ULL * c);
-
-	return (x - 0x0101010101010101ULL) & ~x & 0x8080808080808080ULL;
 }
 
 /* What user space splits a line's words at. */
@@ -1715,11 +1722,7 @@ static __always_inline bool assemble(struct conn *c, struct scratch *s, __u32 ca
 		xs->hash = c->hash;
 		xs->framed = 0;
 		c->mode = XM_ASSEMBLED;
-		/* Sampled exchange by exchange from now on; any record of it (a hand-over) is written. */
-		c->sampled_out = 0;
-		c->sample_shift = 0;
-		rec->flags &= ~DT_FLAG_SAMPLED_OUT;
-		rec->sample_shift = 0;
+		write_all_records(c, rec); /* sampled exchange by exchange from now on */
 		count(DT_CNT_CONN_ASSEMBLED);
 	} else {
 		xs = bpf_map_lookup_elem(&XSTATE, &rec->conn_id);
