@@ -15,7 +15,7 @@ APT_PACKAGES := clang llvm libbpf1 libbpf-dev bpftool gcc libc6-dev make \
                 nginx-light redis-server redis-tools memcached libmemcached-tools postgresql mariadb-server mariadb-client \
                 curl wrk dnsmasq-base bind9-dnsutils tshark \
                 rabbitmq-server nats-server mosquitto \
-                iproute2 procps chromium
+                iproute2 procps chromium golang-go
 
 .PHONY: all setup deps node venv web bpf test demo demo-two-hosts bench bench-accuracy bench-accuracy-foreign bench-app-impact bench-server clean
 
@@ -94,9 +94,8 @@ bench-accuracy: setup $(VENV)/.bench-installed
 	$(VPY) bench/accuracy/run.py $(ARGS)
 
 # The same benchmark on the mesh written in Go, Java and Node.js (bench/accuracy/foreign/;
-# about 25 minutes): Go comes from Debian, Java 17 and Node.js with the machine.
+# about 25 minutes): Go comes from Debian (make setup), Java 17 and Node.js with the machine.
 bench-accuracy-foreign: setup $(VENV)/.bench-installed
-	@command -v go >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends golang-go)
 	@command -v javac >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends openjdk-17-jdk-headless)
 	$(VPY) bench/accuracy/run.py --workloads go,java-mix,node-mix --scale-spans 0 $(ARGS)
 
