@@ -115,9 +115,9 @@ def memcached(tmp_path: Path | None = None):
 
 
 @contextmanager
-def dnsmasq(tmp_path: Path):
+def dnsmasq(tmp_path: Path, port: int | None = None):
     """A DNS server answering web.test with 10.1.2.3 and NXDOMAIN for other .test names."""
-    port = free_port()
+    port = port or free_port()
     argv = [need("dnsmasq"), "--no-daemon", f"--port={port}", "--listen-address=127.0.0.1", "--bind-interfaces",
             "--no-resolv", "--no-hosts", "--conf-file=/dev/null", "--pid-file=", "--local=/test/",
             "--address=/web.test/10.1.2.3"]  # fmt: skip

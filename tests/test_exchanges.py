@@ -10,20 +10,21 @@ import socket
 import numpy as np
 
 from deeptrace.capture.pipeline import SpanPipeline
-from deeptrace.capture.records import EXCHANGE_PROTOCOLS, exchange_dtype
+from deeptrace.capture.records import EXCHANGE_PROTOCOLS, XFLAG_DATAGRAM, XFLAG_UNANSWERED, exchange_dtype
 from deeptrace.capture.spans import json_lines
 
 HEAD = 256
 
 
 def event(req: bytes, resp: bytes, *, protocol="http1", status=200, req_size=None, resp_size=None, conn=7,
-          tgid=100, role=2, start=1_000, end=5_000, laddr="10.0.0.1", raddr="10.0.0.2") -> np.ndarray:  # fmt: skip
+          tgid=100, role=2, start=1_000, end=5_000, laddr="10.0.0.1", raddr="10.0.0.2", rport=40000,
+          flags=0) -> np.ndarray:  # fmt: skip
     e = np.zeros(1, exchange_dtype(HEAD))
     fields = {"start_ns": start, "end_ns": end, "conn_id": conn, "tgid": tgid, "req_tid": tgid + 1,
               "resp_tid": tgid + 2, "req_seq": 0xFFFFFFF0, "resp_seq": 500, "req_size": req_size or len(req),
-              "resp_size": resp_size or len(resp), "lport": 8080, "rport": 40000, "status": status,
+              "resp_size": resp_size or len(resp), "lport": 8080, "rport": rport, "status": status,
               "req_captured": min(len(req), HEAD), "resp_captured": min(len(resp), HEAD), "family": 2, "role": role,
-              "protocol": EXCHANGE_PROTOCOLS.index(protocol)}  # fmt: skip
+              "protocol": EXCHANGE_PROTOCOLS.index(protocol), "flags": flags}  # fmt: skip
     for k, v in fields.items():
         e[k] = v
     e["laddr"] = socket.inet_aton(laddr).ljust(16, b"\0")
@@ -142,3 +143,52 @@ def test_stats_count_exchanges_and_spans():
     pipeline.push_exchanges_json(event(GET, OK), 0)
     assert (pipeline.stats.exchanges, pipeline.stats.spans) == (4, 4)
     assert pipeline.push_exchanges(np.zeros(0, exchange_dtype(HEAD)), 0) == []
+
+
+def dns_query(ident: int, name: str, qtype: int = 1) -> bytes:
+    labels = b"".join(bytes([len(p)]) + p.encode() for p in name.split("."))
+    return ident.to_bytes(2, "big") + b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + labels + b"\0" + bytes([0, qtype, 0, 1])
+
+
+def dns_answer(query: bytes, rcode: int = 0, answers: int = 1) -> bytes:
+    rr = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04\x0a\x01\x02\x03"
+    return query[:2] + bytes([0x81, 0x80 | rcode, 0, 1, 0, answers, 0, 0, 0, 0]) + query[12:] + rr * answers
+
+
+def test_dns_datagrams_have_no_tcp_ranges_and_each_peer_of_a_socket_its_endpoint():
+    q1, q2 = dns_query(1, "web.test"), dns_query(2, "gone.test", 28)
+    events = np.concatenate([
+        event(q1, dns_answer(q1), protocol="dns", status=0, flags=XFLAG_DATAGRAM, raddr="10.0.0.5", rport=5001),
+        event(q2, dns_answer(q2, 3, 0), protocol="dns", status=3, flags=XFLAG_DATAGRAM, raddr="10.0.0.6", rport=5002),
+        event(GET, OK),  # a TCP exchange in the same batch keeps its ranges
+    ])  # fmt: skip
+    spans, dicts = both(events)
+    a, gone, http = spans
+    assert (a.name, a.status, a.status_code, a.req_seq, a.resp_seq) == ("DNS A web.test", "ok", "NOERROR", None, None)
+    assert a.attributes == {"dns.id": 1, "dns.question.name": "web.test", "dns.question.type": "A",
+                            "dns.response.code": "NOERROR", "dns.answers": 1}  # fmt: skip
+    assert (gone.name, gone.status, gone.status_code) == ("DNS AAAA gone.test", "error", "NXDOMAIN")
+    # One socket (conn 7), two peers: each span names its own.
+    assert [(s.endpoint.raddr, s.endpoint.rport) for s in (a, gone)] == [("10.0.0.5", 5001), ("10.0.0.6", 5002)]
+    assert http.req_seq is not None
+    for s, d in zip(spans, dicts):
+        expected = s.to_json_dict()
+        for x in (d, expected):
+            x.pop("trace_id"), x.pop("span_id")
+        assert d == expected
+
+
+def test_a_request_another_of_its_id_displaced_is_an_error_span_in_both_paths():
+    q = dns_query(9, "retry.test")
+    alone = event(q, b"", protocol="dns", status=0, flags=XFLAG_DATAGRAM | XFLAG_UNANSWERED, end=2_000)
+    alone["resp_captured"] = alone["resp_size"] = 0
+    events = np.concatenate([alone, event(q, dns_answer(q), protocol="dns", status=0, flags=XFLAG_DATAGRAM, start=3_000)])
+    pipeline = SpanPipeline(host="h")
+    spans, dicts = both(events)
+    displaced, answered = spans
+    assert (displaced.status, displaced.status_code, displaced.resp_size) == ("error", "too many requests waiting", 0)
+    assert displaced.end_ns == 10**18 + 2_000 and displaced.attributes["deeptrace.no_response"] == displaced.status_code
+    assert (answered.status, answered.name) == ("ok", "DNS A retry.test")
+    assert [d["status_code"] for d in dicts] == ["too many requests waiting", "NOERROR"]
+    pipeline.push_exchanges(events, 0)
+    assert (pipeline.stats.exchanges, pipeline.stats.spans, pipeline.stats.unanswered) == (2, 2, 1)

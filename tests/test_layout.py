@@ -33,6 +33,7 @@ BOUNDS = {
     "DT_TASK_COMM_LEN": "TASK_COMM_LEN",
     "DT_XHEAD_MAX": "XHEAD_MAX",
     "DT_SAMPLE_SHIFT_MAX": "SAMPLE_SHIFT_MAX",
+    "DT_DNS_PORTS": "DNS_PORTS",
 }
 # The header's own types, which the probe declares (it includes no kernel headers).
 _PROBE_TYPES = """\
@@ -65,8 +66,9 @@ def struct_format(types: dict[int, dict], type_id: int) -> str:
     if t["kind"] == "INT":
         fmt = {1: "b", 2: "h", 4: "i", 8: "q"}[t["size"]]
         return fmt if t["encoding"] == "SIGNED" else fmt.upper()
-    if t["kind"] == "ARRAY" and struct_format(types, t["type_id"]) in ("b", "B"):
-        return f"{t['nr_elems']}s"
+    if t["kind"] == "ARRAY":
+        element = struct_format(types, t["type_id"])
+        return f"{t['nr_elems']}{'s' if element in ('b', 'B') else element}"
     if t["kind"] == "STRUCT":  # a nested struct, checked on its own: as bytes here
         return f"{t['size']}s"
     raise AssertionError(f"no struct format for BTF type {t}")
@@ -140,6 +142,16 @@ def test_xstate_matches_the_c_struct(bpf_object):
     assert records.EXCHANGE_SIZE == python_struct(records.EXCHANGE_FIELDS)[0]
 
 
+def test_dns_key_matches_the_c_struct(bpf_object):
+    assert python_struct(records.DNS_KEY_FIELDS) == c_struct(bpf_object, "dt_dns_key")
+    assert records.DNS_KEY.size == python_struct(records.DNS_KEY_FIELDS)[0]
+
+
+def test_exchange_flags_match_the_c_enum(compiled):
+    python = {name: getattr(records, name) for name in dir(records) if name.startswith("XFLAG_")}
+    assert {f"DT_XF_{name.removeprefix('XFLAG_')}": value for name, value in python.items()} == compiled[0]["dt_xflags"]
+
+
 def test_phases_match_the_c_enum(compiled):
     assert compiled[0]["dt_xphase"] == {f"DT_PHASE_{p.upper()}": i for i, p in enumerate(records.PHASES)}
 
@@ -156,7 +168,8 @@ def test_config_matches_the_c_struct(bpf_object):
 
 def test_every_enum_is_mirrored(compiled):
     enums, _ = compiled
-    assert set(enums) == {"dt_syscall", "dt_direction", "dt_role", "dt_flags", "dt_counter", "dt_xproto", "dt_xphase"}
+    assert set(enums) == {"dt_syscall", "dt_direction", "dt_role", "dt_flags", "dt_counter", "dt_xproto", "dt_xphase",
+                          "dt_xflags"}
 
 
 def test_syscalls_match_the_c_enum(compiled):

@@ -10,6 +10,8 @@ import subprocess
 import time
 from collections import Counter
 
+import numpy as np
+
 from conftest import require_bpf
 
 from deeptrace.agent.collector import Collector, CollectorConfig
@@ -22,9 +24,10 @@ KERNEL_COUNTERS = ("exchanges", "drop_exchange_ringbuf_full", "drop_exchange_sta
                    "conn_handed_over", "drop_ringbuf_full")  # fmt: skip
 
 
-def assembling_collector(protocols: tuple[str, ...]) -> Collector:
+def assembling_collector(protocols: tuple[str, ...], **config) -> Collector:
     require_bpf()
-    return Collector(CollectorConfig(selection=Selection(), capture_bytes=CAPTURE, assemble=protocols)).start()
+    return Collector(CollectorConfig(selection=Selection(), capture_bytes=CAPTURE, assemble=protocols,
+                                     **config)).start()  # fmt: skip
 
 
 class Twin:
@@ -43,7 +46,9 @@ class Twin:
         self.plain_spans: list = []
         self.exchange_spans: list = []  # from kernel exchange events
         self.record_spans: list = []  # the assembling collector's records (handed over, or never assembled)
+        self.held_spans: list = []  # requests the kernel still held when the twin closed
         self.handed_records: list = []  # records with FLAG_ASSEMBLED: what the kernel held at a hand-over
+        self.plain_syscalls: Counter = Counter()  # of the records path's records
         self.events = 0
         self.closed = False
 
@@ -60,9 +65,12 @@ class Twin:
         self.events += len(events)
         self.exchange_spans += self.p_asm.push_exchanges(events, self.asm.wall_offset_ns)
         self.handed_records += [r for r in records if r.flags & FLAG_ASSEMBLED]
+        # Children the traced processes forked since (the kernel traces them from their fork).
+        self.tgids |= set(events["tgid"].tolist()) | {r.tgid for r in records}
         self.record_spans += self.p_asm.push(records)
         self.store.pump(timeout_s=0)
         plain = [r for t in self.tgids for r in self.store.by_tgid.pop(t, [])]
+        self.plain_syscalls.update(r.syscall for r in plain)
         self.plain_spans += self.p_plain.push(plain)
         return len(events) + len(records) + len(plain)
 
@@ -82,16 +90,21 @@ class Twin:
             self.pump()
 
     def close(self) -> None:
-        """Everything in; connections still open end as the agent stopping ends them."""
+        """Everything in; connections still open, and requests the kernel still holds, end as
+        the agent stopping ends them."""
         self.settle()
         now = time.time_ns()
         self.plain_spans += self.p_plain.close_all(now)
         self.record_spans += self.p_asm.close_all(now)
+        events, ends = self.asm.waiting_exchanges(time.monotonic_ns())
+        ours = np.isin(events["tgid"], list(self.tgids))
+        self.held_spans = self.p_asm.expire_exchanges(events[ours], [e for e, o in zip(ends, ours) if o],
+                                                      self.asm.wall_offset_ns, "agent stopped")  # fmt: skip
         self.closed = True
 
     @property
     def asm_spans(self) -> list:
-        return self.exchange_spans + self.record_spans
+        return self.exchange_spans + self.record_spans + self.held_spans
 
     def delta(self) -> dict[str, int]:
         now = self.asm.counters()

@@ -66,7 +66,7 @@ def _collector_options(fn):
 
 # How often the agent looks for requests the kernel holds that have waited past --timeout.
 SWEEP_INTERVAL_S = 5.0
-KERNEL_EXCHANGES = ("http1", "redis", "memcached")  # what `deeptrace agent` has the kernel assemble by default
+KERNEL_EXCHANGES = ("http1", "redis", "memcached", "dns")  # what `deeptrace agent` has the kernel assemble by default
 
 
 def _algorithm_option(fn):
@@ -77,11 +77,13 @@ def _algorithm_option(fn):
                         "no exact link exists (joint is ours; the rest are baselines).")(fn)  # fmt: skip
 
 
-def _run(opts: dict, on_batch, on_tick=None, on_end=None, on_exchanges=None, assemble=(), sampling=False) -> None:
+def _run(opts: dict, on_batch, on_tick=None, on_end=None, on_exchanges=None, assemble=(), sampling=False,
+         dns_ports=(53,)) -> None:  # fmt: skip
     """Run the collector until --duration or a signal: on_batch(records, out) for each
     batch, on_exchanges(events, wall_offset_ns, out) for each batch of exchanges the kernel
-    assembled (of the protocols in `assemble`), on_tick(out) about once a second,
-    on_end(out) after the last batch. sampling: connections sampled under overload."""
+    assembled (of the protocols in `assemble`; DNS on `dns_ports`), on_tick(out) about once a
+    second, on_end(collector, out) after the last batch. sampling: connections sampled under
+    overload."""
     from deeptrace.agent.collector import Collector, CollectorConfig
     from deeptrace.agent.selection import Selection
 
@@ -94,7 +96,8 @@ def _run(opts: dict, on_batch, on_tick=None, on_end=None, on_exchanges=None, ass
             raise DeepTraceError("say which processes to trace: --pid PID, --comm NAME or --all")
         config = CollectorConfig(selection=sel, capture_bytes=opts["capture_bytes"], ring_bytes=opts["ring_bytes"],
                                  follow_forks=not opts["no_follow_forks"],
-                                 assemble=tuple(assemble) if on_exchanges else (), sampling=sampling)  # fmt: skip
+                                 assemble=tuple(assemble) if on_exchanges else (), sampling=sampling,
+                                 dns_ports=tuple(dns_ports))  # fmt: skip
         with Collector(config) as collector, _open_out(opts["out_path"]) as out:
             click.echo(f"deeptrace: tracing {_describe(sel, collector)}; Ctrl-C to stop", err=True)
             deadline = time.monotonic() + opts["duration"] if opts["duration"] is not None else None
@@ -116,7 +119,7 @@ def _run(opts: dict, on_batch, on_tick=None, on_end=None, on_exchanges=None, ass
             while one_batch(0):  # what arrived before the programs are detached
                 pass
             if on_end:
-                on_end(out)
+                on_end(collector, out)
             out.flush()
             _summary(collector)
     except DeepTraceError as e:
@@ -169,11 +172,15 @@ def record(fmt, **opts) -> None:
 @click.option("--agent-id", default=None, help="With --server: this agent's id at the server "
               "(default: made once and kept in the spool directory).")
 @click.option("--no-kernel-exchanges", is_flag=True, help="Frame every connection in user space from records, "
-              "including the HTTP/1, Redis and Memcached connections whose exchanges the kernel would otherwise pair.")
+              "including the HTTP/1, Redis, Memcached and DNS traffic whose exchanges the kernel would otherwise pair.")
+@click.option("--dns-port", "dns_ports", type=click.IntRange(1, 65535), multiple=True, default=(53,), show_default=True,
+              help="UDP port whose datagrams the kernel pairs as DNS (repeat for up to 4); DNS on other ports is "
+              "framed in user space.")
 @click.option("--no-sampling", is_flag=True, help="Never sample: under overload, what finds the ring buffer full "
               "is lost (counted) instead of whole connections being left out (spans then carry sampling.weight).")
 def agent(timeout_s, fmt, stats_interval, host_name, associate, algorithm, no_header_ids, hold, server_url,
-          token, spool_dir, spool_max_bytes, agent_id, no_kernel_exchanges, no_sampling, **opts) -> None:  # fmt: skip
+          token, spool_dir, spool_max_bytes, agent_id, no_kernel_exchanges, no_sampling, dns_ports,
+          **opts) -> None:  # fmt: skip
     """Trace processes and write one JSON span per request/response exchange (or ship them to a
     server with --server)."""
     from deeptrace.agent.services import ServiceNames
@@ -269,14 +276,17 @@ def agent(timeout_s, fmt, stats_interval, host_name, associate, algorithm, no_he
                     f"open connections {pipeline.open_connections}")  # fmt: skip
             click.echo(line + (f"; {shipper.stats.describe()}" if shipper is not None else ""), err=True)
 
-    def end(out) -> None:
+    def end(collector, out) -> None:
         write(pipeline.close_all(time.time_ns()), out)
+        # Requests the kernel still holds end as open connections do (the records path's).
+        events, ends = collector.waiting_exchanges(time.monotonic_ns())
+        write(pipeline.expire_exchanges(events, ends, collector.wall_offset_ns, "agent stopped"), out)
         if linker is not None:
             emit(linker.close(time.time_ns()), out)
 
     try:
         _run(opts, lambda batch, out: write(pipeline.push(batch), out), tick, end, on_exchanges=exchanges,
-             assemble=() if no_kernel_exchanges else KERNEL_EXCHANGES, sampling=not no_sampling)
+             assemble=() if no_kernel_exchanges else KERNEL_EXCHANGES, sampling=not no_sampling, dns_ports=dns_ports)
     finally:
         if shipper is not None:
             # Seals the open batch; what the server does not take within the grace time stays spooled.

@@ -21,6 +21,8 @@ from deeptrace.agent.system import kernel_has_btf_function, preflight
 from deeptrace.capture.records import (
     CONFIG,
     COUNTERS,
+    DNS_KEY,
+    DNS_PORTS,
     EXCHANGE_PROTOCOLS,
     MAX_CAPTURE,
     PHASES,
@@ -72,6 +74,9 @@ class CollectorConfig:
     assemble: tuple[str, ...] = ()
     exchange_head: int = 256  # payload head per message of an exchange, multiple of 8
     exchange_ring_bytes: int = 8 << 20
+    # UDP ports whose datagrams the kernel pairs as DNS (when "dns" is assembled); on any
+    # other port DNS is framed in user space, as records.
+    dns_ports: tuple[int, ...] = (53,)
     # Under overload, have the kernel write only some connections, whole (agent/sampling.py);
     # off: every record is written while there is room, and what finds none is lost.
     sampling: bool = False
@@ -84,6 +89,8 @@ class CollectorConfig:
                                  f"(it does: {', '.join(EXCHANGE_PROTOCOLS[1:])})")  # fmt: skip
         if not 8 <= self.exchange_head <= XHEAD_MAX or self.exchange_head % 8:
             raise DeepTraceError(f"exchange head must be a multiple of 8 between 8 and {XHEAD_MAX} bytes")
+        if len(self.dns_ports) > DNS_PORTS or not all(0 < p < 65536 for p in self.dns_ports):
+            raise DeepTraceError(f"at most {DNS_PORTS} DNS ports, each between 1 and 65535")
         if self.wakeup_records < 1:
             raise DeepTraceError("wakeup_records must be at least 1")
         if not 0 <= self.capture_bytes <= MAX_CAPTURE:
@@ -150,6 +157,7 @@ class Collector:
         self._exchanges = obj.map("EXCHANGES")
         self._sampling = self._sized(obj.map("SAMPLING"), _U32.size, _U32.size)
         self._xstate = self._sized(obj.map("XSTATE"), _U64.size, XSTATE.size)
+        self._dns_pending = self._sized(obj.map("DNSPEND"), DNS_KEY.size, XSTATE.size)
 
     def _sized(self, m: BpfMap, key_size: int, value_size: int) -> BpfMap:
         if (m.key_size, m.value_size) != (key_size, value_size):
@@ -164,8 +172,9 @@ class Collector:
         """struct dt_config, the programs' load-time settings (their `CFG`)."""
         cfg = self.config
         protocols = sum(1 << EXCHANGE_PROTOCOLS.index(p) for p in set(cfg.assemble))
+        ports = list(cfg.dns_ports) + [0] * (DNS_PORTS - len(cfg.dns_ports))
         return CONFIG.pack(cfg.capture_bytes, int(cfg.selection.trace_all), os.getpid(), int(cfg.follow_forks),
-                           cfg.wakeup_records, protocols, cfg.exchange_head)  # fmt: skip
+                           cfg.wakeup_records, protocols, cfg.exchange_head, *ports)  # fmt: skip
 
     def _select_initial(self) -> None:
         for name in self.config.selection.comms:
@@ -298,20 +307,27 @@ class Collector:
     def waiting_exchanges(self, ended_before_ns: int) -> tuple[np.ndarray, list[int]]:
         """Requests the kernel holds, whole, whose response has not come (or not all of it)
         though they ended before `ended_before_ns` (CLOCK_MONOTONIC): as exchange events
-        (their response fields empty), with when each one's last byte moved. One map
-        lookup per assembled connection: for a periodic sweep, not for every poll."""
+        (their response fields empty), with when each one's last byte moved. DNS queries are
+        taken out of the kernel's map as well (on TCP the connection's next exchange takes
+        the place of one; a datagram's entry stays until a response or this). One map lookup
+        per held exchange: for a periodic sweep, not for every poll."""
         if self._obj is None:
             raise DeepTraceError("collector is not started")
         waiting = (PHASES.index("wait"), PHASES.index("resp"), PHASES.index("resp_chunked"))
         size, rows, ends = self.exchange_dtype.itemsize, [], []
-        for key in self._xstate.keys():
-            raw = self._xstate.lookup(key)
-            if raw is None or raw[XSTATE_PHASE_AT] not in waiting or raw[XSTATE_SAMPLED_OUT_AT]:
-                continue
-            (end,) = _U64.unpack_from(raw, XSTATE_REQ_END_AT)
-            if end < ended_before_ns:
-                rows.append(raw[:size])
-                ends.append(end)
+        for held, taken_out in ((self._xstate, False), (self._dns_pending, True)):
+            for key in held.keys():
+                raw = held.lookup(key)
+                if raw is None or raw[XSTATE_PHASE_AT] not in waiting:
+                    continue
+                (end,) = _U64.unpack_from(raw, XSTATE_REQ_END_AT)
+                if end >= ended_before_ns:
+                    continue
+                if taken_out:
+                    held.delete(key)
+                if not raw[XSTATE_SAMPLED_OUT_AT]:
+                    rows.append(raw[:size])
+                    ends.append(end)
         return np.frombuffer(b"".join(rows), dtype=self.exchange_dtype), ends
 
     def counters(self) -> dict[str, int]:

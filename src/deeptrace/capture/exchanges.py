@@ -1,6 +1,7 @@
 """Exchanges the kernel assembled -> spans, a batch at a time.
 
-For the protocols it can frame (agent/bpf/deeptrace.bpf.c: HTTP/1, Redis, Memcached text), the kernel pairs
+For the protocols it can frame (agent/bpf/deeptrace.bpf.c: HTTP/1, Redis, Memcached text, DNS over
+UDP), the kernel pairs
 each request with its response and writes one fixed-size event for both
 (records.EXCHANGE_FIELDS), with the first bytes of each. A batch of them arrives as one numpy
 array; its columns become Python lists once per batch, and names, status and attributes come
@@ -17,9 +18,9 @@ from collections.abc import Callable
 import msgspec
 import numpy as np
 
-from deeptrace.capture.records import EXCHANGE_PROTOCOLS
+from deeptrace.capture.records import EXCHANGE_PROTOCOLS, XFLAG_DATAGRAM
 from deeptrace.capture.spans import NO_RESPONSE, SAMPLING_WEIGHT, Endpoint, Span, SpanJson, b64_head, new_id
-from deeptrace.protocols import http1, memcached, redis
+from deeptrace.protocols import dns, http1, memcached, redis
 from deeptrace.protocols.redaction import redact_span_parts
 
 _CACHE_LIMIT = 4096  # distinct heads (and connections) remembered
@@ -84,11 +85,26 @@ def _memcached_response(head: bytes, values: int) -> Response:
                      memcached.reply_attributes(fields))  # fmt: skip
 
 
+def _dns_request(head: bytes) -> Request:
+    # The kernel checked the header against the whole datagram; the head may be less of it.
+    fields = dns.parse(head, size=0xFFFF)
+    if not fields:
+        return _request_side(dns.PROTOCOL, head, "DNS", {})
+    return _request_side(dns.PROTOCOL, head, dns.span_name(fields), dns.request_attributes(fields))
+
+
+def _dns_response(head: bytes, rcode: int) -> Response:
+    fields = dns.parse(head, size=0xFFFF)
+    attrs = dns.response_attributes(fields) if fields else {"dns.response.code": dns.RCODES.get(rcode, str(rcode))}
+    return _response_side(dns.PROTOCOL, head, "error" if rcode else "ok", attrs["dns.response.code"], attrs)
+
+
 # By enum dt_xproto.
 _SIDES: dict[int, tuple[Callable[[bytes], Request], Callable[[bytes, int], Response]]] = {
     EXCHANGE_PROTOCOLS.index("http1"): (_http_request, _http_response),
     EXCHANGE_PROTOCOLS.index("redis"): (_redis_request, _redis_response),
     EXCHANGE_PROTOCOLS.index("memcached"): (_memcached_request, _memcached_response),
+    EXCHANGE_PROTOCOLS.index("dns"): (_dns_request, _dns_response),
 }
 
 
@@ -97,6 +113,10 @@ def _attributes(req: Request, resp: Response, sample_shift: int) -> dict:
     if sample_shift:
         attrs[SAMPLING_WEIGHT] = 1 << sample_shift
     return attrs
+
+
+def _pair(r: list[int] | None) -> tuple[int, int] | None:
+    return None if r is None else (r[0], r[1])
 
 
 class _Columns:
@@ -110,11 +130,19 @@ class _Columns:
         self.end = (events["end_ns"].astype(np.int64) + wall).tolist()
         self.tgid, self.conn = events["tgid"].tolist(), events["conn_id"].tolist()
         self.req_tid, self.resp_tid = events["req_tid"].tolist(), events["resp_tid"].tolist()
-        self.req_seq, self.resp_seq = events["req_seq"].tolist(), events["resp_seq"].tolist()
+        req_seq, resp_seq = events["req_seq"].tolist(), events["resp_seq"].tolist()
         self.req_size, self.resp_size = events["req_size"].tolist(), events["resp_size"].tolist()
-        # Where each message's TCP byte range ends: uint32 arithmetic wraps as sequence numbers do.
-        self.req_seq_end = (events["req_seq"] + events["req_size"]).tolist()
-        self.resp_seq_end = (events["resp_seq"] + events["resp_size"]).tolist()
+        # Each message's TCP byte range (uint32 arithmetic wraps as sequence numbers do), and
+        # the key of its connection's endpoint; a datagram has no range, and its socket's
+        # peer is the one it came from or went to.
+        req_ranges = [[s, e] for s, e in zip(req_seq, (events["req_seq"] + events["req_size"]).tolist())]
+        resp_ranges = [[s, e] for s, e in zip(resp_seq, (events["resp_seq"] + events["resp_size"]).tolist())]
+        self.key = list(zip(self.tgid, self.conn))
+        datagrams = np.flatnonzero(events["flags"] & XFLAG_DATAGRAM).tolist()
+        for i in datagrams:
+            req_ranges[i] = resp_ranges[i] = None
+            self.key[i] = (self.tgid[i], self.conn[i], int(events["rport"][i]), bytes(events["raddr"][i]))
+        self.req_range, self.resp_range = req_ranges, resp_ranges
         self.protocol, self.status = events["protocol"].tolist(), events["status"].tolist()
         self.req_head, self.resp_head = events["req_head"].tolist(), events["resp_head"].tolist()
         self.req_len, self.resp_len = events["req_captured"].tolist(), events["resp_captured"].tolist()
@@ -136,7 +164,7 @@ class ExchangeSpans:
         c = _Columns(events, wall_offset_ns)
         return [
             Span(kind, req[1], req[0], endpoint, c.start[i], c.end[i], resp[0], resp[1], c.req_tid[i], c.resp_tid[i],
-                 c.req_size[i], c.resp_size[i], (c.req_seq[i], c.req_seq_end[i]), (c.resp_seq[i], c.resp_seq_end[i]),
+                 c.req_size[i], c.resp_size[i], _pair(c.req_range[i]), _pair(c.resp_range[i]),
                  _attributes(req, resp, c.shift[i]), req[3], resp[3])
             for i, endpoint, kind, _, req, _, resp in self._sides(c, events)
         ]  # fmt: skip
@@ -156,8 +184,8 @@ class ExchangeSpans:
             out.append(SpanJson(ids[at : at + 32], ids[at + 32 : at + 48], None, kind, req[1], req[0], e.service,
                                 e.host, e.pid, c.req_tid[i], c.resp_tid[i], start, end, end - start, resp[0],
                                 resp[1], e.laddr, e.lport, e.raddr, e.rport, e.conn_id, c.req_size[i],
-                                c.resp_size[i], [c.req_seq[i], c.req_seq_end[i]], [c.resp_seq[i], c.resp_seq_end[i]],
-                                attrs, b64_head(req[3]), b64_head(resp[3])))  # fmt: skip
+                                c.resp_size[i], c.req_range[i], c.resp_range[i], attrs, b64_head(req[3]),
+                                b64_head(resp[3])))  # fmt: skip
         return out
 
     def unanswered(self, events: np.ndarray, req_end_ns: list[int], wall_offset_ns: int, reason: str) -> list[Span]:
@@ -167,7 +195,7 @@ class ExchangeSpans:
         c = _Columns(events, wall_offset_ns)
         out = []
         for i in range(c.n):
-            key = (c.tgid[i], c.conn[i])
+            key = c.key[i]
             endpoint, kind = self._endpoints.get(key) or self._endpoint(key, events[i])
             req_key = (c.protocol[i], c.req_head[i][: c.req_len[i]])
             req = self._requests.get(req_key) or self._request(req_key)
@@ -175,8 +203,8 @@ class ExchangeSpans:
             if c.shift[i]:
                 attrs[SAMPLING_WEIGHT] = 1 << c.shift[i]
             out.append(Span(kind, req[1], req[0], endpoint, c.start[i], req_end_ns[i] + wall_offset_ns, "error",
-                            reason, c.req_tid[i], None, c.req_size[i], 0, (c.req_seq[i], c.req_seq_end[i]), None,
-                            attrs, req[3], b""))  # fmt: skip
+                            reason, c.req_tid[i], None, c.req_size[i], 0, _pair(c.req_range[i]), None, attrs,
+                            req[3], b""))  # fmt: skip
         return out
 
     def _sides(self, c: _Columns, events: np.ndarray):
@@ -184,7 +212,7 @@ class ExchangeSpans:
         each looked up in its cache, made on a miss."""
         endpoints, requests, responses = self._endpoints, self._requests, self._responses
         for i in range(c.n):
-            key = (c.tgid[i], c.conn[i])
+            key = c.key[i]
             endpoint, kind = endpoints.get(key) or self._endpoint(key, events[i])
             req_key = (c.protocol[i], c.req_head[i][: c.req_len[i]])
             req = requests.get(req_key) or self._request(req_key)

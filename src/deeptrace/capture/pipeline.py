@@ -19,13 +19,15 @@ import numpy as np
 
 from deeptrace import protocols
 from deeptrace.capture.exchanges import ExchangeSpans
-from deeptrace.capture.records import EXCHANGE_PROTOCOLS, FLAG_HANDED_OVER, Record
+from deeptrace.capture.records import EXCHANGE_PROTOCOLS, FLAG_HANDED_OVER, XFLAG_DATAGRAM, XFLAG_UNANSWERED, Record
 from deeptrace.capture.spans import SAMPLING_WEIGHT, Endpoint, Pairing, Span, SpanJson, make_span
 from deeptrace.capture.streams import OrderedStream
 from deeptrace.protocols.base import ConnectionParser, Message
 
 MAX_CONNECTIONS = 65536
 MAX_TIMED_OUT = 65536  # kernel-held requests reported as timed out, remembered to drop a late response
+# Why a request has no response when a later one took its place (one of the same id, or past the bound).
+DISPLACED = "too many requests waiting"
 DETECT_GIVE_UP_BYTES = 4096
 # A connection moves to the back of the eviction order at most this often: every
 # record would be exact, and costs more than the order is worth.
@@ -135,20 +137,24 @@ class SpanPipeline:
         times are CLOCK_MONOTONIC, which wall_offset_ns turns into wall-clock time)."""
         return self._from_exchanges(self._exchanges.spans, events, wall_offset_ns)
 
-    def expire_exchanges(self, events, req_end_ns: list[int], wall_offset_ns: int) -> list[Span]:
-        """Timeout spans for requests the kernel holds that waited longer than the timeout
-        (Collector.waiting_exchanges); their responses, if they come after all, make no span
-        (as a late response makes none on the records path). Each request is reported once,
-        however many sweeps find it still waiting."""
+    def expire_exchanges(self, events, req_end_ns: list[int], wall_offset_ns: int,
+                         reason: str = "timeout") -> list[Span]:  # fmt: skip
+        """Error spans for requests the kernel holds that waited longer than the timeout, or
+        that the agent stopping ends (Collector.waiting_exchanges); their responses, if they
+        come after all, make no span (as a late response makes none on the records path).
+        Each request is reported once, however many sweeps find it still waiting."""
         keys = list(zip(events["conn_id"].tolist(), events["req_seq"].tolist()))
+        # A DNS query is taken out of the kernel when reported (Collector.waiting_exchanges);
+        # a TCP request stays until its response or its connection's next exchange.
+        stream = ((events["flags"] & XFLAG_DATAGRAM) == 0).tolist()
         new = [key not in self._timed_out for key in keys]
         events, req_end_ns = events[np.array(new, dtype=bool)], [e for e, n in zip(req_end_ns, new) if n]
-        for key, n in zip(keys, new):
-            if n:
+        for key, n, s in zip(keys, new, stream):
+            if n and s:
                 self._timed_out[key] = None
         while len(self._timed_out) > MAX_TIMED_OUT:
             self._timed_out.pop(next(iter(self._timed_out)))
-        spans = self._exchanges.unanswered(events, req_end_ns, wall_offset_ns, "timeout")
+        spans = self._exchanges.unanswered(events, req_end_ns, wall_offset_ns, reason)
         self.stats.unanswered += len(spans)
         self.stats.spans += len(spans)
         return spans
@@ -164,6 +170,15 @@ class SpanPipeline:
             if any(late):
                 self.stats.orphan_responses += sum(late)
                 events = events[~np.array(late)]
+        alone: list[Span] = []
+        displaced = (events["flags"] & XFLAG_UNANSWERED) != 0
+        if displaced.any():  # requests that another of their id took the place of, as _message ends them
+            held = events[displaced]
+            alone = self._exchanges.unanswered(held, held["end_ns"].tolist(), wall_offset_ns, DISPLACED)
+            self.stats.unanswered += len(alone)
+            events = events[~displaced]
+            if make == self._exchanges.json:
+                alone = [s.to_json() for s in alone]
         gc_was_enabled = gc.isenabled()
         gc.disable()
         try:
@@ -171,9 +186,9 @@ class SpanPipeline:
         finally:
             if gc_was_enabled:
                 gc.enable()
-        self.stats.exchanges += len(events)
-        self.stats.spans += len(spans)
-        return spans
+        self.stats.exchanges += len(events) + len(alone)
+        self.stats.spans += len(spans) + len(alone)
+        return alone + spans
 
     def flush(self, now_ns: int) -> list[Span]:
         """Periodic work: overdue reorder waits become holes; unanswered requests time out."""
@@ -241,7 +256,7 @@ class SpanPipeline:
             self._emit(conn, make_span(conn.kind, conn.endpoint, msg, None), spans)
         elif msg.is_request:
             for dropped in conn.pairing.request(msg):
-                self._unanswered(conn, dropped, "too many requests waiting", spans)
+                self._unanswered(conn, dropped, DISPLACED, spans)
         else:
             self._response(conn, msg, spans)
 

@@ -23,6 +23,7 @@ MAX_MMSG = 8  # DT_MAX_MMSG
 TASK_COMM_LEN = 16  # DT_TASK_COMM_LEN
 XHEAD_MAX = 512  # DT_XHEAD_MAX: payload head per message of an exchange, at most
 SAMPLE_SHIFT_MAX = 10  # DT_SAMPLE_SHIFT_MAX: sampling keeps at least 1 connection in 2^10
+DNS_PORTS = 4  # DT_DNS_PORTS: UDP ports whose datagrams the kernel pairs as DNS, at most
 
 # (name, struct format) in the order of struct dt_record; little-endian, no padding
 # (the C struct has none: every field is naturally aligned).
@@ -76,7 +77,11 @@ FLAG_HANDED_OVER = 16  # no bytes: the kernel hands the connection over; msg_ind
 FLAG_SAMPLED_OUT = 128  # the kernel's mark of a record it does not write (never seen here)
 
 # enum dt_xproto, index = value: protocols whose exchanges the kernel assembles
-EXCHANGE_PROTOCOLS = (None, "http1", "redis", "memcached")
+EXCHANGE_PROTOCOLS = (None, "http1", "redis", "memcached", "dns")
+
+# enum dt_xflags: an exchange's flags
+XFLAG_DATAGRAM = 1  # over UDP: no TCP sequence numbers
+XFLAG_UNANSWERED = 2  # a request alone: another of its id took its place (records path: "too many requests waiting")
 
 # enum dt_counter, index = value. Names starting with "drop_" are data lost.
 COUNTERS = (
@@ -98,6 +103,7 @@ COUNTERS = (
     "sampled_records",
     "sampled_exchanges",
     "conn_sampled_out",
+    "dns_pending_full",
 )
 
 # (name, struct format) in the order of struct dt_config, the programs' read-only CFG.
@@ -109,6 +115,7 @@ CONFIG_FIELDS: tuple[tuple[str, str], ...] = (
     ("wakeup_records", "Q"),
     ("exchange_protocols", "I"),
     ("exchange_head", "I"),
+    ("dns_ports", f"{DNS_PORTS}H"),
 )
 CONFIG = struct.Struct("<" + "".join(fmt for _, fmt in CONFIG_FIELDS))
 
@@ -166,6 +173,17 @@ XSTATE_FIELDS: tuple[tuple[str, str], ...] = (
     ("pad", "6s"),
 )
 XSTATE = struct.Struct("<" + "".join(fmt for _, fmt in XSTATE_FIELDS))
+
+# (name, struct format) in the order of struct dt_dns_key, the DNSPEND map's key (a DNS query
+# the kernel holds, whose value is an XSTATE).
+DNS_KEY_FIELDS: tuple[tuple[str, str], ...] = (
+    ("conn_id", "Q"),
+    ("raddr", "16s"),
+    ("rport", "H"),
+    ("id", "H"),
+    ("pad", "I"),
+)
+DNS_KEY = struct.Struct("<" + "".join(fmt for _, fmt in DNS_KEY_FIELDS))
 
 
 def _offset(fields: tuple[tuple[str, str], ...], name: str) -> int:

@@ -53,16 +53,17 @@ def _name(buf: bytes, pos: int) -> tuple[str | None, int | None]:
     return None, after  # pointers that loop
 
 
-def _header(msg: bytes) -> dict | None:
-    """The header's fields if they are those of a DNS message: a known operation, the reserved bit
-    clear, no error in a request, a question, and no more records than the message could hold."""
+def _header(msg: bytes, size: int) -> dict | None:
+    """The header's fields if they are those of a DNS message of `size` bytes: a known operation,
+    the reserved bit clear, no error in a request, a question, and no more records than the
+    message could hold."""
     if len(msg) < _HEADER.size:
         return None
     ident, flags, qd, an, ns, ar = _HEADER.unpack_from(msg)
     opcode, rcode, response = (flags >> 11) & 0xF, flags & 0xF, bool(flags & 0x8000)
     if opcode not in OPCODES or flags & 0x0040 or (rcode and not response):
         return None
-    if not 1 <= qd <= len(msg) - _HEADER.size or an + ns + ar > len(msg):
+    if not 1 <= qd <= size - _HEADER.size or an + ns + ar > size:
         return None
     return {"id": ident, "response": response, "rcode": rcode, "opcode": OPCODES[opcode], "answers": an,
             "truncated": bool(flags & 0x0200), "questions": qd}  # fmt: skip
@@ -78,11 +79,12 @@ def _question(msg: bytes) -> tuple[str | None, str | None, bool]:
     return name, QTYPES.get(qtype, str(qtype)), name is not None and qtype != 0 and qclass in CLASSES
 
 
-def parse(msg: bytes, whole: bool = False) -> dict | None:
+def parse(msg: bytes, whole: bool = False, size: int | None = None) -> dict | None:
     """Fields of one DNS message, or None if these bytes are not one. A sound header is enough for
     a message (a name or type that cannot be read is left out) unless whole is asked for: with
-    whole, the question must be readable too (what detection asks of bytes not yet known as DNS)."""
-    fields = _header(msg)
+    whole, the question must be readable too (what detection asks of bytes not yet known as DNS).
+    `size`: the message's length when msg is only its first bytes."""
+    fields = _header(msg, len(msg) if size is None else size)
     if fields is None:
         return None
     name, qtype, readable = _question(msg)
@@ -148,29 +150,48 @@ class DnsConnection(ConnectionParser):
 
     def feed(self, is_request: bool, chunk: Chunk) -> list[Message]:
         framer = self._sides[is_request]
-        if not self._tcp:
-            framer.in_step = True  # every datagram stands alone
-            chunk = Chunk(chunk.data, len(chunk.data), chunk.start_ns, chunk.end_ns, chunk.tid, chunk.seq)
-        return [self._message(f) for f in framer.feed(chunk) if f.fields["response"] != is_request]
+        if self._tcp:
+            return [self._message(f) for f in framer.feed(chunk) if f.fields["response"] != is_request]
+        # Every datagram stands alone, and is framed by the bytes captured of it (a long
+        # response's head is enough); its size is the datagram's.
+        framer.in_step = True
+        captured = Chunk(chunk.data, len(chunk.data), chunk.start_ns, chunk.end_ns, chunk.tid, chunk.seq)
+        messages = [self._message(f) for f in framer.feed(captured) if f.fields["response"] != is_request]
+        for msg in messages:
+            msg.size = chunk.size
+        return messages
 
     @staticmethod
     def _message(f: Framed) -> Message:
         fields = f.fields
-        attrs = {"dns.id": fields["id"]}
-        for key, attr in (("name", "dns.question.name"), ("qtype", "dns.question.type")):
-            if fields[key] is not None:
-                attrs[attr] = fields[key]
-        if fields["opcode"] != "QUERY":
-            attrs["dns.opcode"] = fields["opcode"]
         if not fields["response"]:
-            return message_from(f, PROTOCOL, True, name=span_name(fields), pair_key=fields["id"], attributes=attrs,
-                                head=f.head)  # fmt: skip
-        rcode = RCODES.get(fields["rcode"], str(fields["rcode"]))
-        attrs.update({"dns.response.code": rcode, "dns.answers": fields["answers"]})
-        if fields["truncated"]:
-            attrs["dns.truncated"] = True
-        return message_from(f, PROTOCOL, False, error=fields["rcode"] != 0, status_code=rcode, pair_key=fields["id"],
-                            attributes=attrs, head=f.head)  # fmt: skip
+            return message_from(f, PROTOCOL, True, name=span_name(fields), pair_key=fields["id"],
+                                attributes=request_attributes(fields), head=f.head)  # fmt: skip
+        return message_from(f, PROTOCOL, False, error=fields["rcode"] != 0, status_code=response_code(fields),
+                            pair_key=fields["id"], attributes=response_attributes(fields), head=f.head)  # fmt: skip
+
+
+def request_attributes(fields: dict) -> dict:
+    attrs = {"dns.id": fields["id"]}
+    for key, attr in (("name", "dns.question.name"), ("qtype", "dns.question.type")):
+        if fields[key] is not None:
+            attrs[attr] = fields[key]
+    if fields["opcode"] != "QUERY":
+        attrs["dns.opcode"] = fields["opcode"]
+    return attrs
+
+
+def response_code(fields: dict) -> str:
+    return RCODES.get(fields["rcode"], str(fields["rcode"]))
+
+
+def response_attributes(fields: dict) -> dict:
+    """A response's attributes: those of its question (it repeats it) and its outcome."""
+    attrs = request_attributes(fields)
+    attrs.update({"dns.response.code": response_code(fields), "dns.answers": fields["answers"]})
+    if fields["truncated"]:
+        attrs["dns.truncated"] = True
+    return attrs
 
 
 def span_name(fields: dict) -> str:

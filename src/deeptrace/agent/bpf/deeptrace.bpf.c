@@ -19,6 +19,8 @@ char LICENSE[] SEC("license") = "GPL";
 #define S_IFMT 00170000
 #define S_IFSOCK 0140000
 #define EINPROGRESS 115
+#define E2BIG 7
+#define EEXIST 17
 
 /* Enter arguments kept for the exit hook. */
 struct args {
@@ -101,6 +103,8 @@ struct scratch {
 	__u8 data[2 * DT_MAX_CAPTURE];
 	struct hscan scan;
 	struct cwalk walk;
+	struct dt_dns_key dns; /* the DNS query a datagram is or answers (off the stack: see dns_or_record) */
+	struct iovec iov[DT_IOV_BATCH]; /* a batch of a call's iovec array (off the stack: see copy_iovecs) */
 };
 
 struct {
@@ -198,6 +202,25 @@ struct {
 	__type(key, __u32);
 	__type(value, struct handover);
 } HANDOVER SEC(".maps");
+
+/* DNS queries waiting for their response. A plain hash, not LRU: a query that finds it full
+ * goes to user space as a record (counted), never out unseen; what no response takes out,
+ * user space's timeout sweep does. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct dt_dns_key);
+	__type(value, struct dt_xstate);
+} DNSPEND SEC(".maps");
+
+/* Where a query's entry is made whole before it goes into DNSPEND, so that no response
+ * on another CPU ever finds it half written. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct dt_xstate);
+} XBUILD SEC(".maps");
 
 /* ---- reading kernel memory ----
  * Default (kernel 6.2+): typed pointers from bpf_get_current_task_btf() and
@@ -327,10 +350,14 @@ static __always_inline bool sampled_out(__u32 hash, __u32 level)
 	return hash & ((1U << level) - 1);
 }
 
+/* MurmurHash3's 64-bit finalizer: every input bit moves every output bit (one multiply
+ * alone left the high bits of small inputs, such as DNS ids 0, 1, 2, ..., in runs). */
 static __always_inline __u64 mix(__u64 v)
 {
 	v ^= v >> 33;
 	v *= 0xff51afd7ed558ccdULL;
+	v ^= v >> 33;
+	v *= 0xc4ceb9fe1a85ec53ULL;
 	v ^= v >> 33;
 	return v;
 }
@@ -525,13 +552,14 @@ static __always_inline __u32 copy_user(struct scratch *s, __u64 off, __u64 want,
 __noinline int copy_iovecs(__u64 uiov, __u64 iovcnt, __u64 total, __u64 cap)
 {
 	struct scratch *s = cpu_scratch();
-	struct iovec iovs[DT_IOV_BATCH];
 	__u64 off = 0;
 
 	if (!s)
 		return 0;
-	/* The array is read a batch at a time (one user-memory read costs ~100 ns here;
-	 * the stack holds one batch). gRPC and nginx write with dozens of iovecs. */
+	struct iovec *iovs = s->iov;
+	/* The array is read a batch at a time (one user-memory read costs ~100 ns here).
+	 * gRPC and nginx write with dozens of iovecs. The batch is kept in the scratch map,
+	 * not on the stack, whose 512 bytes this function shares with the *mmsg loop's. */
 	for (int b = 0; b < DT_MAX_IOV / DT_IOV_BATCH; b++) {
 		__u64 first = b * DT_IOV_BATCH;
 		__u64 n = iovcnt - first;
@@ -539,7 +567,7 @@ __noinline int copy_iovecs(__u64 uiov, __u64 iovcnt, __u64 total, __u64 cap)
 		if (first >= iovcnt || total == 0 || off >= cap)
 			break;
 		VERIFIER_MIN(n, DT_IOV_BATCH);
-		if (bpf_probe_read_user(iovs, n * sizeof(iovs[0]), (void *)(uiov + first * sizeof(iovs[0])))) {
+		if (bpf_probe_read_user(iovs, n * sizeof(*iovs), (void *)(uiov + first * sizeof(*iovs)))) {
 			s->rec.flags |= DT_FLAG_PAYLOAD_FAULT;
 			count(DT_CNT_PAYLOAD_FAULT);
 			break;
@@ -1762,6 +1790,155 @@ static __always_inline int assemble_call(struct conn *c, struct scratch *s, __u3
 
 #endif
 
+/* ---- DNS over UDP: one message per datagram; a query and its response pair by socket,
+ * peer and id ----
+ * Only datagrams to or from CFG.dns_ports: on any port a header check alone would take
+ * other protocols' datagrams for DNS now and then. A query is held in DNSPEND until its
+ * response comes the other way; anything else (not a DNS header as user space reads one,
+ * a second query of a held id, a response to no held query) goes to user space as a
+ * record, where the records path pairs what it can: the kernel never guesses. */
+
+static __always_inline bool dns_port(__u16 port)
+{
+	return port && (port == CFG.dns_ports[0] || port == CFG.dns_ports[1] || port == CFG.dns_ports[2] ||
+			port == CFG.dns_ports[3]);
+}
+
+static __always_inline __u16 be16(const __u8 *d)
+{
+	return (__u16)d[0] << 8 | d[1];
+}
+
+/* The first bytes of the message up to exchange_head into the state's head at `at`. */
+static __always_inline __u16 dns_head(struct dt_xstate *xs, __u64 at, struct scratch *s, __u64 captured)
+{
+	__u64 n = captured < xhead() ? captured : xhead();
+
+	VERIFIER_MIN(n, DT_XHEAD_MAX);
+	VERIFIER_MIN(at, DT_XHEAD_MAX);
+	if (n && bpf_probe_read_kernel(&xs->heads[at], n, s->data))
+		return 0;
+	return n;
+}
+
+/* A query: held until its response, as an exchange whose response is still to come. */
+static __always_inline bool dns_query(struct scratch *s, __u32 captured, struct dt_dns_key *k)
+{
+	struct dt_record *rec = &s->rec;
+	__u32 zero = 0;
+	struct dt_xstate *xs = bpf_map_lookup_elem(&XBUILD, &zero);
+
+	if (!xs)
+		return false;
+	struct dt_exchange *x = &xs->x;
+	__builtin_memset(x, 0, sizeof(*x));
+	x->start_ns = rec->direction == DT_DIR_EGRESS ? rec->enter_ns : rec->exit_ns;
+	x->end_ns = rec->exit_ns;
+	x->conn_id = rec->conn_id;
+	x->tgid = rec->tgid;
+	x->req_tid = rec->tid;
+	x->req_size = rec->size;
+	x->lport = rec->lport;
+	x->rport = rec->rport;
+	__builtin_memcpy(x->laddr, rec->laddr, 16);
+	__builtin_memcpy(x->raddr, rec->raddr, 16);
+	__builtin_memcpy(x->comm, rec->comm, DT_TASK_COMM_LEN);
+	x->family = rec->family;
+	x->role = rec->direction == DT_DIR_INGRESS ? DT_ROLE_SERVER : DT_ROLE_CLIENT;
+	x->protocol = DT_XP_DNS;
+	x->flags = DT_XF_DATAGRAM;
+	/* By the id alone, which both ends see alike: an unconnected socket's own address is
+	 * the wildcard, and a NAT between them changes the client's. */
+	__u32 level = sample_level();
+	x->sample_shift = level;
+	xs->sampled_out = sampled_out(mix(k->id) >> 32, level);
+	x->req_captured = dns_head(xs, 0, s, captured);
+	xs->req_end_ns = rec->exit_ns;
+	xs->owner = 0;
+	xs->phase = DT_PHASE_WAIT;
+	long err = bpf_map_update_elem(&DNSPEND, k, xs, BPF_NOEXIST);
+	if (err == -E2BIG)
+		count(DT_CNT_DNS_PENDING_FULL);
+	if (err != -EEXIST)
+		return err == 0;
+	/* A query of an id already held (a resolver's retry): the new one takes its place, and
+	 * the one held goes to user space alone, as the records path ends it (spans.Pairing). */
+	struct dt_xstate *held = bpf_map_lookup_elem(&DNSPEND, k);
+	if (!held || !claim(held, rec->tid))
+		return false; /* a response is taking it right now: this query goes as a record */
+	held->x.flags |= DT_XF_UNANSWERED;
+	if (held->sampled_out)
+		count(DT_CNT_SAMPLED_EXCHANGES);
+	else
+		output(&EXCHANGES, &held->x, sizeof(held->x) + 2 * xhead(), DT_CNT_EXCHANGES,
+		       DT_CNT_DROP_EXCHANGE_RINGBUF_FULL);
+	return bpf_map_update_elem(&DNSPEND, k, xs, BPF_ANY) == 0;
+}
+
+/* A response: with the query it answers, one exchange. */
+static __always_inline bool dns_response(struct scratch *s, __u32 captured, struct dt_dns_key *k, __u16 rcode)
+{
+	struct dt_record *rec = &s->rec;
+	struct dt_xstate *xs = bpf_map_lookup_elem(&DNSPEND, k);
+
+	/* It comes the other way than its query, and one response takes it (claim). */
+	if (!xs || (rec->direction == DT_DIR_INGRESS) == (xs->x.role == DT_ROLE_SERVER) || !claim(xs, rec->tid))
+		return false;
+	struct dt_exchange *x = &xs->x;
+	x->resp_size = rec->size;
+	x->resp_tid = rec->tid;
+	x->end_ns = rec->exit_ns;
+	x->status = rcode;
+	x->resp_captured = dns_head(xs, xhead(), s, captured);
+	if (xs->sampled_out)
+		count(DT_CNT_SAMPLED_EXCHANGES);
+	else
+		output(&EXCHANGES, x, sizeof(*x) + 2 * xhead(), DT_CNT_EXCHANGES, DT_CNT_DROP_EXCHANGE_RINGBUF_FULL);
+	bpf_map_delete_elem(&DNSPEND, k);
+	return true;
+}
+
+/* One datagram; false: its bytes are user space's, as a record. */
+static __always_inline bool dns_datagram(struct scratch *s, __u32 captured)
+{
+	struct dt_record *rec = &s->rec;
+	__u8 *d = s->data;
+
+	if ((rec->flags & DT_FLAG_PAYLOAD_FAULT) || captured < 12 || !(dns_port(rec->lport) || dns_port(rec->rport)))
+		return false;
+	/* The header as dns.py takes one: a known operation, the reserved bit clear, no error
+	 * in a query, a question, no more records than the message could hold. */
+	__u16 flags = be16(&d[2]), opcode = (flags >> 11) & 0xf, rcode = flags & 0xf;
+	__u32 qd = be16(&d[4]), records = (__u32)be16(&d[6]) + be16(&d[8]) + be16(&d[10]);
+	bool response = flags & 0x8000;
+	if (opcode == 3 || opcode > 5 || (flags & 0x0040) || (rcode && !response) || qd < 1 ||
+	    qd > rec->size - 12 || records > rec->size)
+		return false;
+	struct dt_dns_key *k = &s->dns;
+	k->conn_id = rec->conn_id;
+	__builtin_memcpy(k->raddr, rec->raddr, 16);
+	k->rport = rec->rport;
+	k->id = be16(d);
+	k->pad = 0;
+	return response ? dns_response(s, captured, k, rcode) : dns_query(s, captured, k);
+}
+
+/* A datagram paired as DNS, or else written as a record. A global function, checked once
+ * (see assemble_call); its stack adds to its callers', which the *mmsg loop keeps small. */
+__noinline int dns_or_record(struct scratch *s, __u32 captured)
+{
+	if (!s)
+		return 0;
+	if (!dns_datagram(s, captured))
+		submit(s, captured);
+	return 0;
+}
+
+static __always_inline bool dns_assembled(void)
+{
+	return CFG.exchange_protocols & (1 << DT_XP_DNS);
+}
+
 /* ---- enter: filter, resolve the socket, stash the arguments ---- */
 
 /* A thread keeps its slot between calls and it is rewritten in place: a lookup
@@ -1868,7 +2045,10 @@ static __always_inline int exit_single(void *map, __u8 direction, long ret, enum
 	}
 	if (c && a.l4 == IPPROTO_TCP && c->mode != XM_RECORDS && assemble_call(c, s, captured))
 		return 0;
-	submit(s, captured);
+	if (c && a.l4 == IPPROTO_UDP && dns_assembled())
+		dns_or_record(s, captured);
+	else
+		submit(s, captured);
 	return 0;
 }
 
@@ -1894,8 +2074,8 @@ static __always_inline int exit_mmsg(void *map, __u8 direction, long ret)
 		struct scratch *s = begin_record(&a, direction, DT_ROLE_UNKNOWN, false, &c);
 		if (!s)
 			return 0;
-		if (c && c->mode != XM_RECORDS)
-			records_only(c, &s->rec); /* batches of messages are user space's to frame */
+		if (c && a.l4 == IPPROTO_TCP && c->mode != XM_RECORDS)
+			records_only(c, &s->rec); /* batches of TCP messages are user space's to frame */
 		s->rec.ret = ret;
 		s->rec.msg_index = i;
 		if (a.l4 == IPPROTO_TCP) {
@@ -1904,7 +2084,11 @@ static __always_inline int exit_mmsg(void *map, __u8 direction, long ret)
 				seq += len;
 			s->rec.exit_seq = seq;
 		}
-		submit(s, capture_msghdr(s, um, len));
+		__u32 captured = capture_msghdr(s, um, len);
+		if (c && a.l4 == IPPROTO_UDP && dns_assembled())
+			dns_or_record(s, captured); /* a resolver's A and AAAA queries go out in one sendmmsg */
+		else
+			submit(s, captured);
 	}
 	if (ret > DT_MAX_MMSG) {
 		__u32 idx = DT_CNT_DROP_MMSG_OVERFLOW;

@@ -12,6 +12,7 @@
 #define DT_XHEAD_MAX 512     /* payload head per message an exchange event carries, at most */
 #define DT_XSCAN 1024        /* first bytes of a message searched for the end of its header */
 #define DT_SAMPLE_SHIFT_MAX 10 /* sampling keeps 1 connection in 2^shift, at most 1 in 1024 */
+#define DT_DNS_PORTS 4       /* UDP ports whose datagrams the kernel pairs as DNS, at most */
 
 enum dt_syscall {
 	DT_SYS_READ = 1,
@@ -61,6 +62,14 @@ enum dt_xproto {
 	DT_XP_HTTP1 = 1,
 	DT_XP_REDIS = 2,
 	DT_XP_MEMCACHED = 3, /* text protocol */
+	DT_XP_DNS = 4,       /* over UDP, on CFG.dns_ports: a query and its response pair by socket, peer and id */
+};
+
+/* struct dt_exchange's flags. */
+enum dt_xflags {
+	DT_XF_DATAGRAM = 1,   /* over UDP: no TCP sequence numbers (req_seq and resp_seq are 0) */
+	DT_XF_UNANSWERED = 2, /* a request alone, ended at end_ns: another of the same id took its place
+				 (as the records path ends it: "too many requests waiting") */
 };
 
 /* Every counter is a per-CPU u64 in the COUNTERS map, indexed by this enum. */
@@ -85,6 +94,7 @@ enum dt_counter {
 	DT_CNT_SAMPLED_RECORDS,     /* records not written: their connection was sampled away */
 	DT_CNT_SAMPLED_EXCHANGES,   /* exchanges not written: their connection was sampled away */
 	DT_CNT_CONN_SAMPLED_OUT,    /* connections whose records are sampled away (decided when first seen) */
+	DT_CNT_DNS_PENDING_FULL,    /* DNS query not held in DNSPEND (full): it and its response go as records */
 	DT_CNT_MAX,
 };
 
@@ -97,6 +107,7 @@ struct dt_config {
 	__u64 wakeup_records; /* wake the reader once per this many records of a CPU (>= 1) */
 	__u32 exchange_protocols; /* bit (1 << enum dt_xproto): assembled in the kernel; 0: records only */
 	__u32 exchange_head;      /* payload head per message of an exchange, multiple of 8, <= DT_XHEAD_MAX */
+	__u16 dns_ports[DT_DNS_PORTS]; /* DT_XP_DNS: datagrams to or from these ports (0: none) */
 };
 
 /* Fixed header of every ring-buffer record; `captured` payload bytes follow it. */
@@ -146,13 +157,14 @@ struct dt_exchange {
 	__u16 rport;
 	__u8 laddr[16];
 	__u8 raddr[16];
-	__u16 status;        /* HTTP status code; Redis: 1 if the reply is an error; memcached: VALUE blocks */
+	__u16 status;        /* HTTP status code; Redis: 1 if the reply is an error; memcached: VALUE blocks;
+				DNS: the response code */
 	__u16 req_captured;  /* head bytes that are the request's (<= exchange_head) */
 	__u16 resp_captured;
 	__u8 family;
 	__u8 role;           /* enum dt_role */
 	__u8 protocol;       /* enum dt_xproto */
-	__u8 flags;          /* none defined yet */
+	__u8 flags;          /* enum dt_xflags */
 	__u8 sample_shift;   /* kept with probability 1/2^sample_shift (its connection, at its start) */
 	__u8 pad[5];
 	char comm[DT_TASK_COMM_LEN];
@@ -189,6 +201,16 @@ struct dt_xstate {
 	__u8 with_cas;       /* memcached: a gets, whose VALUE lines end in a cas token */
 	__u8 framed;         /* an exchange of it was framed here: its protocol is known */
 	__u8 pad[6];
+};
+
+/* A DNS query waiting for its response (the DNSPEND map's key): the socket, the peer (an
+ * unconnected socket talks to many) and the message id. */
+struct dt_dns_key {
+	__u64 conn_id;
+	__u8 raddr[16];
+	__u16 rport;
+	__u16 id;
+	__u32 pad;
 };
 
 #endif
