@@ -29,6 +29,7 @@ import asyncio
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -43,7 +44,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from brokers import PASSWORD, USER, mosquitto, nats_server
 from rabbit import rabbitmq
-from servers import memcached, nginx, redis  # the test suite's real-server helpers
+from servers import dnsmasq, memcached, nginx, redis  # the test suite's real-server helpers
 
 from deeptrace.agent.collector import Collector, CollectorConfig
 from deeptrace.agent.selection import Selection
@@ -75,9 +76,9 @@ def capture_exchanges(start_server, load, seconds: float):
     """Exchange events the kernel assembled for the server while `load(port, seconds)` runs."""
     import numpy as np
 
-    config = CollectorConfig(selection=Selection(), ring_bytes=64 << 20, exchange_ring_bytes=64 << 20,
-                             assemble=("http1", "redis", "memcached"))  # fmt: skip
-    with tempfile.TemporaryDirectory() as d, start_server(Path(d)) as (pid, port), Collector(config) as c:
+    with tempfile.TemporaryDirectory() as d, start_server(Path(d)) as (pid, port), Collector(CollectorConfig(
+            selection=Selection(), ring_bytes=64 << 20, exchange_ring_bytes=64 << 20,
+            assemble=("http1", "redis", "memcached", "dns"), dns_ports=(port,))) as c:  # fmt: skip
         c.trace(pid)
         proc = load(port, seconds)
         batches = []
@@ -288,8 +289,33 @@ def mongodb_load(port: int, seconds: float) -> None:
     client.close()
 
 
+def dns_load(port: int, seconds: float) -> None:
+    """Queries over UDP from one socket, 16 in flight, each of a random id, for names dnsmasq
+    answers (web.test), has no A record of (AAAA), or does not know (NXDOMAIN)."""
+    import random
+    import socket
+
+    def query(ident: int, name: str, qtype: int) -> bytes:
+        labels = b"".join(bytes([len(p)]) + p.encode() for p in name.split("."))
+        return struct.pack("!HHHHHH", ident, 0x0100, 1, 0, 0, 0) + labels + b"\0" + struct.pack("!HH", qtype, 1)
+
+    questions = [("web.test", 1), ("web.test", 28)] + [(f"n{i}.test", 1) for i in range(30)]
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.connect(("127.0.0.1", port))
+    s.settimeout(1)
+    rnd = random.Random(1)
+    for _ in range(16):
+        s.send(query(rnd.randrange(65536), *rnd.choice(questions)))
+    for _ in until(seconds):
+        try:
+            s.recv(512)
+        except TimeoutError:
+            pass
+        s.send(query(rnd.randrange(65536), *rnd.choice(questions)))
+
+
 LOADS = {"amqp": amqp_load, "nats": nats_load, "mqtt": mqtt_load, "thrift": thrift_load, "dubbo": dubbo_load,
-         "kafka": kafka_load, "mongodb": mongodb_load}  # fmt: skip
+         "kafka": kafka_load, "mongodb": mongodb_load, "dns": dns_load}  # fmt: skip
 
 
 def replay(records: list, batch: int = 512, runs: int = 3) -> dict:
@@ -370,9 +396,10 @@ WORKLOADS = {
 # The target holds for one message per record: HTTP/1 and unpipelined Redis. A pipelined record
 # carries many messages (judged by spans/s); the other protocols are reported, not judged.
 TARGETED = ("http1 (wrk, keep-alive)", "redis (redis-benchmark, no pipelining)")
-# What the kernel assembles, measured from its exchange events (memcached: reported, not judged).
+# What the kernel assembles, measured from its exchange events (memcached, DNS: reported, not judged).
 EXCHANGE_WORKLOADS = {**{name: WORKLOADS[name] for name in TARGETED},
-                      "memcached (memcaslap)": (memcached, memcaslap)}  # fmt: skip
+                      "memcached (memcaslap)": (memcached, memcaslap),
+                      "dns (dnsmasq, UDP queries)": (dnsmasq, client_process("dns"))}  # fmt: skip
 
 
 def main() -> None:
