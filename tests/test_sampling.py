@@ -265,3 +265,27 @@ def test_a_reader_that_falls_behind_raises_the_level_and_it_falls_back_when_calm
                 col.poll(timeout_s=0.05)
                 col.poll_exchanges()
             assert col.sampling.level == 0, raised
+
+
+@pytest.mark.parametrize("sampling", [True, False], ids=["sampling", "no-sampling"])
+def test_the_kernel_raises_the_level_itself_when_a_ring_passes_half_full(tmp_path, sampling):
+    """A reader that does not look at all while the rings fill (held to a CPU quota, it looks a
+    few times a second): the kernel raises the level on its own, and the reader takes it over at
+    its next look. Without sampling the level stays 0 and what finds no room is lost."""
+    require_bpf()
+    config = CollectorConfig(selection=Selection(), assemble=("http1",), sampling=sampling,
+                             exchange_ring_bytes=1 << 16)  # fmt: skip
+    with Collector(config) as col:
+        with nginx(tmp_path) as (master, port):
+            col.trace(master)
+            _run_clients(col, port, 300)  # 600 exchanges of 1 KiB: ten times the ring
+            raised = col.kernel_sample_level()
+            assert col.sampling.level == 0  # user space has not looked yet
+            if not sampling:
+                assert raised == 0 and col.counters()["sampled_exchanges"] == 0
+                return
+            assert raised >= 1
+            assert col.counters()["sampled_exchanges"] > 0
+            col._next_sample = 0.0  # its next look
+            col.poll(timeout_s=0)
+            assert col.sampling.level >= raised

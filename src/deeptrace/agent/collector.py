@@ -174,7 +174,7 @@ class Collector:
         protocols = sum(1 << EXCHANGE_PROTOCOLS.index(p) for p in set(cfg.assemble))
         ports = list(cfg.dns_ports) + [0] * (DNS_PORTS - len(cfg.dns_ports))
         return CONFIG.pack(cfg.capture_bytes, int(cfg.selection.trace_all), os.getpid(), int(cfg.follow_forks),
-                           cfg.wakeup_records, protocols, cfg.exchange_head, *ports)  # fmt: skip
+                           cfg.wakeup_records, protocols, cfg.exchange_head, *ports, int(cfg.sampling), 0)  # fmt: skip
 
     def _select_initial(self) -> None:
         for name in self.config.selection.comms:
@@ -273,6 +273,9 @@ class Collector:
         return batch
 
     def _adjust_sampling(self, now: float) -> None:
+        kernel_level = self.kernel_sample_level()
+        if kernel_level > self.sampling.level:  # the kernel raised it: a ring passed half full
+            self.sampling.adopt(kernel_level, now)
         backlog = max(self._ring.pending_bytes() / self.config.ring_bytes,
                       self._exchange_ring.pending_bytes() / self.config.exchange_ring_bytes)  # fmt: skip
         lost = self._counter("drop_ringbuf_full") + self._counter("drop_exchange_ringbuf_full")
@@ -282,6 +285,11 @@ class Collector:
         if self.sampling.update(backlog, fraction, now):
             self.set_sample_level(self.sampling.level)
         self._ring_lost, self._ring_written = lost, written
+
+    def kernel_sample_level(self) -> int:
+        """The level in the kernel's SAMPLING map: the one set here, or higher where the kernel
+        raised it itself."""
+        return _U32.unpack(self._sampling.lookup(_U32.pack(0)))[0]
 
     def set_sample_level(self, level: int) -> None:
         """From now on the kernel keeps connections with probability 1/2^level (sampling.py)."""

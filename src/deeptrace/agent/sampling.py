@@ -8,9 +8,11 @@ when a ring holds more than `high_water` of its size unread and more than at the
 kernel counted something lost for want of room: the level goes up (at most once per
 `step_s`, so a step has time to show), one step, or, when a fraction f of what came was
 lost, as many as halve what is written until it fits (log2 of 1/(1-f), rounded up): a
-reader held to a CPU quota looks only a few times a second, and the rings fill in less. When the rings stay under `low_water` for
-`calm_s` with nothing lost, it comes down one step. The level a span was written at is
-its `sampling.weight` (2^level).
+reader held to a CPU quota looks only a few times a second, and the rings fill in less.
+The kernel does not wait for it: when a ring passes half full (or is full), it raises the
+level a step itself, at most once per ~16 ms, and this control takes that level over (adopt).
+When the rings stay under `low_water` for `calm_s` with nothing lost, it comes down one step.
+The level a span was written at is its `sampling.weight` (2^level).
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ class SamplingControl:
     _last_step: float = float("-inf")
     _calm_since: float | None = None
     _last_backlog: float = 0.0
+
+    def adopt(self, level: int, now: float) -> None:
+        """The kernel raised the level itself (a ring past half full between two looks): go
+        on from there, as after a step of our own."""
+        self.level = min(self.max_level, level)
+        self._last_step = now
+        self._calm_since = None
 
     def update(self, backlog: float, lost: float, now: float) -> bool:
         """backlog: the fullest ring's unread fraction; lost: the fraction of what the kernel

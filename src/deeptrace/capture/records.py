@@ -116,6 +116,8 @@ CONFIG_FIELDS: tuple[tuple[str, str], ...] = (
     ("exchange_protocols", "I"),
     ("exchange_head", "I"),
     ("dns_ports", f"{DNS_PORTS}H"),
+    ("sample_on_fill", "I"),
+    ("pad", "I"),
 )
 CONFIG = struct.Struct("<" + "".join(fmt for _, fmt in CONFIG_FIELDS))
 

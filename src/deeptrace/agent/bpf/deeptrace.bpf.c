@@ -144,14 +144,23 @@ struct {
 	__type(value, struct conn);
 } CONNS SEC(".maps");
 
-/* The sampling level, set by user space as it drains the rings: at level k a connection is
- * kept with probability 1/2^k (0: all). One entry. */
+/* The sampling level: at level k a connection is kept with probability 1/2^k (0: all). Set
+ * by user space as it drains the rings, and raised by the kernel itself when a ring passes
+ * half full (see behind). One entry. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, __u32);
 } SAMPLING SEC(".maps");
+
+/* When the kernel last raised the level (ns). One entry. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} RAISED SEC(".maps");
 
 /* Load-time settings, read-only data that user space fills in before load: the
  * verifier knows their values, so a program reads a constant instead of looking up a
@@ -492,6 +501,34 @@ static __always_inline struct scratch *begin_record(struct args *a, __u8 directi
  * samples of this CPU, not one per sample; the reader also polls on a short timeout so
  * a quiet trickle is not held back. (Asking the ring for its backlog instead costs a
  * cross-CPU cache miss on every sample: measured at ~400 ns.) */
+/* Time between two raises of the sampling level by the kernel: time for a step to show in
+ * how fast a ring fills. */
+#define RAISE_GAP_NS 16000000ULL
+/* Look at a ring's backlog once per this many samples a CPU writes (a look costs ~400 ns). */
+#define WATCH_EVERY 64
+
+/* A reader that looks at its rings only a few times a second (held to a CPU quota) finds
+ * them full before it can raise the level: the kernel raises it one step itself when a ring
+ * is past half full, or full, at most once per RAISE_GAP; user space takes the level over
+ * from there (agent/sampling.py) and lowers it when calm. */
+static __always_inline void behind(void *ring, bool full)
+{
+	__u32 zero = 0;
+
+	if (!full && bpf_ringbuf_query(ring, BPF_RB_AVAIL_DATA) * 2 < bpf_ringbuf_query(ring, BPF_RB_RING_SIZE))
+		return;
+	__u32 *level = bpf_map_lookup_elem(&SAMPLING, &zero);
+	__u64 *last = bpf_map_lookup_elem(&RAISED, &zero);
+	if (!level || !last)
+		return;
+	__u64 now = bpf_ktime_get_ns(), was = *last;
+	/* One CPU raises per gap: the one whose swap of the time succeeds. */
+	if (now - was < RAISE_GAP_NS || __sync_val_compare_and_swap(last, was, now) != was)
+		return;
+	if (*level < DT_SAMPLE_SHIFT_MAX)
+		__sync_fetch_and_add(level, 1);
+}
+
 static __always_inline void output(void *ring, void *data, __u64 len, __u32 written, __u32 lost)
 {
 	__u64 *n = bpf_map_lookup_elem(&COUNTERS, &written);
@@ -501,10 +538,15 @@ static __always_inline void output(void *ring, void *data, __u64 len, __u32 writ
 		return;
 	if (*n % CFG.wakeup_records == CFG.wakeup_records - 1)
 		flags = BPF_RB_FORCE_WAKEUP;
-	if (bpf_ringbuf_output(ring, data, len, flags))
+	if (bpf_ringbuf_output(ring, data, len, flags)) {
 		count(lost);
-	else
+		if (CFG.sample_on_fill)
+			behind(ring, true);
+	} else {
 		*n += 1;
+		if (CFG.sample_on_fill && *n % WATCH_EVERY == 0)
+			behind(ring, false);
+	}
 }
 
 static __always_inline void submit(struct scratch *s, __u64 captured)

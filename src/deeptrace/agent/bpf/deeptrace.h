@@ -108,6 +108,8 @@ struct dt_config {
 	__u32 exchange_protocols; /* bit (1 << enum dt_xproto): assembled in the kernel; 0: records only */
 	__u32 exchange_head;      /* payload head per message of an exchange, multiple of 8, <= DT_XHEAD_MAX */
 	__u16 dns_ports[DT_DNS_PORTS]; /* DT_XP_DNS: datagrams to or from these ports (0: none) */
+	__u32 sample_on_fill; /* 1: a ring past half full raises the sampling level (see SAMPLING) */
+	__u32 pad;
 };
 
 /* Fixed header of every ring-buffer record; `captured` payload bytes follow it. */
