@@ -303,9 +303,12 @@ class Collector:
         """What turns the kernel's CLOCK_MONOTONIC times into wall-clock time."""
         return self._decoder.wall_offset_ns
 
-    def poll_exchanges(self, limit: int = 16384) -> np.ndarray:
-        """Exchanges the kernel assembled since the last call, as one array of
-        `exchange_dtype` (no wait: poll() waits for either ring)."""
+    def poll_exchanges(self, limit: int = 2048) -> np.ndarray:
+        """Exchanges the kernel assembled since the last call (at most `limit`), as one
+        array of `exchange_dtype` (no wait: poll() waits for either ring). A batch's spans and
+        their JSON text live at once, about 7 KB per exchange: a reader behind its load (held
+        to a CPU quota) that took a whole 8 MiB ring (13,000 exchanges) at once grew from 90 to
+        200 MiB; batches of 2048 take ~20 MiB and are no slower (docs/benchmarks.md)."""
         if self._exchange_ring is None:
             raise DeepTraceError("collector is not started")
         events = self._exchange_ring.drain_array(self.exchange_dtype, limit)
