@@ -125,3 +125,15 @@ def traced_run(collector, store):
         return info, store.wait_for(t.pid, predicate)
 
     return run
+
+
+@pytest.fixture
+def twin(collector, store, assembling):
+    """The records path and a module's `assembling` collector on the same processes
+    (tests/twins.py); what this test's processes leave in the store goes with it."""
+    from twins import Twin
+
+    t = Twin(collector, store, assembling)
+    yield t
+    for pid in t.tgids:  # a server of this test is gone; the module's stays traced
+        store.by_tgid.pop(pid, None)

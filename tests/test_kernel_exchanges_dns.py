@@ -15,8 +15,6 @@ are no DNS.
 
 from __future__ import annotations
 
-import random
-import struct
 import subprocess
 import sys
 import textwrap
@@ -43,13 +41,6 @@ def server(tmp_path_factory):
     with dnsmasq(tmp_path_factory.mktemp("dnsmasq"), port=PORT) as (pid, _):
         yield pid
 
-
-@pytest.fixture
-def twin(collector, store, assembling):
-    t = Twin(collector, store, assembling)
-    yield t
-    for pid in t.tgids:
-        store.by_tgid.pop(pid, None)
 
 
 def run_traced(twin: Twin, argv: list[str], timeout_s: float = 30.0) -> str:

@@ -36,13 +36,6 @@ def server():
         yield pid, port
 
 
-@pytest.fixture
-def twin(collector, store, assembling):
-    t = Twin(collector, store, assembling)
-    yield t
-    for pid in t.tgids:
-        store.by_tgid.pop(pid, None)
-
 
 def client(twin: Twin, port: int, script: str, raw: bool = False) -> None:
     """A Python client traced from its start (so its connections are seen from connect);

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 from servers import free_port, need, serving
-from twins import Twin, assembling_collector, assert_same_spans, names, span_key, summary
+from twins import assembling_collector, assert_same_spans, names, span_key, summary
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +52,6 @@ def server(tmp_path_factory):
     with serving(redis_argv(port, tmp_path_factory.mktemp("redis")), port, stdout=subprocess.DEVNULL) as pid:
         yield pid, port
 
-
-@pytest.fixture
-def twin(collector, store, assembling):
-    t = Twin(collector, store, assembling)
-    yield t
-    for pid in t.tgids:  # a server of this test is gone; the module's stays traced
-        store.by_tgid.pop(pid, None)
 
 
 PARTIAL = "deeptrace.partial"

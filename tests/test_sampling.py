@@ -275,17 +275,16 @@ def test_the_kernel_raises_the_level_itself_when_a_ring_passes_half_full(tmp_pat
     require_bpf()
     config = CollectorConfig(selection=Selection(), assemble=("http1",), sampling=sampling,
                              exchange_ring_bytes=1 << 16)  # fmt: skip
-    with Collector(config) as col:
-        with nginx(tmp_path) as (master, port):
-            col.trace(master)
-            _run_clients(col, port, 300)  # 600 exchanges of 1 KiB: ten times the ring
-            raised = col.kernel_sample_level()
-            assert col.sampling.level == 0  # user space has not looked yet
-            if not sampling:
-                assert raised == 0 and col.counters()["sampled_exchanges"] == 0
-                return
-            assert raised >= 1
-            assert col.counters()["sampled_exchanges"] > 0
-            col._next_sample = 0.0  # its next look
-            col.poll(timeout_s=0)
-            assert col.sampling.level >= raised
+    with Collector(config) as col, nginx(tmp_path) as (master, port):
+        col.trace(master)
+        _run_clients(col, port, 300)  # 600 exchanges of 1 KiB: ten times the ring
+        raised = col.kernel_sample_level()
+        assert col.sampling.level == 0  # user space has not looked yet
+        if not sampling:
+            assert raised == 0 and col.counters()["sampled_exchanges"] == 0
+            return
+        assert raised >= 1
+        assert col.counters()["sampled_exchanges"] > 0
+        col._next_sample = 0.0  # its next look
+        col.poll(timeout_s=0)
+        assert col.sampling.level >= raised

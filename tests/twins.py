@@ -11,7 +11,6 @@ import time
 from collections import Counter
 
 import numpy as np
-
 from conftest import require_bpf
 
 from deeptrace.agent.collector import Collector, CollectorConfig

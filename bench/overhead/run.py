@@ -187,27 +187,31 @@ def attached(config: str, objects: dict[str, Path], ring_bytes: int):
             obj.load()
             obj.attach_all()
             traced = obj.map("TRACED")
-            reader = MinimalReader(obj)
-            reader.start()
-            state = Attached(lambda pid: traced.update(struct.pack("<I", pid), struct.pack("<I", 1)))
-            try:
+
+            def trace(pid: int) -> None:
+                traced.update(struct.pack("<I", pid), struct.pack("<I", 1))
+
+            with reading(MinimalReader(obj), trace) as state:
                 yield state
-            finally:
-                reader.stop.set()
-                reader.join()
-                state.records = reader.records
     else:
         with Collector(CollectorConfig(selection=Selection(), ring_bytes=ring_bytes)) as collector:
-            reader = Reader(collector)
-            reader.start()
-            state = Attached(collector.trace if config == "traced" else (lambda pid: None))
-            try:
+            trace = collector.trace if config == "traced" else (lambda pid: None)
+            with reading(Reader(collector), trace, collector.drops) as state:
                 yield state
-            finally:
-                reader.stop.set()
-                reader.join()
-                state.records = reader.records
-                state.drops = collector.drops()
+
+
+@contextmanager
+def reading(reader: threading.Thread, before_start: Callable[[int], object], drops=dict):
+    """A reader draining its ring while the measurements run; then what it read."""
+    reader.start()
+    state = Attached(before_start)
+    try:
+        yield state
+    finally:
+        reader.stop.set()
+        reader.join()
+        state.records = reader.records
+        state.drops = drops()
 
 
 # ---- one measurement ----

@@ -648,6 +648,18 @@ static __always_inline __u32 xhead(void)
 }
 
 
+/* Up to exchange_head bytes of this call's payload into the state's head at `at`. */
+static __always_inline __u16 keep_head(struct dt_xstate *xs, __u64 at, struct scratch *s, __u64 captured)
+{
+	__u64 n = captured < xhead() ? captured : xhead();
+
+	VERIFIER_MIN(n, DT_XHEAD_MAX);
+	VERIFIER_MIN(at, DT_XHEAD_MAX);
+	if (n && bpf_probe_read_kernel(&xs->heads[at], n, s->data))
+		return 0;
+	return n;
+}
+
 /* Every record of this connection is written from now on, `cur` included: the sampling of
  * records (by connection, when first seen) no longer applies to it. */
 static __always_inline void write_all_records(struct conn *c, struct dt_record *cur)
@@ -996,18 +1008,6 @@ static __always_inline bool scan_header(struct scratch *s, __u32 captured)
 	h->line1 = 0;
 	bpf_loop(DT_XSCAN, scan_step, &s, 0); /* each step moves on by at least a byte */
 	return h->end && !h->bad;
-}
-
-/* Up to exchange_head bytes of this call's payload into the state's head at `at`. */
-static __always_inline __u16 keep_head(struct dt_xstate *xs, __u64 at, struct scratch *s, __u64 captured)
-{
-	__u64 n = captured < xhead() ? captured : xhead();
-
-	VERIFIER_MIN(n, DT_XHEAD_MAX);
-	VERIFIER_MIN(at, DT_XHEAD_MAX);
-	if (n && bpf_probe_read_kernel(&xs->heads[at], n, s->data))
-		return 0;
-	return n;
 }
 
 /* ---- Redis (RESP2/3): a request is an array of bulk strings; a reply any value ---- */
@@ -1851,18 +1851,6 @@ static __always_inline __u16 be16(const __u8 *d)
 	return (__u16)d[0] << 8 | d[1];
 }
 
-/* The first bytes of the message up to exchange_head into the state's head at `at`. */
-static __always_inline __u16 dns_head(struct dt_xstate *xs, __u64 at, struct scratch *s, __u64 captured)
-{
-	__u64 n = captured < xhead() ? captured : xhead();
-
-	VERIFIER_MIN(n, DT_XHEAD_MAX);
-	VERIFIER_MIN(at, DT_XHEAD_MAX);
-	if (n && bpf_probe_read_kernel(&xs->heads[at], n, s->data))
-		return 0;
-	return n;
-}
-
 /* A query: held until its response, as an exchange whose response is still to come. */
 static __always_inline bool dns_query(struct scratch *s, __u32 captured, struct dt_dns_key *k)
 {
@@ -1894,7 +1882,7 @@ static __always_inline bool dns_query(struct scratch *s, __u32 captured, struct 
 	__u32 level = sample_level();
 	x->sample_shift = level;
 	xs->sampled_out = sampled_out(mix(k->id) >> 32, level);
-	x->req_captured = dns_head(xs, 0, s, captured);
+	x->req_captured = keep_head(xs, 0, s, captured);
 	xs->req_end_ns = rec->exit_ns;
 	xs->owner = 0;
 	xs->phase = DT_PHASE_WAIT;
@@ -1931,7 +1919,7 @@ static __always_inline bool dns_response(struct scratch *s, __u32 captured, stru
 	x->resp_tid = rec->tid;
 	x->end_ns = rec->exit_ns;
 	x->status = rcode;
-	x->resp_captured = dns_head(xs, xhead(), s, captured);
+	x->resp_captured = keep_head(xs, xhead(), s, captured);
 	if (xs->sampled_out)
 		count(DT_CNT_SAMPLED_EXCHANGES);
 	else
