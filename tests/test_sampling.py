@@ -13,7 +13,7 @@ import pytest
 from conftest import require_bpf
 from servers import nginx
 
-from deeptrace.agent.collector import Collector, CollectorConfig
+from deeptrace.agent.collector import KERNEL_STEPS, Collector, CollectorConfig
 from deeptrace.agent.sampling import SamplingControl
 from deeptrace.agent.selection import Selection
 from deeptrace.capture.exchanges import ExchangeSpans
@@ -283,7 +283,7 @@ def test_the_kernel_raises_the_level_itself_when_a_ring_passes_half_full(tmp_pat
         if not sampling:
             assert raised == 0 and col.counters()["sampled_exchanges"] == 0
             return
-        assert raised >= 1
+        assert 1 <= raised <= KERNEL_STEPS  # the kernel goes only so far on its own
         assert col.counters()["sampled_exchanges"] > 0
         col._next_sample = 0.0  # its next look
         col.poll(timeout_s=0)

@@ -47,6 +47,7 @@ _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _ONE = _U32.pack(1)
 _SAMPLE_EVERY_S = 0.05  # how often the reader's backlog sets the sampling level
+KERNEL_STEPS = 3  # how many steps above ours the kernel may raise the sampling level on its own
 
 
 def bpf_object_path() -> Path:
@@ -137,6 +138,8 @@ class Collector:
             obj.set_read_only_data(self._settings())
             obj.load()
             self._maps()
+            if cfg.sampling:
+                self.set_sample_level(0)  # and how far the kernel may raise it on its own
             self._select_initial()
             obj.attach_all()
             self._ring = RingReader(self._records.fd, cfg.ring_bytes)
@@ -288,14 +291,15 @@ class Collector:
 
     def kernel_sample_level(self) -> int:
         """The level in the kernel's SAMPLING map: the one set here, or higher where the kernel
-        raised it itself."""
-        return _U32.unpack(self._sampling.lookup(_U32.pack(0)))[0]
+        raised it itself (at most KERNEL_STEPS higher)."""
+        return min(SAMPLE_SHIFT_MAX, _U32.unpack(self._sampling.lookup(_U32.pack(0)))[0])
 
     def set_sample_level(self, level: int) -> None:
         """From now on the kernel keeps connections with probability 1/2^level (sampling.py)."""
         if not 0 <= level <= SAMPLE_SHIFT_MAX:
             raise DeepTraceError(f"sampling level must be between 0 and {SAMPLE_SHIFT_MAX}")
         self.sampling.level = level
+        self._sampling.update(_U32.pack(1), _U32.pack(min(SAMPLE_SHIFT_MAX, level + KERNEL_STEPS)))
         self._sampling.update(_U32.pack(0), _U32.pack(level))
 
     @property

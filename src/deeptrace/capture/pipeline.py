@@ -19,15 +19,24 @@ import numpy as np
 
 from deeptrace import protocols
 from deeptrace.capture.exchanges import ExchangeSpans
-from deeptrace.capture.records import EXCHANGE_PROTOCOLS, FLAG_HANDED_OVER, XFLAG_DATAGRAM, XFLAG_UNANSWERED, Record
+from deeptrace.capture.records import (
+    EXCHANGE_PROTOCOLS,
+    FLAG_HANDED_OVER,
+    XFLAG_CLOSED,
+    XFLAG_DATAGRAM,
+    XFLAG_UNANSWERED,
+    Record,
+)
 from deeptrace.capture.spans import SAMPLING_WEIGHT, Endpoint, Pairing, Span, SpanJson, make_span
 from deeptrace.capture.streams import OrderedStream
 from deeptrace.protocols.base import ConnectionParser, Message
 
 MAX_CONNECTIONS = 65536
 MAX_TIMED_OUT = 65536  # kernel-held requests reported as timed out, remembered to drop a late response
-# Why a request has no response when a later one took its place (one of the same id, or past the bound).
+# Why a request has no response when a later one took its place (one of the same id, or past the bound),
+# and when its connection closed first.
 DISPLACED = "too many requests waiting"
+CLOSED = "connection closed"
 DETECT_GIVE_UP_BYTES = 4096
 # A connection moves to the back of the eviction order at most this often: every
 # record would be exact, and costs more than the order is worth.
@@ -75,6 +84,8 @@ class SpanPipeline:
         self.timeout_ns = timeout_ns
         self.stats = PipelineStats()
         self._conns: OrderedDict[tuple, _Connection] = OrderedDict()
+        # UDP: (tgid, conn id) -> the keys of its peers' connections, which its close ends.
+        self._peers: dict[tuple[int, int], set[tuple]] = {}
         self._exchanges = ExchangeSpans(self.host, self.service_name)
         self._timed_out: dict[tuple[int, int], None] = {}  # (conn id, request seq) of expire_exchanges
 
@@ -103,9 +114,11 @@ class SpanPipeline:
         for rec in _in_order(records):
             key = _key(rec)
             if rec.syscall == "close":
-                conn = conns.pop(key, None)
-                if conn is not None:
-                    self._close(conn, rec.exit_ns, spans)
+                # A UDP socket's close ends the exchanges of every peer it talked to.
+                for closed in [key] if rec.l4 == "tcp" else self._peers.pop(key[:2], ()):
+                    conn = conns.pop(closed, None)
+                    if conn is not None:
+                        self._close(conn, rec.exit_ns, spans)
                 continue
             if rec.direction is None:
                 continue  # connect / accept: the connection's role is in every record
@@ -171,12 +184,14 @@ class SpanPipeline:
                 self.stats.orphan_responses += sum(late)
                 events = events[~np.array(late)]
         alone: list[Span] = []
-        displaced = (events["flags"] & XFLAG_UNANSWERED) != 0
-        if displaced.any():  # requests that another of their id took the place of, as _message ends them
-            held = events[displaced]
-            alone = self._exchanges.unanswered(held, held["end_ns"].tolist(), wall_offset_ns, DISPLACED)
+        unanswered = (events["flags"] & XFLAG_UNANSWERED) != 0
+        if unanswered.any():  # requests the kernel ended alone, as _message and _close end them
+            closed = (events["flags"] & XFLAG_CLOSED) != 0
+            for which, reason in ((unanswered & ~closed, DISPLACED), (unanswered & closed, CLOSED)):
+                held = events[which]
+                alone += self._exchanges.unanswered(held, held["end_ns"].tolist(), wall_offset_ns, reason)
             self.stats.unanswered += len(alone)
-            events = events[~displaced]
+            events = events[~unanswered]
             if make == self._exchanges.json:
                 alone = [s.to_json() for s in alone]
         gc_was_enabled = gc.isenabled()
@@ -202,6 +217,7 @@ class SpanPipeline:
 
     def close_all(self, now_ns: int) -> list[Span]:
         spans: list[Span] = []
+        self._peers.clear()
         while self._conns:
             _, conn = self._conns.popitem(last=False)
             self._close(conn, now_ns, spans, reason="agent stopped")
@@ -211,9 +227,12 @@ class SpanPipeline:
 
     def _open(self, key: tuple, rec: Record, spans: list[Span]) -> _Connection:
         if len(self._conns) >= MAX_CONNECTIONS:
-            _, oldest = self._conns.popitem(last=False)
+            evicted, oldest = self._conns.popitem(last=False)
             self.stats.connections_evicted += 1
+            self._forget_peer(evicted)
             self._close(oldest, rec.exit_ns, spans, reason="evicted")
+        if len(key) > 2:
+            self._peers.setdefault(key[:2], set()).add(key)
         service = self.service_name(rec.tgid, rec.comm)
         endpoint = Endpoint(service, self.host, rec.tgid, rec.laddr, rec.lport, rec.raddr, rec.rport, rec.conn_id)
         conn = _Connection(endpoint, rec.l4, {d: OrderedStream(self.stats) for d in ("ingress", "egress")},
@@ -222,6 +241,13 @@ class SpanPipeline:
             conn.request_direction = "ingress" if rec.role == "server" else "egress"
         self._conns[key] = conn
         return conn
+
+    def _forget_peer(self, key: tuple) -> None:
+        peers = self._peers.get(key[:2]) if len(key) > 2 else None
+        if peers is not None:
+            peers.discard(key)
+            if not peers:
+                del self._peers[key[:2]]
 
     def _deliver(self, conn: _Connection, direction: str, chunks, spans: list[Span]) -> None:
         for chunk in chunks:
@@ -289,7 +315,7 @@ class SpanPipeline:
         spans.append(span)
         self.stats.spans += 1
 
-    def _close(self, conn: _Connection, now_ns: int, spans: list[Span], reason: str = "connection closed") -> None:
+    def _close(self, conn: _Connection, now_ns: int, spans: list[Span], reason: str = CLOSED) -> None:
         for direction, stream in conn.streams.items():  # nothing more will come: all waits are over
             self._deliver(conn, direction, stream.expire(now_ns + 2 * 10**18), spans)
         if conn.parser is not None:

@@ -82,6 +82,7 @@ EXCHANGE_PROTOCOLS = (None, "http1", "redis", "memcached", "dns")
 # enum dt_xflags: an exchange's flags
 XFLAG_DATAGRAM = 1  # over UDP: no TCP sequence numbers
 XFLAG_UNANSWERED = 2  # a request alone: another of its id took its place (records path: "too many requests waiting")
+XFLAG_CLOSED = 4  # with XFLAG_UNANSWERED: its socket closed first (records path: "connection closed")
 
 # enum dt_counter, index = value. Names starting with "drop_" are data lost.
 COUNTERS = (
@@ -183,7 +184,7 @@ DNS_KEY_FIELDS: tuple[tuple[str, str], ...] = (
     ("raddr", "16s"),
     ("rport", "H"),
     ("id", "H"),
-    ("pad", "I"),
+    ("tgid", "I"),
 )
 DNS_KEY = struct.Struct("<" + "".join(fmt for _, fmt in DNS_KEY_FIELDS))
 

@@ -45,6 +45,8 @@ struct conn {
 			      SHIFT_UNDECIDED before (a socket() has no endpoints yet) */
 	__u8 sampled_out;  /* ... and not kept: its records are not written */
 	__u32 hash;        /* of its two endpoints, the same on both sides (see sampling) */
+	__u8 dns_held;     /* a DNS query of this socket was held in DNSPEND (see dns_closing) */
+	__u8 pad[7];
 };
 
 /* Who frames a connection's bytes. Decided at its first data, for good: a connection
@@ -144,12 +146,13 @@ struct {
 	__type(value, struct conn);
 } CONNS SEC(".maps");
 
-/* The sampling level: at level k a connection is kept with probability 1/2^k (0: all). Set
- * by user space as it drains the rings, and raised by the kernel itself when a ring passes
- * half full (see behind). One entry. */
+/* The sampling level: at level k a connection is kept with probability 1/2^k (0: all). Entry
+ * 0 is the level, set by user space as it drains the rings and raised by the kernel itself
+ * when a ring passes half full (see behind); entry 1 the highest level the kernel may raise
+ * it to on its own, which user space sets a few steps above its own. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, 2);
 	__type(key, __u32);
 	__type(value, __u32);
 } SAMPLING SEC(".maps");
@@ -218,6 +221,9 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
+	/* Not preallocated: an element deleted (by a response, a retry's replace or the sweep)
+	 * while another CPU still writes into it is not reused for a new query at once. */
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct dt_dns_key);
 	__type(value, struct dt_xstate);
 } DNSPEND SEC(".maps");
@@ -513,20 +519,27 @@ static __always_inline struct scratch *begin_record(struct args *a, __u8 directi
  * from there (agent/sampling.py) and lowers it when calm. */
 static __always_inline void behind(void *ring, bool full)
 {
-	__u32 zero = 0;
+	__u32 zero = 0, one = 1;
 
 	if (!full && bpf_ringbuf_query(ring, BPF_RB_AVAIL_DATA) * 2 < bpf_ringbuf_query(ring, BPF_RB_RING_SIZE))
 		return;
-	__u32 *level = bpf_map_lookup_elem(&SAMPLING, &zero);
+	__u32 *level = bpf_map_lookup_elem(&SAMPLING, &zero), *ceiling = bpf_map_lookup_elem(&SAMPLING, &one);
 	__u64 *last = bpf_map_lookup_elem(&RAISED, &zero);
-	if (!level || !last)
+	/* A reader stalled for a while (a CPU quota) leaves the ring full whatever the level: the
+	 * kernel goes only so far on its own, and user space, which measures the loss, on from there. */
+	if (!level || !ceiling || !last || *level >= *ceiling)
 		return;
 	__u64 now = bpf_ktime_get_ns(), was = *last;
-	/* One CPU raises per gap: the one whose swap of the time succeeds. */
-	if (now - was < RAISE_GAP_NS || __sync_val_compare_and_swap(last, was, now) != was)
+	if (now - was < RAISE_GAP_NS)
 		return;
-	if (*level < DT_SAMPLE_SHIFT_MAX)
-		__sync_fetch_and_add(level, 1);
+#ifndef DT_COMPAT_READS
+	/* One CPU raises per gap: the one whose swap of the time succeeds. */
+	if (__sync_val_compare_and_swap(last, was, now) != was)
+		return;
+#else
+	*last = now; /* no compare-and-swap before 5.12: two CPUs may both raise, now and then */
+#endif
+	__sync_fetch_and_add(level, 1);
 }
 
 static __always_inline void output(void *ring, void *data, __u64 len, __u32 written, __u32 lost)
@@ -636,6 +649,8 @@ static __always_inline void set_seq(struct dt_record *rec, struct args *a)
 		rec->exit_seq = tcp_seq(a->sk, IPPROTO_TCP, rec->direction);
 	}
 }
+
+#ifndef DT_COMPAT_READS /* bpf_loop (5.17+), atomics (5.12+): the compat object leaves assembly out */
 
 /* ---- handing an assembled connection to user space ---- */
 
@@ -840,7 +855,6 @@ static __always_inline void closing(struct conn *c, struct dt_record *cur)
  * the TCP sequence, or a message not framed here hands the connection to user space,
  * exchange so far included: the kernel never guesses where a message ends. */
 
-#ifndef DT_COMPAT_READS /* bpf_loop: kernels 5.17+; the compat object leaves assembly out */
 
 /* Little-endian words of up to 8 characters, for comparing bytes 8 at a time. */
 #define CH(c, i) ((__u64)(__u8)(c) << (8 * (i)))
@@ -1830,7 +1844,19 @@ static __always_inline int assemble_call(struct conn *c, struct scratch *s, __u3
 	return 0;
 }
 
+/* No connection is ever assembled here: nothing to hand over. */
+static __always_inline void records_only(struct conn *c, struct dt_record *cur)
+{
+	c->mode = XM_RECORDS;
+}
+
+static __always_inline void closing(struct conn *c, struct dt_record *cur)
+{
+}
+
 #endif
+
+#ifndef DT_COMPAT_READS /* bpf_for_each_map_elem (5.13+), global functions with pointers (5.12+) */
 
 /* ---- DNS over UDP: one message per datagram; a query and its response pair by socket,
  * peer and id ----
@@ -1881,7 +1907,7 @@ static __always_inline bool dns_query(struct scratch *s, __u32 captured, struct 
 	 * the wildcard, and a NAT between them changes the client's. */
 	__u32 level = sample_level();
 	x->sample_shift = level;
-	xs->sampled_out = sampled_out(mix(k->id) >> 32, level);
+	xs->sampled_out = sampled_out(mix(0x10000 | k->id) >> 32, level); /* mix(0) is 0: id 0 would always stay */
 	x->req_captured = keep_head(xs, 0, s, captured);
 	xs->req_end_ns = rec->exit_ns;
 	xs->owner = 0;
@@ -1928,8 +1954,28 @@ static __always_inline bool dns_response(struct scratch *s, __u32 captured, stru
 	return true;
 }
 
+/* Whether the first question (its name's labels, type and class) lies within the exchange
+ * head user space gets, so that it names the span as the records path does. */
+static __always_inline bool question_in_head(const __u8 *d, __u32 captured)
+{
+	__u64 end = captured < xhead() ? captured : xhead(), pos = 12;
+
+	for (int i = 0; i < 128; i++) { /* a name has at most 127 labels */
+		if (pos + 5 > end)
+			return false;
+		VERIFIER_MASK(pos, DT_XHEAD_MAX - 1);
+		__u8 n = d[pos];
+		if (n == 0)
+			return true; /* its type and class (4 bytes) follow: pos + 5 <= end */
+		if (n > 63)
+			return false; /* a pointer, or no label: user space reads it */
+		pos += n + 1;
+	}
+	return false;
+}
+
 /* One datagram; false: its bytes are user space's, as a record. */
-static __always_inline bool dns_datagram(struct scratch *s, __u32 captured)
+static __always_inline bool dns_datagram(struct conn *c, struct scratch *s, __u32 captured)
 {
 	struct dt_record *rec = &s->rec;
 	__u8 *d = s->data;
@@ -1944,30 +1990,79 @@ static __always_inline bool dns_datagram(struct scratch *s, __u32 captured)
 	if (opcode == 3 || opcode > 5 || (flags & 0x0040) || (rcode && !response) || qd < 1 ||
 	    qd > rec->size - 12 || records > rec->size)
 		return false;
+	if (!question_in_head(d, captured))
+		return false; /* a name past the head: user space, which has all of --capture of it, names it */
 	struct dt_dns_key *k = &s->dns;
 	k->conn_id = rec->conn_id;
 	__builtin_memcpy(k->raddr, rec->raddr, 16);
 	k->rport = rec->rport;
 	k->id = be16(d);
-	k->pad = 0;
-	return response ? dns_response(s, captured, k, rcode) : dns_query(s, captured, k);
+	k->tgid = rec->tgid; /* processes that share a socket pair their own, as the records path does */
+	if (response)
+		return dns_response(s, captured, k, rcode);
+	if (!dns_query(s, captured, k))
+		return false;
+	c->dns_held = 1;
+	return true;
 }
 
 /* A datagram paired as DNS, or else written as a record. A global function, checked once
  * (see assemble_call); its stack adds to its callers', which the *mmsg loop keeps small. */
-__noinline int dns_or_record(struct scratch *s, __u32 captured)
+__noinline int dns_or_record(struct conn *c, struct scratch *s, __u32 captured)
 {
-	if (!s)
+	if (!c || !s)
 		return 0;
-	if (!dns_datagram(s, captured))
+	if (!dns_datagram(c, s, captured))
 		submit(s, captured);
 	return 0;
+}
+
+/* bpf_for_each_map_elem callback: a held query of the closing socket ends unanswered, as the
+ * records path ends a request whose connection closes first. */
+static long dns_closed(struct bpf_map *map, const struct dt_dns_key *k, struct dt_xstate *xs, __u64 *conn_id)
+{
+	if (k->conn_id != *conn_id || !claim(xs, 1))
+		return 0;
+	if (xs->sampled_out) {
+		count(DT_CNT_SAMPLED_EXCHANGES);
+	} else {
+		xs->x.flags |= DT_XF_UNANSWERED | DT_XF_CLOSED;
+		output(&EXCHANGES, &xs->x, sizeof(xs->x) + 2 * xhead(), DT_CNT_EXCHANGES,
+		       DT_CNT_DROP_EXCHANGE_RINGBUF_FULL);
+	}
+	bpf_map_delete_elem(map, k);
+	return 0;
+}
+
+/* A socket that held DNS queries closes: what it still holds goes (one walk of DNSPEND). */
+static __always_inline void dns_closing(__u64 conn_id)
+{
+	bpf_for_each_map_elem(&DNSPEND, dns_closed, &conn_id, 0);
 }
 
 static __always_inline bool dns_assembled(void)
 {
 	return CFG.exchange_protocols & (1 << DT_XP_DNS);
 }
+
+#else /* the compat object: DNS is framed in user space */
+
+static __always_inline int dns_or_record(struct conn *c, struct scratch *s, __u32 captured)
+{
+	submit(s, captured);
+	return 0;
+}
+
+static __always_inline void dns_closing(__u64 conn_id)
+{
+}
+
+static __always_inline bool dns_assembled(void)
+{
+	return false;
+}
+
+#endif
 
 /* ---- enter: filter, resolve the socket, stash the arguments ---- */
 
@@ -2076,7 +2171,7 @@ static __always_inline int exit_single(void *map, __u8 direction, long ret, enum
 	if (c && a.l4 == IPPROTO_TCP && c->mode != XM_RECORDS && assemble_call(c, s, captured))
 		return 0;
 	if (c && a.l4 == IPPROTO_UDP && dns_assembled())
-		dns_or_record(s, captured);
+		dns_or_record(c, s, captured);
 	else
 		submit(s, captured);
 	return 0;
@@ -2116,7 +2211,7 @@ static __always_inline int exit_mmsg(void *map, __u8 direction, long ret)
 		}
 		__u32 captured = capture_msghdr(s, um, len);
 		if (c && a.l4 == IPPROTO_UDP && dns_assembled())
-			dns_or_record(s, captured); /* a resolver's A and AAAA queries go out in one sendmmsg */
+			dns_or_record(c, s, captured); /* a resolver's A and AAAA queries go out in one sendmmsg */
 		else
 			submit(s, captured);
 	}
@@ -2257,6 +2352,8 @@ ENTER(close)
 		return 0;
 	if (c && c->mode == XM_ASSEMBLED)
 		closing(c, &s->rec);
+	if (c && c->dns_held)
+		dns_closing(c->id);
 	submit(s, 0);
 	bpf_map_delete_elem(&CONNS, &a.sk);
 	return 0;

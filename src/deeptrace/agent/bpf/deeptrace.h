@@ -70,6 +70,8 @@ enum dt_xflags {
 	DT_XF_DATAGRAM = 1,   /* over UDP: no TCP sequence numbers (req_seq and resp_seq are 0) */
 	DT_XF_UNANSWERED = 2, /* a request alone, ended at end_ns: another of the same id took its place
 				 (as the records path ends it: "too many requests waiting") */
+	DT_XF_CLOSED = 4,     /* with DT_XF_UNANSWERED: not displaced, its socket closed first
+				 (as the records path ends it: "connection closed") */
 };
 
 /* Every counter is a per-CPU u64 in the COUNTERS map, indexed by this enum. */
@@ -206,13 +208,14 @@ struct dt_xstate {
 };
 
 /* A DNS query waiting for its response (the DNSPEND map's key): the socket, the peer (an
- * unconnected socket talks to many) and the message id. */
+ * unconnected socket talks to many), the message id and the process (workers may share a
+ * socket). */
 struct dt_dns_key {
 	__u64 conn_id;
 	__u8 raddr[16];
 	__u16 rport;
 	__u16 id;
-	__u32 pad;
+	__u32 tgid;
 };
 
 #endif
