@@ -189,6 +189,12 @@ def served(srv, n):
         got.append((data, peer))
     return got
 
+def asked(ident, name, qtype=1, **how):  # one query from cli, read by srv, answered, the answer read
+    cli.sendto(query(ident, name, qtype), to)
+    (q, peer), = served(srv, 1)
+    srv.sendto(answer(q, **how), peer)
+    cli.recvfrom(4096)
+
 for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
     srv = socket.socket(family, socket.SOCK_DGRAM)
     srv.bind((host, port))
@@ -200,12 +206,14 @@ for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
     srv.close()
 """
 
+def raw_program(scenario: str) -> str:
+    """RAW with this scenario as the body of its loop over the two families."""
+    return RAW.format(port=RAW_PORT, body=textwrap.indent(textwrap.dedent(scenario), "    ").strip())
+
+
 SCENARIO = """
     # An answered query.
-    cli.sendto(query(1, "one.test"), to)
-    (q, peer), = served(srv, 1)
-    srv.sendto(answer(q), peer)
-    cli.recvfrom(4096)
+    asked(1, "one.test")
     # A retry with the same id before the answer: the answer pairs with the retry (spans.Pairing).
     cli.sendto(query(2, "retry.test"), to)
     cli.sendto(query(2, "retry.test"), to)
@@ -236,16 +244,12 @@ SCENARIO = """
     for _ in range(40):
         cli.recvfrom(4096)
     # And one more answered query after all that.
-    cli.sendto(query(6, "after.test", qtype=28), to)
-    (q, peer), = served(srv, 1)
-    srv.sendto(answer(q, answers=0), peer)
-    cli.recvfrom(4096)
+    asked(6, "after.test", 28, answers=0)
 """
 
 
 def test_raw_retries_silence_doubled_answers_and_hostile_bytes_over_ipv4_and_ipv6(twin):
-    run_traced(twin, [sys.executable, "-c", RAW.format(port=RAW_PORT, body=textwrap.indent(
-        textwrap.dedent(SCENARIO), "    ").strip())])  # fmt: skip
+    run_traced(twin, [sys.executable, "-c", raw_program(SCENARIO)])
     twin.close()
     assert_same_spans(twin)
     twin.check_counters()
@@ -278,16 +282,13 @@ LATE = """
     sys.stdin.readline()  # the test sweeps the kernel's held queries meanwhile
     srv.sendto(answer(q), peer)
     cli.recvfrom(4096)
-    cli.sendto(query(8, "next.test"), to)
-    (q, peer), = served(srv, 1)
-    srv.sendto(answer(q), peer)
-    cli.recvfrom(4096)
+    asked(8, "next.test")
     break
 """
 
 
 def test_a_query_past_the_timeout_is_swept_once_and_its_late_answer_pairs_with_nothing(twin):
-    code = RAW.format(port=RAW_PORT, body=textwrap.indent(textwrap.dedent(LATE), "    ").strip())
+    code = raw_program(LATE)
     proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.readline()\n" + code],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
     twin.trace(proc.pid)
@@ -319,10 +320,7 @@ def test_a_query_past_the_timeout_is_swept_once_and_its_late_answer_pairs_with_n
 
 MANY = """
     for ident in range(64):
-        cli.sendto(query(ident, f"n{ident}.test"), to)
-        (q, peer), = served(srv, 1)
-        srv.sendto(answer(q), peer)
-        cli.recvfrom(4096)
+        asked(ident, f"n{ident}.test")
     break
 """
 
@@ -330,8 +328,7 @@ MANY = """
 def test_sampling_keeps_the_same_queries_on_both_ends_and_weighs_them(twin):
     twin.asm.set_sample_level(2)
     try:
-        run_traced(twin, [sys.executable, "-c", RAW.format(port=RAW_PORT, body=textwrap.indent(
-            textwrap.dedent(MANY), "    ").strip())])  # fmt: skip
+        run_traced(twin, [sys.executable, "-c", raw_program(MANY)])
         twin.close()
     finally:
         twin.asm.set_sample_level(0)
@@ -361,8 +358,7 @@ SILENT = """
 
 @pytest.mark.parametrize("connected", [True, False], ids=["connected", "unconnected"])
 def test_a_query_whose_socket_closes_unanswered_ends_connection_closed_on_both_paths(twin, connected):
-    body = textwrap.indent(textwrap.dedent(SILENT.format(connected=connected)), "    ").strip()
-    run_traced(twin, [sys.executable, "-c", RAW.format(port=RAW_PORT, body=body)])
+    run_traced(twin, [sys.executable, "-c", raw_program(SILENT.format(connected=connected))])
     twin.close()
     assert_same_spans(twin)
     kernel = sorted((s.kind, s.name, s.status_code) for s in twin.exchange_spans)
@@ -373,21 +369,14 @@ def test_a_query_whose_socket_closes_unanswered_ends_connection_closed_on_both_p
 
 LONG = """
     name = ".".join(["x" * 60] * 4) + ".test"  # 249 characters: the question runs past a 256-byte head
-    cli.sendto(query(10, name), to)
-    (q, peer), = served(srv, 1)
-    srv.sendto(answer(q), peer)
-    cli.recvfrom(4096)
-    cli.sendto(query(11, "short.test"), to)
-    (q, peer), = served(srv, 1)
-    srv.sendto(answer(q), peer)
-    cli.recvfrom(4096)
+    asked(10, name)
+    asked(11, "short.test")
     break
 """
 
 
 def test_a_question_longer_than_the_exchange_head_goes_to_user_space_and_is_named_alike(twin):
-    body = textwrap.indent(textwrap.dedent(LONG), "    ").strip()
-    run_traced(twin, [sys.executable, "-c", RAW.format(port=RAW_PORT, body=body)])
+    run_traced(twin, [sys.executable, "-c", raw_program(LONG)])
     twin.close()
     assert_same_spans(twin)
     long_name = "DNS A " + ".".join(["x" * 60] * 4) + ".test"
