@@ -85,26 +85,49 @@ def _memcached_response(head: bytes, values: int) -> Response:
                      memcached.reply_attributes(fields))  # fmt: skip
 
 
-def _dns_request(head: bytes) -> Request:
+# DNS heads come without their first two bytes, the message id (see _Columns): the rest
+# repeats query after query, the id does not; it goes back into each span's attributes and
+# heads (_with_id).
+_DNS_ID = "dns.id"
+
+
+def _dns_fields(head: bytes) -> dict | None:
     # The kernel checked the header against the whole datagram; the head may be less of it.
-    fields = dns.parse(head, size=0xFFFF)
+    return dns.parse(b"\0\0" + head, size=0xFFFF)
+
+
+def _dns_request(head: bytes) -> Request:
+    fields = _dns_fields(head)
     if not fields:
         return _request_side(dns.PROTOCOL, head, "DNS", {})
-    return _request_side(dns.PROTOCOL, head, dns.span_name(fields), dns.request_attributes(fields))
+    attrs = dns.request_attributes(fields)
+    del attrs[_DNS_ID]
+    return _request_side(dns.PROTOCOL, head, dns.span_name(fields), attrs)
 
 
 def _dns_response(head: bytes, rcode: int) -> Response:
-    fields = dns.parse(head, size=0xFFFF)
+    fields = _dns_fields(head)
     attrs = dns.response_attributes(fields) if fields else {"dns.response.code": dns.RCODES.get(rcode, str(rcode))}
+    attrs.pop(_DNS_ID, None)
     return _response_side(dns.PROTOCOL, head, "error" if rcode else "ok", attrs["dns.response.code"], attrs)
 
+
+def _with_id(attrs: dict | msgspec.Raw, ident: int) -> dict | msgspec.Raw:
+    """A DNS span's attributes with its id first, where the records path has it."""
+    if isinstance(attrs, dict):
+        return {_DNS_ID: ident, **attrs}
+    rest = bytes(attrs)[1:]  # encoded: '{' and the rest
+    return msgspec.Raw(b'{"dns.id":%d%s' % (ident, rest if rest == b"}" else b"," + rest))
+
+
+_DNS = EXCHANGE_PROTOCOLS.index("dns")
 
 # By enum dt_xproto.
 _SIDES: dict[int, tuple[Callable[[bytes], Request], Callable[[bytes, int], Response]]] = {
     EXCHANGE_PROTOCOLS.index("http1"): (_http_request, _http_response),
     EXCHANGE_PROTOCOLS.index("redis"): (_redis_request, _redis_response),
     EXCHANGE_PROTOCOLS.index("memcached"): (_memcached_request, _memcached_response),
-    EXCHANGE_PROTOCOLS.index("dns"): (_dns_request, _dns_response),
+    _DNS: (_dns_request, _dns_response),
 }
 
 
@@ -113,6 +136,12 @@ def _attributes(req: Request, resp: Response, sample_shift: int) -> dict:
     if sample_shift:
         attrs[SAMPLING_WEIGHT] = 1 << sample_shift
     return attrs
+
+
+def _identified(ident: bytes, attrs, req_head: bytes, resp_head: bytes) -> tuple:
+    """A DNS span's attributes and heads with its id, which the caches left out."""
+    return (_with_id(attrs, int.from_bytes(ident, "big")), ident + req_head,
+            ident + resp_head if resp_head else resp_head)  # fmt: skip
 
 
 def _pair(r: list[int] | None) -> tuple[int, int] | None:
@@ -147,6 +176,15 @@ class _Columns:
         self.req_head, self.resp_head = events["req_head"].tolist(), events["resp_head"].tolist()
         self.req_len, self.resp_len = events["req_captured"].tolist(), events["resp_captured"].tolist()
         self.shift = events["sample_shift"].tolist()
+        # DNS: each head without its id (kept here, as bytes), so that heads repeat and hit the caches.
+        self.ident: list[bytes | None] | None = None
+        dns_rows = np.flatnonzero(events["protocol"] == _DNS).tolist()
+        if dns_rows:
+            self.ident = [None] * self.n
+            for i in dns_rows:
+                self.ident[i] = self.req_head[i][:2]
+                self.req_head[i], self.resp_head[i] = self.req_head[i][2:], self.resp_head[i][2:]
+                self.req_len[i], self.resp_len[i] = max(0, self.req_len[i] - 2), max(0, self.resp_len[i] - 2)
 
 
 class ExchangeSpans:
@@ -162,12 +200,15 @@ class ExchangeSpans:
 
     def spans(self, events: np.ndarray, wall_offset_ns: int) -> list[Span]:
         c = _Columns(events, wall_offset_ns)
-        return [
-            Span(kind, req[1], req[0], endpoint, c.start[i], c.end[i], resp[0], resp[1], c.req_tid[i], c.resp_tid[i],
-                 c.req_size[i], c.resp_size[i], _pair(c.req_range[i]), _pair(c.resp_range[i]),
-                 _attributes(req, resp, c.shift[i]), req[3], resp[3])
-            for i, endpoint, kind, _, req, _, resp in self._sides(c, events)
-        ]  # fmt: skip
+        out = []
+        for i, endpoint, kind, _, req, _, resp in self._sides(c, events):
+            attrs, req_head, resp_head = _attributes(req, resp, c.shift[i]), req[3], resp[3]
+            if c.ident is not None and c.ident[i] is not None:
+                attrs, req_head, resp_head = _identified(c.ident[i], attrs, req_head, resp_head)
+            out.append(Span(kind, req[1], req[0], endpoint, c.start[i], c.end[i], resp[0], resp[1], c.req_tid[i],
+                            c.resp_tid[i], c.req_size[i], c.resp_size[i], _pair(c.req_range[i]),
+                            _pair(c.resp_range[i]), attrs, req_head, resp_head))  # fmt: skip
+        return out
 
     def json(self, events: np.ndarray, wall_offset_ns: int) -> list[SpanJson]:
         """What `[s.to_json() for s in self.spans(...)]` gives, without the Span objects, and
@@ -177,15 +218,19 @@ class ExchangeSpans:
         attributes = self._attributes
         ids = new_id(24 * c.n)  # a trace id and a span id each
         out = []
+        idents = c.ident
         for i, e, kind, req_key, req, resp_key, resp in self._sides(c, events):
             shift = c.shift[i]
             attrs = attributes.get((req_key, resp_key, shift)) or self._encoded(req_key, resp_key, shift, req, resp)
+            req_head, resp_head = req[3], resp[3]
+            if idents is not None and idents[i] is not None:
+                attrs, req_head, resp_head = _identified(idents[i], attrs, req_head, resp_head)
             start, end, at = c.start[i], c.end[i], 48 * i
             out.append(SpanJson(ids[at : at + 32], ids[at + 32 : at + 48], None, kind, req[1], req[0], e.service,
                                 e.host, e.pid, c.req_tid[i], c.resp_tid[i], start, end, end - start, resp[0],
                                 resp[1], e.laddr, e.lport, e.raddr, e.rport, e.conn_id, c.req_size[i],
-                                c.resp_size[i], c.req_range[i], c.resp_range[i], attrs, b64_head(req[3]),
-                                b64_head(resp[3])))  # fmt: skip
+                                c.resp_size[i], c.req_range[i], c.resp_range[i], attrs, b64_head(req_head),
+                                b64_head(resp_head)))  # fmt: skip
         return out
 
     def unanswered(self, events: np.ndarray, req_end_ns: list[int], wall_offset_ns: int, reason: str) -> list[Span]:
@@ -199,12 +244,14 @@ class ExchangeSpans:
             endpoint, kind = self._endpoints.get(key) or self._endpoint(key, events[i])
             req_key = (c.protocol[i], c.req_head[i][: c.req_len[i]])
             req = self._requests.get(req_key) or self._request(req_key)
-            attrs = {**req[2], NO_RESPONSE: reason}
+            attrs, req_head = {**req[2], NO_RESPONSE: reason}, req[3]
             if c.shift[i]:
                 attrs[SAMPLING_WEIGHT] = 1 << c.shift[i]
+            if c.ident is not None and c.ident[i] is not None:
+                attrs, req_head, _ = _identified(c.ident[i], attrs, req_head, b"")
             out.append(Span(kind, req[1], req[0], endpoint, c.start[i], req_end_ns[i] + wall_offset_ns, "error",
                             reason, c.req_tid[i], None, c.req_size[i], 0, _pair(c.req_range[i]), None, attrs,
-                            req[3], b""))  # fmt: skip
+                            req_head, b""))  # fmt: skip
         return out
 
     def _sides(self, c: _Columns, events: np.ndarray):
