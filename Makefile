@@ -48,7 +48,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e '.[test]'
+	$(VPY) -m pip install -q -e '.[server,test]'
 	touch $@
 
 bpf: $(BPF_OBJ) $(BPF_COMPAT)
@@ -100,7 +100,7 @@ bench-accuracy-foreign: setup $(VENV)/.bench-installed
 	$(VPY) bench/accuracy/run.py --workloads go,java-mix,node-mix --scale-spans 0 $(ARGS)
 
 $(VENV)/.bench-installed: pyproject.toml
-	$(VPY) -m pip install -q -e '.[test,bench]'
+	$(VPY) -m pip install -q -e '.[server,test,bench]'
 	touch $@
 
 # The agent under saturating nginx (wrk) and redis-server (redis-benchmark), A/B/A in one run

@@ -39,6 +39,24 @@ def _headers(pairs: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
+# What the server needs beyond the agent's dependencies: pyproject.toml's `server` extra.
+SERVER_MODULES = ("fastapi", "uvicorn", "duckdb", "pyarrow", "opentelemetry.proto", "prometheus_client")
+
+
+def _require_server_extra() -> None:
+    import importlib
+
+    missing = []
+    for name in SERVER_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise click.ClickException(f"the server needs its extra, which is not installed ({', '.join(missing)} "
+                                   "missing): pip install 'deeptrace[server]'")  # fmt: skip
+
+
 @click.command()
 @click.option("--listen", default="127.0.0.1:8700", show_default=True, help="Address and port to serve on.")
 @click.option("--db", default="deeptrace.duckdb", show_default=True, help="The embedded store's file.")
@@ -69,6 +87,7 @@ def _headers(pairs: tuple[str, ...]) -> dict[str, str]:
 def server(listen, db, token, token_file, no_auth, read_auth, read_auth_file, algorithm, no_header_ids, hold,
            max_backlog_spans, retention_hours, retention_bytes, otlp_endpoint, otlp_headers, log_level) -> None:  # fmt: skip
     """Receive spans from agents, link them into traces, store them, serve the UI and APIs."""
+    _require_server_extra()
     import uvicorn
 
     from deeptrace.server.app import ServerConfig, create_app
