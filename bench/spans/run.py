@@ -49,6 +49,7 @@ from servers import dnsmasq, memcached, nginx, redis  # the test suite's real-se
 from deeptrace.agent.collector import Collector, CollectorConfig
 from deeptrace.agent.selection import Selection
 from deeptrace.capture.pipeline import SpanPipeline
+from deeptrace.capture.records import EXCHANGE_PROTOCOLS
 from deeptrace.capture.spans import json_lines
 
 TARGET = 100_000
@@ -78,7 +79,7 @@ def capture_exchanges(start_server, load, seconds: float):
 
     with tempfile.TemporaryDirectory() as d, start_server(Path(d)) as (pid, port), Collector(CollectorConfig(
             selection=Selection(), ring_bytes=64 << 20, exchange_ring_bytes=64 << 20,
-            assemble=("http1", "redis", "memcached", "dns"), dns_ports=(port,))) as c:  # fmt: skip
+            assemble=EXCHANGE_PROTOCOLS[1:], dns_ports=(port,))) as c:  # fmt: skip
         c.trace(pid)
         proc = load(port, seconds)
         batches = []

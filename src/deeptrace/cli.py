@@ -66,7 +66,6 @@ def _collector_options(fn):
 
 # How often the agent looks for requests the kernel holds that have waited past --timeout.
 SWEEP_INTERVAL_S = 5.0
-KERNEL_EXCHANGES = ("http1", "redis", "memcached", "dns")  # what `deeptrace agent` has the kernel assemble by default
 
 
 def _algorithm_option(fn):
@@ -185,6 +184,7 @@ def agent(timeout_s, fmt, stats_interval, host_name, associate, algorithm, no_he
     server with --server)."""
     from deeptrace.agent.services import ServiceNames
     from deeptrace.capture.pipeline import SpanPipeline
+    from deeptrace.capture.records import EXCHANGE_PROTOCOLS  # every one the kernel can assemble, by default
     from deeptrace.capture.spans import format_text, json_lines
 
     pipeline = SpanPipeline(host=host_name, timeout_ns=int(timeout_s * 1e9), service_name=ServiceNames())
@@ -286,7 +286,8 @@ def agent(timeout_s, fmt, stats_interval, host_name, associate, algorithm, no_he
 
     try:
         _run(opts, lambda batch, out: write(pipeline.push(batch), out), tick, end, on_exchanges=exchanges,
-             assemble=() if no_kernel_exchanges else KERNEL_EXCHANGES, sampling=not no_sampling, dns_ports=dns_ports)
+             assemble=() if no_kernel_exchanges else EXCHANGE_PROTOCOLS[1:], sampling=not no_sampling,
+             dns_ports=dns_ports)  # fmt: skip
     finally:
         if shipper is not None:
             # Seals the open batch; what the server does not take within the grace time stays spooled.
