@@ -1527,15 +1527,50 @@ static __always_inline int walk_chunks(struct dt_xstate *xs, struct scratch *s, 
 	return w->end ? CHUNKS_END : CHUNKS_GO_ON;
 }
 
-static __always_inline void emit_exchange(struct dt_xstate *xs)
+/* The exchange and its two heads to the EXCHANGES ring, unless sampling left it out. */
+static __always_inline void write_exchange(struct dt_xstate *xs)
 {
-	xs->framed = 1;
 	if (xs->sampled_out)
 		count(DT_CNT_SAMPLED_EXCHANGES);
 	else
 		output(&EXCHANGES, &xs->x, sizeof(xs->x) + 2 * xhead(), DT_CNT_EXCHANGES,
 		       DT_CNT_DROP_EXCHANGE_RINGBUF_FULL);
+}
+
+static __always_inline void emit_exchange(struct dt_xstate *xs)
+{
+	xs->framed = 1;
+	write_exchange(xs);
 	xs->phase = DT_PHASE_IDLE;
+}
+
+/* An exchange's request side from the call that begins it: who, where, when; nothing of a
+ * response yet. */
+static __always_inline void begin_exchange(struct dt_xstate *xs, const struct dt_record *rec)
+{
+	struct dt_exchange *x = &xs->x;
+
+	x->start_ns = rec->direction == DT_DIR_EGRESS ? rec->enter_ns : rec->exit_ns;
+	x->end_ns = rec->exit_ns;
+	x->conn_id = rec->conn_id;
+	x->tgid = rec->tgid;
+	x->req_tid = rec->tid;
+	x->resp_tid = 0;
+	x->req_seq = rec->enter_seq;
+	x->req_size = rec->size;
+	x->resp_seq = 0;
+	x->resp_size = 0;
+	x->lport = rec->lport;
+	x->rport = rec->rport;
+	__builtin_memcpy(x->laddr, rec->laddr, 16);
+	__builtin_memcpy(x->raddr, rec->raddr, 16);
+	__builtin_memcpy(x->comm, rec->comm, DT_TASK_COMM_LEN);
+	x->status = 0;
+	x->resp_captured = 0;
+	x->family = rec->family;
+	x->role = rec->role;
+	x->flags = 0;
+	xs->req_end_ns = rec->exit_ns;
 }
 
 /* The length of the HTTP request at the start of the scratch payload; 0: not framed here. */
@@ -1575,33 +1610,13 @@ static __always_inline bool begin_request(struct dt_xstate *xs, struct scratch *
 		total = http_request_length(xs, s, captured);
 	if (!total || rec->size > total)
 		return false; /* not framed here, or more than one request in the call: pipelined */
-	x->start_ns = rec->direction == DT_DIR_EGRESS ? rec->enter_ns : rec->exit_ns;
-	x->end_ns = rec->exit_ns;
-	x->conn_id = rec->conn_id;
-	x->tgid = rec->tgid;
-	x->req_tid = rec->tid;
-	x->resp_tid = 0;
-	x->req_seq = rec->enter_seq;
-	x->req_size = rec->size;
-	x->resp_seq = 0;
-	x->resp_size = 0;
-	x->lport = rec->lport;
-	x->rport = rec->rport;
-	__builtin_memcpy(x->laddr, rec->laddr, 16);
-	__builtin_memcpy(x->raddr, rec->raddr, 16);
-	__builtin_memcpy(x->comm, rec->comm, DT_TASK_COMM_LEN);
-	x->status = 0;
-	x->resp_captured = 0;
-	x->family = rec->family;
-	x->role = rec->role;
-	x->flags = 0;
+	begin_exchange(xs, rec);
 	/* Decided per exchange, by its connection and its first byte's TCP seq, which both ends
 	 * see alike; framed either way: the next exchange starts where this one ends. */
 	__u32 level = sample_level();
 	x->sample_shift = level;
 	xs->sampled_out = sampled_out(mix(xs->hash ^ x->req_seq) >> 32, level);
 	x->req_captured = keep_head(xs, 0, s, captured);
-	xs->req_end_ns = rec->exit_ns;
 	xs->left = total - rec->size;
 	xs->phase = xs->left ? DT_PHASE_REQ : DT_PHASE_WAIT;
 	return true;
@@ -1887,19 +1902,7 @@ static __always_inline bool dns_query(struct scratch *s, __u32 captured, struct 
 	if (!xs)
 		return false;
 	struct dt_exchange *x = &xs->x;
-	__builtin_memset(x, 0, sizeof(*x));
-	x->start_ns = rec->direction == DT_DIR_EGRESS ? rec->enter_ns : rec->exit_ns;
-	x->end_ns = rec->exit_ns;
-	x->conn_id = rec->conn_id;
-	x->tgid = rec->tgid;
-	x->req_tid = rec->tid;
-	x->req_size = rec->size;
-	x->lport = rec->lport;
-	x->rport = rec->rport;
-	__builtin_memcpy(x->laddr, rec->laddr, 16);
-	__builtin_memcpy(x->raddr, rec->raddr, 16);
-	__builtin_memcpy(x->comm, rec->comm, DT_TASK_COMM_LEN);
-	x->family = rec->family;
+	begin_exchange(xs, rec); /* req_seq 0: a UDP record has no TCP sequence numbers */
 	x->role = rec->direction == DT_DIR_INGRESS ? DT_ROLE_SERVER : DT_ROLE_CLIENT;
 	x->protocol = DT_XP_DNS;
 	x->flags = DT_XF_DATAGRAM;
@@ -1909,7 +1912,6 @@ static __always_inline bool dns_query(struct scratch *s, __u32 captured, struct 
 	x->sample_shift = level;
 	xs->sampled_out = sampled_out(mix(0x10000 | k->id) >> 32, level); /* mix(0) is 0: id 0 would always stay */
 	x->req_captured = keep_head(xs, 0, s, captured);
-	xs->req_end_ns = rec->exit_ns;
 	xs->owner = 0;
 	xs->phase = DT_PHASE_WAIT;
 	long err = bpf_map_update_elem(&DNSPEND, k, xs, BPF_NOEXIST);
@@ -1923,11 +1925,7 @@ static __always_inline bool dns_query(struct scratch *s, __u32 captured, struct 
 	if (!held || !claim(held, rec->tid))
 		return false; /* a response is taking it right now: this query goes as a record */
 	held->x.flags |= DT_XF_UNANSWERED;
-	if (held->sampled_out)
-		count(DT_CNT_SAMPLED_EXCHANGES);
-	else
-		output(&EXCHANGES, &held->x, sizeof(held->x) + 2 * xhead(), DT_CNT_EXCHANGES,
-		       DT_CNT_DROP_EXCHANGE_RINGBUF_FULL);
+	write_exchange(held);
 	return bpf_map_update_elem(&DNSPEND, k, xs, BPF_ANY) == 0;
 }
 
@@ -1946,10 +1944,7 @@ static __always_inline bool dns_response(struct scratch *s, __u32 captured, stru
 	x->end_ns = rec->exit_ns;
 	x->status = rcode;
 	x->resp_captured = keep_head(xs, xhead(), s, captured);
-	if (xs->sampled_out)
-		count(DT_CNT_SAMPLED_EXCHANGES);
-	else
-		output(&EXCHANGES, x, sizeof(*x) + 2 * xhead(), DT_CNT_EXCHANGES, DT_CNT_DROP_EXCHANGE_RINGBUF_FULL);
+	write_exchange(xs);
 	bpf_map_delete_elem(&DNSPEND, k);
 	return true;
 }
@@ -2023,13 +2018,8 @@ static long dns_closed(struct bpf_map *map, const struct dt_dns_key *k, struct d
 {
 	if (k->conn_id != *conn_id || !claim(xs, 1))
 		return 0;
-	if (xs->sampled_out) {
-		count(DT_CNT_SAMPLED_EXCHANGES);
-	} else {
-		xs->x.flags |= DT_XF_UNANSWERED | DT_XF_CLOSED;
-		output(&EXCHANGES, &xs->x, sizeof(xs->x) + 2 * xhead(), DT_CNT_EXCHANGES,
-		       DT_CNT_DROP_EXCHANGE_RINGBUF_FULL);
-	}
+	xs->x.flags |= DT_XF_UNANSWERED | DT_XF_CLOSED;
+	write_exchange(xs);
 	bpf_map_delete_elem(map, k);
 	return 0;
 }
