@@ -148,3 +148,27 @@ def test_candidate_pairs_at_once_are_those_found_one_call_at_a_time():
     call, found = contain.pairs(call_starts, call_ends)
     for c, (a, b) in enumerate(zip(call_starts.tolist(), call_ends.tolist())):
         assert [servers[i].index for i in found[call == c]] == [s.index for s in contain.containing(a, b)]
+
+
+
+def test_association_pauses_the_cycle_collector_and_gives_it_back(monkeypatch):
+    """Paused while linking (it walks millions of objects that never form cycles), and
+    resumed after, but never by a call that found it paused already."""
+    import gc
+
+    from deeptrace.association import associate as module
+
+    seen = []
+    real = module.seq_join
+    monkeypatch.setattr(module, "seq_join", lambda *a, **k: seen.append(gc.isenabled()) or real(*a, **k))
+    spans = [server(1, 0, 1_000), client(1, 100, 200)]
+    was = gc.isenabled()
+    try:
+        gc.enable()
+        module.associate([dict(s) for s in spans], "joint")
+        assert gc.isenabled() and seen == [False]
+        gc.disable()
+        module.associate([dict(s) for s in spans], "joint")
+        assert not gc.isenabled()
+    finally:
+        (gc.enable if was else gc.disable)()
