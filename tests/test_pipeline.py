@@ -167,3 +167,24 @@ def test_a_request_that_the_close_ends_is_a_span(monkeypatch):
     c = Conn()
     spans = SpanPipeline().push([c.rec("ingress", b"ZZZ!"), c.close()])
     assert [(s.name, s.status, s.status_code) for s in spans] == [("test cut short", "error", "connection closed")]
+
+
+def test_a_span_the_pipeline_makes_has_the_keys_of_the_one_schema_and_ingest_takes_it():
+    """deeptrace.schema.FIELDS is the one definition: the agent writes its keys in its order,
+    ingest takes what the agent writes, and the store has a column for every one."""
+    import time
+
+    from deeptrace import schema
+    from deeptrace.server.store.schema import COLUMN_NAMES
+
+    c = Conn()
+    c.t = time.time_ns()
+    (span,) = SpanPipeline(host="h").push([c.rec("ingress", REQ), c.rec("egress", RESP)])
+    d = span.to_json_dict()
+    assert tuple(d) == tuple(f.name for f in schema.FIELDS if f.written is not None)
+    stored = schema.validate_span(d)
+    assert set(stored) == set(d) - {f.name for f in schema.FIELDS if f.checked is None}
+    assert stored["req_seq"] == [1000, 1000 + len(REQ)]
+    ranges = {f.name for f in schema.FIELDS if f.range}
+    assert set(COLUMN_NAMES) == {f.name for f in schema.FIELDS} - ranges | {
+        f"{r}_{end}" for r in ranges for end in ("start", "end")}  # fmt: skip

@@ -367,3 +367,35 @@ def test_a_full_disk_is_waited_out_not_dead_lettered(tmp_path):
             assert status["backlog_spans"] == 0
     finally:
         subprocess.run(["umount", "-l", str(disk)])
+
+
+def test_a_store_file_with_the_columns_in_an_older_order_still_takes_and_gives_spans(tmp_path):
+    """The columns come from deeptrace.schema.FIELDS; a file an older version made holds
+    them in the order of then (peer_service and the link columns among the others), and
+    spans are written by column name, so they land in the right columns all the same."""
+    import duckdb
+
+    from deeptrace.server.store.schema import SPAN_COLUMNS
+
+    older = ["trace_id", "span_id", "parent_span_id", "kind", "name", "protocol", "service", "peer_service", "host",
+             "pid", "tid", "resp_tid", "start_ns", "end_ns", "duration_ns", "status", "status_code", "laddr", "lport",
+             "raddr", "rport", "conn_id", "req_size", "resp_size", "req_seq_start", "req_seq_end", "resp_seq_start",
+             "resp_seq_end", "link_method", "link_confidence", "attributes", "req_head", "resp_head"]  # fmt: skip
+    types = dict(SPAN_COLUMNS)
+    assert sorted(older) == sorted(types) and older != list(types)
+    db = tmp_path / "old.duckdb"
+    with duckdb.connect(str(db)) as con:
+        con.execute(f"CREATE TABLE spans ({', '.join(f'{c} {types[c]}' for c in older)})")
+    spans = [schema.validate_span(d) for d in recent_pair(seq=7)]
+    for d in spans:
+        d.update(peer_service="b", link_method="seq-join", link_confidence=0.5)
+    store = DuckDBStore(db)
+    try:
+        store.write_spans(spans, [])
+        for d in spans:
+            got = store.span(d["span_id"])
+            assert got["peer_service"] == "b" and got["link_method"] == "seq-join" and got["link_confidence"] == 0.5
+            assert (got["host"], got["pid"], got["req_seq"], got["attributes"]) == (
+                d["host"], d["pid"], d["req_seq"], d.get("attributes") or {})  # fmt: skip
+    finally:
+        store.close()

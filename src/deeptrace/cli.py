@@ -12,6 +12,7 @@ import click
 
 from deeptrace import __version__
 from deeptrace.errors import DeepTraceError
+from deeptrace.schema import REQUIRED_KEYS
 
 
 class _Stop:
@@ -350,7 +351,7 @@ def _read_spans(path: str) -> list[dict]:
                 d = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DeepTraceError(f"{path}:{n}: not a JSON line ({e.msg})") from None
-            missing = [k for k in ("span_id", "kind", "pid", "start_ns", "end_ns") if k not in d]
+            missing = [k for k in REQUIRED_KEYS if k not in d]
             if missing:
                 raise DeepTraceError(f"{path}:{n}: not a span (no {', '.join(missing)}); "
                                      "expected the JSON lines `deeptrace agent` writes")  # fmt: skip

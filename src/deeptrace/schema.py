@@ -1,4 +1,7 @@
-"""The span as agents send it and the server takes it: keys, types and bounds, in one place.
+"""The span: its keys, types and bounds, in one place (`FIELDS`), and what is made of them:
+the agent's JSON layout (`SpanJson`), what ingest takes (`Span`, `decode_batch`), the
+store's columns (server/store/schema.py) and the keys a span file must have (`REQUIRED_KEYS`).
+This module needs msgspec only: agents import it, and none of the server's libraries.
 
 Every value that reaches the store fits its column (integers in int64, ids of bounded length
 and charset, times in a plausible range), so one span can never make a batch unwritable. Text
@@ -14,7 +17,8 @@ is `_finish`, in Python, per span.
 import binascii
 import math
 import re
-from typing import Annotated, Literal, NotRequired, Optional, Required, TypedDict, Union
+from dataclasses import dataclass
+from typing import Annotated, Literal, NotRequired, Required, TypedDict
 
 import msgspec
 from msgspec import Meta
@@ -51,27 +55,76 @@ _Port = Annotated[int, Meta(ge=0, le=65535)]
 _Seq = Annotated[list[_U32], Meta(min_length=2, max_length=2)]  # [start, end] TCP sequence numbers
 _Label = Annotated[str, Meta(max_length=MAX_LABEL_CHARS)]
 _Addr = Annotated[str, Meta(max_length=MAX_ADDR_CHARS)]
-_AttrValue = Union[str, Annotated[int, Meta(ge=-INT64_MAX - 1, le=INT64_MAX)], float, bool, None]
+_AttrValue = str | Annotated[int, Meta(ge=-INT64_MAX - 1, le=INT64_MAX)] | float | bool | None
 _Attributes = Annotated[dict[Annotated[str, Meta(max_length=MAX_ATTRIBUTE_KEY_CHARS)], _AttrValue],
                         Meta(max_length=MAX_ATTRIBUTES)]  # fmt: skip
 
-# THE span as agents send it. Keys not listed are dropped, among them what the server
-# computes itself (duration_ns, peer_service, link_method, link_confidence).
-Span = TypedDict("Span", {
-    "span_id": Required[_Id], "kind": Required[Literal[KINDS]], "name": Required[str], "pid": Required[_U32],
-    "start_ns": Required[_Ns], "end_ns": Required[_Ns], "trace_id": NotRequired[Optional[_Id]],
-    "parent_span_id": NotRequired[Optional[_Id]],
-    "protocol": NotRequired[Optional[Annotated[str, Meta(max_length=MAX_PROTOCOL_CHARS)]]],
-    "service": NotRequired[Optional[_Label]], "host": NotRequired[Optional[_Label]],
-    "tid": NotRequired[Optional[_U32]], "resp_tid": NotRequired[Optional[_U32]],
-    "status": NotRequired[Optional[Literal[STATUSES]]], "status_code": NotRequired[Optional[str]],
-    "laddr": NotRequired[Optional[_Addr]], "lport": NotRequired[Optional[_Port]],
-    "raddr": NotRequired[Optional[_Addr]], "rport": NotRequired[Optional[_Port]],
-    "conn_id": NotRequired[Optional[_Count]], "req_size": NotRequired[Optional[_Count]],
-    "resp_size": NotRequired[Optional[_Count]], "req_seq": NotRequired[Optional[_Seq]],
-    "resp_seq": NotRequired[Optional[_Seq]], "attributes": NotRequired[Optional[_Attributes]],
-    "req_head": NotRequired[Optional[str]], "resp_head": NotRequired[Optional[str]],
-})  # fmt: skip
+
+@dataclass(frozen=True)
+class Field:
+    """One key of a span: the type the agent writes it as, the type (bounds included) ingest
+    checks, and the portable SQL type of its stored column. A `range` is a [start, end]
+    pair of that type, stored as two columns (`<name>_start`, `<name>_end`) so that no
+    engine needs array types."""
+
+    name: str
+    written: object  # in the agent's JSON (SpanJson); None: not written by the agent
+    checked: object  # as ingest takes it (Span); None: dropped at ingest (the server computes it)
+    column: str  # portable SQL type
+    required: bool = False
+    range: bool = False
+
+
+# THE span, one definition: every key, in the order the agent writes them. The agent's
+# layout (SpanJson), what ingest takes (Span), the store's columns (server/store/schema.py)
+# and the CLI's check of a span file all come from here.
+FIELDS: tuple[Field, ...] = (
+    Field("trace_id", str, _Id | None, "VARCHAR"),
+    Field("span_id", str, _Id, "VARCHAR", required=True),
+    Field("parent_span_id", str | None, _Id | None, "VARCHAR"),
+    Field("kind", str, Literal[KINDS], "VARCHAR", required=True),
+    Field("name", str, str, "VARCHAR", required=True),
+    Field("protocol", str, Annotated[str, Meta(max_length=MAX_PROTOCOL_CHARS)] | None, "VARCHAR"),
+    Field("service", str, _Label | None, "VARCHAR"),
+    Field("host", str, _Label | None, "VARCHAR"),
+    Field("pid", int, _U32, "BIGINT", required=True),
+    Field("tid", int, _U32 | None, "BIGINT"),
+    Field("resp_tid", int | None, _U32 | None, "BIGINT"),
+    Field("start_ns", int, _Ns, "BIGINT", required=True),
+    Field("end_ns", int, _Ns, "BIGINT", required=True),
+    Field("duration_ns", int, None, "BIGINT"),  # end_ns - start_ns: the server computes it again
+    Field("status", str, Literal[STATUSES] | None, "VARCHAR"),
+    Field("status_code", str | None, str | None, "VARCHAR"),
+    Field("laddr", str, _Addr | None, "VARCHAR"),
+    Field("lport", int, _Port | None, "BIGINT"),
+    Field("raddr", str, _Addr | None, "VARCHAR"),
+    Field("rport", int, _Port | None, "BIGINT"),
+    Field("conn_id", int, _Count | None, "BIGINT"),
+    Field("req_size", int, _Count | None, "BIGINT"),
+    Field("resp_size", int, _Count | None, "BIGINT"),
+    Field("req_seq", list[int] | None, _Seq | None, "BIGINT", range=True),  # TCP sequence numbers
+    Field("resp_seq", list[int] | None, _Seq | None, "BIGINT", range=True),
+    # Raw: encoded already (the kernel's exchanges repeat the same attributes, encoded once).
+    Field("attributes", dict | msgspec.Raw, _Attributes | None, "VARCHAR"),  # JSON text when stored
+    Field("req_head", str, str | None, "VARCHAR"),  # base64
+    Field("resp_head", str, str | None, "VARCHAR"),
+    # Decided by association, on the agent (--associate) or the server, after the span is
+    # made: the agent writes them only on linked spans, and the server links again itself.
+    Field("peer_service", None, None, "VARCHAR"),
+    Field("link_method", None, None, "VARCHAR"),
+    Field("link_confidence", None, None, "DOUBLE"),
+)
+FIELD_NAMES = tuple(f.name for f in FIELDS)
+REQUIRED_KEYS = tuple(f.name for f in FIELDS if f.required)
+
+# The span as agents send it and ingest takes it. Keys not listed are dropped, among them
+# what the server computes itself (duration_ns, peer_service, link_method, link_confidence).
+Span = TypedDict("Span", {f.name: (Required if f.required else NotRequired)[f.checked]
+                          for f in FIELDS if f.checked is not None})  # fmt: skip
+
+# A span as the agent writes it, one JSON object per line, and ships it (key order included).
+SpanJson = msgspec.defstruct("SpanJson", [(f.name, f.written) for f in FIELDS if f.written is not None],
+                             module=__name__)  # fmt: skip
 
 
 class Batch(msgspec.Struct):

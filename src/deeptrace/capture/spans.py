@@ -17,6 +17,7 @@ import msgspec
 
 from deeptrace.protocols.base import Message
 from deeptrace.protocols.redaction import redact_span_parts
+from deeptrace.schema import SpanJson
 
 MAX_PENDING = 1024  # requests awaiting a response on one connection
 
@@ -141,41 +142,6 @@ class Span:
 
     def to_json_dict(self) -> dict:
         return msgspec.structs.asdict(self.to_json())
-
-
-class SpanJson(msgspec.Struct):
-    """A span as the agent writes it, one JSON object per line, and ships it: the one
-    definition of that layout (key order included)."""
-
-    trace_id: str
-    span_id: str
-    parent_span_id: str | None
-    kind: str
-    name: str
-    protocol: str
-    service: str
-    host: str
-    pid: int
-    tid: int
-    resp_tid: int | None
-    start_ns: int
-    end_ns: int
-    duration_ns: int
-    status: str
-    status_code: str | None
-    laddr: str
-    lport: int
-    raddr: str
-    rport: int
-    conn_id: int
-    req_size: int
-    resp_size: int
-    req_seq: list[int] | None
-    resp_seq: list[int] | None
-    # Raw: encoded already (the kernel's exchanges repeat the same attributes, encoded once).
-    attributes: dict | msgspec.Raw
-    req_head: str  # base64
-    resp_head: str
 
 
 def _builtins(item: SpanJson | dict) -> dict:

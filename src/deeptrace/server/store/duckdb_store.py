@@ -97,8 +97,10 @@ class DuckDBStore(Store):
                 db.execute("BEGIN")
                 try:
                     if table is not None:
+                        # By name: a file made by an older version may hold the columns in another order.
+                        columns = ", ".join(COLUMN_NAMES)
                         db.register("new_spans", table)
-                        db.execute(f"INSERT INTO spans SELECT {', '.join(COLUMN_NAMES)} FROM new_spans")
+                        db.execute(f"INSERT INTO spans ({columns}) SELECT {columns} FROM new_spans")
                         db.unregister("new_spans")
                     if dead:
                         # Once per span (or batch), even when a crash makes it fail again after a restart.
