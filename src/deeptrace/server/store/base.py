@@ -1,8 +1,14 @@
-"""The store interface: what the server asks of any storage engine.
+"""The store interface: what the server asks of any storage engine, in four roles.
 
-The embedded DuckDB store implements it today; a ClickHouse store is meant to follow
-behind the same interface. Queries are plain SQL built in store/sql.py, with the few
-engine-specific pieces (percentiles, JSON fields) behind a Dialect.
+- BatchQueue: batches as agents sent them, durable before the agent hears "accepted",
+  deduplicated by (agent, batch id), until their spans are written; and the dead letters.
+- SpanWriter: linked spans in, old spans out (retention).
+- SpanReader: search, traces, spans, the service map and time series.
+- AgentRegistry: which agents report, from where, with what.
+
+A Store is all four. The embedded DuckDB store is one; reading is plain SQL shared by every
+SQL engine (reading.SqlSpanReader, queries in sql.py), with what engines spell differently
+behind a Dialect.
 """
 
 from __future__ import annotations
@@ -112,8 +118,9 @@ class StoreUnavailable(Exception):
     exception from a write is about the data written."""
 
 
-class Store(ABC):
-    # --- ingest: durable before the agent hears "accepted" ---
+class BatchQueue(ABC):
+    """Ingest: a batch is durable before the agent hears "accepted", and stays until linked."""
+
     @abstractmethod
     def accept_batch(self, agent_id: str, batch_id: str, body_gz: bytes, n_spans: int, now_ns: int) -> None:
         """Keep a batch (gzip JSON) until it is linked; raises DuplicateBatch if seen before."""
@@ -121,12 +128,6 @@ class Store(ABC):
     @abstractmethod
     def incoming(self) -> list[tuple[str, str, bytes]]:
         """(agent_id, batch_id, body_gz) of every batch not yet fully linked, oldest first."""
-
-    @abstractmethod
-    def write_spans(self, spans: list[dict], done_batches: list[tuple[str, str]],
-                    dead: list[DeadLetter] = ()) -> None:  # fmt: skip
-        """Store linked spans and dead letters, and forget the incoming batches they completed,
-        atomically. Raises StoreUnavailable when the store itself cannot write."""
 
     @abstractmethod
     def stored_span_ids(self, span_ids: list[str]) -> set[str]:
@@ -137,7 +138,20 @@ class Store(ABC):
     def dead_letters(self, limit: int, offset: int = 0) -> tuple[list[DeadLetter], int]:
         """A page of dead letters, newest first, and how many there are."""
 
-    # --- queries ---
+
+class SpanWriter(ABC):
+    @abstractmethod
+    def write_spans(self, spans: list[dict], done_batches: list[tuple[str, str]],
+                    dead: list[DeadLetter] = ()) -> None:  # fmt: skip
+        """Store linked spans and dead letters, and forget the incoming batches they completed,
+        atomically. Raises StoreUnavailable when the store itself cannot write."""
+
+    @abstractmethod
+    def apply_retention(self, now_ns: int, max_age_ns: int | None, max_bytes: int | None) -> int:
+        """Delete the oldest spans beyond the limits; returns how many."""
+
+
+class SpanReader(ABC):
     @abstractmethod
     def trace(self, trace_id: str) -> list[dict]: ...
 
@@ -167,17 +181,17 @@ class Store(ABC):
     def timeseries(self, start_ns: int, end_ns: int, step_ns: int, service: str | None = None,
                    edge: tuple[str, str] | None = None) -> list[tuple[int, Red]]: ...  # fmt: skip
 
-    # --- agents ---
+
+class AgentRegistry(ABC):
     @abstractmethod
     def upsert_agent(self, agent: AgentInfo) -> None: ...
 
     @abstractmethod
     def agents(self) -> list[AgentInfo]: ...
 
-    # --- housekeeping ---
-    @abstractmethod
-    def apply_retention(self, now_ns: int, max_age_ns: int | None, max_bytes: int | None) -> int:
-        """Delete the oldest spans beyond the limits; returns how many."""
+
+class Store(BatchQueue, SpanWriter, SpanReader, AgentRegistry):
+    """Every role, and what concerns the whole store."""
 
     @abstractmethod
     def stats(self) -> StoreStats: ...

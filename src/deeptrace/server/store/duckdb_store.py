@@ -17,9 +17,16 @@ import duckdb
 import pyarrow as pa
 
 from deeptrace.server.store import sql
-from deeptrace.server.store.base import (AgentInfo, DeadLetter, DuplicateBatch, MapEdge, MapNode, Red, ServiceMap,
-                                         Store, StoreStats, StoreUnavailable, TraceQuery, TraceSummary)  # fmt: skip
-from deeptrace.server.store.schema import COLUMN_NAMES, SPAN_COLUMNS, row_to_span, span_to_columns
+from deeptrace.server.store.base import (
+    AgentInfo,
+    DeadLetter,
+    DuplicateBatch,
+    Store,
+    StoreStats,
+    StoreUnavailable,
+)
+from deeptrace.server.store.reading import SqlSpanReader
+from deeptrace.server.store.schema import COLUMN_NAMES, SPAN_COLUMNS, span_to_columns
 
 ARROW_TYPES = {"VARCHAR": pa.string(), "BIGINT": pa.int64(), "DOUBLE": pa.float64()}
 SCHEMA_VERSION = 1
@@ -36,7 +43,7 @@ class DuckDBDialect(sql.Dialect):
         return '$."' + key.replace('"', '\\"') + '"'
 
 
-class DuckDBStore(Store):
+class DuckDBStore(SqlSpanReader, Store):
     def __init__(self, path: str | Path) -> None:
         self.path = str(path)
         if self.path != ":memory:":
@@ -46,7 +53,7 @@ class DuckDBStore(Store):
         except duckdb.IOException as e:
             raise OSError(f"cannot open the store {self.path}: {e}") from e
         self._write = threading.Lock()
-        self._dialect = DuckDBDialect()
+        self.dialect = DuckDBDialect()
         self._arrow_schema = pa.schema([(c, ARROW_TYPES[t]) for c, t in SPAN_COLUMNS])
         self._create()
 
@@ -68,6 +75,9 @@ class DuckDBStore(Store):
 
     def _read(self) -> duckdb.DuckDBPyConnection:
         return self._db.cursor()
+
+    def _rows(self, query: str, params: list) -> list[tuple]:
+        return self._read().execute(query, params).fetchall()
 
     # --- ingest ---
     def accept_batch(self, agent_id: str, batch_id: str, body_gz: bytes, n_spans: int, now_ns: int) -> None:
@@ -140,67 +150,6 @@ class DuckDBStore(Store):
                            "ORDER BY failed_ns DESC LIMIT ? OFFSET ?", [limit, offset]).fetchall()  # fmt: skip
         return [DeadLetter(*r) for r in rows], total
 
-    # --- queries ---
-    def trace(self, trace_id: str) -> list[dict]:
-        return self.traces([trace_id]).get(trace_id, [])
-
-    def traces(self, trace_ids: list[str]) -> dict[str, list[dict]]:
-        out: dict[str, list[dict]] = {}
-        if trace_ids:
-            rows = self._read().execute(sql.traces(len(trace_ids), ", ".join(COLUMN_NAMES)), trace_ids).fetchall()
-            for r in rows:
-                d = row_to_span(r)
-                out.setdefault(d["trace_id"], []).append(d)
-        return out
-
-    def span(self, span_id: str) -> dict | None:
-        row = self._read().execute(f"SELECT {', '.join(COLUMN_NAMES)} FROM spans WHERE span_id = ? LIMIT 1",
-                                   [span_id]).fetchone()  # fmt: skip
-        return row_to_span(row) if row else None
-
-    def search(self, q: TraceQuery) -> tuple[list[TraceSummary], int]:
-        page_sql, page_params, count_sql, count_params = sql.search(self._dialect, q)
-        cur = self._read()
-        (total,) = cur.execute(count_sql, count_params).fetchone()
-        ids = [r[0] for r in cur.execute(page_sql, page_params).fetchall()]
-        if not ids:
-            return [], total
-        members: dict[str, list[tuple]] = {i: [] for i in ids}
-        for tid, *rest in cur.execute(sql.trace_members(len(ids)), ids).fetchall():
-            members[tid].append(rest)
-        return [_summary(tid, members[tid]) for tid in ids], total
-
-    def services(self) -> list[str]:
-        rows = self._read().execute("SELECT DISTINCT service FROM spans ORDER BY service").fetchall()
-        return [r[0] for r in rows]
-
-    def operations(self, service: str) -> list[tuple[str, str]]:
-        return self._read().execute("SELECT DISTINCT name, kind FROM spans WHERE service = ? ORDER BY name, kind",
-                                    [service]).fetchall()  # fmt: skip
-
-    def service_map(self, start_ns: int, end_ns: int) -> ServiceMap:
-        cur, seconds, rng = self._read(), max((end_ns - start_ns) / 1e9, 1e-9), [start_ns, end_ns]
-        nodes = {r[0]: MapNode(r[0], _red(r[1:], seconds)) for r in cur.execute(sql.node_red(self._dialect), rng).fetchall()}
-        edges = [MapEdge(r[0], r[1], _red(r[2:], seconds))
-                 for r in cur.execute(sql.edge_red(self._dialect), rng).fetchall() if r[1]]  # fmt: skip
-        for r in cur.execute(sql.peer_red(self._dialect), rng).fetchall():
-            if r[0] and r[0] not in nodes:  # a peer nothing traced answers for: its callers' view
-                nodes[r[0]] = MapNode(r[0], _red(r[1:], seconds))
-        for e in edges:  # callers that answer nothing themselves (load generators, jobs)
-            nodes.setdefault(e.source, MapNode(e.source, _red((0, 0, None, None, None), seconds)))
-        return ServiceMap(sorted(nodes.values(), key=lambda n: n.service), edges)
-
-    def timeseries(self, start_ns: int, end_ns: int, step_ns: int, service: str | None = None,
-                   edge: tuple[str, str] | None = None) -> list[tuple[int, Red]]:  # fmt: skip
-        cur = self._read()
-        as_peer = edge is None and not cur.execute(sql.answers_requests(), [service, start_ns, end_ns]).fetchone()[0]
-        query, who = sql.timeseries(self._dialect, service, edge, as_peer)
-        rows = cur.execute(query, [start_ns, step_ns, *who, start_ns, end_ns]).fetchall()
-        by_bucket = {int(r[0]): _red(r[1:], step_ns / 1e9) for r in rows}
-        n = max(0, -(-(end_ns - start_ns) // step_ns))
-        empty = (0, 0, None, None, None)
-        return [(start_ns + i * step_ns, by_bucket.get(i) or _red(empty, step_ns / 1e9)) for i in range(n)]
-
     # --- agents ---
     def upsert_agent(self, agent: AgentInfo) -> None:
         with self._write:
@@ -250,21 +199,3 @@ class DuckDBStore(Store):
         with self._write:
             self._db.close()
 
-
-def _summary(trace_id: str, spans: list[tuple]) -> TraceSummary:
-    """spans: (service, name, start_ns, end_ns, parent_span_id, status) of one trace."""
-    roots = [s for s in spans if s[4] is None] or spans
-    root = min(roots, key=lambda s: s[2])
-    t0, t1 = min(s[2] for s in spans), max(s[3] for s in spans)
-    return TraceSummary(trace_id, root[0], root[1], t0, t1 - t0, len(spans), sum(s[5] == "error" for s in spans),
-                        sorted({s[0] for s in spans}))  # fmt: skip
-
-
-def _red(row, seconds: float) -> Red:
-    n, errors, p50, p90, p99 = row
-    n, errors = int(n or 0), int(errors or 0)
-    return Red(n, errors, errors / n if n else 0.0, n / seconds, _ms(p50), _ms(p90), _ms(p99))
-
-
-def _ms(ns) -> float:
-    return round(ns / 1e6, 3) if ns is not None else 0.0
