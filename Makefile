@@ -15,7 +15,7 @@ APT_PACKAGES := clang llvm libbpf1 libbpf-dev bpftool gcc libc6-dev make \
                 nginx-light redis-server redis-tools memcached libmemcached-tools postgresql mariadb-server mariadb-client \
                 curl wrk dnsmasq-base bind9-dnsutils tshark \
                 rabbitmq-server nats-server mosquitto \
-                iproute2 procps chromium golang-go
+                iproute2 procps chromium golang-go clickhouse-server clickhouse-client
 
 .PHONY: all setup deps node venv web bpf test demo demo-two-hosts bench bench-accuracy bench-accuracy-foreign bench-app-impact bench-server clean
 

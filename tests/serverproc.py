@@ -19,15 +19,18 @@ TOKEN = "test-token"
 
 
 class ServerProcess:
-    def __init__(self, db: Path, port: int | None = None, args: tuple[str, ...] = (), token: str = TOKEN) -> None:
-        self.db, self.port, self.args, self.token = db, port or free_port(), args, token
+    def __init__(self, db: Path, port: int | None = None, args: tuple[str, ...] = (), token: str = TOKEN,
+                 store: str | None = None) -> None:  # fmt: skip
+        """db: the DuckDB file (and, beside it, the log); store: a store URL to use instead."""
+        self.db, self.port, self.args, self.token, self.store = db, port or free_port(), args, token, store
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.log = db.with_suffix(".log")
 
     def start(self) -> ServerProcess:
         cmd = [sys.executable, "-m", "deeptrace.cli", "server", "--listen", f"127.0.0.1:{self.port}",
-               "--db", str(self.db), "--token", self.token, *self.args]  # fmt: skip
+               *(("--store", self.store) if self.store else ("--db", str(self.db))), "--token", self.token,
+               *self.args]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -36,7 +36,7 @@ MAX_OTHER_BODY_BYTES = 64 << 10
 
 @dataclass
 class ServerConfig:
-    db: str = "deeptrace.duckdb"
+    db: str = "deeptrace.duckdb"  # the store: a DuckDB file, or a URL (store.open_store)
     token: str | None = None  # None: ingest without auth (only with --no-auth)
     algorithm: str = "joint"
     header_ids: bool = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
 import click
@@ -40,7 +41,13 @@ def _headers(pairs: tuple[str, ...]) -> dict[str, str]:
 
 
 # What the server needs beyond the agent's dependencies: pyproject.toml's `server` extra.
-SERVER_MODULES = ("fastapi", "uvicorn", "duckdb", "pyarrow", "opentelemetry.proto", "prometheus_client")
+SERVER_MODULES = ("fastapi", "uvicorn", "duckdb", "pyarrow", "opentelemetry.proto", "prometheus_client",
+                  "clickhouse_driver")
+
+
+def _without_password(url: str) -> str:
+    """A store URL fit to print: a password in it is not."""
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 
 def _require_server_extra() -> None:
@@ -59,7 +66,12 @@ def _require_server_extra() -> None:
 
 @click.command()
 @click.option("--listen", default="127.0.0.1:8700", show_default=True, help="Address and port to serve on.")
-@click.option("--db", default="deeptrace.duckdb", show_default=True, help="The embedded store's file.")
+@click.option("--store", "store_url", default=None, metavar="URL",
+              help="Where spans are kept: duckdb:///PATH (embedded, the default) or "
+                   "clickhouse://[USER[:PASSWORD]@]HOST[:PORT]/DATABASE (native protocol, port 9000 by default; "
+                   "user and password also from CLICKHOUSE_USER and CLICKHOUSE_PASSWORD).")  # fmt: skip
+@click.option("--db", default=None, help="The embedded store's file, short for --store duckdb:///FILE "
+              "[default: deeptrace.duckdb].")  # fmt: skip
 @click.option("--token", envvar="DEEPTRACE_TOKEN", default=None,
               help="Token agents must send (env DEEPTRACE_TOKEN).")
 @click.option("--token-file", type=click.Path(dir_okay=False, exists=True), default=None,
@@ -84,7 +96,7 @@ def _require_server_extra() -> None:
 @click.option("--otlp-header", "otlp_headers", multiple=True, help="KEY=VALUE header for OTLP export (repeatable).")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True)  # fmt: skip
-def server(listen, db, token, token_file, no_auth, read_auth, read_auth_file, algorithm, no_header_ids, hold,
+def server(listen, store_url, db, token, token_file, no_auth, read_auth, read_auth_file, algorithm, no_header_ids, hold,
            max_backlog_spans, retention_hours, retention_bytes, otlp_endpoint, otlp_headers, log_level) -> None:  # fmt: skip
     """Receive spans from agents, link them into traces, store them, serve the UI and APIs."""
     _require_server_extra()
@@ -93,6 +105,9 @@ def server(listen, db, token, token_file, no_auth, read_auth, read_auth_file, al
     from deeptrace.server.app import ServerConfig, create_app
 
     host, port = _listen(listen)
+    if store_url and db:
+        raise click.UsageError("give the store once: --store URL or --db FILE")
+    db = store_url or db or "deeptrace.duckdb"
     if token_file:
         with open(token_file) as f:
             token = f.read().strip()
@@ -110,10 +125,11 @@ def server(listen, db, token, token_file, no_auth, read_auth, read_auth_file, al
     logging.basicConfig(level=log_level.upper(), format="deeptrace server: %(levelname)s %(message)s")
     try:
         app = create_app(config)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # a store that cannot be opened, or a URL no store has
         click.echo(f"deeptrace: error: {e}", err=True)
         sys.exit(2)
-    click.echo(f"deeptrace server: store {os.path.abspath(db)}; UI and API on http://{host}:{port}/", err=True)
+    where = db if "://" in db else os.path.abspath(db)
+    click.echo(f"deeptrace server: store {_without_password(where)}; UI and API on http://{host}:{port}/", err=True)
     if config.read_auth is None and not _loopback(host):
         click.echo(f"deeptrace server: warning: the UI and query APIs are open to anyone who reaches {host}:{port}; "
                    "ask for a password with --read-auth USER:PASSWORD", err=True)  # fmt: skip

@@ -36,11 +36,11 @@ class DuckDBDialect(sql.Dialect):
     def percentile(self, expr: str, q: float) -> str:
         return f"quantile_cont({expr}, {q})"
 
-    def json_text(self, column: str) -> str:
-        return f"json_extract_string({column}, ?)"
+    def json_field_is(self, column: str, key: str, value: str) -> tuple[str, list]:
+        return f"json_extract_string({column}, ?) = ?", ['$."' + key.replace('"', '\\"') + '"', value]
 
-    def json_path(self, key: str) -> str:
-        return '$."' + key.replace('"', '\\"') + '"'
+    def like(self, column: str) -> str:
+        return f"{column} LIKE ? ESCAPE '\\'"
 
 
 class DuckDBStore(SqlSpanReader, Store):

@@ -46,6 +46,7 @@ class SqlSpanReader(SpanReader):
     def search(self, q: TraceQuery) -> tuple[list[TraceSummary], int]:
         page_sql, page_params, count_sql, count_params = sql.search(self.dialect, q)
         ((total,),) = self._rows(count_sql, count_params)
+        total = total or 0  # ClickHouse counts nothing as NULL
         ids = [r[0] for r in self._rows(page_sql, page_params)]
         if not ids:
             return [], total

@@ -1,5 +1,5 @@
 """Query text for the store, in SQL that DuckDB and ClickHouse both read, with the pieces
-they spell differently (percentiles, a JSON field) asked of a Dialect.
+they spell differently (percentiles, a JSON field, LIKE's escape) asked of a Dialect.
 
 Every function returns (sql, params); values always travel as parameters.
 """
@@ -13,15 +13,22 @@ ERROR = "CASE WHEN status = 'error' THEN 1 ELSE 0 END"
 
 
 class Dialect:
+    """What engines spell differently. Queries are written with `?` placeholders."""
+
     def percentile(self, expr: str, q: float) -> str:
         raise NotImplementedError
 
-    def json_text(self, column: str) -> str:
-        """Text of one JSON key of column; the key path is the next parameter."""
+    def json_field_is(self, column: str, key: str, value: str) -> tuple[str, list]:
+        """A condition that the JSON object in column has `key` equal to `value` (text), and its params."""
         raise NotImplementedError
 
-    def json_path(self, key: str) -> str:
+    def like(self, column: str) -> str:
+        """`column LIKE ?` where the pattern escapes %, _ and \\ with a backslash."""
         raise NotImplementedError
+
+    def as_text(self, column: str) -> str:
+        """A column's value as text (NULL stays NULL)."""
+        return f"CAST({column} AS VARCHAR)"
 
 
 def red_columns(d: Dialect) -> str:
@@ -49,7 +56,7 @@ def span_filter(d: Dialect, q: TraceQuery) -> tuple[str, list]:
         params.append(q.max_duration_ns)
     for key, value in q.attributes.items():
         if key in FILTERABLE:  # a column, not an attribute: names come from a fixed set
-            where.append(f"CAST({key} AS VARCHAR) = ?")
+            where.append(f"{d.as_text(key)} = ?")
             params.append(value)
         elif key == "error":  # Jaeger's convention for failed spans
             where.append("status = ?")
@@ -58,10 +65,11 @@ def span_filter(d: Dialect, q: TraceQuery) -> tuple[str, list]:
             # The plain substring test goes first: far cheaper than parsing every row's JSON,
             # it leaves the JSON read only the rows that can match.
             if value.isprintable() and '"' not in value and "\\" not in value:  # JSON holds it as is
-                where.append("attributes LIKE ? ESCAPE '\\'")
+                where.append(d.like("attributes"))
                 params.append(f"%{_like_escape(value)}%")
-            where.append(f"{d.json_text('attributes')} = ?")
-            params.extend([d.json_path(key), value])
+            condition, more = d.json_field_is("attributes", key, value)
+            where.append(condition)
+            params.extend(more)
     return " AND ".join(where), params
 
 

@@ -1,0 +1,260 @@
+"""The store on ClickHouse, for more than one machine: `--store clickhouse://HOST:PORT/DATABASE`.
+
+The server talks ClickHouse's native protocol (clickhouse-driver). The SQL runs on Debian's
+ClickHouse 18.16 and on current releases: JSON fields are read with visitParamExtract*
+(the JSONExtract functions came later), retention deletes with ALTER TABLE ... DELETE
+(TTL came later), and rows that change (an agent's last report, a dead letter written
+again) live in ReplacingMergeTree tables read with FINAL.
+
+ClickHouse has no transactions and no unique keys, so the batch queue is built to need
+neither:
+- Every copy of a batch that is accepted is kept with a random token; of the copies of one
+  (agent, batch), the one with the smallest token is the batch. A server that finds an
+  earlier copy, or whose own copy is not the smallest once written, answers "duplicate".
+  Two servers that take the same re-sent batch at once may both answer "accepted", but only
+  one copy is ever linked.
+- A batch is done when a row in `done_batches` says so, written after its spans. A crash
+  between the two replays the batch, and spans already stored are skipped (stored_span_ids),
+  as after any crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import threading
+import time
+from urllib.parse import unquote, urlsplit
+
+from deeptrace.schema import FIELDS
+from deeptrace.server.store import sql
+from deeptrace.server.store.base import (
+    AgentInfo,
+    DeadLetter,
+    DuplicateBatch,
+    Store,
+    StoreStats,
+    StoreUnavailable,
+)
+from deeptrace.server.store.reading import SqlSpanReader
+from deeptrace.server.store.schema import COLUMN_NAMES, SPAN_COLUMNS, span_to_columns
+
+DEFAULT_PORT = 9000  # the native protocol's
+TYPES = {"VARCHAR": "String", "BIGINT": "Int64", "DOUBLE": "Float64"}
+# Columns every stored span has: the sorting key and partition may use them.
+NOT_NULL = {f.name for f in FIELDS if f.required} | {"duration_ns"}
+_PLACEHOLDER = re.compile(r"'(?:[^'\\]|\\.)*'|\?")
+
+
+class ClickHouseDialect(sql.Dialect):
+    def percentile(self, expr: str, q: float) -> str:
+        return f"quantile({q})({expr})"
+
+    def json_field_is(self, column: str, key: str, value: str) -> tuple[str, list]:
+        # A string value, or a number or boolean as its JSON text (as DuckDB's json_extract_string gives it).
+        return (f"(visitParamExtractString({column}, ?) = ? OR visitParamExtractRaw({column}, ?) = ?)",
+                [key, value, key, value])  # fmt: skip
+
+    def like(self, column: str) -> str:
+        return f"{column} LIKE ?"  # a backslash escapes in ClickHouse's LIKE without being asked
+
+    def as_text(self, column: str) -> str:
+        return f"toString({column})"  # CAST of a Nullable column to String fails on a NULL in 18.16
+
+
+def bind(query: str, params: list) -> tuple[str, dict | None]:
+    """A query with `?` placeholders as clickhouse-driver takes it: %(pN)s and a dict (and,
+    with parameters, every other % doubled, since the driver fills them in with Python's %)."""
+    if not params:
+        return query, None
+    values: dict = {}
+
+    def mark(m: re.Match) -> str:
+        if m.group() != "?":
+            return m.group()  # a string literal: a ? in it is no placeholder
+        name = f"p{len(values)}"
+        values[name] = params[len(values)]
+        return f"%({name})s"
+
+    text = _PLACEHOLDER.sub(mark, query.replace("%", "%%"))
+    if len(values) != len(params):
+        raise ValueError(f"{len(params)} parameters for {len(values)} placeholders")
+    return text, values
+
+
+def parse_url(url: str) -> dict:
+    """clickhouse://[USER[:PASSWORD]@]HOST[:PORT]/DATABASE -> connection settings. User and
+    password may come from CLICKHOUSE_USER and CLICKHOUSE_PASSWORD instead (kept out of `ps`)."""
+    parts = urlsplit(url)
+    database = parts.path.strip("/")
+    if parts.scheme != "clickhouse" or not parts.hostname or not database or "/" in database:
+        raise ValueError(f"not a ClickHouse store URL: {url!r} (clickhouse://HOST[:PORT]/DATABASE)")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", database):
+        raise ValueError(f"database name {database!r}: letters, digits and '_' only")
+    return {"host": parts.hostname, "port": parts.port or DEFAULT_PORT, "database": database,
+            "user": unquote(parts.username) if parts.username else os.environ.get("CLICKHOUSE_USER", "default"),
+            "password": unquote(parts.password) if parts.password else os.environ.get("CLICKHOUSE_PASSWORD", "")}  # fmt: skip
+
+
+def _column(name: str, portable: str) -> str:
+    t = TYPES[portable]
+    return f"{name} {t if name in NOT_NULL else f'Nullable({t})'}"
+
+
+class ClickHouseStore(SqlSpanReader, Store):
+    def __init__(self, url: str) -> None:
+        from clickhouse_driver import Client, errors
+
+        self._errors = errors
+        self.settings = parse_url(url)
+        self.database = self.settings["database"]
+        self.dialect = ClickHouseDialect()
+        self._local = threading.local()  # a client per thread: one is not safe to share
+        s = self.settings
+        self._connect = lambda db: Client(s["host"], port=s["port"], user=s["user"], password=s["password"],
+                                          database=db, settings={"use_numpy": False})  # fmt: skip
+        try:
+            self._connect("default").execute(f"CREATE DATABASE IF NOT EXISTS {self.database}")
+        except (errors.Error, OSError, EOFError) as e:
+            raise OSError(
+                f"cannot open the store clickhouse://{s['host']}:{s['port']}/{self.database}: {e}"
+            ) from e
+        self._create()
+
+    def _client(self):
+        client = getattr(self._local, "client", None)
+        if client is None:
+            client = self._local.client = self._connect(self.database)
+        return client
+
+    def _execute(self, query: str, params=None, **kw):
+        try:
+            return self._client().execute(query, params, **kw)
+        except (OSError, EOFError, self._errors.NetworkError, self._errors.SocketTimeoutError) as e:
+            self._local.client = None  # reconnect next time
+            raise StoreUnavailable(str(e)) from e
+
+    def _rows(self, query: str, params: list) -> list[tuple]:
+        text, values = bind(query, params)
+        return self._execute(text, values)
+
+    def _create(self) -> None:
+        columns = ", ".join(_column(c, t) for c, t in SPAN_COLUMNS)
+        day = "toDate(intDiv(start_ns, 1000000000))"
+        self._execute(f"CREATE TABLE IF NOT EXISTS spans ({columns}) ENGINE = MergeTree "
+                      f"PARTITION BY {day} ORDER BY (start_ns, span_id)")  # fmt: skip
+        self._execute("CREATE TABLE IF NOT EXISTS batches (agent_id String, batch_id String, token String, "
+                      "received_ns Int64, n_spans Int64, body_gz String) ENGINE = MergeTree "
+                      "ORDER BY (agent_id, batch_id)")  # fmt: skip
+        self._execute("CREATE TABLE IF NOT EXISTS done_batches (agent_id String, batch_id String, done_ns Int64) "
+                      "ENGINE = MergeTree ORDER BY (agent_id, batch_id)")  # fmt: skip
+        self._execute("CREATE TABLE IF NOT EXISTS dead_letters (agent_id String, batch_id String, span_id String, "
+                      "failed_ns Int64, reason String, span String) ENGINE = ReplacingMergeTree(failed_ns) "
+                      "ORDER BY (agent_id, batch_id, span_id)")  # fmt: skip
+        self._execute("CREATE TABLE IF NOT EXISTS agents (agent_id String, host String, kernel String, "
+                      "version String, started_ns Int64, last_seen_ns Int64, stats String) "
+                      "ENGINE = ReplacingMergeTree(last_seen_ns) ORDER BY agent_id")  # fmt: skip
+
+    # --- ingest ---
+    def accept_batch(self, agent_id: str, batch_id: str, body_gz: bytes, n_spans: int, now_ns: int) -> None:
+        key = [agent_id, batch_id]
+        if self._rows("SELECT count() FROM batches WHERE agent_id = ? AND batch_id = ?", key)[0][0]:
+            raise DuplicateBatch(f"{agent_id}/{batch_id}")
+        token = secrets.token_hex(16)
+        # The body as bytes in a String column: clickhouse-driver writes bytes as they are.
+        self._execute("INSERT INTO batches (agent_id, batch_id, token, received_ns, n_spans, body_gz) VALUES",
+                      [(agent_id, batch_id, token, now_ns, n_spans, body_gz)])  # fmt: skip
+        (first,) = self._rows("SELECT min(token) FROM batches WHERE agent_id = ? AND batch_id = ?", key)[0]
+        if first != token:
+            raise DuplicateBatch(f"{agent_id}/{batch_id}")  # another server took it first
+
+    def incoming(self) -> list[tuple[str, str, bytes]]:
+        rows = self._execute(
+            "SELECT agent_id, batch_id, argMin(body_gz, token), min(received_ns) AS t FROM batches "
+            "WHERE (agent_id, batch_id) NOT IN (SELECT agent_id, batch_id FROM done_batches) "
+            "GROUP BY agent_id, batch_id ORDER BY t", settings={"strings_as_bytes": True})  # fmt: skip
+        return [(a.decode(), b.decode(), body) for a, b, body, _ in rows]
+
+    def write_spans(self, spans: list[dict], done_batches: list[tuple[str, str]],
+                    dead: list[DeadLetter] = ()) -> None:  # fmt: skip
+        # Spans first, the batches' "done" last: a crash between them replays the batches,
+        # and the spans already here are skipped then.
+        if spans:
+            cols = span_to_columns(spans)
+            self._execute(f"INSERT INTO spans ({', '.join(COLUMN_NAMES)}) VALUES", [cols[c] for c in COLUMN_NAMES],
+                          columnar=True)  # fmt: skip
+        if dead:
+            self._execute("INSERT INTO dead_letters (agent_id, batch_id, span_id, failed_ns, reason, span) VALUES",
+                          [(x.agent_id, x.batch_id, x.span_id, x.failed_ns, x.reason, x.span) for x in dead])  # fmt: skip
+        if done_batches:
+            now = time.time_ns()
+            self._execute("INSERT INTO done_batches (agent_id, batch_id, done_ns) VALUES",
+                          [(a, b, now) for a, b in done_batches])  # fmt: skip
+
+    def stored_span_ids(self, span_ids: list[str]) -> set[str]:
+        if not span_ids:
+            return set()
+        rows = self._execute("SELECT span_id FROM spans WHERE span_id IN %(ids)s UNION ALL "
+                             "SELECT span_id FROM dead_letters WHERE span_id IN %(ids)s", {"ids": tuple(span_ids)})  # fmt: skip
+        return {r[0] for r in rows}
+
+    def dead_letters(self, limit: int, offset: int = 0) -> tuple[list[DeadLetter], int]:
+        ((total,),) = self._rows("SELECT count() FROM dead_letters FINAL", [])
+        rows = self._rows("SELECT agent_id, batch_id, span_id, failed_ns, reason, span FROM dead_letters FINAL "
+                          "ORDER BY failed_ns DESC LIMIT ? OFFSET ?", [limit, offset])  # fmt: skip
+        return [DeadLetter(*r) for r in rows], total
+
+    # --- agents ---
+    def upsert_agent(self, agent: AgentInfo) -> None:
+        self._execute("INSERT INTO agents (agent_id, host, kernel, version, started_ns, last_seen_ns, stats) VALUES",
+                      [(agent.agent_id, agent.host, agent.kernel, agent.version, agent.started_ns,
+                        agent.last_seen_ns, json.dumps(agent.stats))])  # fmt: skip
+
+    def agents(self) -> list[AgentInfo]:
+        rows = self._rows("SELECT agent_id, host, kernel, version, started_ns, last_seen_ns, stats "
+                          "FROM agents FINAL ORDER BY host, agent_id", [])  # fmt: skip
+        return [AgentInfo(*r[:6], json.loads(r[6]) if r[6] else {}) for r in rows]
+
+    # --- housekeeping ---
+    def apply_retention(self, now_ns: int, max_age_ns: int | None, max_bytes: int | None) -> int:
+        """Deletes are mutations, carried out in the background: what is deleted is counted
+        when asked for, and disappears from queries once the mutation has run."""
+        cuts = []
+        if max_age_ns is not None:
+            cuts.append(now_ns - max_age_ns)
+        if max_bytes is not None and self._bytes() > max_bytes:
+            ((n, cut),) = self._rows("SELECT count(), quantileExact(0.1)(end_ns) FROM spans", [])
+            if n:
+                cuts.append(cut + 1)
+        if not cuts:
+            return 0
+        cut = max(cuts)
+        ((deleted,),) = self._rows("SELECT count() FROM spans WHERE end_ns < ?", [cut])
+        if deleted:
+            self._execute(*bind("ALTER TABLE spans DELETE WHERE end_ns < ?", [cut]))
+        if max_age_ns is not None:
+            age_cut = now_ns - max_age_ns
+            self._execute(*bind("ALTER TABLE batches DELETE WHERE received_ns < ?", [age_cut]))
+            self._execute(*bind("ALTER TABLE done_batches DELETE WHERE done_ns < ?", [age_cut]))
+            self._execute(*bind("ALTER TABLE dead_letters DELETE WHERE failed_ns < ?", [age_cut]))
+        return deleted
+
+    def _bytes(self) -> int:
+        rows = self._rows(
+            "SELECT sum(bytes_on_disk) FROM system.parts WHERE active AND database = ?", [self.database]
+        )
+        return int(rows[0][0] or 0)
+
+    def stats(self) -> StoreStats:
+        ((spans,),) = self._rows("SELECT count() FROM spans", [])
+        incoming = len(self._rows("SELECT DISTINCT agent_id, batch_id FROM batches WHERE (agent_id, batch_id) "
+                                  "NOT IN (SELECT agent_id, batch_id FROM done_batches)", []))  # fmt: skip
+        ((dead,),) = self._rows("SELECT count() FROM dead_letters FINAL", [])
+        return StoreStats(spans, incoming, self._bytes(), dead)
+
+    def close(self) -> None:
+        client = getattr(self._local, "client", None)
+        if client is not None:
+            client.disconnect()

@@ -1,0 +1,82 @@
+"""A real clickhouse-server (Debian's) on a temporary directory and free ports, for tests."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from servers import free_port, need, wait_port
+
+_CONFIG = """<?xml version="1.0"?>
+<yandex>
+    <logger><level>warning</level><console>1</console></logger>
+    <tcp_port>{tcp}</tcp_port>
+    <http_port>{http}</http_port>
+    <interserver_http_port>{interserver}</interserver_http_port>
+    <listen_host>127.0.0.1</listen_host>
+    <path>{dir}/data/</path>
+    <tmp_path>{dir}/tmp/</tmp_path>
+    <user_files_path>{dir}/user_files/</user_files_path>
+    <format_schema_path>{dir}/format_schemas/</format_schema_path>
+    <users_config>{dir}/users.xml</users_config>
+    <default_profile>default</default_profile>
+    <default_database>default</default_database>
+    <mark_cache_size>5368709</mark_cache_size>
+    <remote_servers>{remote}</remote_servers>
+</yandex>
+"""
+_USERS = """<?xml version="1.0"?>
+<yandex>
+    <profiles><default></default></profiles>
+    <users><default><password></password><networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
+        <profile>default</profile><quota>default</quota></default></users>
+    <quotas><default></default></quotas>
+</yandex>
+"""
+
+
+@contextmanager
+def clickhouse_server(remote: str = ""):
+    """The native protocol's port of a fresh server; `remote` is its <remote_servers> content."""
+    binary = need("clickhouse-server")
+    with tempfile.TemporaryDirectory(prefix="dt-clickhouse-") as d:
+        tcp = free_port()
+        Path(d, "users.xml").write_text(_USERS)
+        config = Path(d, "config.xml")
+        config.write_text(
+            _CONFIG.format(tcp=tcp, http=free_port(), interserver=free_port(), dir=d, remote=remote)
+        )
+        log = open(Path(d, "server.log"), "wb")  # noqa: SIM115 (closed below)
+        proc = subprocess.Popen(
+            [binary, f"--config-file={config}"], cwd=d, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            try:
+                wait_port(tcp, 30.0)
+            except AssertionError:
+                raise AssertionError(
+                    f"clickhouse-server did not start: {Path(d, 'server.log').read_text()[-2000:]}"
+                ) from None
+            yield tcp
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            log.close()
+
+
+def wait_until(check, timeout_s: float = 20.0):
+    """check() until it is true (ClickHouse's deletes run in the background)."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still not so after {timeout_s:.0f} s")
+        time.sleep(0.1)
+    return value
