@@ -1,20 +1,22 @@
 """One contract, every store: the same calls give the same answers on the embedded DuckDB
-file and on a real clickhouse-server (Debian's 18.16), started here on a temporary directory."""
+file, on a real clickhouse-server (Debian's 18.16) started here on a temporary directory, and
+on the current ClickHouse engine (chdb, in process), so the SQL holds on old and new releases."""
 
 from __future__ import annotations
 
 import gzip
+import threading
 import uuid
 
 import pytest
 import spanmaker as sm
-from clickhouse import clickhouse_server, wait_until
+from clickhouse import ChdbClient, clickhouse_server, wait_until
 from serverproc import ServerProcess
 
 from deeptrace import schema
 from deeptrace.server.store import open_store
 from deeptrace.server.store.base import AgentInfo, DeadLetter, DuplicateBatch, TraceQuery
-from deeptrace.server.store.clickhouse_store import ClickHouseStore, bind, parse_url
+from deeptrace.server.store.clickhouse_store import ClickHouseDialect, ClickHouseStore, bind, parse_url
 from deeptrace.server.store.duckdb_store import DuckDBStore
 
 T0 = 1_800_000_000 * 10**9  # 2027-01-15: inside the schema's range
@@ -27,10 +29,27 @@ def clickhouse_port():
         yield port
 
 
-@pytest.fixture(params=["duckdb", "clickhouse"])
+class ChdbStore(ClickHouseStore):
+    """The ClickHouse store's SQL on today's ClickHouse engine, in process (chdb)."""
+
+    def __init__(self, database: str) -> None:
+        from clickhouse_driver import errors
+
+        self._errors, self.database, self.dialect = errors, database, ClickHouseDialect()
+        self._local, self._chdb = threading.local(), ChdbClient(database)
+        self._create()
+
+    def _client(self):
+        return self._chdb
+
+
+@pytest.fixture(params=["duckdb", "clickhouse", "clickhouse-today"])
 def store(request, tmp_path):
+    """The embedded store; ClickHouse 18.16 (Debian's server); ClickHouse of today (chdb)."""
     if request.param == "duckdb":
         s = DuckDBStore(tmp_path / "store.duckdb")
+    elif request.param == "clickhouse-today":
+        s = ChdbStore(f"t_{uuid.uuid4().hex[:12]}")
     else:
         s = ClickHouseStore(
             f"clickhouse://127.0.0.1:{request.getfixturevalue('clickhouse_port')}/t_{uuid.uuid4().hex[:12]}"
@@ -249,3 +268,23 @@ def test_the_server_links_into_clickhouse_and_serves_the_trace(tmp_path, clickho
     finally:
         srv.stop()
     assert f"store clickhouse://default:***@127.0.0.1:{clickhouse_port}/" in srv.log.read_text()
+
+
+def test_a_batch_re_sent_to_another_server_at_once_is_linked_once(clickhouse_port):
+    """Two servers on one ClickHouse database take copies of one batch; the second server's
+    clock is behind, so its copy counts as the first. Whatever each answered, the queue
+    holds the batch once, and the copy every server picks is the same."""
+    url = f"clickhouse://127.0.0.1:{clickhouse_port}/t_{uuid.uuid4().hex[:12]}"
+    a, b = ClickHouseStore(url), ClickHouseStore(url)
+    try:
+        a.accept_batch("agent-1", "b1", gzip.compress(b"copy at a"), 1, T0 + 5)
+        b.accept_batch("agent-1", "b1", gzip.compress(b"copy at b"), 1, T0 + 1)  # first by time: accepted too
+        with pytest.raises(DuplicateBatch):
+            a.accept_batch("agent-1", "b1", gzip.compress(b"later"), 1, T0 + 9)
+        for store in (a, b):
+            assert [(x, y, gzip.decompress(body)) for x, y, body in store.incoming()] == [("agent-1", "b1", b"copy at b")]
+        a.write_spans([], [("agent-1", "b1")])
+        assert b.incoming() == [] and b.stats().incoming_batches == 0
+    finally:
+        a.close()
+        b.close()

@@ -68,8 +68,9 @@ def gz_batches(spans: list[dict], size: int, agent: str = "bench") -> list[bytes
             for i in range(0, len(spans), size)]
 
 
-def bench_ingest_in_process(spans: list[dict], tmp: Path) -> dict:
-    store = DuckDBStore(tmp / "ingest.duckdb")
+def bench_ingest_in_process(spans: list[dict], tmp: Path, store=None) -> dict:
+    """Into `store` (default: a new DuckDB file in tmp), which is closed after."""
+    store = store or DuckDBStore(tmp / "ingest.duckdb")
     bodies = gz_batches(spans, 1000)
     t0, cpu0 = time.perf_counter(), time.process_time()
     for raw in bodies:
@@ -119,14 +120,16 @@ def _proc_cpu(pid: int) -> float:
         return selfstats.cpu_seconds(f.read())
 
 
-def bench_write(spans: list[dict], tmp: Path) -> dict:
-    store = DuckDBStore(tmp / "write.duckdb")
-    t0 = time.perf_counter()
+def bench_write(spans: list[dict], tmp: Path, store=None) -> dict:
+    """Into `store` (default: a new DuckDB file in tmp), which is closed after."""
+    store = store or DuckDBStore(tmp / "write.duckdb")
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for i in range(0, len(spans), 5000):
         store.write_spans(spans[i:i + 5000], [])
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     store.close()
-    return {"spans": len(spans), "wall_s": round(wall, 3), "spans_per_s": round(len(spans) / wall)}
+    return {"spans": len(spans), "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
+            "spans_per_s": round(len(spans) / wall), "spans_per_cpu_s": round(len(spans) / cpu)}  # fmt: skip
 
 
 def bench_link(rate: int, seconds: int, ship_delay_s: float = 1.0) -> dict:
@@ -164,9 +167,9 @@ def bench_link(rate: int, seconds: int, ship_delay_s: float = 1.0) -> dict:
             "latency_p99_s": round(latencies[int(len(latencies) * 0.99)], 2) if latencies else None}  # fmt: skip
 
 
-def fill_store(path: Path, n_spans: int, end_ns: int) -> list[str]:
-    """n spans of one hour of shop traffic, written already linked; returns the trace ids."""
-    store = DuckDBStore(path)
+def fill_store(store, n_spans: int, end_ns: int) -> list[str]:
+    """n spans of one hour of shop traffic, written already linked (the store is closed
+    after); returns the trace ids."""
     trace_ids, made = [], 0
     rng = random.Random(1)
     while made < n_spans:
@@ -232,13 +235,16 @@ def _percentiles(times: list[float]) -> dict:
             "p99_ms": round(times[min(n - 1, int(n * 0.99))], 1), "max_ms": round(times[-1], 1)}  # fmt: skip
 
 
-def bench_queries(tmp: Path, n_spans: int, n_queries: int, ui_loads: int) -> dict:
+def bench_queries(tmp: Path, n_spans: int, n_queries: int, ui_loads: int, store_url: str | None = None) -> dict:
+    """Through a real server on a DuckDB file in tmp, or on the store at `store_url`."""
+    from deeptrace.server.store import open_store
+
     end_ns = time.time_ns()
     db = tmp / "queries.duckdb"
     t0 = time.perf_counter()
-    trace_ids = fill_store(db, n_spans, end_ns)
+    trace_ids = fill_store(open_store(store_url or str(db)), n_spans, end_ns)
     fill_s = time.perf_counter() - t0
-    srv = ServerProcess(db).start()
+    srv = ServerProcess(db, store=store_url).start()
     rng = random.Random(2)
     start = end_ns - HOUR_NS
     try:
@@ -262,7 +268,7 @@ def bench_queries(tmp: Path, n_spans: int, n_queries: int, ui_loads: int) -> dic
                 "service_map_1h": timed(lambda i: c.get("/api/v1/service-map", params={
                     "start_ns": start, "end_ns": end_ns}), max(5, n_queries // 5)),
             }  # fmt: skip
-        out["db_bytes"] = db.stat().st_size
+        out["db_bytes"] = srv.get("/api/v1/status").json()["store"]["bytes_on_disk"]
         if ui_loads:
             print(f"UI views at {len(trace_ids):,} stored traces, {ui_loads} page loads each", file=sys.stderr)
             out["ui"] = bench_ui(srv.url, trace_ids, ui_loads)

@@ -8,11 +8,10 @@ again) live in ReplacingMergeTree tables read with FINAL.
 
 ClickHouse has no transactions and no unique keys, so the batch queue is built to need
 neither:
-- Every copy of a batch that is accepted is kept with a random token; of the copies of one
-  (agent, batch), the one with the smallest token is the batch. A server that finds an
-  earlier copy, or whose own copy is not the smallest once written, answers "duplicate".
-  Two servers that take the same re-sent batch at once may both answer "accepted", but only
-  one copy is ever linked.
+- Every copy of a batch that arrives is written with its time and a random token; of the
+  copies of one (agent, batch), the first received (the token breaks ties) is the batch, and
+  a server whose copy is not it once written answers "duplicate". Two servers that take the
+  same re-sent batch at once may both answer "accepted", but only one copy is ever linked.
 - A batch is done when a row in `done_batches` says so, written after its spans. A crash
   between the two replays the batch, and spans already stored are skipped (stored_span_ids),
   as after any crash.
@@ -159,20 +158,20 @@ class ClickHouseStore(SqlSpanReader, Store):
 
     # --- ingest ---
     def accept_batch(self, agent_id: str, batch_id: str, body_gz: bytes, n_spans: int, now_ns: int) -> None:
-        key = [agent_id, batch_id]
-        if self._rows("SELECT count() FROM batches WHERE agent_id = ? AND batch_id = ?", key)[0][0]:
-            raise DuplicateBatch(f"{agent_id}/{batch_id}")
         token = secrets.token_hex(16)
         # The body as bytes in a String column: clickhouse-driver writes bytes as they are.
         self._execute("INSERT INTO batches (agent_id, batch_id, token, received_ns, n_spans, body_gz) VALUES",
                       [(agent_id, batch_id, token, now_ns, n_spans, body_gz)])  # fmt: skip
-        (first,) = self._rows("SELECT min(token) FROM batches WHERE agent_id = ? AND batch_id = ?", key)[0]
+        # Of the copies of this batch, the first received is the batch (the token breaks a tie
+        # the same way on every server): a later copy, or one that lost a race, is a duplicate.
+        ((first,),) = self._rows("SELECT argMin(token, (received_ns, token)) FROM batches "
+                                 "WHERE agent_id = ? AND batch_id = ?", [agent_id, batch_id])  # fmt: skip
         if first != token:
-            raise DuplicateBatch(f"{agent_id}/{batch_id}")  # another server took it first
+            raise DuplicateBatch(f"{agent_id}/{batch_id}")
 
     def incoming(self) -> list[tuple[str, str, bytes]]:
         rows = self._execute(
-            "SELECT agent_id, batch_id, argMin(body_gz, token), min(received_ns) AS t FROM batches "
+            "SELECT agent_id, batch_id, argMin(body_gz, (received_ns, token)), min(received_ns) AS t FROM batches "
             "WHERE (agent_id, batch_id) NOT IN (SELECT agent_id, batch_id FROM done_batches) "
             "GROUP BY agent_id, batch_id ORDER BY t", settings={"strings_as_bytes": True})  # fmt: skip
         return [(a.decode(), b.decode(), body) for a, b, body, _ in rows]
