@@ -8,6 +8,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 from servers import free_port, need, wait_port
 
@@ -98,19 +99,18 @@ class ChdbClient:
     def execute(self, query: str, params=None, columnar: bool = False, settings: dict | None = None):
         from clickhouse_driver.util.escape import escape_param, escape_params
 
-        class Context:  # what the driver's escaping reads of its client
-            server_info = None
-            client_settings = {"strings_as_bytes": False, "server_side_params": False}
-
+        # What the driver's escaping reads of its client.
+        context = SimpleNamespace(server_info=None, client_settings={"strings_as_bytes": False,
+                                                                     "server_side_params": False})  # fmt: skip
         self.session.query(f"USE {self.database}")
         if query.rstrip().endswith("VALUES") and params is not None:  # an insert of Python rows
             rows = list(zip(*params)) if columnar else params
-            literal = ", ".join("(" + ", ".join(self._literal(v, escape_param, Context) for v in row) + ")"
+            literal = ", ".join("(" + ", ".join(self._literal(v, escape_param, context) for v in row) + ")"
                                 for row in rows)  # fmt: skip
             self.session.query(f"{query} {literal}")
             return []
         if params:
-            query = query % escape_params(params, Context)  # as the driver fills them in
+            query = query % escape_params(params, context)  # as the driver fills them in
         table = self.session.query(query, "ArrowTable")
         as_bytes = bool(settings and settings.get("strings_as_bytes"))
         if table is None or not table.num_columns:
