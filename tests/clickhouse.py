@@ -41,11 +41,12 @@ _USERS = """<?xml version="1.0"?>
 
 
 @contextmanager
-def clickhouse_server(remote: str = ""):
-    """The native protocol's port of a fresh server; `remote` is its <remote_servers> content."""
+def clickhouse_server(remote: str = "", tcp: int | None = None):
+    """The native protocol's port (`tcp`, or a free one) of a fresh server; `remote` is its
+    <remote_servers> content."""
     binary = need("clickhouse-server")
     with tempfile.TemporaryDirectory(prefix="dt-clickhouse-") as d:
-        tcp = free_port()
+        tcp = tcp or free_port()
         Path(d, "users.xml").write_text(_USERS)
         config = Path(d, "config.xml")
         config.write_text(
@@ -130,3 +131,13 @@ class ChdbClient:
 
     def disconnect(self) -> None:
         pass
+
+
+@contextmanager
+def clickhouse_shards(cluster: str = "two_shards"):
+    """Two servers that both know `cluster`: one shard on each. Yields the first one's port."""
+    ports = [free_port(), free_port()]
+    shards = "".join(f"<shard><replica><host>127.0.0.1</host><port>{p}</port></replica></shard>" for p in ports)
+    remote = f"<{cluster}>{shards}</{cluster}>"
+    with clickhouse_server(remote, ports[0]), clickhouse_server(remote, ports[1]):
+        yield ports

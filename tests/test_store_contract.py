@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 import spanmaker as sm
-from clickhouse import ChdbClient, clickhouse_server, wait_until
+from clickhouse import ChdbClient, clickhouse_server, clickhouse_shards, wait_until
 from serverproc import ServerProcess
 
 from deeptrace import schema
@@ -35,7 +35,7 @@ class ChdbStore(ClickHouseStore):
     def __init__(self, database: str) -> None:
         from clickhouse_driver import errors
 
-        self._errors, self.database, self.dialect = errors, database, ClickHouseDialect()
+        self._errors, self.database, self.dialect, self.cluster = errors, database, ClickHouseDialect(), None
         self._local, self._chdb = threading.local(), ChdbClient(database)
         self._create()
 
@@ -43,13 +43,23 @@ class ChdbStore(ClickHouseStore):
         return self._chdb
 
 
-@pytest.fixture(params=["duckdb", "clickhouse", "clickhouse-today"])
+@pytest.fixture(scope="module")
+def clickhouse_shard_ports():
+    with clickhouse_shards("two_shards") as ports:
+        yield ports
+
+
+@pytest.fixture(params=["duckdb", "clickhouse", "clickhouse-2-shards", "clickhouse-today"])
 def store(request, tmp_path):
-    """The embedded store; ClickHouse 18.16 (Debian's server); ClickHouse of today (chdb)."""
+    """The embedded store; ClickHouse 18.16 (Debian's server), alone and as two shards under
+    a Distributed table; ClickHouse of today (chdb)."""
     if request.param == "duckdb":
         s = DuckDBStore(tmp_path / "store.duckdb")
     elif request.param == "clickhouse-today":
         s = ChdbStore(f"t_{uuid.uuid4().hex[:12]}")
+    elif request.param == "clickhouse-2-shards":
+        port = request.getfixturevalue("clickhouse_shard_ports")[0]
+        s = ClickHouseStore(f"clickhouse://127.0.0.1:{port}/t_{uuid.uuid4().hex[:12]}?cluster=two_shards")
     else:
         s = ClickHouseStore(
             f"clickhouse://127.0.0.1:{request.getfixturevalue('clickhouse_port')}/t_{uuid.uuid4().hex[:12]}"
@@ -237,8 +247,11 @@ def test_open_store_takes_a_url_or_a_path_and_refuses_what_it_does_not_know(tmp_
 
 def test_clickhouse_urls_and_placeholders(monkeypatch):
     monkeypatch.setenv("CLICKHOUSE_PASSWORD", "from-env")
-    assert parse_url("clickhouse://h/db") == {"host": "h", "port": 9000, "database": "db", "user": "default",
-                                              "password": "from-env"}  # fmt: skip
+    assert parse_url("clickhouse://h/db") == {"host": "h", "port": 9000, "database": "db", "cluster": None,
+                                              "user": "default", "password": "from-env"}  # fmt: skip
+    assert parse_url("clickhouse://h/db?cluster=two")["cluster"] == "two"
+    with pytest.raises(ValueError, match="unknown ClickHouse store option 'shards'"):
+        parse_url("clickhouse://h/db?shards=2")
     assert parse_url("clickhouse://u:p%40ss@h:9440/db")["password"] == "p@ss"
     text, values = bind("SELECT '?', x FROM t WHERE a = ? AND b LIKE ? AND c = '%'", [1, "%a%"])
     assert text == "SELECT '?', x FROM t WHERE a = %(p0)s AND b LIKE %(p1)s AND c = '%%'"
@@ -288,3 +301,21 @@ def test_a_batch_re_sent_to_another_server_at_once_is_linked_once(clickhouse_por
     finally:
         a.close()
         b.close()
+
+
+def test_spans_are_spread_over_the_shards_and_read_back_whole(clickhouse_shard_ports):
+    from clickhouse_driver import Client
+
+    database = f"t_{uuid.uuid4().hex[:12]}"
+    store = ClickHouseStore(f"clickhouse://127.0.0.1:{clickhouse_shard_ports[0]}/{database}?cluster=two_shards")
+    try:
+        spans = shop()
+        store.write_spans(spans, [])
+        on_shard = [Client("127.0.0.1", port=p).execute(f"SELECT count() FROM {database}.spans_local")[0][0]
+                    for p in clickhouse_shard_ports]  # fmt: skip
+        assert sum(on_shard) == len(spans) and min(on_shard) > 0
+        assert store.stats().spans == len(spans) and len(store.trace(spans[0]["trace_id"])) == 4
+        with pytest.raises(OSError, match="knows no cluster 'nope'"):
+            ClickHouseStore(f"clickhouse://127.0.0.1:{clickhouse_shard_ports[0]}/{database}?cluster=nope")
+    finally:
+        store.close()

@@ -25,7 +25,7 @@ import re
 import secrets
 import threading
 import time
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from deeptrace.schema import FIELDS
 from deeptrace.server.store import sql
@@ -84,15 +84,22 @@ def bind(query: str, params: list) -> tuple[str, dict | None]:
 
 
 def parse_url(url: str) -> dict:
-    """clickhouse://[USER[:PASSWORD]@]HOST[:PORT]/DATABASE -> connection settings. User and
-    password may come from CLICKHOUSE_USER and CLICKHOUSE_PASSWORD instead (kept out of `ps`)."""
+    """clickhouse://[USER[:PASSWORD]@]HOST[:PORT]/DATABASE[?cluster=NAME] -> connection
+    settings. User and password may come from CLICKHOUSE_USER and CLICKHOUSE_PASSWORD instead
+    (kept out of `ps`). With a cluster (one of the server's <remote_servers>), spans are
+    sharded over it."""
     parts = urlsplit(url)
     database = parts.path.strip("/")
     if parts.scheme != "clickhouse" or not parts.hostname or not database or "/" in database:
         raise ValueError(f"not a ClickHouse store URL: {url!r} (clickhouse://HOST[:PORT]/DATABASE)")
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", database):
-        raise ValueError(f"database name {database!r}: letters, digits and '_' only")
-    return {"host": parts.hostname, "port": parts.port or DEFAULT_PORT, "database": database,
+    options = parse_qs(parts.query)
+    cluster = options.pop("cluster", [None])[-1]
+    if options:
+        raise ValueError(f"unknown ClickHouse store option {min(options)!r} in {url!r} (known: cluster)")
+    for what, name in (("database", database), ("cluster", cluster)):
+        if name is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ValueError(f"{what} name {name!r}: letters, digits and '_' only")
+    return {"host": parts.hostname, "port": parts.port or DEFAULT_PORT, "database": database, "cluster": cluster,
             "user": unquote(parts.username) if parts.username else os.environ.get("CLICKHOUSE_USER", "default"),
             "password": unquote(parts.password) if parts.password else os.environ.get("CLICKHOUSE_PASSWORD", "")}  # fmt: skip
 
@@ -112,8 +119,9 @@ class ClickHouseStore(SqlSpanReader, Store):
         self.dialect = ClickHouseDialect()
         self._local = threading.local()  # a client per thread: one is not safe to share
         s = self.settings
-        self._connect = lambda db: Client(s["host"], port=s["port"], user=s["user"], password=s["password"],
-                                          database=db, settings={"use_numpy": False})  # fmt: skip
+        self.cluster = s["cluster"]
+        self._connect = lambda db, host=s["host"], port=s["port"]: Client(
+            host, port=port, user=s["user"], password=s["password"], database=db, settings={"use_numpy": False})  # fmt: skip
         try:
             self._connect("default").execute(f"CREATE DATABASE IF NOT EXISTS {self.database}")
         except (errors.Error, OSError, EOFError) as e:
@@ -139,11 +147,29 @@ class ClickHouseStore(SqlSpanReader, Store):
         text, values = bind(query, params)
         return self._execute(text, values)
 
+    def _shards(self) -> list:
+        """A client on each shard (this server alone without a cluster); name tables with their database."""
+        if not self.cluster:
+            return [self._client()]
+        rows = self._rows("SELECT host_address, port FROM system.clusters WHERE cluster = ? AND replica_num = 1 "
+                          "ORDER BY shard_num", [self.cluster])  # fmt: skip
+        if not rows:
+            raise OSError(f"ClickHouse knows no cluster {self.cluster!r} (its config's <remote_servers>)")
+        return [self._connect("default", host, port) for host, port in rows]  # the database may not be there yet
+
     def _create(self) -> None:
         columns = ", ".join(_column(c, t) for c, t in SPAN_COLUMNS)
         day = "toDate(intDiv(start_ns, 1000000000))"
-        self._execute(f"CREATE TABLE IF NOT EXISTS spans ({columns}) ENGINE = MergeTree "
-                      f"PARTITION BY {day} ORDER BY (start_ns, span_id)")  # fmt: skip
+        local = "spans_local" if self.cluster else "spans"
+        for shard in self._shards():
+            if self.cluster:
+                shard.execute(f"CREATE DATABASE IF NOT EXISTS {self.database}")
+            shard.execute(f"CREATE TABLE IF NOT EXISTS {self.database}.{local} ({columns}) ENGINE = MergeTree "
+                          f"PARTITION BY {day} ORDER BY (start_ns, span_id)")  # fmt: skip
+        if self.cluster:
+            # Reads fan out to every shard; a span goes to the shard its id hashes to.
+            self._execute(f"CREATE TABLE IF NOT EXISTS spans ({columns}) "
+                          f"ENGINE = Distributed({self.cluster}, {self.database}, spans_local, sipHash64(span_id))")  # fmt: skip
         self._execute("CREATE TABLE IF NOT EXISTS batches (agent_id String, batch_id String, token String, "
                       "received_ns Int64, n_spans Int64, body_gz String) ENGINE = MergeTree "
                       "ORDER BY (agent_id, batch_id)")  # fmt: skip
@@ -182,8 +208,9 @@ class ClickHouseStore(SqlSpanReader, Store):
         # and the spans already here are skipped then.
         if spans:
             cols = span_to_columns(spans)
+            # Into the shards before this returns: a write acknowledged is a write stored.
             self._execute(f"INSERT INTO spans ({', '.join(COLUMN_NAMES)}) VALUES", [cols[c] for c in COLUMN_NAMES],
-                          columnar=True)  # fmt: skip
+                          columnar=True, settings={"insert_distributed_sync": 1})  # fmt: skip
         if dead:
             self._execute("INSERT INTO dead_letters (agent_id, batch_id, span_id, failed_ns, reason, span) VALUES",
                           [(x.agent_id, x.batch_id, x.span_id, x.failed_ns, x.reason, x.span) for x in dead])  # fmt: skip
@@ -231,8 +258,10 @@ class ClickHouseStore(SqlSpanReader, Store):
             return 0
         cut = max(cuts)
         ((deleted,),) = self._rows("SELECT count() FROM spans WHERE end_ns < ?", [cut])
-        if deleted:
-            self._execute(*bind("ALTER TABLE spans DELETE WHERE end_ns < ?", [cut]))
+        if deleted:  # on each shard's own table: a Distributed table takes no ALTER
+            table = "spans_local" if self.cluster else "spans"
+            for shard in self._shards():
+                shard.execute(*bind(f"ALTER TABLE {self.database}.{table} DELETE WHERE end_ns < ?", [cut]))
         if max_age_ns is not None:
             age_cut = now_ns - max_age_ns
             self._execute(*bind("ALTER TABLE batches DELETE WHERE received_ns < ?", [age_cut]))
@@ -241,10 +270,8 @@ class ClickHouseStore(SqlSpanReader, Store):
         return deleted
 
     def _bytes(self) -> int:
-        rows = self._rows(
-            "SELECT sum(bytes_on_disk) FROM system.parts WHERE active AND database = ?", [self.database]
-        )
-        return int(rows[0][0] or 0)
+        query = bind("SELECT sum(bytes_on_disk) FROM system.parts WHERE active AND database = ?", [self.database])
+        return sum(int(shard.execute(*query)[0][0] or 0) for shard in self._shards())
 
     def stats(self) -> StoreStats:
         ((spans,),) = self._rows("SELECT count() FROM spans", [])
