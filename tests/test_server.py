@@ -402,3 +402,17 @@ def test_server_refuses_to_start_without_a_token(tmp_path):
                        capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})  # fmt: skip
     assert r.returncode == 2 and "token" in r.stderr
 
+
+
+def test_the_store_is_given_once_and_a_store_nobody_knows_is_refused_naming_it(tmp_path):
+    def serve(*args):
+        return subprocess.run([sys.executable, "-m", "deeptrace.cli", "server", "--token", "t", *args],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    r = serve("--store", "postgres://db/traces")
+    assert r.returncode == 2 and "unknown store scheme 'postgres'" in r.stderr and "clickhouse://" in r.stderr
+    r = serve("--store", f"duckdb:///{tmp_path}/a.duckdb", "--db", str(tmp_path / "b.duckdb"))
+    assert r.returncode == 2 and "give the store once" in r.stderr
+    r = serve("--store", "clickhouse://user:secret@127.0.0.1:1/traces")  # nothing listens on port 1
+    assert r.returncode == 2 and "cannot open the store clickhouse://127.0.0.1:1/traces" in r.stderr
+    assert "secret" not in r.stderr
