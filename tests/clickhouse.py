@@ -74,7 +74,7 @@ def clickhouse_server(remote: str = "", tcp: int | None = None):
             log.close()
 
 
-def wait_until(check, timeout_s: float = 20.0):
+def wait_until(check, timeout_s: float = 60.0):
     """check() until it is true (ClickHouse's deletes run in the background)."""
     deadline = time.monotonic() + timeout_s
     while not (value := check()):

@@ -170,6 +170,10 @@ class ClickHouseStore(SqlSpanReader, Store):
             # Reads fan out to every shard; a span goes to the shard its id hashes to.
             self._execute(f"CREATE TABLE IF NOT EXISTS spans ({columns}) "
                           f"ENGINE = Distributed({self.cluster}, {self.database}, spans_local, sipHash64(span_id))")  # fmt: skip
+        # Spans are ordered by time; a trace is found by id through this small table, one row
+        # per trace per write (its first start and last end), ordered by trace id.
+        self._execute("CREATE TABLE IF NOT EXISTS trace_index (trace_id String, start_ns Int64, end_ns Int64) "
+                      "ENGINE = MergeTree ORDER BY trace_id")  # fmt: skip
         self._execute("CREATE TABLE IF NOT EXISTS batches (agent_id String, batch_id String, token String, "
                       "received_ns Int64, n_spans Int64, body_gz String) ENGINE = MergeTree "
                       "ORDER BY (agent_id, batch_id)")  # fmt: skip
@@ -211,6 +215,13 @@ class ClickHouseStore(SqlSpanReader, Store):
             # Into the shards before this returns: a write acknowledged is a write stored.
             self._execute(f"INSERT INTO spans ({', '.join(COLUMN_NAMES)}) VALUES", [cols[c] for c in COLUMN_NAMES],
                           columnar=True, settings={"insert_distributed_sync": 1})  # fmt: skip
+            extent: dict[str, list[int]] = {}
+            for d in spans:
+                if d.get("trace_id"):
+                    e = extent.setdefault(d["trace_id"], [d["start_ns"], d["end_ns"]])
+                    e[0], e[1] = min(e[0], d["start_ns"]), max(e[1], d["end_ns"])
+            self._execute("INSERT INTO trace_index (trace_id, start_ns, end_ns) VALUES",
+                          [(t, lo, hi) for t, (lo, hi) in extent.items()])  # fmt: skip
         if dead:
             self._execute("INSERT INTO dead_letters (agent_id, batch_id, span_id, failed_ns, reason, span) VALUES",
                           [(x.agent_id, x.batch_id, x.span_id, x.failed_ns, x.reason, x.span) for x in dead])  # fmt: skip
@@ -225,6 +236,12 @@ class ClickHouseStore(SqlSpanReader, Store):
         rows = self._execute("SELECT span_id FROM spans WHERE span_id IN %(ids)s UNION ALL "
                              "SELECT span_id FROM dead_letters WHERE span_id IN %(ids)s", {"ids": tuple(span_ids)})  # fmt: skip
         return {r[0] for r in rows}
+
+    def _trace_times(self, trace_ids: list[str]) -> tuple[int | None, int | None]:
+        marks = ", ".join("?" * len(trace_ids))
+        ((lo, hi),) = self._rows(f"SELECT min(start_ns), max(end_ns) FROM trace_index WHERE trace_id IN ({marks})",
+                                 trace_ids)  # fmt: skip
+        return (lo, hi) if lo is not None and hi is not None else (None, None)
 
     def dead_letters(self, limit: int, offset: int = 0) -> tuple[list[DeadLetter], int]:
         ((total,),) = self._rows("SELECT count() FROM dead_letters FINAL", [])
@@ -264,6 +281,7 @@ class ClickHouseStore(SqlSpanReader, Store):
                 shard.execute(*bind(f"ALTER TABLE {self.database}.{table} DELETE WHERE end_ns < ?", [cut]))
         if max_age_ns is not None:
             age_cut = now_ns - max_age_ns
+            self._execute(*bind("ALTER TABLE trace_index DELETE WHERE end_ns < ?", [age_cut]))
             self._execute(*bind("ALTER TABLE batches DELETE WHERE received_ns < ?", [age_cut]))
             self._execute(*bind("ALTER TABLE done_batches DELETE WHERE done_ns < ?", [age_cut]))
             self._execute(*bind("ALTER TABLE dead_letters DELETE WHERE failed_ns < ?", [age_cut]))

@@ -95,9 +95,12 @@ def trace_members(n: int) -> str:
             f"WHERE trace_id IN ({marks})")  # fmt: skip
 
 
-def traces(n: int, columns: str) -> str:
+def traces(n: int, columns: str, within: bool = False) -> str:
+    """n traces' spans; `within`: only those starting in a time range (two more parameters),
+    for a store whose spans are ordered by time, not by trace."""
     marks = ", ".join("?" * n)
-    return f"SELECT {columns} FROM spans WHERE trace_id IN ({marks}) ORDER BY start_ns, span_id"
+    when = " AND start_ns >= ? AND start_ns <= ?" if within else ""
+    return f"SELECT {columns} FROM spans WHERE trace_id IN ({marks}){when} ORDER BY start_ns, span_id"
 
 
 def answers_requests() -> str:
