@@ -313,7 +313,11 @@ def test_cli_associates_a_file(tmp_path):
 
 def test_cli_rejects_a_file_that_is_not_spans(tmp_path):
     path = tmp_path / "bad.jsonl"
-    path.write_text('{"span_id": "1", "kind": "SERVER", "pid": 1, "start_ns": 0, "end_ns": 1}\nnot json\n')
+    path.write_text('{"span_id": "1", "kind": "SERVER", "name": "x", "pid": 1, "start_ns": 0, "end_ns": 1}\nnot json\n')
     r = subprocess.run([sys.executable, "-m", "deeptrace.cli", "associate", str(path)], capture_output=True, text=True,
                        check=False)
     assert r.returncode == 2 and "bad.jsonl:2: not a JSON line" in r.stderr
+    path.write_text('{"span_id": "1", "kind": "SERVER", "pid": 1, "start_ns": 0, "end_ns": 1}\n')
+    r = subprocess.run([sys.executable, "-m", "deeptrace.cli", "associate", str(path)], capture_output=True, text=True,
+                       check=False)  # fmt: skip
+    assert r.returncode == 2 and "bad.jsonl:1: not a span (no name)" in r.stderr  # schema.REQUIRED_KEYS
