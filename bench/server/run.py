@@ -82,9 +82,10 @@ def bench_ingest_in_process(spans: list[dict], tmp: Path, store=None) -> dict:
             "spans_per_s": round(len(spans) / wall), "spans_per_cpu_s": round(len(spans) / cpu)}  # fmt: skip
 
 
-def bench_ingest_http(spans: list[dict], tmp: Path, uploaders: int = 4) -> dict:
+def bench_ingest_http(spans: list[dict], tmp: Path, uploaders: int = 4, store_url: str | None = None) -> dict:
+    """Into a real server on a DuckDB file in tmp, or on the store at `store_url`."""
     # A long hold keeps the linker out of the way: this measures what ingest accepts.
-    srv = ServerProcess(tmp / "http.duckdb", args=("--hold", "3600")).start()
+    srv = ServerProcess(tmp / "http.duckdb", args=("--hold", "3600"), store=store_url).start()
     bodies = gz_batches(spans, 1000)
     headers = {"Authorization": f"Bearer {srv.token}", "Content-Encoding": "gzip", "Content-Type": "application/json"}
     queue, failures = list(bodies), []

@@ -4,7 +4,8 @@ clickhouse-server, Debian's 18.16, started here on a temporary directory).
 
   ingest   spans/s through the ingest path in process (gunzip, parse, check, durable accept),
            1,000-span batches; CPU-seconds per 1,000 spans of this process (the server's
-           share) and of clickhouse-server
+           share) and of clickhouse-server; and over HTTP into a real `deeptrace server`
+           from 4 concurrent uploaders
   write    spans/s of linked spans into the spans table, 5,000 at a time (the linker's writes)
   queries  at --spans stored spans (one hour of a 4-span shop trace), through a real
            `deeptrace server` over HTTP: trace by id, searches, the service map; p50/p99
@@ -81,6 +82,11 @@ def main() -> None:
                 print(f"{name:10} {phase:6}: {r['spans_per_s']:>9,} spans/s, {r['cpu_s_per_1000_spans']} CPU-s per "
                       f"1,000 spans here, {r.get('clickhouse_cpu_s_per_1000_spans', '-')} in clickhouse-server",
                       file=sys.stderr)  # fmt: skip
+            http_url = None if name == "duckdb" else f"clickhouse://127.0.0.1:{port}/http_{uuid.uuid4().hex[:8]}"
+            r = row["ingest_http"] = run.bench_ingest_http(spans, tmp, 4, http_url)
+            r["server_cpu_s_per_1000_spans"] = per_1000(r["server_cpu_s"], r["spans"])
+            print(f"{name:10} ingest over HTTP, 4 uploaders: {r['spans_per_s']:>9,} spans/s, "
+                  f"{r['server_cpu_s_per_1000_spans']} CPU-s per 1,000 spans in the server", file=sys.stderr)  # fmt: skip
             url = None if name == "duckdb" else f"clickhouse://127.0.0.1:{port}/queries_{uuid.uuid4().hex[:8]}"
             print(f"{name:10} queries at {args.spans:,} stored spans", file=sys.stderr)
             row["queries"] = run.bench_queries(tmp, args.spans, args.queries, 0, url)
