@@ -135,7 +135,9 @@ def test_wrk_keep_alive_load_gives_one_span_per_request_nginx_served(collector, 
         assert int(re.search(r"(\d+) requests in", wrk.stdout.read()).group(1)) > 100
         served = len((tmp_path / "access.log").read_text().splitlines())  # nginx's own count
         recs = store.wait_for(workers, lambda rs: sum(r.syscall == "close" for r in rs) >= 4)
-        spans, pipeline = spans_of(store, workers, lambda rs: True)
+        # And whatever is still in the ring: wrk opens a new connection where one fails, so
+        # four closes need not be its last four.
+        spans, pipeline = spans_of(store, workers, lambda rs: False, timeout_s=0.5)
     assert sum(collector.drops().values()) == drops_before
     assert len(spans) == served and pipeline.stats.orphan_responses == 0
     assert {(s.name, s.status_code) for s in spans} == {("GET /hello", "200")}
