@@ -20,7 +20,7 @@ from pathlib import Path
 import dpkt
 import pytest
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from servers import dnsmasq, need, nginx, redis, span_key, tshark_capture
 
@@ -304,6 +304,9 @@ def test_modified_pcap_of_patched_libpcap(tmp_path, order):
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**32 - 1), dup=st.floats(0, 0.5), split=st.floats(0, 0.7), window=st.integers(1, 8))
+# Found in CI: a request's last piece came before its first, and both before the SYN; the
+# connection started at the last piece, and the first 4 bytes were taken for a retransmission.
+@example(seed=1024300, dup=0.5, split=0.1875, window=8)
 def test_reordered_duplicated_and_resplit_segments_give_the_same_spans(tmp_path, seed, dup, split, window):
     """The real veth capture (a 20 KiB HTTP response in many segments), its TCP segments cut
     into overlapping pieces (a retransmission that repacketizes), copied, and moved up to

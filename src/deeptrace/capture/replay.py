@@ -32,7 +32,7 @@ from __future__ import annotations
 import socket
 import struct
 import sys
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -48,6 +48,10 @@ MAX_BLOCK = 16 << 20  # the same for any pcapng block
 MAX_FLOWS = 65536  # open flows; the least recently active is closed past it
 MAX_PENDING_SEGMENTS = 256  # per TCP direction, waiting behind a gap
 MAX_PENDING_BYTES = 1 << 20
+# A connection first seen by its data waits this many packets of the capture for a SYN that
+# the capture put behind the data (captures from several queues reorder by a few packets);
+# then each side starts at the earliest byte seen.
+REORDER_PACKETS = 32
 MAX_FRAGMENTED = 64  # IP datagrams being put back together at once
 MAX_FRAGMENTS = 128  # pieces of one datagram
 FRAGMENT_TIMEOUT_NS = 30_000_000_000  # as Linux's ipfrag_time
@@ -448,6 +452,13 @@ class _Direction:
     def done(self) -> bool:
         return self.fin_seq is not None and self.next_seq == self.fin_seq and not self.pending
 
+    def begin(self, out: list) -> None:
+        """No SYN came in time: the stream starts at the earliest byte seen so far."""
+        self.awaits_start = False
+        if self.next_seq is None and self.pending:
+            self.next_seq = self._earliest()
+            self._drain(out)
+
     def start(self, seq: int, out: list) -> None:
         """The first byte's sequence number, from a SYN."""
         self.awaits_start = False
@@ -535,6 +546,8 @@ class _Replay:
         self.fragments = _Fragments(stats)
         self.conn_ids = 0
         self.linktypes_skipped: set[int] = set()
+        # Flows first seen by their data, waiting for a late SYN: (until packet, key, flow).
+        self.unstarted: deque[tuple[int, tuple, _Flow]] = deque()
 
     def run(self, packets: Iterator[tuple[int, int, bytes]], path) -> Iterator[Record]:
         ts = 0
@@ -551,6 +564,7 @@ class _Replay:
                 continue
             if ip.proto == TCP:
                 yield from self._tcp(ip, ts)
+                yield from self._begin_unstarted()
             elif ip.proto == UDP:
                 yield from self._udp(ip, ts)
             else:
@@ -626,6 +640,9 @@ class _Replay:
             yield from self._make_room(ts)
             server, client = (a, b) if a[1] < b[1] else (b, a)
             flow = self.flows[key] = self._new(ip, "tcp", server, client, "unknown")
+            for side in flow.directions.values():
+                side.awaits_start = True
+            self.unstarted.append((self.stats.packets + REORDER_PACKETS, key, flow))
         self.flows.move_to_end(key)
         from_client = a == flow.client
         half = flow.directions[from_client]
@@ -677,6 +694,17 @@ class _Replay:
         if l4 == "tcp":
             flow.directions = {True: _Direction(self.stats), False: _Direction(self.stats)}
         return flow
+
+    def _begin_unstarted(self) -> Iterator[Record]:
+        """Flows first seen by their data that no SYN has started in REORDER_PACKETS packets."""
+        while self.unstarted and self.unstarted[0][0] <= self.stats.packets:
+            _, key, flow = self.unstarted.popleft()
+            if self.flows.get(key) is not flow:
+                continue  # closed meanwhile
+            for from_client, half in flow.directions.items():
+                out: list = []
+                half.begin(out)
+                yield from self._data(flow, from_client, out)
 
     def _make_room(self, ts: int) -> Iterator[Record]:
         if len(self.flows) >= MAX_FLOWS:
