@@ -10,15 +10,11 @@ def open_store(location: str) -> Store:
     """A store from its URL: `duckdb:///PATH` (or a plain file path, --db's short form) or
     `clickhouse://[USER[:PASSWORD]@]HOST[:PORT]/DATABASE`; any other scheme is refused."""
     scheme, sep, rest = location.partition("://")
-    if not sep:
-        from deeptrace.server.store.duckdb_store import DuckDBStore
-
-        return DuckDBStore(location.removeprefix("duckdb:"))
-    if scheme == "duckdb":
+    if not sep or scheme == "duckdb":
         from deeptrace.server.store.duckdb_store import DuckDBStore
 
         # As SQLAlchemy reads sqlite:///: three slashes, then the path (a fourth for an absolute one).
-        return DuckDBStore(rest.removeprefix("/"))
+        return DuckDBStore(rest.removeprefix("/") if sep else location.removeprefix("duckdb:"))
     if scheme == "clickhouse":
         from deeptrace.server.store.clickhouse_store import ClickHouseStore
 

@@ -44,6 +44,8 @@ DEFAULT_PORT = 9000  # the native protocol's
 TYPES = {"VARCHAR": "String", "BIGINT": "Int64", "DOUBLE": "Float64"}
 # Columns every stored span has: the sorting key and partition may use them.
 NOT_NULL = {f.name for f in FIELDS if f.required} | {"duration_ns"}
+# The batches not yet linked: no row of done_batches says they are.
+_NOT_DONE = "(agent_id, batch_id) NOT IN (SELECT agent_id, batch_id FROM done_batches)"
 _PLACEHOLDER = re.compile(r"'(?:[^'\\]|\\.)*'|\?")
 
 
@@ -148,16 +150,21 @@ class ClickHouseStore(SqlSpanReader, Store):
         return self._execute(text, values)
 
     def _shards(self) -> list:
-        """A client on each shard (this server alone without a cluster); name tables with their database."""
+        """A client on each shard, this thread's (this server alone without a cluster); name
+        tables with their database. The shards are looked up once, when the store opens."""
         if not self.cluster:
             return [self._client()]
-        rows = self._rows("SELECT host_address, port FROM system.clusters WHERE cluster = ? AND replica_num = 1 "
-                          "ORDER BY shard_num", [self.cluster])  # fmt: skip
-        if not rows:
-            raise OSError(f"ClickHouse knows no cluster {self.cluster!r} (its config's <remote_servers>)")
-        return [self._connect("default", host, port) for host, port in rows]  # the database may not be there yet
+        clients = getattr(self._local, "shards", None)
+        if clients is None:  # on "default": the database may not be there yet
+            clients = self._local.shards = [self._connect("default", host, port) for host, port in self._shard_at]
+        return clients
 
     def _create(self) -> None:
+        if self.cluster:
+            self._shard_at = self._rows("SELECT host_address, port FROM system.clusters WHERE cluster = ? "
+                                        "AND replica_num = 1 ORDER BY shard_num", [self.cluster])  # fmt: skip
+            if not self._shard_at:
+                raise OSError(f"ClickHouse knows no cluster {self.cluster!r} (its config's <remote_servers>)")
         columns = ", ".join(_column(c, t) for c, t in SPAN_COLUMNS)
         day = "toDate(intDiv(start_ns, 1000000000))"
         local = "spans_local" if self.cluster else "spans"
@@ -202,8 +209,7 @@ class ClickHouseStore(SqlSpanReader, Store):
     def incoming(self) -> list[tuple[str, str, bytes]]:
         rows = self._execute(
             "SELECT agent_id, batch_id, argMin(body_gz, (received_ns, token)), min(received_ns) AS t FROM batches "
-            "WHERE (agent_id, batch_id) NOT IN (SELECT agent_id, batch_id FROM done_batches) "
-            "GROUP BY agent_id, batch_id ORDER BY t", settings={"strings_as_bytes": True})  # fmt: skip
+            f"WHERE {_NOT_DONE} GROUP BY agent_id, batch_id ORDER BY t", settings={"strings_as_bytes": True})  # fmt: skip
         return [(a.decode(), b.decode(), body) for a, b, body, _ in rows]
 
     def write_spans(self, spans: list[dict], done_batches: list[tuple[str, str]],
@@ -281,10 +287,12 @@ class ClickHouseStore(SqlSpanReader, Store):
                 shard.execute(*bind(f"ALTER TABLE {self.database}.{table} DELETE WHERE end_ns < ?", [cut]))
         if max_age_ns is not None:
             age_cut = now_ns - max_age_ns
-            self._execute(*bind("ALTER TABLE trace_index DELETE WHERE end_ns < ?", [age_cut]))
-            self._execute(*bind("ALTER TABLE batches DELETE WHERE received_ns < ?", [age_cut]))
-            self._execute(*bind("ALTER TABLE done_batches DELETE WHERE done_ns < ?", [age_cut]))
-            self._execute(*bind("ALTER TABLE dead_letters DELETE WHERE failed_ns < ?", [age_cut]))
+            for table, column in (("trace_index", "end_ns"), ("batches", "received_ns"), ("done_batches", "done_ns"),
+                                  ("dead_letters", "failed_ns")):  # fmt: skip
+                # Only where there is something to delete: a mutation rewrites parts even when
+                # it deletes nothing, and retention runs every minute.
+                if self._rows(f"SELECT count() FROM {table} WHERE {column} < ?", [age_cut])[0][0]:
+                    self._rows(f"ALTER TABLE {table} DELETE WHERE {column} < ?", [age_cut])
         return deleted
 
     def _bytes(self) -> int:
@@ -293,12 +301,12 @@ class ClickHouseStore(SqlSpanReader, Store):
 
     def stats(self) -> StoreStats:
         ((spans,),) = self._rows("SELECT count() FROM spans", [])
-        incoming = len(self._rows("SELECT DISTINCT agent_id, batch_id FROM batches WHERE (agent_id, batch_id) "
-                                  "NOT IN (SELECT agent_id, batch_id FROM done_batches)", []))  # fmt: skip
+        ((incoming,),) = self._rows(f"SELECT count() FROM (SELECT DISTINCT agent_id, batch_id FROM batches "
+                                    f"WHERE {_NOT_DONE})", [])  # fmt: skip
         ((dead,),) = self._rows("SELECT count() FROM dead_letters FINAL", [])
         return StoreStats(spans, incoming, self._bytes(), dead)
 
     def close(self) -> None:
-        client = getattr(self._local, "client", None)
-        if client is not None:
-            client.disconnect()
+        for client in [getattr(self._local, "client", None), *getattr(self._local, "shards", [])]:
+            if client is not None:
+                client.disconnect()
