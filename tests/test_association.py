@@ -205,7 +205,7 @@ def test_streaming_keeps_published_links_and_decides_only_the_held_spans():
     assert out["parent_span_id"] in {first["span_id"], second["span_id"]} and out["link_method"] == "inferred"
     # The window's published spans were handed to the linker as fixed, exactly as published.
     spans = assoc.published
-    pinned = StreamingAssociator._pinned(spans, len(spans), {d["span_id"]: i for i, d in enumerate(spans)})
+    pinned = StreamingAssociator._pinned(spans, 0, len(spans), {d["span_id"]: i for i, d in enumerate(spans)})
     by_id = {d["span_id"]: i for i, d in enumerate(spans)}
     assert pinned[by_id[early["span_id"]]].parent == by_id[chosen]
     assert pinned[by_id[lone["span_id"]]].parent is None

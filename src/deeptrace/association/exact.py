@@ -12,56 +12,95 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Container
+from dataclasses import dataclass
 
 from deeptrace.association.model import HEADER_ID, SEQ_JOIN, Link, SpanRef
 
 _HEADER = "http.request.header."
 
 
-def _mirrored(client: SpanRef, server: SpanRef) -> bool:
-    return (client.laddr, client.lport, client.raddr, client.rport) == (
-        server.raddr, server.rport, server.laddr, server.lport)  # fmt: skip
+SEQ_SLACK_NS = 5_000_000_000  # clock skew between hosts that a seq-join tolerates
 
 
-def _overlap(a: SpanRef, b: SpanRef, slack_ns: int) -> bool:
-    return a.start_ns <= b.end_ns + slack_ns and b.start_ns <= a.end_ns + slack_ns
+def call_key(kind: str, req_seq, laddr: str, lport: int, raddr: str, rport: int, attributes: dict) -> str | None:
+    """What a call's CLIENT span and the SERVER span that answered it have in common: the
+    request's TCP byte range, or on HTTP/2 (streams interleave) the connection, seen from the
+    client, and the stream id. The same text from either end; None when neither is known.
+    (A server does not know the client side's ports behind a NAT: those calls join on the
+    bytes alone.)"""
+    if req_seq is not None:
+        return f"seq {req_seq[0]} {req_seq[1]}"
+    stream = attributes.get("http2.stream_id")
+    if stream is None:
+        return None
+    return f"h2 {conn(kind, laddr, lport, raddr, rport)} {stream}"
 
 
-def seq_join(spans: list[SpanRef], slack_ns: int = 5_000_000_000, skip: Container[int] = ()) -> dict[int, Link]:
+def span_call_key(s: SpanRef) -> str | None:
+    return call_key(s.kind, s.req_seq, s.laddr, s.lport, s.raddr, s.rport, s.attributes)
+
+
+def json_call_key(d: dict) -> str | None:
+    """call_key of a span as JSON (schema.Span)."""
+    return call_key(d["kind"], d.get("req_seq"), d.get("laddr", ""), d.get("lport", 0), d.get("raddr", ""),
+                    d.get("rport", 0), d.get("attributes") or {})  # fmt: skip
+
+
+def conn(kind: str, laddr: str, lport: int, raddr: str, rport: int) -> str:
+    """A call's connection seen from its client, from either end's addresses."""
+    if kind == "CLIENT":
+        return f"{laddr}:{lport}>{raddr}:{rport}"
+    return f"{raddr}:{rport}>{laddr}:{lport}"
+
+
+def client_conn(s: SpanRef) -> str:
+    return conn(s.kind, s.laddr, s.lport, s.raddr, s.rport)
+
+
+def json_client_conn(d: dict) -> str:
+    return conn(d["kind"], d.get("laddr", ""), d.get("lport", 0), d.get("raddr", ""), d.get("rport", 0))
+
+
+@dataclass(slots=True)
+class CallEnd:
+    """One end of a call (its CLIENT or its SERVER span) as the other end needs it to
+    choose among several with its key."""
+
+    span_id: str
+    start_ns: int
+    end_ns: int
+    conn: str  # client_conn
+    index: int | None = None  # its position, when it is in the window being linked
+    service: str = ""
+    trace_id: str | None = None  # once it is stored
+
+
+def seq_join(spans: list[SpanRef], slack_ns: int = SEQ_SLACK_NS, skip: Container[int] = ()) -> dict[int, Link]:
     """Parent CLIENT span for each SERVER span whose caller we saw (but those in `skip`).
     Hosts' clocks may differ, so time only breaks ties (`slack_ns` of skew is tolerated); a
     join whose addresses do not mirror (NAT in between) is still a join, on the bytes alone."""
-    by_seq: dict[tuple, list[SpanRef]] = defaultdict(list)
-    by_stream: dict[tuple, list[SpanRef]] = defaultdict(list)
+    callers: dict[str, list[CallEnd]] = defaultdict(list)
     for s in spans:
-        if s.kind != "CLIENT":
-            continue
-        if s.req_seq is not None:
-            by_seq[s.req_seq].append(s)
-        elif "http2.stream_id" in s.attributes:
-            by_stream[(s.laddr, s.lport, s.raddr, s.rport, s.attributes["http2.stream_id"])].append(s)
+        if s.kind == "CLIENT" and (key := span_call_key(s)) is not None:
+            callers[key].append(CallEnd(s.span_id, s.start_ns, s.end_ns, client_conn(s), s.index))
     links: dict[int, Link] = {}
     for s in spans:
-        if s.kind != "SERVER" or s.index in skip:
+        if s.kind != "SERVER" or s.index in skip or (key := span_call_key(s)) is None:
             continue
-        if s.req_seq is not None:
-            callers = by_seq.get(s.req_seq, ())
-        elif "http2.stream_id" in s.attributes:
-            callers = by_stream.get((s.raddr, s.rport, s.laddr, s.lport, s.attributes["http2.stream_id"]), ())
-        else:
-            continue
-        best = _best_caller(s, callers, slack_ns)
+        best = best_partner(s.start_ns, s.end_ns, client_conn(s), callers.get(key, ()), slack_ns)
         if best is not None:
             links[s.index] = Link(best.index, SEQ_JOIN, 1.0)
     return links
 
 
-def _best_caller(server: SpanRef, callers, slack_ns: int) -> SpanRef | None:
-    near = [c for c in callers if _overlap(c, server, slack_ns)]
+def best_partner(start_ns: int, end_ns: int, span_conn: str, others, slack_ns: int = SEQ_SLACK_NS) -> CallEnd | None:
+    """Of the spans at the other end with a span's call key, the other end of its call: near
+    it in time, the mirrored connection (the span's client_conn) first, then the closest
+    start (a reused port, a wrapped seq)."""
+    near = [c for c in others if c.start_ns <= end_ns + slack_ns and start_ns <= c.end_ns + slack_ns]
     if not near:
         return None
-    # Mirrored addresses first, then the closest in time (a reused port, a wrapped seq).
-    return min(near, key=lambda c: (not _mirrored(c, server), abs(c.start_ns - server.start_ns)))
+    return min(near, key=lambda c: (c.conn != span_conn, abs(c.start_ns - start_ns)))
 
 
 def propagated_id(span: SpanRef) -> str | None:

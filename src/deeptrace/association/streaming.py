@@ -10,15 +10,31 @@ links are kept as published and are evidence for the held spans, not decided aga
 bench/accuracy's workload). A held call is decided afresh at every pass, but inference
 starts from the parent the last pass chose, so that what earlier passes learnt carries
 over although each learns only from the calls it holds.
+
+Spans of other hosts may be linked by another server (server/cluster.py): then a SERVER
+span whose caller is not here may have been called from a host linked elsewhere, and its
+trace is that caller's. `resolve` says, for such roots, whether a caller with its call key
+was accepted and, once it is stored, who it is and in which trace. A span whose trace hangs
+on a caller not yet stored waits, its links decided and kept as they are (so that they are
+the links a single server would have published), until the caller is stored or
+`max_wait_s` has passed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from deeptrace.association.associate import DEFAULT_ALGORITHM, link_spans
-from deeptrace.association.model import Link, SpanRef
-from deeptrace.association.traces import trace_ids
+from deeptrace.association.exact import CallEnd, span_call_key
+from deeptrace.association.model import SEQ_JOIN, Link, SpanRef
+from deeptrace.association.traces import components, trace_ids
+
+WAIT = "wait"  # resolve's answer for a root whose caller was accepted and is not stored yet
+CALLER = "_caller"  # where a span keeps its caller stored by another server
+_WAITING_SINCE = "_waiting_since"
+# roots -> span_id -> None (no caller was accepted), WAIT, or the caller as stored
+Resolve = Callable[[list[SpanRef]], dict[str, "CallEnd | str | None"]]
 
 
 @dataclass
@@ -28,15 +44,20 @@ class StreamStats:
     passes: int = 0
     late_links: int = 0  # spans linked to a parent or child already published
     split_traces: int = 0  # two published traces found to be one: they keep their ids
+    remote_callers: int = 0  # roots whose caller another server linked
+    callers_never_stored: int = 0  # roots that waited max_wait_s for an accepted caller in vain
 
 
 class StreamingAssociator:
     def __init__(self, algorithm: str = DEFAULT_ALGORITHM, header_ids: bool = True, hold_s: float = 5.0,
-                 context_s: float = 10.0, relink_published: bool = False) -> None:  # fmt: skip
+                 context_s: float = 10.0, relink_published: bool = False, resolve: Resolve | None = None,
+                 max_wait_s: float = 60.0) -> None:  # fmt: skip
         self.algorithm, self.header_ids = algorithm, header_ids
         self.relink_published = relink_published
         self.hold_ns, self.context_ns = int(hold_s * 1e9), int(context_s * 1e9)
+        self.resolve, self.max_wait_ns = resolve, int(max_wait_s * 1e9)
         self.pending: list[dict] = []
+        self.waiting: list[dict] = []  # links decided; the trace waits for a caller another server links
         self.published: list[dict] = []  # context: already out, ids fixed
         self.stats = StreamStats()
         self._splits_seen: set[str] = set()
@@ -71,8 +92,9 @@ class StreamingAssociator:
         """The spans due now (all with None), each its own trace: for when linking them
         failed. They are not kept as context, since they may be what made it fail."""
         cut = None if now_ns is None else now_ns - self.hold_ns
-        out = [d for d in self.pending if cut is None or d["end_ns"] < cut]
+        out = self.waiting + [d for d in self.pending if cut is None or d["end_ns"] < cut]
         self.pending = [d for d in self.pending if not (cut is None or d["end_ns"] < cut)]
+        self.waiting = []
         for d in out:
             d["parent_span_id"], d["link_method"], d["link_confidence"] = None, None, None
             self._refs.pop(d["span_id"], None)
@@ -82,13 +104,30 @@ class StreamingAssociator:
     def pop_ready(self, now_ns: int) -> list[dict]:
         """Spans that ended more than hold_s ago, linked; call about once a second."""
         cut = now_ns - self.hold_ns
-        if not any(d["end_ns"] < cut for d in self.pending):
+        if not self.waiting and not any(d["end_ns"] < cut for d in self.pending):
             return []
         return self._pass(lambda d: d["end_ns"] < cut, now_ns)
 
     def close(self, now_ns: int) -> list[dict]:
-        """Everything still held."""
-        return self._pass(lambda d: True, now_ns) if self.pending else []
+        """Everything still held (what waits for a caller is not waited for)."""
+        if not self.pending and not self.waiting:
+            return []
+        resolve, self.resolve = self.resolve, None
+        try:
+            return self._pass(lambda d: True, now_ns)
+        finally:
+            self.resolve = resolve
+
+    def drop(self, which: Callable[[dict], bool]) -> list[dict]:
+        """Let go of held spans (another server links them now): the ones `which` picks."""
+        dropped = [d for d in self.pending + self.waiting if which(d)]
+        if dropped:
+            self.pending = [d for d in self.pending if not which(d)]
+            self.waiting = [d for d in self.waiting if not which(d)]
+            for d in dropped:
+                self._refs.pop(d["span_id"], None)
+                self._previous.pop(d["span_id"], None)
+        return dropped
 
     def _pass(self, ready, now_ns: int) -> list[dict]:
         self.stats.passes += 1
@@ -100,45 +139,85 @@ class StreamingAssociator:
                 self._refs.pop(d["span_id"], None)
                 self._splits_seen.discard(d["span_id"])
         self.published = context
-        spans = self.published + self.pending
+        spans = self.published + self.waiting + self.pending
         refs = [self._ref(i, d) for i, d in enumerate(spans)]
-        n_old = len(self.published)
+        n_old, n_decided = len(self.published), len(self.published) + len(self.waiting)
         fixed = {i: d["trace_id"] for i, d in enumerate(self.published)}
         position = {d["span_id"]: i for i, d in enumerate(spans)}
-        pinned = None if self.relink_published else self._pinned(spans, n_old, position)
+        pinned = self._pinned(spans, n_old if self.relink_published else 0, n_decided, position)
         last_pass = {position[c]: position[p] for c, p in self._previous.items() if c in position and p in position}
         links = link_spans(refs, self.algorithm, self.header_ids, pinned, last_pass)
         self._count_splits(spans, links, n_old, fixed)
+        due = [i for i in range(n_decided, len(spans)) if ready(spans[i])]
+        rep = components(len(spans), links)
+        waits = self._resolve_roots(spans, refs, links, rep, fixed, list(range(n_old, n_decided)) + due, now_ns)
         traces = trace_ids(spans, links, fixed)
         # Held spans with a child already out: counted as late links when they go out.
         parents_late = {lk.parent for c, lk in links.items()
                         if c < n_old and lk.parent is not None and lk.parent >= n_old}  # fmt: skip
-        out, keep, previous = [], [], {}
+        out, waiting, keep, previous = [], [], [], {}
         for i in range(n_old, len(spans)):
             d, link = spans[i], links[i]
-            if not ready(d):
+            decided = i < n_decided
+            if not decided and not ready(d):
                 keep.append(d)
                 if refs[i].kind == "CLIENT" and link.parent is not None:
                     previous[d["span_id"]] = refs[link.parent].span_id
                 continue
-            d["parent_span_id"] = refs[link.parent].span_id if link.parent is not None else None
+            if not decided:
+                d["parent_span_id"] = refs[link.parent].span_id if link.parent is not None else None
+                d["link_method"] = link.method
+                d["link_confidence"] = round(link.confidence, 4)
+            if rep[i] in waits:
+                waiting.append(d)
+                continue
+            if CALLER in d:
+                d["parent_span_id"], d["link_method"], d["link_confidence"] = d[CALLER].span_id, SEQ_JOIN, 1.0
             d["trace_id"] = traces[i]
-            d["link_method"] = link.method
-            d["link_confidence"] = round(link.confidence, 4)
             if (link.parent is not None and link.parent < n_old) or i in parents_late:
                 self.stats.late_links += 1
             out.append(d)
-        self.pending = keep
+        self.pending, self.waiting = keep, waiting
         self._previous = previous
         self.published.extend(out)
         self.stats.spans_out += len(out)
         return out
 
+    def _resolve_roots(self, spans: list[dict], refs: list[SpanRef], links: dict[int, Link], rep: list[int],
+                       fixed: dict[int, str], due: list[int], now_ns: int) -> set[int]:  # fmt: skip
+        """Ask `resolve` about the roots of the traces that have spans to write now; a root
+        whose caller is stored lends it its trace id. Returns the traces (as components)
+        that wait for a caller."""
+        if self.resolve is None or not due:
+            return set()
+        wanted = {rep[i] for i in due} - {rep[i] for i in fixed}  # a published trace keeps its id
+        roots = [i for i in range(len(fixed), len(spans))
+                 if rep[i] in wanted and links[i].parent is None and CALLER not in spans[i]
+                 and refs[i].kind == "SERVER" and span_call_key(refs[i]) is not None]  # fmt: skip
+        if not roots:
+            return set()
+        answers = self.resolve([refs[i] for i in roots])
+        waits = set()
+        for i in roots:
+            d, answer = spans[i], answers.get(refs[i].span_id)
+            if answer == WAIT:
+                since = d.setdefault(_WAITING_SINCE, now_ns)
+                if now_ns - since < self.max_wait_ns:
+                    waits.add(rep[i])
+                else:
+                    self.stats.callers_never_stored += 1
+            elif isinstance(answer, CallEnd):
+                d[CALLER] = answer
+                d["trace_id"] = answer.trace_id  # the root lends it to its trace
+                self.stats.remote_callers += 1
+        return waits
+
     @staticmethod
-    def _pinned(spans: list[dict], n_old: int, position: dict[str, int]) -> dict[int, Link]:
-        """Published spans' links as published: evidence for the pending ones, not decided again."""
-        return {i: Link(position.get(d["parent_span_id"]), d["link_method"], d["link_confidence"])
-                for i, d in enumerate(spans[:n_old])}  # fmt: skip
+    def _pinned(spans: list[dict], start: int, end: int, position: dict[str, int]) -> dict[int, Link]:
+        """Decided spans' links (published, or waiting for their trace) as decided: evidence
+        for the pending ones, not decided again."""
+        return {i: Link(position.get(spans[i]["parent_span_id"]), spans[i]["link_method"], spans[i]["link_confidence"])
+                for i in range(start, end)}  # fmt: skip
 
     def _count_splits(self, spans: list[dict], links, n_old: int, fixed: dict[int, str]) -> None:
         """A link between two published spans of different traces: counted once. Pinned,

@@ -23,6 +23,7 @@ from deeptrace import __version__
 from deeptrace.schema import AGENT_ID, AGENT_ID_RULE, INT64_MAX, MAX_BODY_BYTES
 from deeptrace.server import api, errors_http, ingest, jaeger
 from deeptrace.server.bodylimit import BodyLimit
+from deeptrace.server.cluster import Membership, call_rows
 from deeptrace.server.linker import Linker
 from deeptrace.server.metrics import CONTENT_TYPE, Metrics
 from deeptrace.server.store import open_store
@@ -49,6 +50,7 @@ class ServerConfig:
     otlp_endpoint: str | None = None
     otlp_headers: dict[str, str] = field(default_factory=dict)
     read_auth: tuple[str, str] | None = None  # (user, password) for everything but the agents' writes
+    address: str = ""  # where this server listens: told to the other servers of a shared store
 
 
 class AgentReport(BaseModel):
@@ -88,8 +90,9 @@ class Server:
 
             self.exporter = OtlpExporter(config.otlp_endpoint, headers=config.otlp_headers)
             consumers.append(self.exporter.submit)
+        self.membership = Membership(self.store, config.address)
         self.linker = Linker(self.store, config.algorithm, config.header_ids, config.hold_s, config.context_s,
-                             on_published=consumers)  # fmt: skip
+                             on_published=consumers, membership=self.membership)  # fmt: skip
 
     def health(self) -> dict[str, float]:
         s, ln = self.ingest, self.linker.stats
@@ -102,6 +105,10 @@ class Server:
                "linker_write_errors_total": ln.write_errors, "linker_late_links_total": ln.late_links,
                "linker_link_errors_total": ln.link_errors, "linker_dead_letters_total": ln.dead_letters,
                "store_dead_letters": self.store.stats().dead_letters,
+               "linker_remote_callers_total": ln.remote_callers,
+               "linker_callers_never_stored_total": ln.callers_never_stored,
+               "linker_spans_taken_over_total": ln.spans_taken_over,
+               "cluster_servers": len(self.membership.servers),
                "uptime_seconds": (time.time_ns() - self.started_ns) / 1e9}  # fmt: skip
         if self.exporter is not None:
             e = self.exporter.stats
@@ -113,6 +120,8 @@ class Server:
         st = self.store.stats()
         return {"version": __version__, "ingest": asdict(self.ingest), "linker": asdict(self.linker.stats),
                 "backlog_spans": self.linker.backlog, "store": asdict(st),
+                "cluster": {"server_id": self.membership.server_id, "shared_store": self.membership.shared,
+                            "servers": self.membership.servers},
                 "otlp": asdict(self.exporter.stats) if self.exporter is not None else None}  # fmt: skip
 
     def count(self, **deltas: int) -> None:
@@ -132,12 +141,16 @@ class Server:
         if self.linker.backlog + len(batch.spans) > self.config.max_backlog_spans:
             self.count(refused_backlog=1)
             raise Backlogged()
+        now = time.time_ns()
+        if self.membership.shared:  # before the batch: its owner may take it at once
+            self.store.record_call_ends(call_rows(batch.spans), now)
         try:
-            self.store.accept_batch(batch.agent_id, batch.batch_id, batch.body_gz, len(batch.spans), time.time_ns())
+            self.store.accept_batch(batch.agent_id, batch.batch_id, batch.body_gz, len(batch.spans), now)
         except DuplicateBatch:
             self.count(duplicates=1)
             return {"accepted": 0, "duplicate": True}
-        self.linker.submit(batch.agent_id, batch.batch_id, batch.spans)
+        if self.membership.owns(batch.agent_id):  # else its owner takes it from the store
+            self.linker.submit(batch.agent_id, batch.batch_id, batch.spans)
         self.count(batches=1, spans=len(batch.spans))
         return {"accepted": len(batch.spans), "duplicate": False}
 
@@ -192,6 +205,7 @@ def create_app(config: ServerConfig, store: Store | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        await run_in_threadpool(server.membership.start)
         await run_in_threadpool(server.linker.recover)
         server.linker.start()
         retention = asyncio.create_task(_retention_loop(server))
@@ -200,6 +214,7 @@ def create_app(config: ServerConfig, store: Store | None = None) -> FastAPI:
         finally:
             retention.cancel()
             await run_in_threadpool(server.linker.close)
+            await run_in_threadpool(server.membership.close)
             if server.exporter is not None:
                 await run_in_threadpool(server.exporter.close, 10.0)
             await run_in_threadpool(server.store.close)

@@ -5,6 +5,10 @@ the streaming associator until their parents can have arrived from any host, are
 written, and only then is their incoming batch forgotten. After a crash, `recover` feeds
 the batches still in `incoming` back, minus spans already written.
 
+On a store several servers share (server/cluster.py), a linker links only the agents its
+server owns: it takes their batches from the store, whichever server accepted them, and
+lets go of the agents another server owns now.
+
 One bad span must never hold up the others: a span that cannot be linked or written is
 moved aside as a dead letter (kept with why, counted, listed by the API), its batch is
 done with all the same, and everyone else's spans are written. A store that takes no
@@ -23,9 +27,10 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from deeptrace.association.streaming import StreamingAssociator
+from deeptrace.association.streaming import CALLER, StreamingAssociator
 from deeptrace.capture.spans import new_id
 from deeptrace.server import ingest
+from deeptrace.server.cluster import Membership, RemoteEnds
 from deeptrace.server.store.base import DeadLetter, Store, StoreUnavailable
 
 log = logging.getLogger("deeptrace.server")
@@ -35,6 +40,9 @@ BATCH_KEY = "_batch"  # where a span remembers the incoming batch it came in
 # 0.5 s later.
 PASS_INTERVAL_S = 1.0
 MAX_LETTER_BYTES = 1 << 20  # of a refused batch's body kept in its dead letter
+# How far back each pass looks for batches other servers accepted for this one's agents
+# (further back, an agent's batches are found when it is taken over).
+RECENT_BATCHES_NS = 300 * 10**9
 
 
 @dataclass
@@ -49,14 +57,22 @@ class LinkerStats:
     dead_letters: int = 0  # spans moved aside: they could not be linked or written
     late_links: int = 0
     split_traces: int = 0
+    spans_taken_over: int = 0  # of agents this server took over from another (shared store)
+    remote_callers: int = 0  # spans whose caller another server linked
+    callers_never_stored: int = 0  # spans that waited in vain for a caller another server had accepted
 
 
 class Linker:
     def __init__(self, store: Store, algorithm: str, header_ids: bool = True, hold_s: float = 5.0,
                  context_s: float = 10.0, interval_s: float = PASS_INTERVAL_S,
-                 on_published: list[Callable[[list[dict]], None]] | None = None) -> None:  # fmt: skip
+                 on_published: list[Callable[[list[dict]], None]] | None = None,
+                 membership: Membership | None = None, clock: Callable[[], int] = time.time_ns) -> None:  # fmt: skip
         self.store = store
-        self.assoc = StreamingAssociator(algorithm, header_ids=header_ids, hold_s=hold_s, context_s=context_s)
+        self.clock = clock  # ns since the epoch: a virtual one in benchmarks and tests
+        self.membership = membership or Membership(store)
+        self.remote = RemoteEnds(store) if self.membership.shared else None
+        self.assoc = StreamingAssociator(algorithm, header_ids=header_ids, hold_s=hold_s, context_s=context_s,
+                                         resolve=self.remote.callers if self.remote else None)  # fmt: skip
         self.interval_s = interval_s
         self.on_published = on_published or []
         self.stats = LinkerStats()
@@ -67,6 +83,7 @@ class Linker:
         self._unwritten: list[dict] = []
         self._dead: list[DeadLetter] = []
         self._empty: list[tuple[str, str]] = []
+        self._agents: set[str] = set()  # shared store: the agents whose batches this linker has taken
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="deeptrace-linker", daemon=True)
@@ -78,7 +95,11 @@ class Linker:
             return sum(self._remaining.values())
 
     def submit(self, agent_id: str, batch_id: str, spans: list[dict]) -> None:
+        """Link this batch (of an agent this server owns: Membership.owns); a batch taken
+        already is not taken again."""
         with self._lock:
+            if (agent_id, batch_id) in self._remaining:
+                return
             self._queue.append(((agent_id, batch_id), spans))
             self._remaining[(agent_id, batch_id)] = len(spans)
             self.stats.spans_accepted += len(spans)
@@ -86,8 +107,23 @@ class Linker:
     def recover(self) -> None:
         """Before start: what was accepted but not written when the server last stopped.
         Batches are checked again as ingest checks them: one accepted by an older server
-        that this one would refuse is dead-lettered whole instead of failing every pass."""
-        for agent_id, batch_id, body_gz in self.store.incoming():
+        that this one would refuse is dead-lettered whole instead of failing every pass.
+        (On a shared store, an agent's batches are taken when this server owns it.)"""
+        if self.membership.shared:
+            return
+        self.stats.spans_recovered += self._load(self.store.incoming())
+        if self.stats.spans_recovered:
+            log.info("recovered %d accepted spans not yet linked", self.stats.spans_recovered)
+        if self._dead or self._empty:
+            self._write_pending()
+
+    def _load(self, batches: list[tuple[str, str, bytes]]) -> int:
+        """Accepted batches from the store, minus the spans already written."""
+        n = 0
+        for agent_id, batch_id, body_gz in batches:
+            with self._lock:
+                if (agent_id, batch_id) in self._remaining:
+                    continue
             try:
                 spans = ingest.parse(ingest.decode(body_gz, "gzip"), body_gz, time.time_ns()).spans
             except ingest.BadBatch as e:
@@ -96,11 +132,42 @@ class Linker:
             stored = self.store.stored_span_ids([d["span_id"] for d in spans])
             spans = [d for d in spans if d["span_id"] not in stored]
             self.submit(agent_id, batch_id, spans)
-            self.stats.spans_recovered += len(spans)
-        if self.stats.spans_recovered:
-            log.info("recovered %d accepted spans not yet linked", self.stats.spans_recovered)
-        if self._dead or self._empty:
-            self._write_pending()
+            n += len(spans)
+        return n
+
+    def _sync_agents(self) -> None:
+        """Shared store: let go of the agents another server owns now, take over the ones
+        this server owns now, and take the batches other servers accepted for them."""
+        recent = self.store.recent_batches(time.time_ns() - RECENT_BATCHES_NS)
+        candidates = self._agents | {a for a, _ in recent} | {a.agent_id for a in self.store.agents()}
+        owned = {a for a in candidates if self.membership.owns(a)}
+        lost = self._agents - owned
+        if lost:
+            self._let_go(lost)
+        new = owned - self._agents
+        if new:
+            taken = self._load(self.store.batches_of(sorted(new)))
+            self.stats.spans_taken_over += taken
+            self._agents |= new
+            log.info("linking %d more agents (%d spans waiting for them)", len(new), taken)
+        with self._lock:
+            unseen = [k for k in recent if k[0] in self._agents and k not in self._remaining]
+        if unseen:
+            self._load(self.store.batches_of([], unseen))
+
+    def _let_go(self, agents: set[str]) -> None:
+        def theirs(d: dict) -> bool:
+            return d[BATCH_KEY][0] in agents
+
+        self.assoc.drop(theirs)
+        self._unwritten = [d for d in self._unwritten if not theirs(d)]
+        with self._lock:
+            for key in [k for k in self._remaining if k[0] in agents]:
+                del self._remaining[key]
+            self._queue = deque(item for item in self._queue if item[0][0] not in agents)
+        self._empty = [k for k in self._empty if k[0] not in agents]
+        self._agents -= agents
+        log.info("another server links %d agents now: let go of them", len(agents))
 
     def _refuse_batch(self, agent_id: str, batch_id: str, body_gz: bytes, reason: str) -> None:
         log.error("an accepted batch %s/%s is refused now: %s; kept as a dead letter", agent_id, batch_id, reason)
@@ -123,12 +190,18 @@ class Linker:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             self._pass(final=False)
-        self._pass(final=True)
+        # On a shared store, what is still held is left to the server that owns its agents next.
+        self._pass(final=not self.membership.shared)
 
     def _pass(self, final: bool) -> None:
         t0 = time.perf_counter()
+        if self.membership.shared:
+            try:
+                self._sync_agents()
+            except Exception:  # the store may be away: this pass links what it holds
+                log.exception("looking for other servers' batches failed")
         self._take()
-        now = time.time_ns()
+        now = self.clock()
         try:
             out = self.assoc.close(now) if final else self.assoc.pop_ready(now)
         except Exception:  # a bad pass must not kill the thread, nor hold these spans back forever
@@ -136,7 +209,11 @@ class Linker:
             log.exception("linking failed: the spans due now are written unlinked")
             out = self.assoc.pop_unlinked(None if final else now)
         if out:
-            set_peer_services(out, self.assoc.published + self.assoc.pending)
+            try:
+                set_peer_services(out, self.assoc.published + self.assoc.waiting + self.assoc.pending, self.remote)
+            except Exception:  # the store may be away: peers are named by address then
+                log.exception("looking for the callees other servers link failed")
+                set_peer_services(out, [], None)
             self._unwritten += out
         if self._unwritten or self._dead or self._empty:
             try:
@@ -146,7 +223,9 @@ class Linker:
                 log.exception("writing spans failed; they wait for the next pass")
         self.stats.passes += 1
         self.stats.last_pass_s = time.perf_counter() - t0
-        self.stats.late_links, self.stats.split_traces = self.assoc.stats.late_links, self.assoc.stats.split_traces
+        a = self.assoc.stats
+        self.stats.late_links, self.stats.split_traces = a.late_links, a.split_traces
+        self.stats.remote_callers, self.stats.callers_never_stored = a.remote_callers, a.callers_never_stored
 
     def _take(self) -> None:
         with self._lock:
@@ -253,18 +332,26 @@ def _per_batch(spans: list[dict], dead: list[DeadLetter]) -> Counter:
     return counts
 
 
-def set_peer_services(out: list[dict], window: list[dict]) -> None:
-    """Who each call went to: the service whose SERVER span it is joined to, or, for peers
-    nothing traced answers for, the protocol and address (`redis 10.0.0.5:6379`). A SERVER
-    span's peer is its caller."""
+def set_peer_services(out: list[dict], window: list[dict], remote: RemoteEnds | None = None) -> None:
+    """Who each call went to: the service whose SERVER span it is joined to (here, or by
+    another server), or, for peers nothing traced answers for, the protocol and address
+    (`redis 10.0.0.5:6379`). A SERVER span's peer is its caller."""
     by_id = {d["span_id"]: d for d in window}
     for d in out:
-        if d["kind"] == "SERVER" and d.get("parent_span_id"):
+        if d["kind"] == "SERVER" and CALLER in d:
+            d["peer_service"] = d[CALLER].service
+        elif d["kind"] == "SERVER" and d.get("parent_span_id"):
             parent = by_id.get(d["parent_span_id"])
             if parent is not None:
                 d["peer_service"] = parent.get("service")
                 if parent["kind"] == "CLIENT":
                     parent["peer_service"] = d.get("service")
-    for d in out:
-        if d["kind"] != "SERVER" and not d.get("peer_service"):
+    unnamed = [d for d in out if d["kind"] != "SERVER" and not d.get("peer_service")]
+    if remote is not None and unnamed:
+        named = remote.callee_services(unnamed)
+        for d in unnamed:
+            if d["span_id"] in named:
+                d["peer_service"] = named[d["span_id"]]
+    for d in unnamed:
+        if not d.get("peer_service"):
             d["peer_service"] = f"{d.get('protocol') or 'tcp'} {d.get('raddr', '?')}:{d.get('rport', '?')}"

@@ -117,7 +117,7 @@ def server(listen, store_url, db, token, token_file, no_auth, read_auth, read_au
     if read_auth_file:
         with open(read_auth_file) as f:
             read_auth = f.read().strip()
-    config = ServerConfig(db=db, token=token or None, algorithm=algorithm, header_ids=not no_header_ids,
+    config = ServerConfig(db=db, address=f"{host}:{port}", token=token or None, algorithm=algorithm, header_ids=not no_header_ids,
                           hold_s=hold, max_backlog_spans=max_backlog_spans,
                           retention_hours=retention_hours or None, retention_bytes=retention_bytes,
                           otlp_endpoint=otlp_endpoint, otlp_headers=_headers(otlp_headers),

@@ -5,8 +5,11 @@
 - SpanWriter: linked spans in, old spans out (retention).
 - SpanReader: search, traces, spans, the service map and time series.
 - AgentRegistry: which agents report, from where, with what.
+- Cluster (only stores several servers can share): which servers are alive, the batches
+  each may take, and both ends of every accepted call, by call key, so that a call whose
+  ends two servers link is joined all the same.
 
-A Store is all four. The embedded DuckDB store is one; reading is plain SQL shared by every
+A Store is the first four. The embedded DuckDB store is one; reading is plain SQL shared by every
 SQL engine (reading.SqlSpanReader, queries in sql.py), with what engines spell differently
 behind a Dialect.
 """
@@ -188,6 +191,51 @@ class AgentRegistry(ABC):
 
     @abstractmethod
     def agents(self) -> list[AgentInfo]: ...
+
+
+@dataclass
+class CallRow:
+    """One end of an accepted call, as `Cluster.call_ends` keeps it."""
+
+    key: str  # exact.call_key
+    kind: str
+    span_id: str
+    service: str
+    start_ns: int
+    end_ns: int
+    conn: str  # exact.client_conn
+
+
+class Cluster(ABC):
+    """What servers that share a store need of it to share the linking (server/cluster.py)."""
+
+    @abstractmethod
+    def heartbeat(self, server_id: str, address: str, leaving: bool = False) -> None:
+        """This server is alive (or, leaving, is not any more), by the store's clock."""
+
+    @abstractmethod
+    def live_servers(self, timeout_s: float) -> list[str]:
+        """Servers whose last heartbeat is at most timeout_s old, by the store's clock."""
+
+    @abstractmethod
+    def record_call_ends(self, rows: list[CallRow], now_ns: int) -> None:
+        """Keep the call ends of an accepted batch (before it is acknowledged)."""
+
+    @abstractmethod
+    def call_ends(self, keys: list[str], kind: str) -> list[CallRow]:
+        """The accepted call ends of this kind with these keys."""
+
+    @abstractmethod
+    def stored_trace_ids(self, span_ids: list[str], start_ns: int, end_ns: int) -> dict[str, str]:
+        """span_id -> trace_id of those of these spans that are stored (starting in the range)."""
+
+    @abstractmethod
+    def recent_batches(self, since_ns: int) -> list[tuple[str, str]]:
+        """(agent_id, batch_id) of the batches received since then and not yet linked."""
+
+    @abstractmethod
+    def batches_of(self, agent_ids: list[str], keys: list[tuple[str, str]] = ()) -> list[tuple[str, str, bytes]]:
+        """Like incoming(), for these agents' batches, or these batches."""
 
 
 class Store(BatchQueue, SpanWriter, SpanReader, AgentRegistry):

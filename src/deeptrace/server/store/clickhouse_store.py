@@ -31,6 +31,8 @@ from deeptrace.schema import FIELDS
 from deeptrace.server.store import sql
 from deeptrace.server.store.base import (
     AgentInfo,
+    CallRow,
+    Cluster,
     DeadLetter,
     DuplicateBatch,
     Store,
@@ -47,6 +49,8 @@ NOT_NULL = {f.name for f in FIELDS if f.required} | {"duration_ns"}
 # The batches not yet linked: no row of done_batches says they are.
 _NOT_DONE = "(agent_id, batch_id) NOT IN (SELECT agent_id, batch_id FROM done_batches)"
 _PLACEHOLDER = re.compile(r"'(?:[^'\\]|\\.)*'|\?")
+CALL_ENDS_HOUR_NS = 3600 * 10**9  # the calls table's partitions: an hour of accepted batches each
+CALL_ENDS_KEPT_HOURS = 2  # a batch not linked by then has lost its cross-server joins
 
 
 class ClickHouseDialect(sql.Dialect):
@@ -111,7 +115,7 @@ def _column(name: str, portable: str) -> str:
     return f"{name} {t if name in NOT_NULL else f'Nullable({t})'}"
 
 
-class ClickHouseStore(SqlSpanReader, Store):
+class ClickHouseStore(SqlSpanReader, Store, Cluster):
     def __init__(self, url: str) -> None:
         from clickhouse_driver import Client, errors
 
@@ -192,6 +196,14 @@ class ClickHouseStore(SqlSpanReader, Store):
         self._execute("CREATE TABLE IF NOT EXISTS agents (agent_id String, host String, kernel String, "
                       "version String, started_ns Int64, last_seen_ns Int64, stats String) "
                       "ENGINE = ReplacingMergeTree(last_seen_ns) ORDER BY agent_id")  # fmt: skip
+        # The servers sharing this store, by their last heartbeat (the store's clock, seconds).
+        self._execute("CREATE TABLE IF NOT EXISTS servers (server_id String, address String, seen_s UInt64, "
+                      "leaving UInt8) ENGINE = ReplacingMergeTree(seen_s) ORDER BY server_id")  # fmt: skip
+        # Both ends of every accepted call, by call key: a server finds the other end of a
+        # call that another server links here. Kept two hours, dropped an hour at a time.
+        self._execute("CREATE TABLE IF NOT EXISTS calls (key String, kind String, span_id String, service String, "
+                      "start_ns Int64, end_ns Int64, conn String, received_ns Int64) ENGINE = MergeTree "
+                      f"PARTITION BY intDiv(received_ns, {CALL_ENDS_HOUR_NS}) ORDER BY (key, kind)")  # fmt: skip
 
     # --- ingest ---
     def accept_batch(self, agent_id: str, batch_id: str, body_gz: bytes, n_spans: int, now_ns: int) -> None:
@@ -211,6 +223,28 @@ class ClickHouseStore(SqlSpanReader, Store):
             "SELECT agent_id, batch_id, argMin(body_gz, (received_ns, token)), min(received_ns) AS t FROM batches "
             f"WHERE {_NOT_DONE} GROUP BY agent_id, batch_id ORDER BY t", settings={"strings_as_bytes": True})  # fmt: skip
         return [(a.decode(), b.decode(), body) for a, b, body, _ in rows]
+
+    def batches_of(self, agent_ids: list[str], keys: list[tuple[str, str]] = ()) -> list[tuple[str, str, bytes]]:
+        if not agent_ids and not keys:
+            return []
+        which, params = [], {}
+        if agent_ids:
+            which.append("agent_id IN %(agents)s")
+            params["agents"] = tuple(agent_ids)
+        if keys:
+            which.append("(agent_id, batch_id) IN %(keys)s")
+            params["keys"] = tuple(keys)
+        rows = self._execute(
+            "SELECT agent_id, batch_id, argMin(body_gz, (received_ns, token)), min(received_ns) AS t FROM batches "
+            f"WHERE ({' OR '.join(which)}) AND {_NOT_DONE} GROUP BY agent_id, batch_id ORDER BY t", params,
+            settings={"strings_as_bytes": True})  # fmt: skip
+        return [(a.decode(), b.decode(), body) for a, b, body, _ in rows]
+
+    def recent_batches(self, since_ns: int) -> list[tuple[str, str]]:
+        # A batch received since then was done since then, too.
+        return [tuple(r) for r in self._rows(
+            "SELECT DISTINCT agent_id, batch_id FROM batches WHERE received_ns >= ? AND (agent_id, batch_id) "
+            "NOT IN (SELECT agent_id, batch_id FROM done_batches WHERE done_ns >= ?)", [since_ns, since_ns])]  # fmt: skip
 
     def write_spans(self, spans: list[dict], done_batches: list[tuple[str, str]],
                     dead: list[DeadLetter] = ()) -> None:  # fmt: skip
@@ -266,10 +300,39 @@ class ClickHouseStore(SqlSpanReader, Store):
                           "FROM agents FINAL ORDER BY host, agent_id", [])  # fmt: skip
         return [AgentInfo(*r[:6], json.loads(r[6]) if r[6] else {}) for r in rows]
 
+    # --- servers sharing the store ---
+    def heartbeat(self, server_id: str, address: str, leaving: bool = False) -> None:
+        self._rows("INSERT INTO servers SELECT ?, ?, toUInt64(now()), ?", [server_id, address, int(leaving)])
+
+    def live_servers(self, timeout_s: float) -> list[str]:
+        rows = self._rows("SELECT server_id FROM servers FINAL WHERE leaving = 0 AND seen_s + ? >= toUInt64(now()) "
+                          "ORDER BY server_id", [int(timeout_s)])  # fmt: skip
+        return [r[0] for r in rows]
+
+    def record_call_ends(self, rows: list[CallRow], now_ns: int) -> None:
+        if rows:
+            self._execute("INSERT INTO calls (key, kind, span_id, service, start_ns, end_ns, conn, received_ns) VALUES",
+                          [(r.key, r.kind, r.span_id, r.service, r.start_ns, r.end_ns, r.conn, now_ns) for r in rows])  # fmt: skip
+
+    def call_ends(self, keys: list[str], kind: str) -> list[CallRow]:
+        if not keys:
+            return []
+        rows = self._execute("SELECT key, kind, span_id, service, start_ns, end_ns, conn FROM calls "
+                             "WHERE key IN %(keys)s AND kind = %(kind)s", {"keys": tuple(keys), "kind": kind})  # fmt: skip
+        return [CallRow(*r) for r in rows]
+
+    def stored_trace_ids(self, span_ids: list[str], start_ns: int, end_ns: int) -> dict[str, str]:
+        if not span_ids:
+            return {}
+        rows = self._execute("SELECT span_id, trace_id FROM spans WHERE start_ns >= %(lo)s AND start_ns <= %(hi)s "
+                             "AND span_id IN %(ids)s", {"lo": start_ns, "hi": end_ns, "ids": tuple(span_ids)})  # fmt: skip
+        return dict(rows)
+
     # --- housekeeping ---
     def apply_retention(self, now_ns: int, max_age_ns: int | None, max_bytes: int | None) -> int:
         """Deletes are mutations, carried out in the background: what is deleted is counted
         when asked for, and disappears from queries once the mutation has run."""
+        self._drop_old_call_ends(now_ns)
         cuts = []
         if max_age_ns is not None:
             cuts.append(now_ns - max_age_ns)
@@ -294,6 +357,14 @@ class ClickHouseStore(SqlSpanReader, Store):
                 if self._rows(f"SELECT count() FROM {table} WHERE {column} < ?", [age_cut])[0][0]:
                     self._rows(f"ALTER TABLE {table} DELETE WHERE {column} < ?", [age_cut])
         return deleted
+
+    def _drop_old_call_ends(self, now_ns: int) -> None:
+        """A partition at a time: no mutation to wait for."""
+        oldest_kept = now_ns // CALL_ENDS_HOUR_NS - CALL_ENDS_KEPT_HOURS
+        for (partition,) in self._rows("SELECT DISTINCT partition FROM system.parts WHERE active AND database = ? "
+                                       "AND table = 'calls'", [self.database]):  # fmt: skip
+            if int(partition) < oldest_kept:
+                self._execute(f"ALTER TABLE calls DROP PARTITION {int(partition)}")
 
     def _bytes(self) -> int:
         query = bind("SELECT sum(bytes_on_disk) FROM system.parts WHERE active AND database = ?", [self.database])

@@ -1,0 +1,163 @@
+"""Several servers on one store: which agents' spans each server links, and the calls whose
+two ends two servers link.
+
+Linking needs one host's spans only (inference looks at one process's requests and calls),
+so agents are shared out: each is linked by one live server, chosen by rendezvous hashing
+over the servers whose heartbeat the store has seen lately. When a server joins or leaves,
+only the agents it wins or loses move. A new owner waits HANDOFF_S before it takes an
+agent's batches, so that the old owner, which lets go at its next look (within a
+heartbeat), has stopped writing them; spans the old owner wrote are skipped
+(stored_span_ids) and the rest of its batches, not marked done, are linked by the new owner.
+A server that cannot reach the store for SERVER_TIMEOUT_S - 1 s lets go of every agent,
+since the others will have taken them.
+
+The one link across hosts, seq-join, joins a SERVER span to the CLIENT span that called it.
+Every accepted span's call end goes into the store with its batch (Cluster.record_call_ends),
+so the server linking a callee knows at once whether its caller was accepted anywhere; if
+so, the callee's trace waits (StreamingAssociator) until the caller is stored, and takes
+its trace id. The caller's side names its peer the same way, from the callee's end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+
+from deeptrace.association.exact import (
+    CallEnd,
+    best_partner,
+    client_conn,
+    json_call_key,
+    json_client_conn,
+    span_call_key,
+)
+from deeptrace.association.model import SpanRef
+from deeptrace.association.streaming import WAIT
+from deeptrace.capture.spans import new_id
+from deeptrace.server.store.base import CallRow, Cluster, Store
+
+log = logging.getLogger("deeptrace.server")
+HEARTBEAT_S = 1.0
+SERVER_TIMEOUT_S = 5.0  # no heartbeat for this long (the store's clock counts seconds): gone
+HANDOFF_S = 3.0  # an agent's new owner waits this long before it takes its batches
+
+
+def owner(agent_id: str, servers: list[str]) -> str:
+    """Rendezvous hashing: the server with the highest score for this agent."""
+    return max(servers, key=lambda s: hashlib.blake2b(f"{s}/{agent_id}".encode(), digest_size=8).digest())
+
+
+class Membership:
+    """This server's view of who links which agent. With a store only one server can use,
+    it links every agent and asks the store nothing."""
+
+    def __init__(self, store: Store, address: str = "", server_id: str | None = None,
+                 clock=time.monotonic) -> None:  # fmt: skip
+        self.store, self.address = store, address
+        self.server_id = server_id or new_id(8)
+        self.shared = isinstance(store, Cluster)
+        self.clock = clock
+        self.servers = [self.server_id]
+        self.handoff_s = HANDOFF_S
+        self._last_beat = clock()
+        self._owned_since: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="deeptrace-membership", daemon=True)
+
+    def start(self) -> None:
+        if self.shared:
+            self.beat()
+            self._thread.start()
+
+    def close(self) -> None:
+        if self.shared:
+            self._stop.set()
+            self._thread.join(5.0)
+            try:
+                self.store.heartbeat(self.server_id, self.address, leaving=True)
+            except Exception as e:  # noqa: BLE001 - the others will see the heartbeat stop instead
+                log.warning("could not tell the store this server leaves: %s", e)
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            self.beat()
+
+    def beat(self) -> None:
+        try:
+            self.store.heartbeat(self.server_id, self.address)
+            servers = self.store.live_servers(SERVER_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - whatever failed, the view stays as it was
+            log.warning("heartbeat failed: %s", e)
+            return
+        self.servers = sorted(set(servers) | {self.server_id})
+        self._last_beat = self.clock()
+
+    def owns(self, agent_id: str) -> bool:
+        """This server links the agent's spans now (and may take its batches)."""
+        if not self.shared:
+            return True
+        now = self.clock()
+        if now - self._last_beat > SERVER_TIMEOUT_S - 1.0 or owner(agent_id, self.servers) != self.server_id:
+            self._owned_since.pop(agent_id, None)
+            return False
+        since = self._owned_since.get(agent_id)
+        if since is None:
+            since = self._owned_since[agent_id] = now
+        return now - since >= self.handoff_s
+
+
+class RemoteEnds:
+    """The other end of calls whose two ends another server links, from the store."""
+
+    def __init__(self, store: Cluster) -> None:
+        self.store = store
+
+    def callers(self, roots: list[SpanRef]) -> dict[str, CallEnd | str | None]:
+        """For each root SERVER span: its caller as stored (with its trace id), WAIT if
+        the caller was accepted and is not stored yet, None if no caller was accepted."""
+        keys = {r.span_id: span_call_key(r) for r in roots}
+        ends = self._ends(list(set(keys.values())), "CLIENT")
+        if not ends:
+            return {}
+        stored = self.store.stored_trace_ids([e.span_id for es in ends.values() for e in es],
+                                             min(e.start_ns for es in ends.values() for e in es),
+                                             max(e.start_ns for es in ends.values() for e in es))  # fmt: skip
+        out: dict[str, CallEnd | str | None] = {}
+        for r in roots:
+            best = best_partner(r.start_ns, r.end_ns, client_conn(r), ends.get(keys[r.span_id], ()))
+            if best is not None:
+                best.trace_id = stored.get(best.span_id)
+                out[r.span_id] = best if best.trace_id is not None else WAIT
+        return out
+
+    def callee_services(self, calls: list[dict]) -> dict[str, str]:
+        """For each CLIENT span (as JSON): the service of the SERVER span that answered it,
+        where one was accepted."""
+        keys = {d["span_id"]: json_call_key(d) for d in calls}
+        ends = self._ends([k for k in set(keys.values()) if k is not None], "SERVER")
+        out = {}
+        for d in calls:
+            best = best_partner(d["start_ns"], d["end_ns"], json_client_conn(d), ends.get(keys[d["span_id"]], ()))
+            if best is not None:
+                out[d["span_id"]] = best.service
+        return out
+
+    def _ends(self, keys: list[str], kind: str) -> dict[str, list[CallEnd]]:
+        by_key: dict[str, list[CallEnd]] = {}
+        for row in self.store.call_ends(keys, kind):
+            by_key.setdefault(row.key, []).append(CallEnd(row.span_id, row.start_ns, row.end_ns, row.conn,
+                                                          service=row.service))  # fmt: skip
+        return by_key
+
+
+def call_rows(spans: list[dict]) -> list[CallRow]:
+    """The call ends of a batch's spans, for Cluster.record_call_ends."""
+    rows = []
+    for d in spans:
+        key = json_call_key(d)
+        if key is not None:
+            rows.append(CallRow(key, d["kind"], d["span_id"], d.get("service") or "unknown", d["start_ns"],
+                                d["end_ns"], json_client_conn(d)))  # fmt: skip
+    return rows
