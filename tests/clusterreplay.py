@@ -32,9 +32,10 @@ def servers_on(stores: list, server_ids: list[str] | None = None, **config) -> l
 
 
 def replay(servers: list[Server], spans: list[dict], agent_of, ship_delay_s: float = 1.0,
-           tail_s: float = 90.0) -> None:  # fmt: skip
+           tail_s: float = 90.0, alive=None) -> None:  # fmt: skip
     """Ship `spans` (each agent's, by `agent_of(span)`) through the servers and link them,
-    the virtual clock passing `tail_s` after the last span so that everything is written."""
+    the virtual clock passing `tail_s` after the last span so that everything is written.
+    `alive(now)` says which servers run at that second (a server left out has crashed)."""
     spans = sorted(spans, key=lambda d: d["end_ns"])
     now = spans[0]["end_ns"] // SECOND * SECOND + SECOND
     i, turn = 0, 0
@@ -48,33 +49,28 @@ def replay(servers: list[Server], spans: list[dict], agent_of, ship_delay_s: flo
         by_agent = defaultdict(list)
         for d in spans[i:j]:
             by_agent[agent_of(d)].append(d)
+        running = alive(now) if alive else servers
         for agent, batch in sorted(by_agent.items()):
             body = {"agent_id": agent, "batch_id": uuid.uuid4().hex, "spans": batch}
-            servers[turn % len(servers)].accept(gzip.compress(json.dumps(body).encode()), "gzip")
+            running[turn % len(running)].accept(gzip.compress(json.dumps(body).encode()), "gzip")
             turn += 1
         i = j
-        for server in servers:
+        for server in running:
             server.linker._pass(final=False)
         now += SECOND
-    for server in servers:
+    for server in running:
         server.linker._pass(final=not server.membership.shared)
 
 
 def linked(store, spans: list[dict]) -> dict[str, dict]:
-    """span_id -> what linking decided for it, as the store has it."""
-    ids = {d["span_id"] for d in spans}
-    lo, hi = min(d["start_ns"] for d in spans), max(d["end_ns"] for d in spans)
-    out = {}
-    for tid in {s["trace_id"] for s in _stored(store, lo, hi)}:
-        for s in store.trace(tid):
-            if s["span_id"] in ids:
-                out[s["span_id"]] = s
+    """span_id -> what linking decided for it, as the store has it (a span stored twice
+    fails here: nothing may be linked twice)."""
+    lo, hi = min(d["start_ns"] for d in spans), max(d["start_ns"] for d in spans)
+    rows = store._rows("SELECT span_id, parent_span_id, trace_id, link_method, peer_service FROM spans "
+                       "WHERE start_ns >= ? AND start_ns <= ?", [lo, hi])  # fmt: skip
+    out = {r[0]: dict(zip(("span_id", "parent_span_id", "trace_id", "link_method", "peer_service"), r)) for r in rows}
+    assert len(out) == len(rows), f"{len(rows) - len(out)} spans stored twice"
     return out
-
-
-def _stored(store, lo: int, hi: int) -> list[dict]:
-    rows = store._rows("SELECT DISTINCT trace_id FROM spans WHERE start_ns >= ? AND start_ns <= ?", [lo, hi])
-    return [{"trace_id": r[0]} for r in rows]
 
 
 def differences(a: dict[str, dict], b: dict[str, dict], keys=("parent_span_id", "trace_id", "link_method",

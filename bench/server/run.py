@@ -270,6 +270,11 @@ def bench_queries(tmp: Path, n_spans: int, n_queries: int, ui_loads: int, store_
                     max(5, n_queries // 5)),
                 "service_map_1h": timed(lambda i: c.get("/api/v1/service-map", params={
                     "start_ns": start, "end_ns": end_ns}), max(5, n_queries // 5)),
+                "timeseries_1h_service": timed(lambda i: c.get("/api/v1/timeseries", params={
+                    "service": "checkout", "start_ns": start, "end_ns": end_ns, "step_s": 60}), max(5, n_queries // 5)),
+                "timeseries_1h_edge": timed(lambda i: c.get("/api/v1/timeseries", params={
+                    "source": "gateway", "target": "checkout", "start_ns": start, "end_ns": end_ns, "step_s": 60}),
+                    max(5, n_queries // 5)),
             }  # fmt: skip
         out["db_bytes"] = srv.get("/api/v1/status").json()["store"]["bytes_on_disk"]
         if ui_loads:

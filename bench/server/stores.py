@@ -57,7 +57,18 @@ def main() -> None:
     ap.add_argument("--spans", type=int, default=300_000, help="stored spans for the queries")
     ap.add_argument("--ingest-spans", type=int, default=200_000)
     ap.add_argument("--queries", type=int, default=50, help="queries per kind")
+    ap.add_argument("--clickhouse-queries-only", type=int, default=None, metavar="SPANS",
+                    help="only the queries, on ClickHouse alone, at this many stored spans (e.g. 10000000)")
     args = ap.parse_args()
+    if args.clickhouse_queries_only:
+        with tempfile.TemporaryDirectory(prefix="dt-stores-") as t, clickhouse_server() as port:
+            url = f"clickhouse://127.0.0.1:{port}/queries_{uuid.uuid4().hex[:8]}"
+            r = run.bench_queries(Path(t), args.clickhouse_queries_only, args.queries, 0, url)
+            for q, v in r.items():
+                if isinstance(v, dict):
+                    print(f"clickhouse {q}: p50 {v['p50_ms']} ms, p99 {v['p99_ms']} ms", file=sys.stderr)
+            print(json.dumps({"benchmark": "server-stores-queries", "clickhouse": r}))
+        return
     run.pin_to_one_core()
     now = time.time_ns()
     spans = shop_spans(args.ingest_spans // 4, now - 3600 * 10**9, now, random.Random(3), linked=True)

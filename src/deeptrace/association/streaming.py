@@ -151,7 +151,7 @@ class StreamingAssociator:
         due = [i for i in range(n_decided, len(spans)) if ready(spans[i])]
         rep = components(len(spans), links)
         waits = self._resolve_roots(spans, refs, links, rep, fixed, list(range(n_old, n_decided)) + due, now_ns)
-        traces = trace_ids(spans, links, fixed)
+        traces = trace_ids(spans, links, fixed, rep)
         # Held spans with a child already out: counted as late links when they go out.
         parents_late = {lk.parent for c, lk in links.items()
                         if c < n_old and lk.parent is not None and lk.parent >= n_old}  # fmt: skip

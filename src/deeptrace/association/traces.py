@@ -34,11 +34,13 @@ def components(n: int, links: dict[int, Link]) -> list[int]:
     return [sets.find(i) for i in range(n)]
 
 
-def trace_ids(span_dicts: list[dict], links: dict[int, Link], fixed: dict[int, str] | None = None) -> list[str]:
+def trace_ids(span_dicts: list[dict], links: dict[int, Link], fixed: dict[int, str] | None = None,
+              rep: list[int] | None = None) -> list[str]:  # fmt: skip
     """A trace id for each span. `fixed` maps span positions to trace ids already
     published (streaming): a set holding one keeps that id. Otherwise the set's root,
-    the earliest span without a parent, lends its own id."""
-    rep = components(len(span_dicts), links)
+    the earliest span without a parent, lends its own id. `rep`: the links' components,
+    if the caller has them already."""
+    rep = rep if rep is not None else components(len(span_dicts), links)
     chosen: dict[int, tuple] = {}  # representative -> (rank, trace id); lower rank wins
     for i, r in enumerate(rep):
         if fixed and i in fixed:

@@ -1,0 +1,224 @@
+#!/usr/bin/env python3
+"""Several servers on one ClickHouse store, next to one server.
+
+  same     the traces two servers sharing a ClickHouse store write, span by span, against
+           one server on the embedded DuckDB store, from the same spans shipped the same
+           way (tests/clusterreplay.py: real ingest and linkers, a virtual clock; each
+           agent's batches go to the servers in turn). On the synthetic shop, and on every
+           spans.jsonl given (bench/accuracy's recordings: there each process is taken for
+           its own host, as if every service ran on a machine of its own), and on the
+           original DeepTrace's published spans (--external, bench/accuracy/external.py;
+           there each service has its own address, taken as its host).
+  link     accept + link + write on ClickHouse at --rate spans/s for --seconds virtual
+           seconds of the shop spread over --agents hosts: one server process, then two
+           (each accepts every other batch; each links the agents it owns), in step, a
+           virtual second at a time. Per process: CPU-seconds per 1,000 spans; the rate is
+           spans over the busy time of the slowest process (what the servers could sustain);
+           clickhouse-server's CPU-seconds per 1,000 spans beside it.
+
+    .venv/bin/python bench/server/cluster.py [--rate 10000] [--seconds 30] [--agents 16]
+                                             [--same bench/accuracy/out/.../spans.jsonl ...]
+                                             [--external rps100-spans.json ...]
+
+The last line of output is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import multiprocessing as mp
+import queue
+import random
+import sys
+import time
+import uuid
+from collections import Counter, defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from clickhouse import clickhouse_server
+from clusterreplay import differences, linked, replay, servers_on
+from stores import _clickhouse_pid, per_1000
+from synth import shop_spans
+
+from deeptrace.server.store.clickhouse_store import ClickHouseStore
+from deeptrace.server.store.duckdb_store import DuckDBStore
+
+SECOND = 10**9
+T0 = 1_750_000_000 * SECOND  # 2025: before the server's clock, as an agent's spans are
+
+
+def log(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def spread_shop(n_traces: int, seconds: int, agents: int, seed: int = 5) -> list[dict]:
+    """The shop's traces over `agents` hosts: each trace's gateway on one host, its backend
+    on another (so every call crosses hosts)."""
+    spans = shop_spans(n_traces, T0, T0 + seconds * SECOND, random.Random(seed))
+    half = max(1, agents // 2)
+    for k in range(0, len(spans), 4):
+        pair = (k // 4) % half
+        for d in spans[k:k + 4]:
+            d["host"] = f"front-{pair}" if d["host"] == "h1" else f"back-{pair}"
+    return spans
+
+
+def by_host(d: dict) -> str:
+    return f"agent-{d['host']}"
+
+
+def by_pid(d: dict) -> str:
+    return f"agent-{d['host']}-{d['pid']}"
+
+
+def same(name: str, spans: list[dict], agent_of, port: int) -> dict:
+    t0 = time.perf_counter()
+    one = DuckDBStore(":memory:")
+    replay(servers_on([one], header_ids=False), copy.deepcopy(spans), agent_of)
+    single = linked(one, spans)
+    t1 = time.perf_counter()
+    url = f"clickhouse://127.0.0.1:{port}/same_{uuid.uuid4().hex[:8]}"
+    stores = [ClickHouseStore(url), ClickHouseStore(url)]
+    servers = servers_on(stores, header_ids=False)
+    replay(servers, copy.deepcopy(spans), agent_of)
+    two = linked(stores[0], spans)
+    diff = differences(single, two)
+    owned = Counter(s.membership.server_id for s in servers for a in {agent_of(d) for d in spans}
+                    if s.membership.owns(a))  # fmt: skip
+    result = {"workload": name, "spans": len(spans), "agents": len({agent_of(d) for d in spans}),
+              "agents_per_server": dict(owned), "single_written": len(single), "two_written": len(two),
+              "differences": len(diff), "differing_keys": dict(Counter(str(k) for _, k, *_ in diff)),
+              "cross_server_joins": sum(s.linker.stats.remote_callers for s in servers),
+              "single_s": round(t1 - t0, 1), "two_s": round(time.perf_counter() - t1, 1)}  # fmt: skip
+    for s in stores:
+        s.close()
+    log(f"same {name}: {result}")
+    return result
+
+
+def _link_worker(index: int, ids: list[str], url: str, args: dict, barrier, results) -> None:
+    """One server: accepts every len(ids)-th batch, links the agents it owns, in step."""
+    import gzip
+
+    from deeptrace.server.app import Server, ServerConfig
+
+    spans = spread_shop(args["rate"] * args["seconds"] // 4, args["seconds"], args["agents"])
+    spans.sort(key=lambda d: d["end_ns"])
+    store = ClickHouseStore(url)
+    (server,) = servers_on([store], [ids[index]])
+    server.membership.servers = sorted(ids)
+    now = T0 + SECOND
+    server.linker.clock = lambda: now
+    i, turn, busy, cpu = 0, 0, 0.0, 0.0
+    stop = T0 + (args["seconds"] + 20) * SECOND
+    while now <= stop:
+        j = i
+        while j < len(spans) and spans[j]["end_ns"] + SECOND <= now:
+            j += 1
+        batches = defaultdict(list)
+        for d in spans[i:j]:
+            batches[by_host(d)].append(d)
+        bodies = []  # what the agents send: made before the clock starts
+        for agent, batch in sorted(batches.items()):
+            if turn % len(ids) == index:
+                body = {"agent_id": agent, "batch_id": f"{agent}-{now}", "spans": batch}
+                bodies.append(gzip.compress(json.dumps(body).encode(), 1))
+            turn += 1
+        i = j
+        t_wall, t_cpu = time.perf_counter(), time.process_time()
+        for body in bodies:
+            server.accept(body, "gzip")
+        server.linker._pass(final=False)
+        busy += time.perf_counter() - t_wall
+        cpu += time.process_time() - t_cpu
+        barrier.wait(timeout=600)  # every server's virtual second ends together: none runs ahead
+        now += SECOND
+    s = server.linker.stats
+    results.put({"server": ids[index], "published": s.spans_published, "busy_s": busy, "cpu_s": cpu,
+                 "remote_callers": s.remote_callers, "never_stored": s.callers_never_stored,
+                 "held": len(server.linker.assoc.pending) + len(server.linker.assoc.waiting)})  # fmt: skip
+    store.close()
+
+
+def link(n_servers: int, port: int, ch_pid: int, args: dict) -> dict:
+    url = f"clickhouse://127.0.0.1:{port}/link_{uuid.uuid4().hex[:8]}"
+    ClickHouseStore(url).close()  # tables made once, before the servers race to make them
+    ids = [f"server-{k}" for k in range(n_servers)]
+    ctx = mp.get_context("fork")
+    barrier, results = ctx.Barrier(n_servers), ctx.Queue()
+    procs = [ctx.Process(target=_link_worker, args=(k, ids, url, args, barrier, results)) for k in range(n_servers)]
+    ch0 = _cpu_of(ch_pid)
+    t0 = time.perf_counter()
+    for p in procs:
+        p.start()
+    out = []
+    while len(out) < len(procs):
+        if not any(p.is_alive() for p in procs) and results.empty():
+            raise SystemExit(f"a server process failed: exit codes {[p.exitcode for p in procs]}")
+        try:
+            out.append(results.get(timeout=1))
+        except queue.Empty:
+            pass
+    for p in procs:
+        p.join()
+    wall = time.perf_counter() - t0
+    total = sum(r["published"] for r in out)
+    ch_cpu = _cpu_of(ch_pid) - ch0
+    result = {"servers": n_servers, "spans": total, "wall_s": round(wall, 1),
+              "rate_spans_per_s": round(total / max(r["busy_s"] for r in out)),
+              "per_server": [{**r, "busy_s": round(r["busy_s"], 2), "cpu_s": round(r["cpu_s"], 2),
+                              "cpu_s_per_1000": per_1000(r["cpu_s"], r["published"]),
+                              "spans_per_cpu_s": round(r["published"] / r["cpu_s"])} for r in out],
+              "clickhouse_cpu_s_per_1000": per_1000(ch_cpu, total)}  # fmt: skip
+    log(f"link, {n_servers} server(s): {result}")
+    return result
+
+
+def _cpu_of(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks of 1/100 s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rate", type=int, default=10_000, help="spans per virtual second, all servers together")
+    ap.add_argument("--seconds", type=int, default=30)
+    ap.add_argument("--agents", type=int, default=16)
+    ap.add_argument("--same", nargs="*", default=[], help="spans.jsonl files to compare one and two servers on")
+    ap.add_argument("--same-spans", type=int, default=20_000, help="of each file, the first (by end)")
+    ap.add_argument("--external", nargs="*", default=[], help="the original DeepTrace's rpsN-spans.json files")
+    ap.add_argument("--skip-link", action="store_true")
+    args = ap.parse_args()
+    out = {"same": [], "link": []}
+    with clickhouse_server() as port:
+        out["same"].append(same("shop", spread_shop(2000, 60, args.agents), by_host, port))
+        for path in args.same:
+            spans = sorted((json.loads(line) for line in open(path)), key=lambda d: d["end_ns"])[:args.same_spans]
+            out["same"].append(same(str(Path(path).parent.relative_to(Path(path).parents[2])), spans, by_pid, port))
+        for path in args.external:
+            sys.path.insert(0, str(ROOT / "bench" / "accuracy"))
+            from external import convert
+
+            spans = convert(json.loads(Path(path).read_text())["spans"])[0]
+            out["same"].append(same(f"original DeepTrace {Path(path).name}", spans, by_host, port))
+        if not args.skip_link:
+            ch_pid = _clickhouse_pid(port)
+            params = {"rate": args.rate, "seconds": args.seconds, "agents": args.agents}
+            for n in (1, 2):
+                out["link"].append(link(n, port, ch_pid, params))
+            one, two = out["link"]
+            out["two_over_one"] = round(two["rate_spans_per_s"] / one["rate_spans_per_s"], 2)
+            log(f"two servers / one: {out['two_over_one']}x")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
