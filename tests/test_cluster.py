@@ -162,3 +162,65 @@ def test_two_server_processes_answer_for_the_same_traces(tmp_path, clickhouse_po
     finally:
         for s in servers:
             s.stop()
+
+
+class FakeClusterStore:
+    """Only what Membership asks of a shared store: heartbeats and who is alive."""
+
+    def __init__(self) -> None:
+        self.live: list[str] = []
+        self.beats: list[tuple[str, bool]] = []
+
+    def heartbeat(self, server_id: str, address: str, leaving: bool = False) -> None:
+        self.beats.append((server_id, leaving))
+
+    def live_servers(self, timeout_s: float) -> list[str]:
+        return list(self.live)
+
+
+def membership(store, server_id: str, clock):
+    from deeptrace.server.cluster import Membership
+    from deeptrace.server.store.base import Cluster
+
+    Cluster.register(FakeClusterStore)  # a virtual subclass: what the linker checks for
+    return Membership(store, "here:1", server_id, clock=clock)
+
+
+def test_rendezvous_moves_only_the_agents_a_new_server_wins():
+    agents = [f"agent-{k}" for k in range(400)]
+    before = {a: owner(a, ["s0", "s1"]) for a in agents}
+    after = {a: owner(a, ["s0", "s1", "s2"]) for a in agents}
+    moved = [a for a in agents if before[a] != after[a]]
+    assert all(after[a] == "s2" for a in moved)  # nobody else's agents change hands
+    assert 90 < len(moved) < 180  # about a third
+    assert 150 < sum(v == "s0" for v in before.values()) < 250
+
+
+def test_a_server_waits_before_taking_an_agent_and_lets_go_when_the_store_is_away():
+    from deeptrace.server.cluster import HANDOFF_S, SERVER_TIMEOUT_S
+
+    now = [100.0]
+    store = FakeClusterStore()
+    store.live = ["s0"]
+    m = membership(store, "s0", lambda: now[0])
+    m.beat()
+    assert not m.owns("agent-a")  # its last owner may still be writing
+    now[0] += HANDOFF_S
+    assert m.owns("agent-a")
+    store.live = ["s0", "s1"]
+    m.beat()
+    mine = [a for a in (f"agent-{k}" for k in range(20)) if owner(a, ["s0", "s1"]) == "s0"]
+    theirs = [a for a in (f"agent-{k}" for k in range(20)) if owner(a, ["s0", "s1"]) == "s1"]
+    assert theirs and not any(m.owns(a) for a in theirs)
+    now[0] += SERVER_TIMEOUT_S  # no heartbeat got through since: the others take everything
+    assert not any(m.owns(a) for a in mine)
+    m.close()
+    assert store.beats[-1] == ("s0", True)
+
+
+def test_one_server_on_the_embedded_store_links_every_agent_and_asks_nobody(tmp_path):
+    from deeptrace.server.cluster import Membership
+
+    m = Membership(DuckDBStore(tmp_path / "s.duckdb"))
+    m.start()
+    assert not m.shared and m.owns("any-agent")

@@ -103,11 +103,12 @@ def same(name: str, spans: list[dict], agent_of, port: int) -> dict:
     return result
 
 
-def _link_worker(index: int, ids: list[str], url: str, args: dict, barrier, results) -> None:
-    """One server: accepts every len(ids)-th batch, links the agents it owns, in step."""
+def _link_worker(index: int, ids: list[str], url: str, args: dict, barrier, finished, results) -> None:
+    """One server: accepts every len(ids)-th batch, links the agents it owns. As in a real
+    server, a pass starts a second after the last one ended: the virtual clock moves on by a
+    second and what the step (accepting the batches due, a pass) really took. The servers
+    take their steps together (a barrier), so neither runs ahead of the other."""
     import gzip
-
-    from deeptrace.server.app import Server, ServerConfig
 
     spans = spread_shop(args["rate"] * args["seconds"] // 4, args["seconds"], args["agents"])
     spans.sort(key=lambda d: d["end_ns"])
@@ -116,9 +117,12 @@ def _link_worker(index: int, ids: list[str], url: str, args: dict, barrier, resu
     server.membership.servers = sorted(ids)
     now = T0 + SECOND
     server.linker.clock = lambda: now
+    latencies: list[tuple[int, float]] = []  # (end, seconds from end to written)
+    server.linker.on_published.append(lambda out: latencies.extend((d["end_ns"], (now - d["end_ns"]) / SECOND)
+                                                                   for d in out))  # fmt: skip
     i, turn, busy, cpu = 0, 0, 0.0, 0.0
-    stop = T0 + (args["seconds"] + 20) * SECOND
-    while now <= stop:
+    stop = T0 + (args["seconds"] + 30) * SECOND
+    while True:
         j = i
         while j < len(spans) and spans[j]["end_ns"] + SECOND <= now:
             j += 1
@@ -136,24 +140,41 @@ def _link_worker(index: int, ids: list[str], url: str, args: dict, barrier, resu
         for body in bodies:
             server.accept(body, "gzip")
         server.linker._pass(final=False)
-        busy += time.perf_counter() - t_wall
+        took = time.perf_counter() - t_wall
+        busy += took
         cpu += time.process_time() - t_cpu
-        barrier.wait(timeout=600)  # every server's virtual second ends together: none runs ahead
-        now += SECOND
+        now += SECOND + int(took * SECOND)
+        finished[index] = now > stop
+        barrier.wait(timeout=600)
+        if all(finished):  # every server's clock is past the end: all stop at the same step
+            break
+        barrier.wait(timeout=600)
     s = server.linker.stats
+    # Keeping up: spans that end late in the run are written as soon after they end as early ones.
+    third, warm = args["seconds"] * SECOND // 3, T0 + 15 * SECOND  # the window is full after hold + context
+    early = sorted(x for e, x in latencies if warm <= e < warm + third)
+    late = sorted(x for e, x in latencies if e >= T0 + args["seconds"] * SECOND - third)
     results.put({"server": ids[index], "published": s.spans_published, "busy_s": busy, "cpu_s": cpu,
-                 "remote_callers": s.remote_callers, "never_stored": s.callers_never_stored,
+                 "virtual_s": (now - T0) / SECOND, "remote_callers": s.remote_callers,
+                 "never_stored": s.callers_never_stored,
+                 "latency_p50_early_s": _q(early, 0.5), "latency_p50_late_s": _q(late, 0.5),
+                 "latency_p99_late_s": _q(late, 0.99),
                  "held": len(server.linker.assoc.pending) + len(server.linker.assoc.waiting)})  # fmt: skip
     store.close()
 
 
-def link(n_servers: int, port: int, ch_pid: int, args: dict) -> dict:
+def _q(xs: list[float], q: float) -> float | None:
+    return round(xs[min(len(xs) - 1, int(len(xs) * q))], 1) if xs else None
+
+
+def link(n_servers: int, rate: int, port: int, ch_pid: int, args: dict) -> dict:
     url = f"clickhouse://127.0.0.1:{port}/link_{uuid.uuid4().hex[:8]}"
     ClickHouseStore(url).close()  # tables made once, before the servers race to make them
     ids = [f"server-{k}" for k in range(n_servers)]
     ctx = mp.get_context("fork")
-    barrier, results = ctx.Barrier(n_servers), ctx.Queue()
-    procs = [ctx.Process(target=_link_worker, args=(k, ids, url, args, barrier, results)) for k in range(n_servers)]
+    barrier, finished, results = ctx.Barrier(n_servers), ctx.Array("b", n_servers), ctx.Queue()
+    args = {**args, "rate": rate}
+    procs = [ctx.Process(target=_link_worker, args=(k, ids, url, args, barrier, finished, results)) for k in range(n_servers)]
     ch0 = _cpu_of(ch_pid)
     t0 = time.perf_counter()
     for p in procs:
@@ -171,13 +192,13 @@ def link(n_servers: int, port: int, ch_pid: int, args: dict) -> dict:
     wall = time.perf_counter() - t0
     total = sum(r["published"] for r in out)
     ch_cpu = _cpu_of(ch_pid) - ch0
-    result = {"servers": n_servers, "spans": total, "wall_s": round(wall, 1),
-              "rate_spans_per_s": round(total / max(r["busy_s"] for r in out)),
+    result = {"servers": n_servers, "rate": rate, "spans": total, "wall_s": round(wall, 1),
               "per_server": [{**r, "busy_s": round(r["busy_s"], 2), "cpu_s": round(r["cpu_s"], 2),
+                              "busy_share": round(r["busy_s"] / r["virtual_s"], 2),
                               "cpu_s_per_1000": per_1000(r["cpu_s"], r["published"]),
                               "spans_per_cpu_s": round(r["published"] / r["cpu_s"])} for r in out],
               "clickhouse_cpu_s_per_1000": per_1000(ch_cpu, total)}  # fmt: skip
-    log(f"link, {n_servers} server(s): {result}")
+    log(f"link, {n_servers} server(s) at {rate:,} spans/s: {result}")
     return result
 
 
@@ -196,10 +217,12 @@ def main() -> None:
     ap.add_argument("--same-spans", type=int, default=20_000, help="of each file, the first (by end)")
     ap.add_argument("--external", nargs="*", default=[], help="the original DeepTrace's rpsN-spans.json files")
     ap.add_argument("--skip-link", action="store_true")
+    ap.add_argument("--skip-same", action="store_true", help="not even the shop's comparison")
     args = ap.parse_args()
     out = {"same": [], "link": []}
     with clickhouse_server() as port:
-        out["same"].append(same("shop", spread_shop(2000, 60, args.agents), by_host, port))
+        if not args.skip_same:
+            out["same"].append(same("shop", spread_shop(2000, 60, args.agents), by_host, port))
         for path in args.same:
             spans = sorted((json.loads(line) for line in open(path)), key=lambda d: d["end_ns"])[:args.same_spans]
             out["same"].append(same(str(Path(path).parent.relative_to(Path(path).parents[2])), spans, by_pid, port))
@@ -211,12 +234,11 @@ def main() -> None:
             out["same"].append(same(f"original DeepTrace {Path(path).name}", spans, by_host, port))
         if not args.skip_link:
             ch_pid = _clickhouse_pid(port)
-            params = {"rate": args.rate, "seconds": args.seconds, "agents": args.agents}
-            for n in (1, 2):
-                out["link"].append(link(n, port, ch_pid, params))
-            one, two = out["link"]
-            out["two_over_one"] = round(two["rate_spans_per_s"] / one["rate_spans_per_s"], 2)
-            log(f"two servers / one: {out['two_over_one']}x")
+            params = {"seconds": args.seconds, "agents": args.agents}
+            # One server at the rate and at twice it, two servers at twice it: do two keep up
+            # with what one cannot?
+            for n, rate in ((1, args.rate), (1, 2 * args.rate), (2, 2 * args.rate)):
+                out["link"].append(link(n, rate, port, ch_pid, params))
     print(json.dumps(out))
 
 

@@ -51,6 +51,7 @@ from deeptrace.agent import selfstats
 from deeptrace.association.streaming import StreamingAssociator
 from deeptrace.server import ingest
 from deeptrace.server.app import ServerConfig
+from deeptrace.server.cluster import store_batch
 from deeptrace.server.linker import PASS_INTERVAL_S
 from deeptrace.server.store.duckdb_store import DuckDBStore
 
@@ -74,8 +75,7 @@ def bench_ingest_in_process(spans: list[dict], tmp: Path, store=None) -> dict:
     bodies = gz_batches(spans, 1000)
     t0, cpu0 = time.perf_counter(), time.process_time()
     for raw in bodies:
-        batch = ingest.read_batch(raw, "gzip")
-        store.accept_batch(batch.agent_id, batch.batch_id, batch.body_gz, len(batch.spans), time.time_ns())
+        store_batch(store, ingest.read_batch(raw, "gzip"), time.time_ns())
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     store.close()
     return {"spans": len(spans), "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),

@@ -23,7 +23,7 @@ from deeptrace import __version__
 from deeptrace.schema import AGENT_ID, AGENT_ID_RULE, INT64_MAX, MAX_BODY_BYTES
 from deeptrace.server import api, errors_http, ingest, jaeger
 from deeptrace.server.bodylimit import BodyLimit
-from deeptrace.server.cluster import Membership, call_rows
+from deeptrace.server.cluster import Membership, store_batch
 from deeptrace.server.linker import Linker
 from deeptrace.server.metrics import CONTENT_TYPE, Metrics
 from deeptrace.server.store import open_store
@@ -141,11 +141,8 @@ class Server:
         if self.linker.backlog + len(batch.spans) > self.config.max_backlog_spans:
             self.count(refused_backlog=1)
             raise Backlogged()
-        now = time.time_ns()
-        if self.membership.shared:  # before the batch: its owner may take it at once
-            self.store.record_call_ends(call_rows(batch.spans), now)
         try:
-            self.store.accept_batch(batch.agent_id, batch.batch_id, batch.body_gz, len(batch.spans), now)
+            store_batch(self.store, batch, time.time_ns())
         except DuplicateBatch:
             self.count(duplicates=1)
             return {"accepted": 0, "duplicate": True}

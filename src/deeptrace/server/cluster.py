@@ -74,7 +74,8 @@ class Membership:
     def close(self) -> None:
         if self.shared:
             self._stop.set()
-            self._thread.join(5.0)
+            if self._thread.is_alive():
+                self._thread.join(5.0)
             try:
                 self.store.heartbeat(self.server_id, self.address, leaving=True)
             except Exception as e:  # noqa: BLE001 - the others will see the heartbeat stop instead
@@ -150,6 +151,15 @@ class RemoteEnds:
             by_key.setdefault(row.key, []).append(CallEnd(row.span_id, row.start_ns, row.end_ns, row.conn,
                                                           service=row.service))  # fmt: skip
         return by_key
+
+
+def store_batch(store: Store, batch, now_ns: int) -> None:
+    """An accepted batch (ingest.Batch) into the store, before the agent hears so; on a shared
+    store its call ends first, since the batch's owner may take it at once. Raises
+    DuplicateBatch for a batch stored before."""
+    if isinstance(store, Cluster):
+        store.record_call_ends(call_rows(batch.spans), now_ns)
+    store.accept_batch(batch.agent_id, batch.batch_id, batch.body_gz, len(batch.spans), now_ns)
 
 
 def call_rows(spans: list[dict]) -> list[CallRow]:

@@ -49,6 +49,7 @@ NOT_NULL = {f.name for f in FIELDS if f.required} | {"duration_ns"}
 # The batches not yet linked: no row of done_batches says they are.
 _NOT_DONE = "(agent_id, batch_id) NOT IN (SELECT agent_id, batch_id FROM done_batches)"
 _PLACEHOLDER = re.compile(r"'(?:[^'\\]|\\.)*'|\?")
+IN_LIST_CHUNK = 2000  # values per IN (...): a query's text is at most 256 KiB by default
 CALL_ENDS_HOUR_NS = 3600 * 10**9  # the calls table's partitions: an hour of accepted batches each
 CALL_ENDS_KEPT_HOURS = 2  # a batch not linked by then has lost its cross-server joins
 
@@ -271,10 +272,8 @@ class ClickHouseStore(SqlSpanReader, Store, Cluster):
                           [(a, b, now) for a, b in done_batches])  # fmt: skip
 
     def stored_span_ids(self, span_ids: list[str]) -> set[str]:
-        if not span_ids:
-            return set()
-        rows = self._execute("SELECT span_id FROM spans WHERE span_id IN %(ids)s UNION ALL "
-                             "SELECT span_id FROM dead_letters WHERE span_id IN %(ids)s", {"ids": tuple(span_ids)})  # fmt: skip
+        rows = self._in_chunks("SELECT span_id FROM spans WHERE span_id IN %(values)s UNION ALL "
+                               "SELECT span_id FROM dead_letters WHERE span_id IN %(values)s", span_ids)  # fmt: skip
         return {r[0] for r in rows}
 
     def _trace_times(self, trace_ids: list[str]) -> tuple[int | None, int | None]:
@@ -315,18 +314,21 @@ class ClickHouseStore(SqlSpanReader, Store, Cluster):
                           [(r.key, r.kind, r.span_id, r.service, r.start_ns, r.end_ns, r.conn, now_ns) for r in rows])  # fmt: skip
 
     def call_ends(self, keys: list[str], kind: str) -> list[CallRow]:
-        if not keys:
-            return []
-        rows = self._execute("SELECT key, kind, span_id, service, start_ns, end_ns, conn FROM calls "
-                             "WHERE key IN %(keys)s AND kind = %(kind)s", {"keys": tuple(keys), "kind": kind})  # fmt: skip
+        rows = self._in_chunks("SELECT key, kind, span_id, service, start_ns, end_ns, conn FROM calls "
+                               "WHERE key IN %(values)s AND kind = %(kind)s", keys, kind=kind)  # fmt: skip
         return [CallRow(*r) for r in rows]
 
     def stored_trace_ids(self, span_ids: list[str], start_ns: int, end_ns: int) -> dict[str, str]:
-        if not span_ids:
-            return {}
-        rows = self._execute("SELECT span_id, trace_id FROM spans WHERE start_ns >= %(lo)s AND start_ns <= %(hi)s "
-                             "AND span_id IN %(ids)s", {"lo": start_ns, "hi": end_ns, "ids": tuple(span_ids)})  # fmt: skip
-        return dict(rows)
+        return dict(self._in_chunks("SELECT span_id, trace_id FROM spans WHERE start_ns >= %(lo)s "
+                                    "AND start_ns <= %(hi)s AND span_id IN %(values)s", span_ids,
+                                    lo=start_ns, hi=end_ns))  # fmt: skip
+
+    def _in_chunks(self, query: str, values: list, **params) -> list[tuple]:
+        """A query with `IN %(values)s`, run for a chunk of the values at a time."""
+        rows = []
+        for i in range(0, len(values), IN_LIST_CHUNK):
+            rows += self._execute(query, {**params, "values": tuple(values[i:i + IN_LIST_CHUNK])})
+        return rows
 
     # --- housekeeping ---
     def apply_retention(self, now_ns: int, max_age_ns: int | None, max_bytes: int | None) -> int:
