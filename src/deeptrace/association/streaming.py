@@ -33,6 +33,7 @@ from deeptrace.association.traces import components, trace_ids
 WAIT = "wait"  # resolve's answer for a root whose caller was accepted and is not stored yet
 CALLER = "_caller"  # where a span keeps its caller stored by another server
 _WAITING_SINCE = "_waiting_since"
+_NO_CALLER = "_no_caller"  # asked: no caller was accepted
 # roots -> span_id -> None (no caller was accepted), WAIT, or the caller as stored
 Resolve = Callable[[list[SpanRef]], dict[str, "CallEnd | str | None"]]
 
@@ -164,7 +165,8 @@ class StreamingAssociator:
                 if refs[i].kind == "CLIENT" and link.parent is not None:
                     previous[d["span_id"]] = refs[link.parent].span_id
                 continue
-            if not decided:
+            # A waiting root whose caller has come into this window since is joined to it.
+            if not decided or (d["parent_span_id"] is None and link.parent is not None):
                 d["parent_span_id"] = refs[link.parent].span_id if link.parent is not None else None
                 d["link_method"] = link.method
                 d["link_confidence"] = round(link.confidence, 4)
@@ -191,9 +193,14 @@ class StreamingAssociator:
         if self.resolve is None or not due:
             return set()
         wanted = {rep[i] for i in due} - {rep[i] for i in fixed}  # a published trace keeps its id
+        # A root that had no caller accepted is asked again only when it is due itself (its
+        # caller, which ends after it, has been shipped by then): its trace's other spans
+        # went out with its own trace id meanwhile, as on one server.
+        due_now = set(due)
         roots = [i for i in range(len(fixed), len(spans))
                  if rep[i] in wanted and links[i].parent is None and CALLER not in spans[i]
-                 and refs[i].kind == "SERVER" and span_call_key(refs[i]) is not None]  # fmt: skip
+                 and refs[i].kind == "SERVER" and span_call_key(refs[i]) is not None
+                 and (_NO_CALLER not in spans[i] or i in due_now)]  # fmt: skip
         if not roots:
             return set()
         answers = self.resolve([refs[i] for i in roots])
@@ -210,6 +217,8 @@ class StreamingAssociator:
                 d[CALLER] = answer
                 d["trace_id"] = answer.trace_id  # the root lends it to its trace
                 self.stats.remote_callers += 1
+            else:
+                d[_NO_CALLER] = True
         return waits
 
     @staticmethod

@@ -42,6 +42,7 @@ log = logging.getLogger("deeptrace.server")
 HEARTBEAT_S = 1.0
 SERVER_TIMEOUT_S = 5.0  # no heartbeat for this long (the store's clock counts seconds): gone
 HANDOFF_S = 3.0  # an agent's new owner waits this long before it takes its batches
+MAX_WAITING = 200_000  # roots whose caller RemoteEnds remembers while it is not stored
 
 
 def owner(agent_id: str, servers: list[str]) -> str:
@@ -114,23 +115,36 @@ class RemoteEnds:
 
     def __init__(self, store: Cluster) -> None:
         self.store = store
+        self._waiting: dict[str, CallEnd] = {}  # root span_id -> its caller, accepted, not stored yet
 
     def callers(self, roots: list[SpanRef]) -> dict[str, CallEnd | str | None]:
         """For each root SERVER span: its caller as stored (with its trace id), WAIT if
         the caller was accepted and is not stored yet, None if no caller was accepted."""
-        keys = {r.span_id: span_call_key(r) for r in roots}
-        ends = self._ends(list(set(keys.values())), "CLIENT")
-        if not ends:
+        chosen = {r.span_id: self._waiting[r.span_id] for r in roots if r.span_id in self._waiting}
+        new = [r for r in roots if r.span_id not in chosen]
+        if new:
+            keys = {r.span_id: span_call_key(r) for r in new}
+            ends = self._ends(list(set(keys.values())), "CLIENT")
+            for r in new:
+                best = best_partner(r.start_ns, r.end_ns, client_conn(r), ends.get(keys[r.span_id], ()))
+                if best is not None:
+                    chosen[r.span_id] = best
+        if not chosen:
             return {}
-        stored = self.store.stored_trace_ids([e.span_id for es in ends.values() for e in es],
-                                             min(e.start_ns for es in ends.values() for e in es),
-                                             max(e.start_ns for es in ends.values() for e in es))  # fmt: skip
+        stored = self.store.stored_trace_ids([e.span_id for e in chosen.values()],
+                                             min(e.start_ns for e in chosen.values()),
+                                             max(e.start_ns for e in chosen.values()))  # fmt: skip
         out: dict[str, CallEnd | str | None] = {}
-        for r in roots:
-            best = best_partner(r.start_ns, r.end_ns, client_conn(r), ends.get(keys[r.span_id], ()))
-            if best is not None:
-                best.trace_id = stored.get(best.span_id)
-                out[r.span_id] = best if best.trace_id is not None else WAIT
+        for root_id, best in chosen.items():
+            best.trace_id = stored.get(best.span_id)
+            if best.trace_id is None:  # accepted, not stored yet: only whether it is stored is asked next time
+                self._waiting[root_id] = best
+                out[root_id] = WAIT
+            else:
+                self._waiting.pop(root_id, None)
+                out[root_id] = best
+        while len(self._waiting) > MAX_WAITING:  # roots that stopped asking (handed over, given up)
+            del self._waiting[next(iter(self._waiting))]
         return out
 
     def callee_services(self, calls: list[dict]) -> dict[str, str]:
