@@ -224,3 +224,22 @@ def test_one_server_on_the_embedded_store_links_every_agent_and_asks_nobody(tmp_
     m = Membership(DuckDBStore(tmp_path / "s.duckdb"))
     m.start()
     assert not m.shared and m.owns("any-agent")
+
+
+def test_call_ends_are_found_by_key_and_dropped_after_two_hours(clickhouse_port):
+    from deeptrace.server.cluster import call_rows
+
+    store = ClickHouseStore(url(clickhouse_port))
+    try:
+        caller, callee = sm.call_pair(1, 2, T0 // 1000, T0 // 1000 + 900, seq=4242)
+        now = time.time_ns()
+        store.record_call_ends(call_rows([caller]), now - 3 * 3600 * SECOND)  # accepted 3 hours ago
+        store.record_call_ends(call_rows([callee]), now)
+        key = "seq 4242 4342"
+        assert [r.span_id for r in store.call_ends([key], "CLIENT")] == [caller["span_id"]]
+        assert [r.span_id for r in store.call_ends([key], "SERVER")] == [callee["span_id"]]
+        store.apply_retention(now, None, None)
+        assert store.call_ends([key], "CLIENT") == []
+        assert [r.span_id for r in store.call_ends([key], "SERVER")] == [callee["span_id"]]
+    finally:
+        store.close()
