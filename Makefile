@@ -17,7 +17,7 @@ APT_PACKAGES := clang llvm libbpf1 libbpf-dev bpftool gcc libc6-dev make \
                 rabbitmq-server nats-server mosquitto \
                 iproute2 procps chromium golang-go clickhouse-server clickhouse-client
 
-.PHONY: all setup deps node venv web bpf test demo demo-two-hosts bench bench-accuracy bench-accuracy-foreign bench-app-impact bench-server clean
+.PHONY: all setup deps node venv web bpf test demo demo-two-hosts demo-cluster bench bench-accuracy bench-accuracy-foreign bench-app-impact bench-server clean
 
 all: setup
 
@@ -81,6 +81,11 @@ demo: setup
 # (demo/README.md). ARGS passes options to demo/launch.py in both, e.g. ARGS="--seconds 60".
 demo-two-hosts: setup
 	bash scripts/demo-two-hosts.sh $(ARGS)
+
+# The two-host demo with two servers sharing one ClickHouse store (a private clickhouse-server in
+# the demo's temp dir), hostA's agent shipping to one, hostB's to the other (demo/README.md).
+demo-cluster: setup
+	bash scripts/demo-cluster.sh $(ARGS)
 
 bench: setup
 	$(VPY) bench/overhead/run.py

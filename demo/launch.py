@@ -1,7 +1,7 @@
 """The one-command demo: the shop, the DeepTrace server, an agent tracing the shop, traffic.
 
     python -m demo.launch [--seconds N] [--rate R] [--seed S] [--mix ...] [--listen HOST:PORT]
-                          [--two-hosts] [--keep-work-dir]
+                          [--two-hosts | --cluster] [--keep-work-dir]
 
 Starts, each waited for: PostgreSQL and Redis (seeded, private, in a temp dir), the services
 (catalog, cart, checkout, gateway), nginx in front, `deeptrace server`, `deeptrace agent`
@@ -9,6 +9,9 @@ tracing nginx and the services by pid, and the traffic. Prints the UI's address 
 Ctrl-C, SIGTERM or --seconds; then stops everything in reverse order and removes its files.
 With --two-hosts the front half (nginx, gateway) runs in one network namespace and the back
 half in another, each with its own agent, the server in between (demo/netns.py).
+With --cluster, as --two-hosts but with two servers sharing one ClickHouse store (a private
+clickhouse-server in the temp dir, demo/clickhouse.py): hostA's agent ships to the first,
+hostB's to the second, and either server shows every trace whole.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from demo import callgraph, infra, netns
+from demo import callgraph, clickhouse, infra, netns
 from demo.infra import Host
 from demo.procs import Proc, StartError, children
 from demo.traffic import DEFAULT_MIX, parse_mix
@@ -168,38 +171,62 @@ class Demo:
         if name == "catalog":  # gunicorn's workers, all of them, before the agent starts
             proc.wait_until(lambda: len(children(proc.pid)) >= 2, "its 2 workers")
 
-    def server(self) -> None:
-        port = int(self.args.listen.rpartition(":")[2])
-        if infra.listening(self.server_addr, port):
+    def server_port(self, port: int, taken: tuple[int, ...] = ()) -> int:
+        if port in taken or infra.listening(self.server_addr, port):
             free = infra.free_port(self.server_addr)
             say(f"demo: port {port} is taken on {self.server_addr}; the server gets {free}")
             port = free
-        self.server_url = f"http://{self.server_addr}:{port}"
-        with self.step(f"deeptrace server on {self.server_addr}:{port}"):
+        return port
+
+    def server(self) -> None:
+        """One server on an embedded store; with --cluster, ClickHouse, then two servers on it."""
+        port = self.server_port(int(self.args.listen.rpartition(":")[2]))
+        if not self.args.cluster:
+            self.server_urls = [
+                self.one_server("server", port, ["--db", str(self.work / "deeptrace.duckdb")])
+            ]
+            return
+        here = Host(None, "127.0.0.1")  # the root namespace, where the servers run
+        ports: set[int] = set()
+        while len(ports) < 3:  # native, HTTP, interserver: free, and not the same one twice
+            ports.add(infra.free_port(here.addr))
+        tcp, http, interserver = sorted(ports)
+        with self.step(f"clickhouse-server on {here.addr}:{tcp} (native), :{http} (HTTP)"):
+            clickhouse.clickhouse(here, self.work, tcp, http, interserver, self.started)
+        self.store_url = clickhouse.store_url(here, tcp)
+        self.clickhouse_ports = (tcp, http)
+        second = self.server_port(port + 1, taken=(port,))
+        self.server_urls = [
+            self.one_server(f"server-{i}", p, ["--store", self.store_url])
+            for i, p in enumerate((port, second), start=1)
+        ]
+
+    def one_server(self, name: str, port: int, store: list[str]) -> str:
+        url = f"http://{self.server_addr}:{port}"
+        with self.step(f"deeptrace {name} on {self.server_addr}:{port}"):
             env = {**os.environ, "DEEPTRACE_TOKEN": self.token}  # not on the command line, where ps shows it
-            db = str(self.work / "deeptrace.duckdb")
-            argv = deeptrace("server", "--listen", f"{self.server_addr}:{port}", "--db", db)
-            proc = self.spawn("server", argv, env=env)
-            proc.wait_until(
-                lambda: infra.http_ok(f"{self.server_url}/api/v1/status", self.token), "answering"
-            )
+            argv = deeptrace("server", "--listen", f"{self.server_addr}:{port}", *store)
+            proc = self.spawn(name, argv, env=env)
+            proc.wait_until(lambda: infra.http_ok(f"{url}/api/v1/status", self.token), "answering")
+        return url
 
     def agents(self) -> None:
         hosts = [self.front, self.back] if self.args.two_hosts else [self.front]
-        for host in hosts:
+        for i, host in enumerate(hosts):
             traced = [s for s in callgraph.SERVICES if self.hosts[s] is host]
             pids = [arg for s in traced for arg in ("--pid", str(self.procs[s].pid))]
             name = f"agent-{host.name}" if host.name else "agent"
+            # With two servers, each agent ships to its own: hostA's to the first, hostB's to the second.
+            server_url = self.server_urls[i % len(self.server_urls)]
+            to = f", shipping to {server_url}" if len(self.server_urls) > 1 else ""
             with self.step(
-                f"deeptrace agent{' on ' + host.name if host.name else ''} tracing {' '.join(traced)}"
+                f"deeptrace agent{' on ' + host.name if host.name else ''} tracing {' '.join(traced)}{to}"
             ):
-                self.agent(name, host, pids)
+                self.agent(name, host, pids, server_url)
 
-    def agent(self, name: str, host: Host, pids: list[str]) -> None:
+    def agent(self, name: str, host: Host, pids: list[str], server_url: str) -> None:
         spool, named = str(self.work / f"spool-{name}"), ["--host", host.name] if host.name else []
-        argv = deeptrace(
-            "agent", *pids, "--server", self.server_url, "--spool-dir", spool, "--capture", "4096"
-        )
+        argv = deeptrace("agent", *pids, "--server", server_url, "--spool-dir", spool, "--capture", "4096")
         argv += named
         env = {**os.environ, "DEEPTRACE_TOKEN": self.token}  # as --token, but out of sight of ps
         # Stopped before the server: it sends what it still holds first.
@@ -230,7 +257,8 @@ class Demo:
     def banner(self) -> None:
         p = self.procs
         say()
-        say(f"DeepTrace UI: {self.server_url}/")
+        for url in self.server_urls:
+            say(f"DeepTrace UI: {url}/")
         say()
         say(f"  shop      {self.url('nginx')}/api/products   (nginx in front; see demo/callgraph.py)")
         for host in [self.front, self.back] if self.args.two_hosts else [self.front]:
@@ -240,7 +268,19 @@ class Demo:
                 f"  {host.name or socket.gethostname():9}{where} "
                 + " ".join(f"{n}[{p[n].pid}]" for n in here)
             )
-        say(f"  server    deeptrace server[{p['server'].pid}], token {self.token}")
+        if self.args.cluster:
+            tcp, http = self.clickhouse_ports
+            say(
+                f"  store     clickhouse-server[{p['clickhouse-server'].pid}] on 127.0.0.1:{tcp} "
+                f"(HTTP :{http}), {self.store_url}"
+            )
+            servers = ", ".join(
+                f"{n}[{p[n].pid}] {u}/" for n, u in zip(("server-1", "server-2"), self.server_urls)
+            )
+            say(f"  servers   {servers}; token {self.token}")
+            say("            (one store: either UI shows every trace, whichever server its agent ships to)")
+        else:
+            say(f"  server    deeptrace server[{p['server'].pid}], token {self.token}")
         for name in (n for n in p if n.startswith("agent")):
             say(f"  {name:9} deeptrace agent[{p[name].pid}]")
         say(f"  traffic   demo.traffic[{p['traffic'].pid}]")
@@ -266,7 +306,7 @@ class Demo:
                 say(f"demo: {last[0]}")
 
 
-def check_preconditions(two_hosts: bool) -> str | None:
+def check_preconditions(two_hosts: bool, cluster: bool = False) -> str | None:
     if os.geteuid() != 0:
         return "the demo needs root (the agent loads eBPF programs): sudo make demo"
     from deeptrace.agent.collector import bpf_object_path
@@ -280,7 +320,8 @@ def check_preconditions(two_hosts: bool) -> str | None:
     for module in ("aiohttp", "fastapi", "flask", "gunicorn", "psycopg", "psycopg_pool", "redis", "uvicorn"):
         if importlib.util.find_spec(module) is None:
             return f"the demo's services need the Python package {module}: run `make setup`"
-    for tool in ("nginx", "redis-server", "setpriv", *(["ip"] if two_hosts else [])):
+    tools = ("nginx", "redis-server", "setpriv", *(["ip"] if two_hosts else []))
+    for tool in (*tools, *(["clickhouse-server"] if cluster else [])):
         try:
             infra.binary(tool)
         except StartError as e:
@@ -302,19 +343,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--listen",
         default=f"127.0.0.1:{SERVER_PORT}",
         help="the server's address (default %(default)s; another port when taken; with --two-hosts "
-        "only the port counts)",
+        "only the port counts; with --cluster the second server takes the next port)",
     )
     p.add_argument("--two-hosts", action="store_true", help="front and back half in two network namespaces")
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="as --two-hosts, with two servers on one ClickHouse store, an agent shipping to each",
+    )
     p.add_argument("--keep-work-dir", action="store_true", help="keep logs and data after stopping")
     args = p.parse_args(argv)
     if args.rate <= 0:
         p.error("--rate must be positive")
+    args.two_hosts = args.two_hosts or args.cluster
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    problem = check_preconditions(args.two_hosts)
+    problem = check_preconditions(args.two_hosts, args.cluster)
     if problem:
         say(f"demo: {problem}")
         return 2

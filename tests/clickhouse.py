@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -12,32 +13,8 @@ from types import SimpleNamespace
 
 from servers import free_port, need, wait_port
 
-_CONFIG = """<?xml version="1.0"?>
-<yandex>
-    <logger><level>warning</level><console>1</console></logger>
-    <tcp_port>{tcp}</tcp_port>
-    <http_port>{http}</http_port>
-    <interserver_http_port>{interserver}</interserver_http_port>
-    <listen_host>127.0.0.1</listen_host>
-    <path>{dir}/data/</path>
-    <tmp_path>{dir}/tmp/</tmp_path>
-    <user_files_path>{dir}/user_files/</user_files_path>
-    <format_schema_path>{dir}/format_schemas/</format_schema_path>
-    <users_config>{dir}/users.xml</users_config>
-    <default_profile>default</default_profile>
-    <default_database>default</default_database>
-    <mark_cache_size>5368709</mark_cache_size>
-    <remote_servers>{remote}</remote_servers>
-</yandex>
-"""
-_USERS = """<?xml version="1.0"?>
-<yandex>
-    <profiles><default></default></profiles>
-    <users><default><password></password><networks><ip>127.0.0.1</ip><ip>::1</ip></networks>
-        <profile>default</profile><quota>default</quota></default></users>
-    <quotas><default></default></quotas>
-</yandex>
-"""
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # demo/: the config is written once, there
+from demo.clickhouse import configure
 
 
 @contextmanager
@@ -47,11 +24,7 @@ def clickhouse_server(remote: str = "", tcp: int | None = None):
     binary = need("clickhouse-server")
     with tempfile.TemporaryDirectory(prefix="dt-clickhouse-") as d:
         tcp = tcp or free_port()
-        Path(d, "users.xml").write_text(_USERS)
-        config = Path(d, "config.xml")
-        config.write_text(
-            _CONFIG.format(tcp=tcp, http=free_port(), interserver=free_port(), dir=d, remote=remote)
-        )
+        config = configure(Path(d), tcp, free_port(), free_port(), remote=remote)
         log = open(Path(d, "server.log"), "wb")  # noqa: SIM115 (closed below)
         proc = subprocess.Popen(
             [binary, f"--config-file={config}"], cwd=d, stdout=log, stderr=subprocess.STDOUT

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import httpx
@@ -53,6 +53,7 @@ class Running:
     pids: dict[str, int]
     work: str
     output: list[str] = field(default_factory=list)
+    urls: list[str] = field(default_factory=list)  # every server's UI (two with --cluster)
 
     def api(self, path: str, **params):
         r = httpx.get(
@@ -63,6 +64,10 @@ class Running:
         )
         r.raise_for_status()
         return r.json()
+
+    def on(self, url: str) -> Running:
+        """The same demo, asked through another of its servers."""
+        return replace(self, url=url)
 
 
 @contextmanager
@@ -106,6 +111,7 @@ def demo(*args: str, startup_s: float = 120):
             {name: int(pid) for name, pid in re.findall(r"([\w.-]+)\[(\d+)\]", text)},
             re.search(r"work dir (\S+)", text).group(1),
             lines,
+            re.findall(r"^DeepTrace UI: (http://\S+/)$", text, re.MULTILINE),
         )
         yield running
     finally:
@@ -313,6 +319,109 @@ def test_two_host_demo_traces_cross_hosts():
             return failures + check_service_map(d)
 
         eventually(crossing, timeout_s=40)
+    assert not namespaces(), f"namespaces left behind: {namespaces()}"
+
+
+def logs(demo: Running, *names: str) -> str:
+    """The end of these processes' logs, read while the demo runs (it removes them when it stops)."""
+    out = []
+    for name in names:
+        path = Path(demo.work, f"{name}.log")
+        try:
+            text = path.read_text(errors="replace")[-6000:]
+        except OSError as e:
+            text = f"(unreadable: {e})"
+        out.append(f"--- {path}:\n{text.rstrip() or '(empty)'}")
+    return "\n".join(out)
+
+
+def whole_problems(spans: list[dict], trace_id: str) -> list[str]:
+    """One root, every parent present, every span of this trace; a call from one host to the
+    other joined by seq-join (the caller's CLIENT span and the callee's SERVER span)."""
+    problems = []
+    ids = {s["span_id"]: s for s in spans}
+    roots = [s for s in spans if s["parent_span_id"] is None]
+    if len(roots) != 1:
+        problems.append(f"{len(roots)} roots")
+    for s in spans:
+        parent = ids.get(s["parent_span_id"]) if s["parent_span_id"] is not None else None
+        if s["trace_id"] != trace_id:
+            problems.append(f"{s['service']} {s['name']!r} is of trace {s['trace_id']}")
+        if s["parent_span_id"] is not None and parent is None:
+            problems.append(
+                f"{s['service']} {s['name']!r}: its parent {s['parent_span_id']} is not in the trace"
+            )
+        if parent is not None and parent["host"] != s["host"] and s["link_method"] != "seq-join":
+            problems.append(
+                f"{parent['service']}@{parent['host']} -> {s['service']}@{s['host']} {s['name']!r} "
+                f"joined by {s['link_method']!r}, not 'seq-join'"
+            )
+    return problems
+
+
+def same_on_both(servers: list[Running], min_crossing: int = 10) -> list[str]:
+    """Both servers list the same complete traces of every route, and each trace that crosses
+    the hosts comes back whole and the same from both."""
+    failures, crossing = [], 0
+    end_ns = time.time_ns() - MATURE_S * 10**9
+    for route in callgraph.ROUTES:
+        query = {"service": "nginx", "operation": route.entry.name, "limit": 10, "end_ns": end_ns}
+        listed = [[t["trace_id"] for t in s.api("traces", **query)["traces"]] for s in servers]
+        if set(listed[0]) != set(listed[1]):
+            failures.append(
+                f"{route.key}: the servers list different traces: only on {servers[0].url}: "
+                f"{sorted(set(listed[0]) - set(listed[1]))}; only on {servers[1].url}: "
+                f"{sorted(set(listed[1]) - set(listed[0]))}"
+            )
+        for trace_id in listed[0]:
+            got = [sorted(s.api(f"traces/{trace_id}")["spans"], key=lambda x: x["span_id"]) for s in servers]
+            if {s["host"] for s in got[0]} != {"hostA", "hostB"}:
+                continue
+            crossing += 1
+            if got[0] != got[1]:
+                failures.append(
+                    f"{route.key}: trace {trace_id} differs between the servers:\n{servers[0].url}:\n"
+                    f"{show(got[0])}\n{servers[1].url}:\n{show(got[1])}"
+                )
+            problems = whole_problems(got[0], trace_id)
+            if problems:
+                failures.append(
+                    f"{route.key}: trace {trace_id}: " + "; ".join(problems) + f"\n{show(got[0])}"
+                )
+    if crossing < min_crossing:
+        failures.append(f"{crossing} complete traces cross the hosts, expected at least {min_crossing}")
+    return failures
+
+
+def test_cluster_demo_serves_each_trace_whole_from_both_servers():
+    """--cluster: two servers on one ClickHouse store, hostA's agent shipping to one and
+    hostB's to the other; a trace asked of either server is the same whole tree."""
+    require_demo()
+    if namespaces():
+        pytest.skip("a two-host demo is running on this machine (its namespaces exist)")
+    with demo("--cluster") as d:
+        assert len(d.urls) == 2, "\n".join(d.output)
+        servers, failure = [d.on(url) for url in d.urls], None
+        try:
+            time.sleep(15)  # a new owner waits 3 s before it links an agent: a little longer than one server
+            for s in servers:
+                status = s.api("status")
+                cluster = status["cluster"]
+                assert cluster["shared_store"] and len(cluster["servers"]) == 2, f"{s.url}: {cluster}"
+                assert status["ingest"]["batches"] > 0, f"{s.url} took no batch: {status['ingest']}"
+                hosts = {a["host"] for a in s.api("agents")["agents"]}
+                assert {"hostA", "hostB"} <= hosts, f"{s.url}: {hosts}"
+
+            def whole() -> list[str]:
+                # The shapes on one server: same_on_both has the other serve the very same traces.
+                return same_on_both(servers) + check_routes(servers[0], min_traces=2)
+
+            eventually(whole, timeout_s=60)
+        except (AssertionError, httpx.HTTPError, pytest.fail.Exception) as e:
+            names = ("server-1", "server-2", "clickhouse-server", "agent-hostA", "agent-hostB")
+            failure = f"{e}\n\n{logs(d, *names)}"
+        if failure:
+            pytest.fail(failure, pytrace=False)
     assert not namespaces(), f"namespaces left behind: {namespaces()}"
 
 
