@@ -230,7 +230,8 @@ def main() -> None:
         if not args.skip_same:
             out["same"].append(same("shop", spread_shop(2000, 60, args.agents), by_host, port))
         for path in args.same:
-            spans = sorted((json.loads(line) for line in open(path)), key=lambda d: d["end_ns"])[:args.same_spans]
+            with open(path) as f:
+                spans = sorted((json.loads(line) for line in f), key=lambda d: d["end_ns"])[:args.same_spans]
             out["same"].append(same(str(Path(path).parent.relative_to(Path(path).parents[2])), spans, by_pid, port))
         for path in args.external:
             sys.path.insert(0, str(ROOT / "bench" / "accuracy"))
