@@ -95,9 +95,11 @@ def test_two_servers_write_the_traces_one_server_writes(clickhouse_port, workloa
         s.close()
 
 
-def test_a_server_that_stops_hands_its_agents_over_nothing_linked_twice_or_lost(clickhouse_port):
-    """s1 stops in the middle without a last pass (a crash): s0 sees it gone, takes its
-    agents' batches from the store, and every span is written once."""
+@pytest.mark.parametrize("how", ["crashed", "cut off"])
+def test_a_server_that_stops_hands_its_agents_over_nothing_linked_twice_or_lost(clickhouse_port, how):
+    """s1 stops in the middle without a last pass (a crash), or goes on running without
+    getting a heartbeat through (cut off from the store, as the others see it): s0 sees it
+    gone, takes its agents' batches from the store, and every span is written once."""
     spans = spread(shop_spans(600, T0, T0 + 40 * SECOND, random.Random(3)), 8)
     location = url(clickhouse_port)
     stores = [ClickHouseStore(location), ClickHouseStore(location)]
@@ -108,7 +110,10 @@ def test_a_server_that_stops_hands_its_agents_over_nothing_linked_twice_or_lost(
         if now < crash_at:
             return [s0, s1]
         s0.membership.servers = ["s0"]
-        return [s0]
+        if how == "crashed":
+            return [s0]
+        s1.membership._last_beat = s1.membership.clock() - 3600  # its heartbeats fail from here on
+        return [s0, s1]
 
     replay([s0, s1], copy.deepcopy(spans), agent, alive=alive)
     assert s1.linker.stats.spans_published > 0 and s0.linker.stats.spans_taken_over > 0

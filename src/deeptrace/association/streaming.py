@@ -122,10 +122,12 @@ class StreamingAssociator:
     def drop(self, which: Callable[[dict], bool]) -> list[dict]:
         """Let go of held spans (another server links them now): the ones `which` picks."""
         dropped = [d for d in self.pending + self.waiting if which(d)]
-        if dropped:
+        context = [d for d in self.published if which(d)]  # taken again later, they must not count as seen
+        if dropped or context:
             self.pending = [d for d in self.pending if not which(d)]
             self.waiting = [d for d in self.waiting if not which(d)]
-            for d in dropped:
+            self.published = [d for d in self.published if not which(d)]
+            for d in dropped + context:
                 self._refs.pop(d["span_id"], None)
                 self._previous.pop(d["span_id"], None)
         return dropped
@@ -192,7 +194,8 @@ class StreamingAssociator:
         that wait for a caller."""
         if self.resolve is None or not due:
             return set()
-        wanted = {rep[i] for i in due} - {rep[i] for i in fixed}  # a published trace keeps its id
+        wanted = {rep[i] for i in due}
+        published = {rep[i] for i in fixed}  # traces out already, with their ids
         # A root that had no caller accepted is asked again only when it is due itself (its
         # caller, which ends after it, has been shipped by then): its trace's other spans
         # went out with its own trace id meanwhile, as on one server.
@@ -200,14 +203,21 @@ class StreamingAssociator:
         roots = [i for i in range(len(fixed), len(spans))
                  if rep[i] in wanted and links[i].parent is None and CALLER not in spans[i]
                  and refs[i].kind == "SERVER" and span_call_key(refs[i]) is not None
-                 and (_NO_CALLER not in spans[i] or i in due_now)]  # fmt: skip
+                 and ((_NO_CALLER not in spans[i] and rep[i] not in published) or i in due_now)]  # fmt: skip
         if not roots:
             return set()
         answers = self.resolve([refs[i] for i in roots])
         waits = set()
         for i in roots:
             d, answer = spans[i], answers.get(refs[i].span_id)
-            if answer == WAIT:
+            if rep[i] in published:
+                # Its trace keeps the id it went out with; the root still gets its caller, and
+                # the two traces are counted as one split (as one server does).
+                if isinstance(answer, CallEnd):
+                    d[CALLER] = answer
+                    self.stats.remote_callers += 1
+                    self.stats.split_traces += 1
+            elif answer == WAIT:
                 since = d.setdefault(_WAITING_SINCE, now_ns)
                 if now_ns - since < self.max_wait_ns:
                     waits.add(rep[i])

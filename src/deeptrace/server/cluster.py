@@ -96,12 +96,19 @@ class Membership:
         self.servers = sorted(set(servers) | {self.server_id})
         self._last_beat = self.clock()
 
+    def stale(self) -> bool:
+        """No heartbeat got through for long enough that the others count this server gone."""
+        return self.shared and self.clock() - self._last_beat > SERVER_TIMEOUT_S - 1.0
+
     def owns(self, agent_id: str) -> bool:
         """This server links the agent's spans now (and may take its batches)."""
         if not self.shared:
             return True
         now = self.clock()
-        if now - self._last_beat > SERVER_TIMEOUT_S - 1.0 or owner(agent_id, self.servers) != self.server_id:
+        if self.stale():  # the others may have taken every agent: each is handed over anew
+            self._owned_since.clear()
+            return False
+        if owner(agent_id, self.servers) != self.server_id:
             self._owned_since.pop(agent_id, None)
             return False
         since = self._owned_since.get(agent_id)

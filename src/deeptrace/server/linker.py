@@ -100,6 +100,8 @@ class Linker:
         with self._lock:
             if (agent_id, batch_id) in self._remaining:
                 return
+            if self.membership.shared and agent_id not in self._agents:
+                return  # not taken over yet (or let go of): the linker takes it from the store
             self._queue.append(((agent_id, batch_id), spans))
             self._remaining[(agent_id, batch_id)] = len(spans)
             self.stats.spans_accepted += len(spans)
@@ -138,6 +140,10 @@ class Linker:
     def _sync_agents(self) -> None:
         """Shared store: let go of the agents another server owns now, take over the ones
         this server owns now, and take the batches other servers accepted for them."""
+        if self.membership.stale():  # before asking the store anything: it may be what is away
+            if self._agents:
+                self._let_go(set(self._agents))
+            return
         recent = self.store.recent_batches(time.time_ns() - RECENT_BATCHES_NS)
         candidates = self._agents | {a for a, _ in recent} | {a.agent_id for a in self.store.agents()}
         owned = {a for a in candidates if self.membership.owns(a)}
@@ -146,9 +152,10 @@ class Linker:
             self._let_go(lost)
         new = owned - self._agents
         if new:
+            with self._lock:
+                self._agents |= new  # first: from here the HTTP threads may submit their batches
             taken = self._load(self.store.batches_of(sorted(new)))
             self.stats.spans_taken_over += taken
-            self._agents |= new
             log.info("linking %d more agents (%d spans waiting for them)", len(new), taken)
         with self._lock:
             unseen = [k for k in recent if k[0] in self._agents and k not in self._remaining]
@@ -162,11 +169,12 @@ class Linker:
         self.assoc.drop(theirs)
         self._unwritten = [d for d in self._unwritten if not theirs(d)]
         with self._lock:
+            self._agents -= agents
             for key in [k for k in self._remaining if k[0] in agents]:
                 del self._remaining[key]
             self._queue = deque(item for item in self._queue if item[0][0] not in agents)
         self._empty = [k for k in self._empty if k[0] not in agents]
-        self._agents -= agents
+        self._dead = [x for x in self._dead if x.agent_id not in agents]
         log.info("another server links %d agents now: let go of them", len(agents))
 
     def _refuse_batch(self, agent_id: str, batch_id: str, body_gz: bytes, reason: str) -> None:
@@ -256,7 +264,14 @@ class Linker:
     def _write_pending(self) -> None:
         """Write what is linked, the dead letters and the batches they complete. A write that
         fails for its data is cut in halves until the spans that fail alone are found: they
-        become dead letters and the rest is written. Unavailable store: all waits."""
+        become dead letters and the rest is written. Unavailable store: all waits. (On a
+        shared store, the spans of agents another server owns by now are let go of instead:
+        that server links them from their batches.)"""
+        if self.membership.shared:
+            lost = {d[BATCH_KEY][0] for d in self._unwritten} | {x.agent_id for x in self._dead}
+            lost = {a for a in lost if not self.membership.owns(a)}
+            if lost:
+                self._let_go(lost)
         spans, written, bad = self._unwritten, [], []
         try:
             try:

@@ -226,20 +226,20 @@ class ClickHouseStore(SqlSpanReader, Store, Cluster):
         return [(a.decode(), b.decode(), body) for a, b, body, _ in rows]
 
     def batches_of(self, agent_ids: list[str], keys: list[tuple[str, str]] = ()) -> list[tuple[str, str, bytes]]:
-        if not agent_ids and not keys:
-            return []
-        which, params = [], {}
+        out = []
+        body = "argMin(body_gz, (received_ns, token)), min(received_ns) AS t"
         if agent_ids:
-            which.append("agent_id IN %(agents)s")
-            params["agents"] = tuple(agent_ids)
-        if keys:
-            which.append("(agent_id, batch_id) IN %(keys)s")
-            params["keys"] = tuple(keys)
-        rows = self._execute(
-            "SELECT agent_id, batch_id, argMin(body_gz, (received_ns, token)), min(received_ns) AS t FROM batches "
-            f"WHERE ({' OR '.join(which)}) AND {_NOT_DONE} GROUP BY agent_id, batch_id ORDER BY t", params,
-            settings={"strings_as_bytes": True})  # fmt: skip
-        return [(a.decode(), b.decode(), body) for a, b, body, _ in rows]
+            out += self._execute(
+                f"SELECT agent_id, batch_id, {body} FROM batches WHERE agent_id IN %(values)s AND (agent_id, batch_id) "
+                "NOT IN (SELECT agent_id, batch_id FROM done_batches WHERE agent_id IN %(values)s) "
+                "GROUP BY agent_id, batch_id", {"values": tuple(agent_ids)}, settings={"strings_as_bytes": True})  # fmt: skip
+        for i in range(0, len(keys), IN_LIST_CHUNK):
+            chunk = {"values": tuple(keys[i:i + IN_LIST_CHUNK])}
+            out += self._execute(
+                f"SELECT agent_id, batch_id, {body} FROM batches WHERE (agent_id, batch_id) IN %(values)s AND "
+                "(agent_id, batch_id) NOT IN (SELECT agent_id, batch_id FROM done_batches WHERE (agent_id, batch_id) "
+                "IN %(values)s) GROUP BY agent_id, batch_id", chunk, settings={"strings_as_bytes": True})  # fmt: skip
+        return [(a.decode(), b.decode(), body) for a, b, body, _ in sorted(out, key=lambda r: r[3])]
 
     def recent_batches(self, since_ns: int) -> list[tuple[str, str]]:
         # A batch received since then was done since then, too.
@@ -304,8 +304,9 @@ class ClickHouseStore(SqlSpanReader, Store, Cluster):
         self._rows("INSERT INTO servers SELECT ?, ?, toUInt64(now()), ?", [server_id, address, int(leaving)])
 
     def live_servers(self, timeout_s: float) -> list[str]:
-        rows = self._rows("SELECT server_id FROM servers FINAL WHERE leaving = 0 AND seen_s + ? >= toUInt64(now()) "
-                          "ORDER BY server_id", [int(timeout_s)])  # fmt: skip
+        # The last row of each server decides (a "leaving" row wins a tie within its second).
+        rows = self._rows("SELECT server_id FROM servers GROUP BY server_id HAVING argMax(leaving, (seen_s, leaving)) = 0 "
+                          "AND max(seen_s) + ? >= toUInt64(now()) ORDER BY server_id", [int(timeout_s)])  # fmt: skip
         return [r[0] for r in rows]
 
     def record_call_ends(self, rows: list[CallRow], now_ns: int) -> None:
