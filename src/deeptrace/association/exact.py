@@ -64,7 +64,8 @@ def json_client_conn(d: dict) -> str:
 @dataclass(slots=True)
 class CallEnd:
     """One end of a call (its CLIENT or its SERVER span) as the other end needs it to
-    choose among several with its key."""
+    choose among several with its key; also what a shared store keeps of each accepted
+    span (server/store/base.py Cluster)."""
 
     span_id: str
     start_ns: int
@@ -73,6 +74,8 @@ class CallEnd:
     index: int | None = None  # its position, when it is in the window being linked
     service: str = ""
     trace_id: str | None = None  # once it is stored
+    key: str = ""  # call_key
+    kind: str = ""  # CLIENT | SERVER
 
 
 def seq_join(spans: list[SpanRef], slack_ns: int = SEQ_SLACK_NS, skip: Container[int] = ()) -> dict[int, Link]:

@@ -119,7 +119,7 @@ class StreamingAssociator:
         finally:
             self.resolve = resolve
 
-    def drop(self, which: Callable[[dict], bool]) -> list[dict]:
+    def drop(self, which: Callable[[dict], bool]) -> None:
         """Let go of held spans (another server links them now): the ones `which` picks."""
         dropped = [d for d in self.pending + self.waiting if which(d)]
         context = [d for d in self.published if which(d)]  # taken again later, they must not count as seen
@@ -130,7 +130,6 @@ class StreamingAssociator:
             for d in dropped + context:
                 self._refs.pop(d["span_id"], None)
                 self._previous.pop(d["span_id"], None)
-        return dropped
 
     def _pass(self, ready, now_ns: int) -> list[dict]:
         self.stats.passes += 1

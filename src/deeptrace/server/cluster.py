@@ -36,7 +36,7 @@ from deeptrace.association.exact import (
 from deeptrace.association.model import SpanRef
 from deeptrace.association.streaming import WAIT
 from deeptrace.capture.spans import new_id
-from deeptrace.server.store.base import CallRow, Cluster, Store
+from deeptrace.server.store.base import Cluster, Store
 
 log = logging.getLogger("deeptrace.server")
 HEARTBEAT_S = 1.0
@@ -168,9 +168,8 @@ class RemoteEnds:
 
     def _ends(self, keys: list[str], kind: str) -> dict[str, list[CallEnd]]:
         by_key: dict[str, list[CallEnd]] = {}
-        for row in self.store.call_ends(keys, kind):
-            by_key.setdefault(row.key, []).append(CallEnd(row.span_id, row.start_ns, row.end_ns, row.conn,
-                                                          service=row.service))  # fmt: skip
+        for end in self.store.call_ends(keys, kind):
+            by_key.setdefault(end.key, []).append(end)
         return by_key
 
 
@@ -183,12 +182,12 @@ def store_batch(store: Store, batch, now_ns: int) -> None:
     store.accept_batch(batch.agent_id, batch.batch_id, batch.body_gz, len(batch.spans), now_ns)
 
 
-def call_rows(spans: list[dict]) -> list[CallRow]:
+def call_rows(spans: list[dict]) -> list[CallEnd]:
     """The call ends of a batch's spans, for Cluster.record_call_ends."""
     rows = []
     for d in spans:
         key = json_call_key(d)
         if key is not None:
-            rows.append(CallRow(key, d["kind"], d["span_id"], d.get("service") or "unknown", d["start_ns"],
-                                d["end_ns"], json_client_conn(d)))  # fmt: skip
+            rows.append(CallEnd(d["span_id"], d["start_ns"], d["end_ns"], json_client_conn(d),
+                                service=d.get("service") or "unknown", key=key, kind=d["kind"]))  # fmt: skip
     return rows

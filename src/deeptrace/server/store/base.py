@@ -19,6 +19,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
+from deeptrace.association.exact import CallEnd
+
 
 @dataclass
 class TraceQuery:
@@ -193,19 +195,6 @@ class AgentRegistry(ABC):
     def agents(self) -> list[AgentInfo]: ...
 
 
-@dataclass
-class CallRow:
-    """One end of an accepted call, as `Cluster.call_ends` keeps it."""
-
-    key: str  # exact.call_key
-    kind: str
-    span_id: str
-    service: str
-    start_ns: int
-    end_ns: int
-    conn: str  # exact.client_conn
-
-
 class Cluster(ABC):
     """What servers that share a store need of it to share the linking (server/cluster.py)."""
 
@@ -218,11 +207,11 @@ class Cluster(ABC):
         """Servers whose last heartbeat is at most timeout_s old, by the store's clock."""
 
     @abstractmethod
-    def record_call_ends(self, rows: list[CallRow], now_ns: int) -> None:
+    def record_call_ends(self, rows: list[CallEnd], now_ns: int) -> None:
         """Keep the call ends of an accepted batch (before it is acknowledged)."""
 
     @abstractmethod
-    def call_ends(self, keys: list[str], kind: str) -> list[CallRow]:
+    def call_ends(self, keys: list[str], kind: str) -> list[CallEnd]:
         """The accepted call ends of this kind with these keys."""
 
     @abstractmethod

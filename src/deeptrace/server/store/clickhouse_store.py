@@ -27,11 +27,11 @@ import threading
 import time
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from deeptrace.association.exact import CallEnd
 from deeptrace.schema import FIELDS
 from deeptrace.server.store import sql
 from deeptrace.server.store.base import (
     AgentInfo,
-    CallRow,
     Cluster,
     DeadLetter,
     DuplicateBatch,
@@ -309,15 +309,16 @@ class ClickHouseStore(SqlSpanReader, Store, Cluster):
                           "AND max(seen_s) + ? >= toUInt64(now()) ORDER BY server_id", [int(timeout_s)])  # fmt: skip
         return [r[0] for r in rows]
 
-    def record_call_ends(self, rows: list[CallRow], now_ns: int) -> None:
+    def record_call_ends(self, rows: list[CallEnd], now_ns: int) -> None:
         if rows:
             self._execute("INSERT INTO calls (key, kind, span_id, service, start_ns, end_ns, conn, received_ns) VALUES",
                           [(r.key, r.kind, r.span_id, r.service, r.start_ns, r.end_ns, r.conn, now_ns) for r in rows])  # fmt: skip
 
-    def call_ends(self, keys: list[str], kind: str) -> list[CallRow]:
-        rows = self._in_chunks("SELECT key, kind, span_id, service, start_ns, end_ns, conn FROM calls "
+    def call_ends(self, keys: list[str], kind: str) -> list[CallEnd]:
+        rows = self._in_chunks("SELECT span_id, start_ns, end_ns, conn, service, key FROM calls "
                                "WHERE key IN %(values)s AND kind = %(kind)s", keys, kind=kind)  # fmt: skip
-        return [CallRow(*r) for r in rows]
+        return [CallEnd(span_id, start, end, conn, service=service, key=key, kind=kind)
+                for span_id, start, end, conn, service, key in rows]  # fmt: skip
 
     def stored_trace_ids(self, span_ids: list[str], start_ns: int, end_ns: int) -> dict[str, str]:
         return dict(self._in_chunks("SELECT span_id, trace_id FROM spans WHERE start_ns >= %(lo)s "
