@@ -178,8 +178,9 @@ def test_syscalls_match_the_c_enum(compiled):
     assert records.SYSCALLS[0] not in {n.removeprefix("DT_SYS_").lower() for n in values}
     events = {values["DT_SYS_CONNECT"], values["DT_SYS_ACCEPT"], values["DT_SYS_CLOSE"]}
     assert records.DATA_SYSCALLS == tuple(
-        records.SYSCALLS[v] for v in sorted(values.values()) if v not in events
+        records.SYSCALLS[v] for v in sorted(values.values()) if v not in events and v < values["DT_SYS_SSL_READ"]
     )
+    assert set(records.TLS_LIBRARIES) == {records.SYSCALLS[v] for v in values.values() if v >= values["DT_SYS_SSL_READ"]}
 
 
 def test_directions_match_the_c_enum(compiled):

@@ -18,6 +18,7 @@ from deeptrace.agent.ringbuf import RingReader
 from deeptrace.agent.sampling import SamplingControl
 from deeptrace.agent.selection import Selection
 from deeptrace.agent.system import kernel_has_btf_function, preflight
+from deeptrace.agent.tls import TlsProbes
 from deeptrace.capture.records import (
     CONFIG,
     COUNTERS,
@@ -81,6 +82,9 @@ class CollectorConfig:
     # Under overload, have the kernel write only some connections, whole (agent/sampling.py);
     # off: every record is written while there is room, and what finds none is lost.
     sampling: bool = False
+    # Plaintext of TLS connections from uprobes on the TLS libraries the traced processes map
+    # (agent/tls.py); off: TLS connections give no spans (their ciphertext is not written either).
+    tls: bool = True
 
     def validate(self) -> None:
         self.selection.validate()
@@ -120,6 +124,7 @@ class Collector:
         self.received = 0
         self.received_exchanges = 0
         self.traced: set[int] = set()
+        self.tls: TlsProbes | None = None
 
     # ---- life cycle ----
 
@@ -142,6 +147,10 @@ class Collector:
                 self.set_sample_level(0)  # and how far the kernel may raise it on its own
             self._select_initial()
             obj.attach_all()
+            if cfg.tls:
+                sel = cfg.selection
+                self.tls = TlsProbes(obj, eager=bool(sel.trace_all or sel.comms))
+                self._sync_tls()
             self._ring = RingReader(self._records.fd, cfg.ring_bytes)
             self._exchange_ring = RingReader(self._exchanges.fd, cfg.exchange_ring_bytes)
             self._ring.watch(self._exchanges.fd)
@@ -185,6 +194,9 @@ class Collector:
         self._sync_traced(selection.initial_tgids(self.config.selection))
 
     def close(self) -> None:
+        if self.tls:
+            self.tls.close()
+            self.tls = None
         for ring in (self._ring, self._exchange_ring):
             if ring:
                 ring.close()
@@ -231,10 +243,13 @@ class Collector:
             except BpfError as e:
                 raise DeepTraceError(f"cannot trace pid {tgid}: {e}") from None
         self.traced = set(wanted)
+        self._sync_tls()
 
     def refresh(self) -> None:
-        """Drop processes that exited; in --comm mode, add new name matches."""
+        """Drop processes that exited; in --comm mode, add new name matches; attach to the
+        TLS libraries the traced processes map."""
         if self.config.selection.trace_all:
+            self._sync_tls()
             return
         current = self.kernel_traced()
         live = {t for t in current if selection.alive(t)}
@@ -244,6 +259,15 @@ class Collector:
             wanted = set(self.config.selection.comms)
             live |= {p for p in selection.all_tgids() if p not in live and selection.comm_of(p) in wanted}
         self._sync_traced(live)
+
+    def _sync_tls(self) -> None:
+        if self.tls is None:
+            return
+        if self.config.selection.trace_all:
+            pids = set(selection.all_tgids()) - {os.getpid()}
+        else:
+            pids = self.kernel_traced()
+        self.tls.sync(pids, time.monotonic())
 
     # ---- reading ----
 

@@ -95,6 +95,9 @@ class LibBpf:
             "bpf_object__find_map_by_name": (vp, [vp, cp]),
             "bpf_object__next_program": (vp, [vp, vp]),
             "bpf_program__name": (cp, [vp]),
+            "bpf_program__section_name": (cp, [vp]),
+            "bpf_object__find_program_by_name": (vp, [vp, cp]),
+            "bpf_program__attach_uprobe_opts": (vp, [vp, i, cp, ctypes.c_size_t, vp]),
             "bpf_program__attach": (vp, [vp]),
             "bpf_link__destroy": (i, [vp]),
             "bpf_map__fd": (i, [vp]),
@@ -179,6 +182,22 @@ class BpfMap:
         return out
 
 
+class _UprobeOpts(ctypes.Structure):
+    """struct bpf_uprobe_opts of libbpf 1.x."""
+
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("ref_ctr_offset", ctypes.c_size_t),
+        ("bpf_cookie", ctypes.c_uint64),
+        ("retprobe", ctypes.c_bool),
+        ("func_name", ctypes.c_char_p),
+    ]
+
+
+# Programs attached one by one to user-space code (agent/tls.py), not by attach_all.
+_UPROBE_SECTIONS = ("uprobe", "uretprobe")
+
+
 class BpfObject:
     """One compiled .bpf.o: open, size maps, load (verify), attach every program."""
 
@@ -243,10 +262,14 @@ class BpfObject:
         return names
 
     def attach_all(self) -> int:
-        """Attach every program by its section name; returns how many."""
+        """Attach every program by its section name, uprobes excepted (they need a file to
+        attach to: attach_uprobe); returns how many."""
         lib = self._lib.lib
         prog = lib.bpf_object__next_program(self._obj, None)
         while prog:
+            if lib.bpf_program__section_name(prog).decode().split("/")[0] in _UPROBE_SECTIONS:
+                prog = lib.bpf_object__next_program(self._obj, prog)
+                continue
             ctypes.set_errno(0)
             link = lib.bpf_program__attach(prog)
             if not link:
@@ -257,6 +280,28 @@ class BpfObject:
             self._links.append(link)
             prog = lib.bpf_object__next_program(self._obj, prog)
         return len(self._links)
+
+    def attach_uprobe(self, program: str, path: str, offset: int = 0, function: str | None = None,
+                      retprobe: bool = False) -> int:
+        """Attach `program` to the code at `offset` of the ELF file `path`, or at the start of
+        its `function` (a symbol libbpf looks up) plus `offset`, in every process that maps
+        the file. Returns the link, for detach()."""
+        lib = self._lib.lib
+        prog = lib.bpf_object__find_program_by_name(self._obj, program.encode())
+        if not prog:
+            raise BpfError(f"BPF object {self.path} has no program named {program}")
+        opts = _UprobeOpts(ctypes.sizeof(_UprobeOpts), 0, 0, retprobe, function.encode() if function else None)
+        self._lib.log.clear()
+        ctypes.set_errno(0)
+        link = lib.bpf_program__attach_uprobe_opts(prog, -1, path.encode(), offset, ctypes.byref(opts))
+        if not link:
+            err = ctypes.get_errno()
+            where = f"{function}+{offset:#x}" if function else f"{offset:#x}"
+            raise BpfError(f"cannot attach {program} to {path} at {where} ({_errno_text(err)})", self._lib.log.tail(5))
+        return link
+
+    def detach(self, link: int) -> None:
+        self._lib.lib.bpf_link__destroy(link)
 
     def detach_all(self) -> None:
         while self._links:

@@ -22,12 +22,14 @@ from deeptrace.capture.exchanges import ExchangeSpans
 from deeptrace.capture.records import (
     EXCHANGE_PROTOCOLS,
     FLAG_HANDED_OVER,
+    FLAG_TLS,
+    TLS_LIBRARIES,
     XFLAG_CLOSED,
     XFLAG_DATAGRAM,
     XFLAG_UNANSWERED,
     Record,
 )
-from deeptrace.capture.spans import SAMPLING_WEIGHT, Endpoint, Pairing, Span, SpanJson, make_span
+from deeptrace.capture.spans import SAMPLING_WEIGHT, TLS, TLS_LIBRARY, Endpoint, Pairing, Span, SpanJson, make_span
 from deeptrace.capture.streams import OrderedStream
 from deeptrace.protocols.base import ConnectionParser, Message
 
@@ -69,6 +71,7 @@ class _Connection:
     pairing: Pairing = field(default_factory=Pairing)
     last_ns: int = 0
     sample_shift: int = 0  # the kernel kept it with probability 1/2^sample_shift
+    tls_library: str | None = None  # its bytes are a TLS library's plaintext ("openssl", "gnutls", "go")
 
     @property
     def kind(self) -> str:
@@ -128,6 +131,8 @@ class SpanPipeline:
             elif rec.exit_ns - conn.last_ns > RECENCY_NS:
                 conns.move_to_end(key)  # least recently active first, to within RECENCY_NS
             conn.last_ns = rec.exit_ns
+            if rec.flags & FLAG_TLS and conn.tls_library is None:
+                conn.tls_library = TLS_LIBRARIES.get(rec.syscall, rec.syscall)
             if conn.ignored:
                 continue
             for chunk in conn.streams[rec.direction].push(rec, rec.exit_ns):
@@ -312,6 +317,9 @@ class SpanPipeline:
     def _emit(self, conn: _Connection, span: Span, spans: list[Span]) -> None:
         if conn.sample_shift:
             span.attributes[SAMPLING_WEIGHT] = 1 << conn.sample_shift
+        if conn.tls_library:
+            span.attributes[TLS] = True
+            span.attributes[TLS_LIBRARY] = conn.tls_library
         spans.append(span)
         self.stats.spans += 1
 

@@ -61,8 +61,12 @@ SYSCALLS = (
     "?", "read", "readv", "recvfrom", "recvmsg", "recvmmsg",
     "write", "writev", "sendto", "sendmsg", "sendmmsg",
     "connect", "accept", "close",
+    "ssl_read", "ssl_write", "gnutls_recv", "gnutls_send", "go_tls_read", "go_tls_write",
 )  # fmt: skip
 DATA_SYSCALLS = SYSCALLS[1:11]
+# The TLS library each plaintext "syscall" (a library call, FLAG_TLS) is read at.
+TLS_LIBRARIES = {"ssl_read": "openssl", "ssl_write": "openssl", "gnutls_recv": "gnutls",
+                 "gnutls_send": "gnutls", "go_tls_read": "go", "go_tls_write": "go"}  # fmt: skip
 DIRECTIONS = (None, "ingress", "egress")  # enum dt_direction
 ROLES = ("unknown", "client", "server")  # enum dt_role
 FAMILIES = {2: "ipv4", 10: "ipv6"}
@@ -74,6 +78,9 @@ FLAG_PAYLOAD_FAULT = 2
 FLAG_ADDR_FROM_CALL = 4
 FLAG_ASSEMBLED = 8  # several calls' bytes, which the kernel held before handing the connection over
 FLAG_HANDED_OVER = 16  # no bytes: the kernel hands the connection over; msg_index is its EXCHANGE_PROTOCOLS index
+# Plaintext a TLS library call moved; [enter_seq, exit_seq) is the ciphertext's TCP range (empty: the
+# call returned bytes its library had read before).
+FLAG_TLS = 32
 FLAG_SAMPLED_OUT = 128  # the kernel's mark of a record it does not write (never seen here)
 
 # enum dt_xproto, index = value: protocols whose exchanges the kernel assembles
@@ -105,6 +112,9 @@ COUNTERS = (
     "sampled_exchanges",
     "conn_sampled_out",
     "dns_pending_full",
+    "tls_ciphertext",
+    "tls_plaintext",
+    "drop_tls_no_socket",
 )
 
 # (name, struct format) in the order of struct dt_config, the programs' read-only CFG.

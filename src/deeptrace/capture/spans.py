@@ -61,6 +61,9 @@ def b64_head(head: bytes) -> str:
 
 # Attribute of a span written under sampling: how many exchanges it stands for (2^level).
 SAMPLING_WEIGHT = "sampling.weight"
+# Attributes of a span read as plaintext at a TLS library: True, and which library.
+TLS = "tls"
+TLS_LIBRARY = "tls.library"
 # Attribute of a request's span that got no response: why (timeout, connection closed, ...).
 NO_RESPONSE = "deeptrace.no_response"
 

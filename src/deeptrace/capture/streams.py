@@ -9,7 +9,7 @@ length, so the parsers can skip it instead of being shifted by it.
 
 from __future__ import annotations
 
-from deeptrace.capture.records import FLAG_ASSEMBLED, Record
+from deeptrace.capture.records import FLAG_ASSEMBLED, FLAG_TLS, Record
 from deeptrace.protocols.base import Chunk
 
 REORDER_WINDOW_NS = 50_000_000  # how long a later range waits for an earlier one
@@ -47,6 +47,11 @@ class OrderedStream:
     def push(self, rec: Record, now_ns: int) -> list[Chunk]:
         if rec.l4 != "tcp":
             return [to_chunk(rec)]  # a datagram is a message of its own
+        if rec.flags & FLAG_TLS:
+            # Plaintext from a TLS library: its seq range is the ciphertext's, which does not
+            # number these bytes. A library's calls on one direction of a session follow one
+            # another; they come in the order the batch sorted them into (pipeline._in_order).
+            return [to_chunk(rec)]
         if rec.exit_seq == rec.enter_seq:
             return []  # MSG_PEEK: the same bytes come again in the real read
         chunk = to_chunk(rec)

@@ -10,6 +10,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_endian.h>
+#include <bpf/bpf_tracing.h>
 #include "deeptrace.h"
 
 char LICENSE[] SEC("license") = "GPL";
@@ -46,7 +47,47 @@ struct conn {
 	__u8 sampled_out;  /* ... and not kept: its records are not written */
 	__u32 hash;        /* of its two endpoints, the same on both sides (see sampling) */
 	__u8 dns_held;     /* a DNS query of this socket was held in DNSPEND (see dns_closing) */
-	__u8 pad[7];
+	__u8 tls;          /* its bytes are TLS: its syscalls are not written (see tls_inner) */
+	__u8 sniffed;      /* data calls looked at for a TLS handshake (see TLS_SNIFF_CALLS) */
+	__u8 pad[5];
+};
+
+/* A TLS library call in progress (uprobe at its entry to its return). */
+struct tls_call {
+	__u64 buf;       /* the plaintext */
+	__u64 out_len;   /* SSL_*_ex: where the library writes the byte count; 0: the return value */
+	__u64 session;   /* SSL *, gnutls_session_t, *tls.Conn */
+	__u64 sk;        /* the socket its ciphertext moved on; 0: none seen yet */
+	__u64 enter_ns;
+	__u32 fd;
+	__u32 enter_seq; /* with seq_set: TCP seq of the first ciphertext byte the call moved */
+	__u8 syscall;    /* enum dt_syscall */
+	__u8 direction;
+	__u8 active;
+	__u8 seq_set;
+	__u8 depth;      /* calls nested inside it (one library function calling another) */
+	__u8 pad[3];
+};
+
+/* A session's socket, as an earlier call on it found it (a call that returns bytes the
+ * library read before makes no syscall). */
+struct tls_session_key {
+	__u64 session;
+	__u32 tgid;
+	__u32 pad;
+};
+
+struct tls_session {
+	__u64 sk;
+	__u32 fd;
+	__u32 pad;
+};
+
+/* A goroutine's call: Go moves goroutines between threads, so a thread id does not name it. */
+struct go_call_key {
+	__u64 g;
+	__u32 tgid;
+	__u32 pad;
 };
 
 /* Who frames a connection's bytes. Decided at its first data, for good: a connection
@@ -236,6 +277,28 @@ struct {
 	__type(key, __u32);
 	__type(value, struct dt_xstate);
 } XBUILD SEC(".maps");
+
+/* LRU: a thread killed inside a TLS call never returns from it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 10240);
+	__type(key, __u64); /* tgid<<32|pid */
+	__type(value, struct tls_call);
+} TLS_CALLS SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 10240);
+	__type(key, struct go_call_key);
+	__type(value, struct tls_call);
+} GO_TLS_CALLS SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct tls_session_key);
+	__type(value, struct tls_session);
+} TLS_SESSIONS SEC(".maps");
 
 /* ---- reading kernel memory ----
  * Default (kernel 6.2+): typed pointers from bpf_get_current_task_btf() and
@@ -2054,6 +2117,48 @@ static __always_inline bool dns_assembled(void)
 
 #endif
 
+/* ---- TLS: the plaintext comes from the library, the ciphertext is not written ----
+ * A connection is TLS once a TLS library call is seen moving its bytes, or once one of its
+ * first data calls carries a TLS handshake record (a handshake is done before the first
+ * SSL_read/SSL_write, and after a few plaintext calls where a protocol asks for TLS first:
+ * PostgreSQL, MySQL). From then on its syscalls are counted, not written: where the
+ * library's uprobes are attached its plaintext is written instead; where they are not
+ * (a library we do not cover) there was never anything to parse. */
+
+#define TLS_SNIFF_CALLS 8 /* data calls of a connection looked at for a handshake */
+
+/* A TLS handshake record: content type 22, version 3.x, and (when seen) a ClientHello or
+ * ServerHello. A library that reads the 5-byte record header first shows nothing more. */
+static __always_inline bool tls_handshake(const __u8 *d, __u32 captured, __u32 size)
+{
+	if (captured < 5 || d[0] != 22 || d[1] != 3 || d[2] > 4)
+		return false;
+	__u32 len = ((__u32)d[3] << 8) | d[4];
+	if (len == 0 || len > (1 << 14) + 2048)
+		return false;
+	if (size == 5)
+		return true;
+	return captured >= 6 && (d[5] == 1 || d[5] == 2);
+}
+
+/* A socket syscall made inside a TLS library call of this thread: its socket is the call's,
+ * its bytes are ciphertext. */
+static __always_inline void tls_inner(struct tls_call *t, struct sock *sk, __u8 direction, long fd)
+{
+	if (!t->sk) {
+		t->sk = (__u64)sk;
+		t->fd = fd;
+	}
+	if (t->sk == (__u64)sk && direction == t->direction && !t->seq_set) {
+		t->enter_seq = tcp_seq((__u64)sk, IPPROTO_TCP, direction);
+		t->seq_set = 1;
+	}
+	struct conn *c = conn_of((__u64)sk, DT_ROLE_UNKNOWN, false);
+	if (c)
+		c->tls = 1;
+	count(DT_CNT_TLS_CIPHERTEXT);
+}
+
 /* ---- enter: filter, resolve the socket, stash the arguments ---- */
 
 /* A thread keeps its slot between calls and it is rewritten in place: a lookup
@@ -2081,6 +2186,13 @@ static __always_inline int enter_io(void *map, __u8 syscall, __u8 direction, lon
 	struct sock *sk = inet_sock_of_fd(fd, &l4);
 	if (!sk)
 		return 0;
+	if (l4 == IPPROTO_TCP && direction != DT_DIR_NONE) {
+		struct tls_call *t = bpf_map_lookup_elem(&TLS_CALLS, &id);
+		if (t && t->active) {
+			tls_inner(t, sk, direction, fd);
+			return 0;
+		}
+	}
 	struct args a = {
 		.sk = (__u64)sk,
 		.buf = buf,
@@ -2145,6 +2257,10 @@ static __always_inline int exit_single(void *map, __u8 direction, long ret, enum
 	struct scratch *s = begin_record(&a, direction, DT_ROLE_UNKNOWN, false, &c);
 	if (!s)
 		return 0;
+	if (c && c->tls) {
+		count(DT_CNT_TLS_CIPHERTEXT);
+		return 0;
+	}
 	s->rec.ret = ret;
 	s->rec.size = ret;
 	set_seq(&s->rec, &a);
@@ -2157,6 +2273,16 @@ static __always_inline int exit_single(void *map, __u8 direction, long ret, enum
 			peer_from_sockaddr(&s->rec, a.addr);
 		__u32 cap = capture_limit();
 		captured = copy_user(s, 0, (__u64)ret < cap ? (__u64)ret : cap, a.buf);
+	}
+	if (c && a.l4 == IPPROTO_TCP && c->sniffed < TLS_SNIFF_CALLS) {
+		c->sniffed++;
+		if (tls_handshake(s->data, captured, ret)) {
+			c->tls = 1;
+			if (c->mode != XM_RECORDS)
+				records_only(c, &s->rec);
+			count(DT_CNT_TLS_CIPHERTEXT);
+			return 0;
+		}
 	}
 	if (c && a.l4 == IPPROTO_TCP && c->mode != XM_RECORDS && assemble_call(c, s, captured))
 		return 0;
@@ -2383,3 +2509,237 @@ int on_exec(void *ctx)
 		count(DT_CNT_DROP_PIDS_MAP_FULL);
 	return 0;
 }
+
+/* ---- TLS libraries: plaintext at their read and write calls (uprobes) ----
+ * User space attaches these to the libraries its traced processes map (agent/tls.py); one
+ * attachment per library file serves every process using it, and the programs keep to the
+ * traced ones. The call's socket is the one a socket syscall inside the call moved its
+ * ciphertext on (tls_inner), else the one an earlier call of the same session used. */
+
+static __always_inline int tls_enter(__u64 session, __u64 buf, __u64 out_len, __u8 syscall, __u8 direction)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+
+	if (!traced(id >> 32))
+		return 0;
+	struct tls_call *t = bpf_map_lookup_elem(&TLS_CALLS, &id);
+	if (t && t->active) {
+		t->depth++;
+		return 0;
+	}
+	struct tls_call n = {
+		.buf = buf,
+		.out_len = out_len,
+		.session = session,
+		.enter_ns = bpf_ktime_get_ns(),
+		.syscall = syscall,
+		.direction = direction,
+		.active = 1,
+	};
+	if (t)
+		*t = n;
+	else if (bpf_map_update_elem(&TLS_CALLS, &id, &n, BPF_NOEXIST))
+		count(DT_CNT_DROP_ARGS_MAP_FULL);
+	return 0;
+}
+
+/* One record of the plaintext a call moved, on its socket, with the TCP range of the
+ * ciphertext it moved. */
+static __always_inline void tls_record(struct tls_call *t, __u64 n)
+{
+	struct args a = {
+		.sk = t->sk,
+		.buf = t->buf,
+		.enter_ns = t->enter_ns,
+		.fd = t->fd,
+		.syscall = t->syscall,
+		.l4 = IPPROTO_TCP,
+	};
+	a.enter_seq = t->seq_set ? t->enter_seq : tcp_seq(a.sk, IPPROTO_TCP, t->direction);
+	struct conn *c;
+	struct scratch *s = begin_record(&a, t->direction, DT_ROLE_UNKNOWN, false, &c);
+	if (!s)
+		return;
+	if (c) {
+		c->tls = 1;
+		if (c->mode != XM_RECORDS)
+			records_only(c, &s->rec); /* a TLS connection's plaintext is user space's to frame */
+	}
+	s->rec.flags |= DT_FLAG_TLS;
+	s->rec.ret = n;
+	s->rec.size = n;
+	s->rec.enter_seq = a.enter_seq;
+	s->rec.exit_seq = tcp_seq(a.sk, IPPROTO_TCP, t->direction);
+	__u32 cap = capture_limit();
+	__u32 captured = copy_user(s, 0, n < cap ? n : cap, a.buf);
+	if (!(s->rec.flags & DT_FLAG_SAMPLED_OUT))
+		count(DT_CNT_TLS_PLAINTEXT);
+	submit(s, captured);
+}
+
+/* The return of a C library's call: `ret` bytes (or, for SSL_*_ex, 1 and the count at out_len). */
+static __always_inline int tls_exit(long ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct tls_call *p = bpf_map_lookup_elem(&TLS_CALLS, &id);
+
+	if (!p || !p->active)
+		return 0;
+	if (p->depth) {
+		p->depth--;
+		return 0;
+	}
+	p->active = 0;
+	struct tls_call t = *p;
+	__u64 n = ret;
+	if (t.out_len) {
+		n = 0;
+		if (ret != 1 || bpf_probe_read_user(&n, sizeof(n), (void *)t.out_len))
+			return 0;
+	}
+	if (ret <= 0 || n == 0 || n > (1ULL << 31))
+		return 0;
+	struct tls_session_key k = { .session = t.session, .tgid = id >> 32 };
+	if (t.sk) {
+		struct tls_session v = { .sk = t.sk, .fd = t.fd };
+		bpf_map_update_elem(&TLS_SESSIONS, &k, &v, BPF_ANY);
+	} else {
+		struct tls_session *v = bpf_map_lookup_elem(&TLS_SESSIONS, &k);
+		if (!v) {
+			count(DT_CNT_DROP_TLS_NO_SOCKET);
+			return 0;
+		}
+		t.sk = v->sk;
+		t.fd = v->fd;
+	}
+	tls_record(&t, n);
+	return 0;
+}
+
+/* OpenSSL 1.1 and 3: int SSL_read(SSL *, void *, int), int SSL_read_ex(SSL *, void *,
+ * size_t, size_t *readbytes), and the same for writing. */
+SEC("uprobe")
+int BPF_KPROBE(ssl_read_enter, void *ssl, void *buf)
+{
+	return tls_enter((__u64)ssl, (__u64)buf, 0, DT_SYS_SSL_READ, DT_DIR_INGRESS);
+}
+
+SEC("uprobe")
+int BPF_KPROBE(ssl_read_ex_enter, void *ssl, void *buf, __u64 num, void *readbytes)
+{
+	return tls_enter((__u64)ssl, (__u64)buf, (__u64)readbytes, DT_SYS_SSL_READ, DT_DIR_INGRESS);
+}
+
+SEC("uprobe")
+int BPF_KPROBE(ssl_write_enter, void *ssl, void *buf)
+{
+	return tls_enter((__u64)ssl, (__u64)buf, 0, DT_SYS_SSL_WRITE, DT_DIR_EGRESS);
+}
+
+SEC("uprobe")
+int BPF_KPROBE(ssl_write_ex_enter, void *ssl, void *buf, __u64 num, void *written)
+{
+	return tls_enter((__u64)ssl, (__u64)buf, (__u64)written, DT_SYS_SSL_WRITE, DT_DIR_EGRESS);
+}
+
+/* ssize_t gnutls_record_recv(gnutls_session_t, void *, size_t), and _send. */
+SEC("uprobe")
+int BPF_KPROBE(gnutls_recv_enter, void *session, void *buf)
+{
+	return tls_enter((__u64)session, (__u64)buf, 0, DT_SYS_GNUTLS_RECV, DT_DIR_INGRESS);
+}
+
+SEC("uprobe")
+int BPF_KPROBE(gnutls_send_enter, void *session, void *buf)
+{
+	return tls_enter((__u64)session, (__u64)buf, 0, DT_SYS_GNUTLS_SEND, DT_DIR_EGRESS);
+}
+
+/* Every C library's read and write functions return here. */
+SEC("uretprobe")
+int BPF_KRETPROBE(tls_return, long ret)
+{
+	return tls_exit(ret);
+}
+
+#if defined(__TARGET_ARCH_x86)
+/* Go's crypto/tls, amd64 register ABI (Go 1.17+): (*Conn).Read(b []byte) (int, error) has
+ * the receiver in RAX, b's pointer and length in RBX and RCX, and returns n in RAX; the
+ * running goroutine is in R14. Its return is probed at each RET instruction (user space
+ * finds them), never with a uretprobe: Go moves goroutine stacks, and a uretprobe's
+ * rewritten return address breaks that. */
+
+/* The fd behind a *tls.Conn: its conn field (a net.Conn interface, the first field) holds a
+ * *net.TCPConn in its data word, whose first word is its *netFD, whose poll.FD keeps Sysfd
+ * after a 16-byte fdMutex. The same layout from Go 1.12 to today. */
+#define GO_IFACE_DATA 8
+#define GO_NETFD_SYSFD 16
+
+static __always_inline long go_tls_fd(__u64 conn)
+{
+	__u64 data = 0, netfd = 0;
+	__s64 fd = -1;
+
+	if (bpf_probe_read_user(&data, sizeof(data), (void *)(conn + GO_IFACE_DATA)) || !data ||
+	    bpf_probe_read_user(&netfd, sizeof(netfd), (void *)data) || !netfd ||
+	    bpf_probe_read_user(&fd, sizeof(fd), (void *)(netfd + GO_NETFD_SYSFD)))
+		return -1;
+	return fd;
+}
+
+static __always_inline int go_tls_enter(struct pt_regs *ctx, __u8 syscall, __u8 direction)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	__u8 l4 = 0;
+
+	if (!traced(id >> 32))
+		return 0;
+	long fd = go_tls_fd(ctx->ax);
+	struct sock *sk = inet_sock_of_fd(fd, &l4);
+	if (!sk || l4 != IPPROTO_TCP)
+		return 0;
+	struct conn *c = conn_of((__u64)sk, DT_ROLE_UNKNOWN, false);
+	if (c)
+		c->tls = 1; /* the goroutine's own syscalls may run on another thread: not tied by tid */
+	struct go_call_key k = { .g = ctx->r14, .tgid = id >> 32 };
+	struct tls_call n = {
+		.buf = ctx->bx,
+		.session = ctx->ax,
+		.sk = (__u64)sk,
+		.enter_ns = bpf_ktime_get_ns(),
+		.fd = fd,
+		.enter_seq = tcp_seq((__u64)sk, IPPROTO_TCP, direction),
+		.syscall = syscall,
+		.direction = direction,
+		.active = 1,
+		.seq_set = 1,
+	};
+	if (bpf_map_update_elem(&GO_TLS_CALLS, &k, &n, BPF_ANY))
+		count(DT_CNT_DROP_ARGS_MAP_FULL);
+	return 0;
+}
+
+static __always_inline int go_tls_return(struct pt_regs *ctx)
+{
+	struct go_call_key k = { .g = ctx->r14, .tgid = bpf_get_current_pid_tgid() >> 32 };
+	struct tls_call *p = bpf_map_lookup_elem(&GO_TLS_CALLS, &k);
+
+	if (!p || !p->active)
+		return 0;
+	struct tls_call t = *p;
+	bpf_map_delete_elem(&GO_TLS_CALLS, &k);
+	long n = ctx->ax;
+	if (n > 0 && n < (1L << 31))
+		tls_record(&t, n);
+	return 0;
+}
+
+SEC("uprobe")
+int go_tls_read_enter(struct pt_regs *ctx) { return go_tls_enter(ctx, DT_SYS_GO_TLS_READ, DT_DIR_INGRESS); }
+
+SEC("uprobe")
+int go_tls_write_enter(struct pt_regs *ctx) { return go_tls_enter(ctx, DT_SYS_GO_TLS_WRITE, DT_DIR_EGRESS); }
+
+SEC("uprobe")
+int go_tls_return_probe(struct pt_regs *ctx) { return go_tls_return(ctx); }
+#endif

@@ -28,6 +28,14 @@ enum dt_syscall {
 	DT_SYS_CONNECT,
 	DT_SYS_ACCEPT,
 	DT_SYS_CLOSE,
+	/* Plaintext at a TLS library (uprobes), one per library and direction; every record of
+	 * these carries DT_FLAG_TLS. */
+	DT_SYS_SSL_READ,      /* OpenSSL SSL_read, SSL_read_ex */
+	DT_SYS_SSL_WRITE,     /* OpenSSL SSL_write, SSL_write_ex */
+	DT_SYS_GNUTLS_RECV,   /* gnutls_record_recv */
+	DT_SYS_GNUTLS_SEND,   /* gnutls_record_send */
+	DT_SYS_GO_TLS_READ,   /* Go crypto/tls.(*Conn).Read */
+	DT_SYS_GO_TLS_WRITE,  /* Go crypto/tls.(*Conn).Write */
 };
 
 enum dt_direction {
@@ -52,6 +60,10 @@ enum dt_flags {
 				       the kernel kept of it (exchange_head bytes at most) */
 	DT_FLAG_HANDED_OVER = 16,   /* no bytes: the kernel hands this connection to user space from
 				       here on; msg_index is the enum dt_xproto it framed it as */
+	DT_FLAG_TLS = 32,           /* plaintext a TLS library call moved (syscall says which library);
+				       [enter_seq, exit_seq) is the TCP range of the ciphertext the
+				       call moved on its socket (empty if it moved none: it returned
+				       bytes the library had read before) */
 	DT_FLAG_SAMPLED_OUT = 128   /* the kernel's own mark of a record not to write (its connection
 				       is sampled away); no written record carries it */
 };
@@ -97,6 +109,11 @@ enum dt_counter {
 	DT_CNT_SAMPLED_EXCHANGES,   /* exchanges not written: their connection was sampled away */
 	DT_CNT_CONN_SAMPLED_OUT,    /* connections whose records are sampled away (decided when first seen) */
 	DT_CNT_DNS_PENDING_FULL,    /* DNS query not held in DNSPEND (full): it and its response go as records */
+	DT_CNT_TLS_CIPHERTEXT,      /* calls on a TLS connection not written: ciphertext (the plaintext
+				       comes from the library's uprobes, where they are attached) */
+	DT_CNT_TLS_PLAINTEXT,       /* records of plaintext written from TLS library calls */
+	DT_CNT_DROP_TLS_NO_SOCKET,  /* TLS library call whose socket was never seen (no socket syscall
+				       inside it or an earlier call on its session): not written */
 	DT_CNT_MAX,
 };
 
