@@ -81,11 +81,12 @@ def serving(argv: list[str], port: int, **popen):
 
 
 @contextmanager
-def nginx(tmp_path: Path, server: str | None = None):
-    """nginx serving /hello, or these server-block lines (see nginx_conf); yields (master pid, port)."""
+def nginx(tmp_path: Path, server: str | None = None, http: str | None = None):
+    """nginx serving /hello, or these server-block lines, with these http-block lines (see
+    nginx_conf); yields (master pid, port)."""
     port = free_port()
     conf = tmp_path / "nginx.conf"
-    conf.write_text(nginx_conf(tmp_path, port, **({"server": server} if server else {})))
+    conf.write_text(nginx_conf(tmp_path, port, **({"server": server} if server else {}), **({"http": http} if http else {})))
     with serving([need("nginx"), "-c", str(conf), "-e", str(tmp_path / "error.log")], port) as pid:
         # The master listens before it forks its worker: a test that traces the master's
         # children right away could miss the worker that will serve its requests.
@@ -126,9 +127,10 @@ def dnsmasq(tmp_path: Path, port: int | None = None):
 
 
 @contextmanager
-def postgres(password: str | None = None):
+def postgres(password: str | None = None, tls: tuple[Path, Path] | None = None):
     """A throwaway PostgreSQL cluster run by the postgres user: trust authentication, or with
-    a password, the cleartext `password` method over TCP (the password crosses the wire)."""
+    a password, the cleartext `password` method over TCP (the password crosses the wire).
+    tls: (certificate, key) files: `ssl = on` with them (clients choose with sslmode)."""
     import os
     import tempfile
 
@@ -150,6 +152,12 @@ def postgres(password: str | None = None):
                        check=True, capture_output=True)  # fmt: skip
         argv = [*as_postgres, str(bindir / "postgres"), "-D", f"{d}/data", "-p", str(port), "-k", d,
                 "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"]  # fmt: skip
+        if tls is not None:
+            for name, src in (("server.crt", tls[0]), ("server.key", tls[1])):  # the key must be the server's, 0600
+                shutil.copy(src, Path(d, name))
+                shutil.chown(Path(d, name), "postgres", "postgres")
+                os.chmod(Path(d, name), 0o600)
+            argv += ["-c", "ssl=on", "-c", f"ssl_cert_file={d}/server.crt", "-c", f"ssl_key_file={d}/server.key"]
         with serving(argv, port, stderr=subprocess.DEVNULL) as pid:
             _until_postgres_accepts(bindir, port)
             yield pid, port

@@ -37,12 +37,18 @@ GNUTLS_PROBES = (
     ("gnutls_send_enter", "gnutls_record_send"),
 )
 C_RETURN_PROGRAM = "tls_return"
-GO_FUNCTIONS = (("go_tls_read_enter", "crypto/tls.(*Conn).Read"), ("go_tls_write_enter", "crypto/tls.(*Conn).Write"))
+GO_FUNCTIONS = (
+    ("go_tls_read_enter", "crypto/tls.(*Conn).Read"),
+    ("go_tls_write_enter", "crypto/tls.(*Conn).Write"),
+)
 GO_RETURN_PROGRAM = "go_tls_return_probe"
 
 # File names of the shared libraries, by what they are: libssl.so.3, and the copies Python
 # wheels bundle (libssl-a1b2c3d4.so.3).
-_LIBRARIES = ((re.compile(r"libssl(-[0-9a-f]+)?\.so"), "openssl"), (re.compile(r"libgnutls(-[0-9a-f]+)?\.so"), "gnutls"))
+_LIBRARIES = (
+    (re.compile(r"libssl(-[0-9a-f]+)?\.so"), "openssl"),
+    (re.compile(r"libgnutls(-[0-9a-f]+)?\.so"), "gnutls"),
+)
 
 # A process's maps are read again (it may load a library later: Python imports ssl when first
 # asked to) at every sync during its first YOUNG_S after it is first seen, when most loading
@@ -58,12 +64,13 @@ class Target:
     library: str  # "openssl" | "gnutls" | "go"
     path: str  # through /proc/PID/root, so that a container's files are found
     key: tuple[int, int]  # (st_dev, st_ino): the file, however it is named
+    name: str  # the file as its process names it, for people
 
 
 @dataclass
 class TlsStats:
-    attached: dict[str, str] = field(default_factory=dict)  # path -> library, files attached now
-    errors: dict[str, str] = field(default_factory=dict)  # path -> why it could not be attached (last)
+    attached: dict[str, str] = field(default_factory=dict)  # file name -> library, files attached now
+    errors: dict[str, str] = field(default_factory=dict)  # file name -> why it could not be attached
     probes: int = 0  # uprobes attached now
 
 
@@ -98,14 +105,16 @@ def _target(pid: int, library: str, path: str) -> Target | None:
         st = os.stat(full)
     except OSError:
         return None
-    return Target(library, full, (st.st_dev, st.st_ino))
+    return Target(library, full, (st.st_dev, st.st_ino), path)
 
 
 def system_targets() -> list[Target]:
     """The TLS libraries in the system's library path (`ldconfig -p`): what a process that
     starts later will most likely map."""
     try:
-        out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run(
+            ["ldconfig", "-p"], check=False, capture_output=True, text=True, timeout=10
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
     found = {}
@@ -120,7 +129,7 @@ def system_targets() -> list[Target]:
                     st = os.stat(path)
                 except OSError:
                     continue
-                found[(st.st_dev, st.st_ino)] = Target(library, path, (st.st_dev, st.st_ino))
+                found[(st.st_dev, st.st_ino)] = Target(library, path, (st.st_dev, st.st_ino), path)
     return list(found.values())
 
 
@@ -128,9 +137,10 @@ def executable_target(pid: int) -> Target | None:
     """The process's executable, if it is a Go program (its TLS is its own, compiled in)."""
     try:
         st = os.stat(f"/proc/{pid}/exe")
+        name = os.readlink(f"/proc/{pid}/exe")
     except OSError:
         return None
-    return Target("go", f"/proc/{pid}/exe", (st.st_dev, st.st_ino))
+    return Target("go", f"/proc/{pid}/exe", (st.st_dev, st.st_ino), name)
 
 
 @dataclass(frozen=True)
@@ -141,7 +151,8 @@ class GoFunction:
 
 def go_tls_functions(path: str) -> dict[str, GoFunction] | None:
     """crypto/tls's Read and Write in a Go executable, with their return instructions; None if
-    it is not a Go program for amd64 with a symbol table, or has no crypto/tls."""
+    it is not a Go program for amd64 with a symbol table, or has no crypto/tls. OSError if it
+    cannot be read (its process is gone)."""
     from elftools.common.exceptions import ELFError
     from elftools.elf.elffile import ELFFile
 
@@ -170,7 +181,7 @@ def go_tls_functions(path: str) -> dict[str, GoFunction] | None:
                 code = f.read(size)
                 out[name] = GoFunction(offset, tuple(offset + r for r in _return_offsets(code, vaddr)))
             return out
-    except (OSError, ELFError, ValueError):
+    except (ELFError, ValueError):
         return None
 
 
@@ -200,9 +211,11 @@ class TlsProbes:
         traced or not (the cost is in docs/benchmarks.md)."""
         self._obj = obj
         self._links: dict[tuple[int, int], list[int]] = {}  # file -> its uprobe links
-        self._paths: dict[tuple[int, int], str] = {}
+        self._names: dict[tuple[int, int], str] = {}
         self._users: dict[tuple[int, int], set[int]] = {}  # file -> traced pids mapping it
-        self._scanned: dict[int, tuple[float, float, list[Target]]] = {}  # pid -> (first seen, last read, what it maps)
+        self._scanned: dict[
+            int, tuple[float, float, list[Target]]
+        ] = {}  # pid -> (first seen, last read, what it maps)
         self._failed: set[tuple[int, int]] = set()  # files that cannot be attached: not tried again
         self.stats = TlsStats()
         self._go = platform.machine() == "x86_64"
@@ -241,16 +254,20 @@ class TlsProbes:
     def _attach(self, target: Target) -> None:
         try:
             links = self._probe(target)
+        except OSError:
+            return  # its process is gone: another that maps the file will be seen
         except BpfError as e:
+            if target.path.startswith("/proc/") and not os.path.exists(target.path):
+                return  # its process is gone: another that maps the file will be seen
             self._failed.add(target.key)
-            self.stats.errors[target.path] = str(e).splitlines()[0]
+            self.stats.errors[target.name] = str(e).splitlines()[0]
             return
         if links is None:  # not a Go program with crypto/tls: nothing to attach, ever
             self._failed.add(target.key)
             return
         self._links[target.key] = links
-        self._paths[target.key] = target.path
-        self.stats.attached[target.path] = target.library
+        self._names[target.key] = target.name
+        self.stats.attached[target.name] = target.library
         self.stats.probes += len(links)
 
     def _probe(self, target: Target) -> list[int] | None:
@@ -274,7 +291,9 @@ class TlsProbes:
                     if symbol.endswith("_ex"):
                         continue  # OpenSSL 1.1.0 and older have no SSL_read_ex/SSL_write_ex
                     raise
-                links.append(self._obj.attach_uprobe(C_RETURN_PROGRAM, target.path, function=symbol, retprobe=True))
+                links.append(
+                    self._obj.attach_uprobe(C_RETURN_PROGRAM, target.path, function=symbol, retprobe=True)
+                )
             return links
         except BpfError:
             for link in links:
@@ -286,7 +305,7 @@ class TlsProbes:
         for link in links:
             self._obj.detach(link)
         self.stats.probes -= len(links)
-        self.stats.attached.pop(self._paths.pop(key), None)
+        self.stats.attached.pop(self._names.pop(key), None)
 
     def close(self) -> None:
         for key in list(self._links):

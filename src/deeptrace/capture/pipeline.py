@@ -132,7 +132,7 @@ class SpanPipeline:
                 conns.move_to_end(key)  # least recently active first, to within RECENCY_NS
             conn.last_ns = rec.exit_ns
             if rec.flags & FLAG_TLS and conn.tls_library is None:
-                conn.tls_library = TLS_LIBRARIES.get(rec.syscall, rec.syscall)
+                self._decrypted(conn, rec)
             if conn.ignored:
                 continue
             for chunk in conn.streams[rec.direction].push(rec, rec.exit_ns):
@@ -247,6 +247,15 @@ class SpanPipeline:
         self._conns[key] = conn
         return conn
 
+    def _decrypted(self, conn: _Connection, rec: Record) -> None:
+        """The connection's first plaintext from a TLS library: what came before on it was the
+        protocol's own request for TLS (read as such) or ciphertext (never recognised)."""
+        conn.tls_library = TLS_LIBRARIES.get(rec.syscall, rec.syscall)
+        if conn.parser is not None:
+            conn.parser.decrypted()
+        else:
+            conn.ignored, conn.undetected, conn.unknown_bytes = False, [], 0
+
     def _forget_peer(self, key: tuple) -> None:
         peers = self._peers.get(key[:2]) if len(key) > 2 else None
         if peers is not None:
@@ -336,6 +345,13 @@ class SpanPipeline:
 _EXIT_NS = operator.attrgetter("exit_ns")
 
 
+def _order_ns(rec: Record) -> int:
+    # A TLS library's write returns to its caller some time after its bytes left (a goroutine
+    # can be descheduled in between, and the answer read meanwhile): by its start, a request
+    # comes before its response.
+    return rec.enter_ns if rec.flags & FLAG_TLS and rec.direction == "egress" else rec.exit_ns
+
+
 def _key(rec: Record) -> tuple:
     # An unconnected UDP socket talks to many peers: each is a connection of its own.
     return (rec.tgid, rec.conn_id) if rec.l4 == "tcp" else (rec.tgid, rec.conn_id, rec.raddr, rec.rport)
@@ -352,7 +368,7 @@ def _in_order(records: list[Record]) -> list[Record]:
     Each direction's records keep the places its records hold in time order, but
     are put into those places by seq: a read that returned later on another CPU
     can have reached the ring first."""
-    ordered = sorted(records, key=_EXIT_NS)
+    ordered = sorted(records, key=_order_ns if any(r.flags & FLAG_TLS for r in records) else _EXIT_NS)
     places: dict[tuple, list[int]] = {}
     for i, r in enumerate(ordered):
         if r.direction is not None and r.l4 == "tcp":

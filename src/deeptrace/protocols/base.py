@@ -85,3 +85,8 @@ class ConnectionParser:
 
     def close(self, end_ns: int) -> list[Message]:
         return []
+
+    def decrypted(self) -> None:
+        """What follows is the plaintext a TLS library handed over, after the protocol's own
+        switch to TLS (PostgreSQL's SSLRequest, MySQL's SSL request), from which on a parser of
+        the wire bytes sees only ciphertext and reads nothing."""

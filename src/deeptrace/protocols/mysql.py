@@ -290,6 +290,9 @@ class MysqlConnection(FramedConnection):
     def feed(self, is_request: bool, chunk: Chunk) -> list[Message]:
         return [] if self.tls else super().feed(is_request, chunk)
 
+    def decrypted(self) -> None:
+        self.tls = False
+
     def close(self, end_ns: int) -> list[Message]:
         """The connection closed (or the capture ended) in a reply: what came of it is its response."""
         if self._reply is None or not self._reply.packets:

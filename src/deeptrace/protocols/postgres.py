@@ -144,6 +144,9 @@ class PostgresConnection(FramedConnection):
     def feed(self, is_request: bool, chunk: Chunk) -> list[Message]:
         return [] if self.tls else super().feed(is_request, chunk)
 
+    def decrypted(self) -> None:
+        self.tls = False
+
     def close(self, end_ns: int) -> list[Message]:
         """The connection closed, or the capture or the agent stopped, inside a reply whose
         ReadyForQuery never came: what came of it (rows, an ErrorResponse) is its response."""
