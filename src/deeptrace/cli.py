@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -59,6 +60,8 @@ def _collector_options(fn):
         click.option("--ring-size", "ring_bytes", type=int, default=16 << 20, show_default=True,
                      help="Ring buffer bytes (power of two)."),
         click.option("--no-follow-forks", is_flag=True, help="Do not trace children forked after start."),
+        click.option("--no-tls", is_flag=True, help="Do not read TLS connections' plaintext at their TLS libraries "
+                     "(uprobes on OpenSSL, GnuTLS, Go's crypto/tls); they then give no spans."),
     ]  # fmt: skip
     for option in reversed(options):
         fn = option(fn)
@@ -95,7 +98,7 @@ def _run(opts: dict, on_batch, on_tick=None, on_end=None, on_exchanges=None, ass
         if sel.empty:
             raise DeepTraceError("say which processes to trace: --pid PID, --comm NAME or --all")
         config = CollectorConfig(selection=sel, capture_bytes=opts["capture_bytes"], ring_bytes=opts["ring_bytes"],
-                                 follow_forks=not opts["no_follow_forks"],
+                                 follow_forks=not opts["no_follow_forks"], tls=not opts["no_tls"],
                                  assemble=tuple(assemble) if on_exchanges else (), sampling=sampling,
                                  dns_ports=tuple(dns_ports))  # fmt: skip
         with Collector(config) as collector, _open_out(opts["out_path"]) as out:
@@ -398,7 +401,15 @@ def _describe(sel, collector) -> str:
         parts.append("pid " + ",".join(map(str, sel.pids)))
     if sel.comms:
         parts.append("name " + ",".join(sel.comms))
-    return " and ".join(parts) + f" ({len(collector.traced)} processes now)"
+    return " and ".join(parts) + f" ({len(collector.traced)} processes now)" + _describe_tls(collector)
+
+
+def _describe_tls(collector) -> str:
+    if collector.tls is None:
+        return "; TLS plaintext off"
+    stats = collector.tls.stats
+    attached = ", ".join(f"{os.path.basename(name)} ({library})" for name, library in sorted(stats.attached.items()))
+    return f"; TLS plaintext from {attached or 'the TLS libraries traced processes map, when they do'}"
 
 
 def _sampled_away(counters: dict[str, int]) -> int:
@@ -425,6 +436,11 @@ def _summary(collector) -> None:
         line += " (" + ", ".join(f"{k} {v}" for k, v in drops.items()) + ")"
     if skipped:
         line += "; not reported: " + ", ".join(f"{k} {v}" for k, v in skipped.items())
+    if counters["tls_plaintext"] or counters["tls_ciphertext"]:
+        line += (f"; TLS: {counters['tls_plaintext']} plaintext records, {counters['tls_ciphertext']} ciphertext "
+                 "calls not written")  # fmt: skip
+    if collector.tls is not None and collector.tls.stats.errors:
+        line += "; TLS libraries not attached: " + ", ".join(f"{k} ({v})" for k, v in collector.tls.stats.errors.items())
     click.echo(line, err=True)
 
 
