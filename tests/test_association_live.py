@@ -56,24 +56,42 @@ def _spans(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def wait_listening(in_ns: list[str], addr: str, port: int) -> None:
+    wait = (f"import socket,time\nfor _ in range(100):\n try:\n  socket.create_connection(('{addr}', {port}),"
+            " 0.2).close(); break\n except OSError: time.sleep(0.05)")
+    subprocess.run([*in_ns, sys.executable, "-c", wait], check=True)
+
+
+def stop(*agents: subprocess.Popen) -> None:
+    """SIGINT, as a user's Ctrl-C: each writes out what it holds and exits cleanly."""
+    for agent in agents:
+        agent.send_signal(2)
+        _, err = agent.communicate(timeout=30)
+        assert agent.returncode == 0, err
+
+
+def associated(tmp_path, spans: list[dict]) -> dict[str, dict]:
+    """`deeptrace associate` over these spans from several agents: the linked spans by id."""
+    merged = tmp_path / "both.jsonl"
+    merged.write_text("".join(json.dumps(d) + "\n" for d in spans))
+    r = subprocess.run([sys.executable, "-m", "deeptrace.cli", "associate", str(merged), "--out", "-"],
+                       capture_output=True, text=True, check=True)  # fmt: skip
+    return {d["span_id"]: d for d in map(json.loads, r.stdout.splitlines())}
+
+
 def test_seq_join_across_two_namespaces_with_an_agent_each(tmp_path):
     require_bpf()
     with two_hosts() as (in_a, in_b):
         server = subprocess.Popen([*in_b, sys.executable, "-m", "http.server", "--bind", B_ADDR, "8631"],
                                   cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         try:
-            wait = (f"import socket,time\nfor _ in range(100):\n try:\n  socket.create_connection(('{B_ADDR}', 8631),"
-                    " 0.2).close(); break\n except OSError: time.sleep(0.05)")
-            subprocess.run([*in_b, sys.executable, "-c", wait], check=True)
+            wait_listening(in_b, B_ADDR, 8631)
             agent_b = _agent(tmp_path / "b.jsonl", "--pid", str(server.pid), "--host", "host-b", "--associate",
                              "--hold", "0.2")  # fmt: skip
             agent_a = _agent(tmp_path / "a.jsonl", "--comm", "curl", "--host", "host-a")
             for path in ("/", "/missing/7", "/"):
                 subprocess.run([*in_a, need("curl"), "-s", "-o", "/dev/null", f"http://{B_ADDR}:8631{path}"], check=True)
-            for agent in (agent_a, agent_b):
-                agent.send_signal(2)
-                _, err = agent.communicate(timeout=30)
-                assert agent.returncode == 0, err
+            stop(agent_a, agent_b)
         finally:
             server.kill()
             server.wait()
@@ -82,11 +100,7 @@ def test_seq_join_across_two_namespaces_with_an_agent_each(tmp_path):
     assert [(d["kind"], d["host"], d["link_method"]) for d in b] == [("SERVER", "host-b", "root")] * 3
     assert all(d["laddr"] == A_ADDR and d["raddr"] == B_ADDR for d in a)
 
-    merged = tmp_path / "both.jsonl"
-    merged.write_text("".join(json.dumps(d) + "\n" for d in a + b))
-    r = subprocess.run([sys.executable, "-m", "deeptrace.cli", "associate", str(merged), "--out", "-"],
-                       capture_output=True, text=True, check=True)  # fmt: skip
-    linked = {d["span_id"]: d for d in map(json.loads, r.stdout.splitlines())}
+    linked = associated(tmp_path, a + b)
     servers = [d for d in linked.values() if d["kind"] == "SERVER"]
     assert len(servers) == 3 and all(d["link_method"] == "seq-join" for d in servers)
     for s in servers:

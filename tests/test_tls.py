@@ -4,7 +4,6 @@ the same exchanges in plaintext, and joined to the other end by the ciphertext's
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -420,22 +419,17 @@ def test_redis_over_tls(collector, store, tmp_path, cert):
 
 def test_seq_join_over_tls_across_two_namespaces_with_an_agent_each(tmp_path, cert):
     require_bpf()
-    from test_association_live import B_ADDR, _agent, _spans, two_hosts
+    from servers import nginx_conf
+    from test_association_live import B_ADDR, _agent, _spans, associated, stop, two_hosts, wait_listening
 
     conf = tmp_path / "nginx.conf"
-    from servers import nginx_conf
-
     https = f"server {{{{ listen {B_ADDR}:8643 ssl http2; ssl_certificate {cert[0]}; ssl_certificate_key {cert[1]}; " \
             + _HELLO.format() + " }}"  # fmt: skip
     conf.write_text(nginx_conf(tmp_path, free_port(), http=https))
     with two_hosts() as (in_a, in_b):
         server = subprocess.Popen([*in_b, need("nginx"), "-c", str(conf), "-e", str(tmp_path / "error.log")])
         try:
-            wait = (
-                f"import socket,time\nfor _ in range(100):\n try:\n  socket.create_connection(('{B_ADDR}', 8643),"
-                " 0.2).close(); break\n except OSError: time.sleep(0.05)"
-            )
-            subprocess.run([*in_b, sys.executable, "-c", wait], check=True)
+            wait_listening(in_b, B_ADDR, 8643)
             assert server.poll() is None, (tmp_path / "error.log").read_text()
             agent_b = _agent(tmp_path / "b.jsonl", "--pid", str(server.pid), "--host", "host-b")
             agent_a = _agent(tmp_path / "a.jsonl", "--comm", "curl", "--host", "host-a")
@@ -443,21 +437,14 @@ def test_seq_join_over_tls_across_two_namespaces_with_an_agent_each(tmp_path, ce
                 subprocess.run([*in_a, need("curl"), "-sk", "-o", "/dev/null", version,
                                 f"https://{B_ADDR}:8643/hello"], check=True)  # fmt: skip
             time.sleep(1)
-            for agent in (agent_a, agent_b):
-                agent.send_signal(2)
-                _, err = agent.communicate(timeout=30)
-                assert agent.returncode == 0, err
+            stop(agent_a, agent_b)
         finally:
             server.terminate()
             server.wait()
     a, b = _spans(tmp_path / "a.jsonl"), _spans(tmp_path / "b.jsonl")
     assert [(d["kind"], d["attributes"].get("tls")) for d in a] == [("CLIENT", True)] * 3
     assert [(d["kind"], d["attributes"].get("tls")) for d in b] == [("SERVER", True)] * 3
-    merged = tmp_path / "both.jsonl"
-    merged.write_text("".join(json.dumps(d) + "\n" for d in a + b))
-    r = subprocess.run([sys.executable, "-m", "deeptrace.cli", "associate", str(merged), "--out", "-"],
-                       capture_output=True, text=True, check=True)  # fmt: skip
-    linked = {d["span_id"]: d for d in map(json.loads, r.stdout.splitlines())}
+    linked = associated(tmp_path, a + b)
     servers = [d for d in linked.values() if d["kind"] == "SERVER"]
     assert sorted(d["link_method"] for d in servers) == ["seq-join"] * 3
     for s in servers:
