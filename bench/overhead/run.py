@@ -64,18 +64,26 @@ LOOP_CPU, RUNNER_CPU = 1, 0
 
 def build() -> tuple[Path, dict[str, Path]]:
     """Compile the loop program and the floor's and minimal's BPF objects if missing or stale."""
-    OUT.mkdir(exist_ok=True)
     loop = OUT / "syscall_loop"
     objects = {name: OUT / f"{name}.bpf.o" for name in ("empty", "minimal")}
-    steps = [(HERE / "syscall_loop.c", loop, ["gcc", "-O2", "-Wall", "-o", str(loop)])] + [
-        (HERE / f"{name}.bpf.c", obj,
-         ["clang", "-O2", "-g", "-target", "bpf", "-I/usr/include/x86_64-linux-gnu", "-c", "-o", str(obj)])
-        for name, obj in objects.items()
-    ]  # fmt: skip
+    make([(HERE / "syscall_loop.c", loop, ["gcc", "-O2", "-Wall", "-o", str(loop), str(HERE / "syscall_loop.c")])]
+         + [bpf_step(name) for name in objects])  # fmt: skip
+    return loop, objects
+
+
+def bpf_step(name: str) -> tuple[Path, Path, list[str]]:
+    """How HERE/<name>.bpf.c becomes OUT/<name>.bpf.o."""
+    src, obj = HERE / f"{name}.bpf.c", OUT / f"{name}.bpf.o"
+    return src, obj, ["clang", "-O2", "-g", "-target", "bpf", "-I/usr/include/x86_64-linux-gnu", "-c", "-o", str(obj),
+                      str(src)]  # fmt: skip
+
+
+def make(steps: list[tuple[Path, Path, list[str]]]) -> None:
+    """Run each (source, output, command) whose output is missing or older than its source."""
+    OUT.mkdir(exist_ok=True)
     for src, dst, cmd in steps:
         if not dst.exists() or dst.stat().st_mtime < src.stat().st_mtime:
-            subprocess.run([*cmd, str(src)], check=True)
-    return loop, objects
+            subprocess.run(cmd, check=True)
 
 
 # ---- other tracers on the machine ----
