@@ -5,6 +5,9 @@ Three cases, each with its own server on a free loopback port, loaded to saturat
 
   nginx      1 worker, a static ~600-byte page, keep-alive, no access log;
              load: wrk -t1 -c16 -d<seconds>s
+  nginx-https  the same over TLS (`listen ... ssl`, a self-signed P-256 certificate made
+             with the openssl CLI; Debian's nginx and wrk both use OpenSSL, libssl3);
+             load: wrk -t1 -c16 -d<seconds>s https://...
   redis      redis-server --save '' --appendonly no;
              load: redis-benchmark -t get,set -c 16 -P 1 -n 20000, run again and again
              until the phase has lasted <seconds> (it has no duration option)
@@ -24,7 +27,8 @@ agent) is flagged with a WARNING: those slow every syscall, baselines included.
 
 Run as root from the repository root (about 40 seconds per case at 10-second phases):
 
-    .venv/bin/python bench/app_impact/run.py [--seconds 10] [--cases nginx,redis,memcached] [--quick] [--json FILE]
+    .venv/bin/python bench/app_impact/run.py [--seconds 10] [--cases nginx,nginx-https,redis,memcached] [--quick]
+        [--json FILE]
         [--agent-cores N] [--agent-args "..."]
 
 Progress goes to stderr; the table and, last, one JSON object with every figure to stdout.
@@ -97,9 +101,29 @@ def nginx_server(tmp: Path, port: int) -> list[str]:
     return [need("nginx"), "-c", str(tmp / "nginx.conf"), "-e", str(tmp / "error.log")]
 
 
-def wrk_load(port: int, seconds: float) -> Load:
+def nginx_https_server(tmp: Path, port: int) -> list[str]:
+    """nginx_server's page over TLS; the agent sees its plaintext at OpenSSL's SSL_read and
+    SSL_write (uprobes), its ciphertext syscalls are counted, not written."""
+    (tmp / "page.html").write_text(PAGE)
+    run_tool([need("openssl"), "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+              "-subj", "/CN=localhost", "-days", "2", "-keyout", str(tmp / "key.pem"), "-out", str(tmp / "cert.pem")],
+             timeout=60)  # fmt: skip
+    server = "root {dir}; ssl_certificate {dir}/cert.pem; ssl_certificate_key {dir}/key.pem;"
+    conf = nginx_conf(tmp, port, http=NGINX_HTTP, server=server)
+    listen = f"listen 127.0.0.1:{port};"
+    if conf.count(listen) != 1:
+        raise RuntimeError(f"the test suite's nginx.conf has no single '{listen}' line to add ssl to")
+    (tmp / "nginx.conf").write_text(conf.replace(listen, f"listen 127.0.0.1:{port} ssl;"))
+    return [need("nginx"), "-c", str(tmp / "nginx.conf"), "-e", str(tmp / "error.log")]
+
+
+def wrk_https_load(port: int, seconds: float) -> Load:
+    return wrk_load(port, seconds, "https")
+
+
+def wrk_load(port: int, seconds: float, scheme: str = "http") -> Load:
     out = run_tool([need("wrk"), "-t1", f"-c{CONNECTIONS}", f"-d{round(seconds)}s",
-                    f"http://127.0.0.1:{port}/page.html"], timeout=seconds + 60)  # fmt: skip
+                    f"{scheme}://127.0.0.1:{port}/page.html"], timeout=seconds + 60)  # fmt: skip
     requests, rps = re.search(r"(\d+) requests in ", out), re.search(r"Requests/sec:\s+([\d.]+)", out)
     if requests is None or rps is None:
         raise RuntimeError(f"wrk: no 'N requests in' or 'Requests/sec:' line in its output:\n{out}")
@@ -170,6 +194,8 @@ class Case:
 CASES = {
     "nginx": Case("nginx", "nginx", {"nginx": "nginx", "wrk": "wrk"}, nginx_server, wrk_load,
                   frozenset({"GET /page.html"})),
+    "nginx-https": Case("nginx-https", "nginx", {"nginx": "nginx", "wrk": "wrk", "openssl": "openssl"},
+                        nginx_https_server, wrk_https_load, frozenset({"GET /page.html"})),
     "redis": Case("redis", "redis-server", {"redis-server": "redis-server", "redis-benchmark": "redis-tools"},
                   redis_server, redis_load, frozenset({"redis GET", "redis SET"})),
     "memcached": Case("memcached", "memcached", {"memcached": "memcached", "memcaslap": "libmemcached-tools"},
@@ -308,6 +334,7 @@ SUMMARY = re.compile(
     r"deeptrace: (\d+) records \(kernel submitted (\d+), truncated (\d+)\), (\d+) exchanges \(kernel submitted "
     r"(\d+); connections assembled (\d+), handed over (\d+)\); drops: (\d+)(?: \(([^)]*)\))?"
 )
+TLS_SUMMARY = re.compile(r"; TLS: (\d+) plaintext records, (\d+) ciphertext calls not written")
 SAMPLED = re.compile(r"sampled away: (\d+) records, (\d+) exchanges \((\d+) connections left out when first seen; "
                      r"level now (\d+)\)")  # fmt: skip
 
@@ -316,6 +343,8 @@ def agent_counters(log: str) -> dict:
     """Records and drops from the agent's stderr: its exit summary, else its last stats line."""
     levels = [int(m[5]) for m in STATS.findall(log)]
     sampled = {"max_sample_level": max(levels, default=0)}
+    if m := TLS_SUMMARY.search(log):  # TLS connections' records: the plaintext, read at the library's calls
+        sampled.update(tls_plaintext_records=int(m[1]), tls_ciphertext_calls=int(m[2]))
     if m := SAMPLED.search(log):
         sampled.update(sampled_records=int(m[1]), sampled_exchanges=int(m[2]), connections_left_out=int(m[3]),
                        final_sample_level=int(m[4]))  # fmt: skip
@@ -473,12 +502,13 @@ def run_case(case: Case, seconds: float, agent_args: list[str], agent_cores: flo
 
 
 def print_table(results: dict[str, dict]) -> None:
-    head = (f"{'case':6} {'A1 req/s':>10} {'B req/s':>10} {'A2 req/s':>10} {'B/mean(A)':>9} {'B requests':>11} "
+    w = max(6, *map(len, results))
+    head = (f"{'case':{w}} {'A1 req/s':>10} {'B req/s':>10} {'A2 req/s':>10} {'B/mean(A)':>9} {'B requests':>11} "
             f"{'spans':>10} {'spans/req':>9} {'drops':>9} {'agent cores':>11} {'agent CPU s':>11} {'agent RSS MiB':>13}")  # fmt: skip
     print(head)
     for name, r in results.items():
         p, agent = r["phases"], r["phases"]["B"]["agent"]
-        print(f"{name:6} {p['A1']['rps']:>10,.0f} {p['B']['rps']:>10,.0f} {p['A2']['rps']:>10,.0f} "
+        print(f"{name:{w}} {p['A1']['rps']:>10,.0f} {p['B']['rps']:>10,.0f} {p['A2']['rps']:>10,.0f} "
               f"{r['throughput_ratio']:>9.3f} {p['B']['requests']:>11,} {p['B']['spans']:>10,} "
               f"{r['spans_per_request']:>9.3f} {r['drops']:>9,} {agent['cores_during_load']:>11.2f} "
               f"{agent['cpu_seconds_total']:>11.1f} {agent['peak_rss_mib']:>13.1f}")  # fmt: skip
@@ -504,6 +534,9 @@ def print_table(results: dict[str, dict]) -> None:
             notes.append(f"sampled: level up to {agent['max_sample_level']} (keeps 1 in {2 ** agent['max_sample_level']}), "
                          f"{agent.get('sampled_exchanges', 0):,} exchanges and {agent.get('sampled_records', 0):,} records "
                          f"left out; spans weighted by sampling.weight / requests {r['weighted_spans_per_request']:.3f}")  # fmt: skip
+        if "tls_plaintext_records" in agent:
+            notes.append(f"TLS: {agent['tls_plaintext_records']:,} plaintext records, "
+                         f"{agent['tls_ciphertext_calls']:,} ciphertext calls not written")  # fmt: skip
         notes.append(f"spans not whole (partial or no response) {r['spans_not_whole']:,}")
         print(f"{name}: " + "; ".join(notes))
         print(f"{name}: target spans >= {TARGET_SPANS} x requests with no drops -> "
@@ -526,7 +559,9 @@ def preflight(cases: list[Case]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=10.0, help="length of each phase")
-    ap.add_argument("--cases", default="nginx,redis,memcached", help="comma-separated: " + ", ".join(CASES))
+    ap.add_argument(
+        "--cases", default="nginx,nginx-https,redis,memcached", help="comma-separated: " + ", ".join(CASES)
+    )
     ap.add_argument("--quick", action="store_true", help="3-second phases")
     ap.add_argument("--json", type=Path, help="also write the JSON result to this file")
     ap.add_argument("--agent-cores", type=float, default=None,
