@@ -13,7 +13,7 @@ ARCH      := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
 # Build tools, libbpf, and the real servers and clients the tests trace.
 APT_PACKAGES := clang llvm libbpf1 libbpf-dev bpftool gcc libc6-dev make \
                 nginx-light redis-server redis-tools memcached libmemcached-tools postgresql mariadb-server mariadb-client \
-                curl wrk dnsmasq-base bind9-dnsutils tshark \
+                curl wget openssl libssl-dev wrk dnsmasq-base bind9-dnsutils tshark \
                 rabbitmq-server nats-server mosquitto \
                 iproute2 procps chromium golang-go clickhouse-server clickhouse-client
 
