@@ -108,7 +108,8 @@ def nginx_https_server(tmp: Path, port: int) -> list[str]:
     run_tool([need("openssl"), "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
               "-subj", "/CN=localhost", "-days", "2", "-keyout", str(tmp / "key.pem"), "-out", str(tmp / "cert.pem")],
              timeout=60)  # fmt: skip
-    server = "root {dir}; ssl_certificate {dir}/cert.pem; ssl_certificate_key {dir}/key.pem;"
+    # TLS 1.3 as Debian's own nginx.conf enables it (nginx 1.22's default is TLS 1.2 at most).
+    server = "root {dir}; ssl_certificate {dir}/cert.pem; ssl_certificate_key {dir}/key.pem; ssl_protocols TLSv1.2 TLSv1.3;"
     conf = nginx_conf(tmp, port, http=NGINX_HTTP, server=server)
     listen = f"listen 127.0.0.1:{port};"
     if conf.count(listen) != 1:
@@ -332,7 +333,8 @@ STATS = re.compile(r"deeptrace: records (\d+) exchanges (\d+) spans (\d+) drops 
                    r"\(level (\d+)\) open connections (\d+)")  # fmt: skip
 SUMMARY = re.compile(
     r"deeptrace: (\d+) records \(kernel submitted (\d+), truncated (\d+)\), (\d+) exchanges \(kernel submitted "
-    r"(\d+); connections assembled (\d+), handed over (\d+)\); drops: (\d+)(?: \(([^)]*)\))?"
+    r"(\d+); connections assembled (\d+), handed over (\d+)\); drops: (\d+)"
+    r"(?:; sampled away: [^;]*; level now \d+\))?(?: \(([^)]*)\))?"  # the reasons come after the sampling part
 )
 TLS_SUMMARY = re.compile(r"; TLS: (\d+) plaintext records, (\d+) ciphertext calls not written")
 SAMPLED = re.compile(r"sampled away: (\d+) records, (\d+) exchanges \((\d+) connections left out when first seen; "
