@@ -541,3 +541,33 @@ def test_a_tls_connection_older_than_the_tracing(collector, store, cert):
         ("SERVER", "GET /after/{id}", "200")]  # fmt: skip
     assert_tls(spans, "openssl")
     assert seq_joined(spans) == 1
+
+
+def test_plaintext_that_starts_like_a_tls_record_is_still_written(collector, store):
+    """A MySQL packet of 0x000316 bytes whose sequence number is 0 and whose command is 0x17
+    (COM_STMT_EXECUTE) of statement 1 begins 16 03 00 00 17 01: not a TLS handshake."""
+    require_bpf()
+    code = r"""
+import socket, sys
+ls = socket.create_server(("127.0.0.1", 0))
+c = socket.create_connection(ls.getsockname())
+s, _ = ls.accept()
+print(ls.getsockname()[1], flush=True)
+sys.stdin.readline()
+packet = bytes([0x16, 0x03, 0x00, 0x00, 0x17, 0x01, 0x00, 0x00, 0x00, 0x00, 0x01]) + bytes(0x316 - 7)
+c.sendall(packet)
+got = b""
+while len(got) < len(packet):
+    got += s.recv(65536)
+print("done", flush=True)
+"""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    port = int(proc.stdout.readline())
+    collector.trace(proc.pid)
+    assert proc.communicate("go\n", timeout=30)[0].strip() == "done"
+    recs = store.wait_for(proc.pid, lambda rs: sum(r.size for r in rs if r.direction == "ingress") >= 0x31A)
+    data = [r for r in recs if r.direction and port in (r.lport, r.rport)]
+    assert sum(r.size for r in data if r.direction == "egress") == 0x31A
+    assert data[0].payload.startswith(bytes([0x16, 0x03, 0x00, 0x00, 0x17, 0x01]))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import struct
 import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -42,6 +43,10 @@ GO_FUNCTIONS = (
     ("go_tls_write_enter", "crypto/tls.(*Conn).Write"),
 )
 GO_RETURN_PROGRAM = "go_tls_return_probe"
+# The itab that makes a *net.TCPConn a net.Conn (Go 1.20 renamed "go." symbols to "go:").
+GO_TCPCONN_ITABS = ("go:itab.*net.TCPConn,net.Conn", "go.itab.*net.TCPConn,net.Conn")
+GO_MIN_MINOR = 17  # Go 1.17 brought the register ABI on amd64, which the programs read
+MAX_FUNCTION_BYTES = 1 << 20  # what a symbol may claim to span before the file is not believed
 
 # File names of the shared libraries, by what they are: libssl.so.3, and the copies Python
 # wheels bundle (libssl-a1b2c3d4.so.3).
@@ -147,42 +152,74 @@ def executable_target(pid: int) -> Target | None:
 class GoFunction:
     offset: int  # in the file, where the uprobe goes
     returns: tuple[int, ...]  # file offsets of its RET instructions
+    itab_delta: int  # the *net.TCPConn itab's address less the function's
 
 
 def go_tls_functions(path: str) -> dict[str, GoFunction] | None:
     """crypto/tls's Read and Write in a Go executable, with their return instructions; None if
-    it is not a Go program for amd64 with a symbol table, or has no crypto/tls. OSError if it
-    cannot be read (its process is gone)."""
+    it is not a Go 1.17+ program for amd64 with a symbol table, or has no crypto/tls. OSError if
+    it cannot be opened (its process is gone)."""
     from elftools.common.exceptions import ELFError
     from elftools.elf.elffile import ELFFile
 
-    try:
-        with open(path, "rb") as f:
+    with open(path, "rb") as f:
+        try:
             elf = ELFFile(f)
-            if elf["e_machine"] != "EM_X86_64" or not elf.get_section_by_name(".gopclntab") and not \
-                    elf.get_section_by_name(".go.buildinfo"):  # fmt: skip
+            if elf["e_machine"] != "EM_X86_64" or (_go_minor(elf) or 0) < GO_MIN_MINOR:
                 return None
             symtab = elf.get_section_by_name(".symtab")
             if symtab is None:
                 return None  # stripped (-ldflags=-s): the functions cannot be found
             wanted = {name for _, name in GO_FUNCTIONS}
-            found = {}
+            found, itab = {}, None
             for sym in symtab.iter_symbols():
                 if sym.name in wanted and sym["st_info"]["type"] == "STT_FUNC":
                     found[sym.name] = (sym["st_value"], sym["st_size"])
-            if len(found) != len(wanted):
+                elif sym.name in GO_TCPCONN_ITABS:
+                    itab = sym["st_value"]
+            if len(found) != len(wanted) or itab is None:
                 return None
             out = {}
             for name, (vaddr, size) in found.items():
                 offset = _file_offset(elf, vaddr)
-                if offset is None or size <= 0:
+                if offset is None or not 0 < size <= MAX_FUNCTION_BYTES:
                     return None
                 f.seek(offset)
                 code = f.read(size)
-                out[name] = GoFunction(offset, tuple(offset + r for r in _return_offsets(code, vaddr)))
+                returns = tuple(offset + r for r in _return_offsets(code, vaddr))
+                out[name] = GoFunction(offset, returns, itab - vaddr)
             return out
-    except (ELFError, ValueError):
+        except (ELFError, ValueError, KeyError, IndexError, struct.error):
+            return None
+
+
+def _go_minor(elf) -> int | None:
+    """The minor version of the Go that built it, from its .go.buildinfo; None if not Go."""
+    section = elf.get_section_by_name(".go.buildinfo")
+    if section is None:
         return None
+    data = section.data()
+    if len(data) < 33 or not data.startswith(b"\xff Go buildinf:"):
+        return None
+    if data[15] & 2:  # Go 1.18+: the version inline, after a varint length
+        version = data[33 : 33 + data[32]]
+    else:  # Go 1.17 and older: a pointer to the version's string header
+        fmt = {4: "I", 8: "Q"}.get(data[14])
+        if fmt is None:
+            return None
+        (header,) = struct.unpack_from("<" + fmt, data, 16)
+        ptr, length = struct.unpack("<2" + fmt, _read_vaddr(elf, header, 2 * data[14]))
+        version = _read_vaddr(elf, ptr, min(length, 64))
+    m = re.match(rb"go1\.(\d+)", version)
+    return int(m.group(1)) if m else None
+
+
+def _read_vaddr(elf, vaddr: int, size: int) -> bytes:
+    offset = _file_offset(elf, vaddr)
+    if offset is None:
+        raise ValueError(f"address {vaddr:#x} is in no segment")
+    elf.stream.seek(offset)
+    return elf.stream.read(size)
 
 
 def _file_offset(elf, vaddr: int) -> int | None:
@@ -210,6 +247,7 @@ class TlsProbes:
         go between two syncs. Their functions then stop in every process that calls them,
         traced or not (the cost is in docs/benchmarks.md)."""
         self._obj = obj
+        self._go_itabs = obj.map("GO_TCPCONN_ITABS")
         self._links: dict[tuple[int, int], list[int]] = {}  # file -> its uprobe links
         self._names: dict[tuple[int, int], str] = {}
         self._users: dict[tuple[int, int], set[int]] = {}  # file -> traced pids mapping it
@@ -259,8 +297,13 @@ class TlsProbes:
         except BpfError as e:
             if target.path.startswith("/proc/") and not os.path.exists(target.path):
                 return  # its process is gone: another that maps the file will be seen
-            self._failed.add(target.key)
             self.stats.errors[target.name] = str(e).splitlines()[0]
+            if not any(code in str(e) for code in ("EMFILE", "ENFILE", "ENOMEM")):
+                self._failed.add(target.key)  # else out of descriptors or memory for now: tried again
+            return
+        except Exception as e:  # noqa: BLE001 - a file that breaks the ELF reader must not stop the agent
+            self._failed.add(target.key)
+            self.stats.errors[target.name] = f"unreadable: {e!r}"[:200]
             return
         if links is None:  # not a Go program with crypto/tls: nothing to attach, ever
             self._failed.add(target.key)
@@ -279,21 +322,25 @@ class TlsProbes:
                     return None
                 for program, name in GO_FUNCTIONS:
                     fn = functions[name]
-                    links.append(self._obj.attach_uprobe(program, target.path, fn.offset))
+                    self._go_itabs.update(struct.pack("<q", fn.itab_delta), b"\x01")
+                    # Returns first: an entry probed before its returns could begin a call that never ends.
                     for ret in fn.returns:
                         links.append(self._obj.attach_uprobe(GO_RETURN_PROGRAM, target.path, ret))
+                    links.append(self._obj.attach_uprobe(program, target.path, fn.offset))
                 return links
             probes = OPENSSL_PROBES if target.library == "openssl" else GNUTLS_PROBES
             for program, symbol in probes:
+                # The return first: an entry probed before its return could begin a call that
+                # never ends, and the thread's socket calls would be taken for the library's.
                 try:
-                    links.append(self._obj.attach_uprobe(program, target.path, function=symbol))
+                    links.append(
+                        self._obj.attach_uprobe(C_RETURN_PROGRAM, target.path, function=symbol, retprobe=True)
+                    )
                 except BpfError:
                     if symbol.endswith("_ex"):
                         continue  # OpenSSL 1.1.0 and older have no SSL_read_ex/SSL_write_ex
                     raise
-                links.append(
-                    self._obj.attach_uprobe(C_RETURN_PROGRAM, target.path, function=symbol, retprobe=True)
-                )
+                links.append(self._obj.attach_uprobe(program, target.path, function=symbol))
             return links
         except BpfError:
             for link in links:

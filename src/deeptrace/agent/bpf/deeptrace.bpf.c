@@ -59,14 +59,15 @@ struct tls_call {
 	__u64 session;   /* SSL *, gnutls_session_t, *tls.Conn */
 	__u64 sk;        /* the socket its ciphertext moved on; 0: none seen yet */
 	__u64 enter_ns;
+	__u64 sp;        /* the stack pointer at its entry: what is deeper runs inside it (a nested
+			    call, the socket syscall), what is not is after it (it never returned) */
 	__u32 fd;
 	__u32 enter_seq; /* with seq_set: TCP seq of the first ciphertext byte the call moved */
 	__u8 syscall;    /* enum dt_syscall */
 	__u8 direction;
 	__u8 active;
 	__u8 seq_set;
-	__u8 depth;      /* calls nested inside it (one library function calling another) */
-	__u8 pad[3];
+	__u8 pad[4];
 };
 
 /* A session's socket, as an earlier call on it found it (a call that returns bytes the
@@ -80,7 +81,12 @@ struct tls_session_key {
 struct tls_session {
 	__u64 sk;
 	__u32 fd;
-	__u32 pad;
+	/* Per direction (enum dt_direction - 1): where the ciphertext of a call that moved some of
+	 * it and returned no plaintext (WANT_READ, WANT_WRITE) began: the next call's bytes
+	 * began there. */
+	__u32 pending_seq[2];
+	__u8 pending[2];
+	__u8 pad[2];
 };
 
 /* A goroutine's call: Go moves goroutines between threads, so a thread id does not name it. */
@@ -299,6 +305,16 @@ struct {
 	__type(key, struct tls_session_key);
 	__type(value, struct tls_session);
 } TLS_SESSIONS SEC(".maps");
+
+/* Go programs whose crypto/tls is probed: for each function, where the *net.TCPConn itab for
+ * net.Conn lies relative to the function's own code (the same however the program is loaded,
+ * PIE or not). A tls.Conn over anything else is not read: its fd would be a guess. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __s64);  /* itab address - function address */
+	__type(value, __u8);
+} GO_TCPCONN_ITABS SEC(".maps");
 
 /* ---- reading kernel memory ----
  * Default (kernel 6.2+): typed pointers from bpf_get_current_task_btf() and
@@ -2127,18 +2143,40 @@ static __always_inline bool dns_assembled(void)
 
 #define TLS_SNIFF_CALLS 8 /* data calls of a connection looked at for a handshake */
 
-/* A TLS handshake record: content type 22, version 3.x, and (when seen) a ClientHello or
- * ServerHello. A library that reads the 5-byte record header first shows nothing more. */
+/* A TLS handshake record: content type 22, record version 3.1-3.4, and (when seen) a
+ * ClientHello or ServerHello of version 3.x that fits in the record. A library that reads the
+ * 5-byte record header first shows nothing more. (Other protocols' first bytes that could
+ * look alike, a MySQL or MongoDB length of 0x0316 or 0x010316, fail the version or the
+ * handshake's own length.) */
 static __always_inline bool tls_handshake(const __u8 *d, __u32 captured, __u32 size)
 {
-	if (captured < 5 || d[0] != 22 || d[1] != 3 || d[2] > 4)
+	if (captured < 5 || d[0] != 22 || d[1] != 3 || d[2] < 1 || d[2] > 4)
 		return false;
 	__u32 len = ((__u32)d[3] << 8) | d[4];
-	if (len == 0 || len > (1 << 14) + 2048)
+	if (len < 4 || len > (1 << 14) + 2048)
 		return false;
 	if (size == 5)
 		return true;
-	return captured >= 6 && (d[5] == 1 || d[5] == 2);
+	if (captured < 10 || (d[5] != 1 && d[5] != 2) || d[9] != 3)
+		return false;
+	__u32 hello = ((__u32)d[6] << 16) | ((__u32)d[7] << 8) | d[8];
+	return hello + 4 <= len;
+}
+
+/* Whether the thread, now in a syscall, is inside the library call `t` (its stack is deeper
+ * than at the call's entry). A call that never returned (its thread left it by a longjmp, or
+ * the entry was probed before its return was) is over once the thread is back above it. */
+static __always_inline bool inside(struct tls_call *t)
+{
+#ifndef DT_COMPAT_READS /* bpf_task_pt_regs: 5.15+ */
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+
+	if (regs && PT_REGS_SP(regs) >= t->sp) {
+		t->active = 0;
+		return false;
+	}
+#endif
+	return true;
 }
 
 /* A socket syscall made inside a TLS library call of this thread: its socket is the call's,
@@ -2188,7 +2226,7 @@ static __always_inline int enter_io(void *map, __u8 syscall, __u8 direction, lon
 		return 0;
 	if (l4 == IPPROTO_TCP && direction != DT_DIR_NONE) {
 		struct tls_call *t = bpf_map_lookup_elem(&TLS_CALLS, &id);
-		if (t && t->active) {
+		if (t && t->active && inside(t)) {
 			tls_inner(t, sk, direction, fd);
 			return 0;
 		}
@@ -2315,6 +2353,10 @@ static __always_inline int exit_mmsg(void *map, __u8 direction, long ret)
 		struct scratch *s = begin_record(&a, direction, DT_ROLE_UNKNOWN, false, &c);
 		if (!s)
 			return 0;
+		if (c && c->tls) {
+			count(DT_CNT_TLS_CIPHERTEXT);
+			continue;
+		}
 		if (c && a.l4 == IPPROTO_TCP && c->mode != XM_RECORDS)
 			records_only(c, &s->rec); /* batches of TCP messages are user space's to frame */
 		s->rec.ret = ret;
@@ -2516,22 +2558,23 @@ int on_exec(void *ctx)
  * traced ones. The call's socket is the one a socket syscall inside the call moved its
  * ciphertext on (tls_inner), else the one an earlier call of the same session used. */
 
-static __always_inline int tls_enter(__u64 session, __u64 buf, __u64 out_len, __u8 syscall, __u8 direction)
+static __always_inline int tls_enter(struct pt_regs *ctx, __u64 session, __u64 buf, __u64 out_len, __u8 syscall,
+				     __u8 direction)
 {
 	__u64 id = bpf_get_current_pid_tgid();
+	__u64 sp = PT_REGS_SP(ctx);
 
 	if (!traced(id >> 32))
 		return 0;
 	struct tls_call *t = bpf_map_lookup_elem(&TLS_CALLS, &id);
-	if (t && t->active) {
-		t->depth++;
-		return 0;
-	}
+	if (t && t->active && sp < t->sp)
+		return 0; /* called inside a call in progress (one library function calling another) */
 	struct tls_call n = {
 		.buf = buf,
 		.out_len = out_len,
 		.session = session,
 		.enter_ns = bpf_ktime_get_ns(),
+		.sp = sp,
 		.syscall = syscall,
 		.direction = direction,
 		.active = 1,
@@ -2577,40 +2620,63 @@ static __always_inline void tls_record(struct tls_call *t, __u64 n)
 	submit(s, captured);
 }
 
-/* The return of a C library's call: `ret` bytes (or, for SSL_*_ex, 1 and the count at out_len). */
-static __always_inline int tls_exit(long ret)
+/* The session's entry (made if new) when the call found its socket; else the remembered
+ * one if its fd still names that socket (a session's memory may serve a later one). */
+static __always_inline struct tls_session *tls_session_of(struct tls_call *t, struct tls_session_key *k)
+{
+	struct tls_session *v = bpf_map_lookup_elem(&TLS_SESSIONS, k);
+	__u8 l4 = 0;
+
+	if (t->sk) {
+		if (v && v->sk == t->sk)
+			return v;
+		struct tls_session n = { .sk = t->sk, .fd = t->fd };
+		bpf_map_update_elem(&TLS_SESSIONS, k, &n, BPF_ANY);
+		return bpf_map_lookup_elem(&TLS_SESSIONS, k);
+	}
+	if (!v || (__u64)inet_sock_of_fd(v->fd, &l4) != v->sk)
+		return NULL;
+	t->sk = v->sk;
+	t->fd = v->fd;
+	return v;
+}
+
+/* The return of a C library's call: `ret` bytes (or, for SSL_*_ex, 1 and the count at out_len).
+ * `sp`: the stack pointer after the return, above the entry's for the call's own return. */
+static __always_inline int tls_exit(long ret, __u64 sp)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	struct tls_call *p = bpf_map_lookup_elem(&TLS_CALLS, &id);
 
-	if (!p || !p->active)
-		return 0;
-	if (p->depth) {
-		p->depth--;
-		return 0;
-	}
+	if (!p || !p->active || sp <= p->sp)
+		return 0; /* none, or a nested call's return */
 	p->active = 0;
 	struct tls_call t = *p;
 	__u64 n = ret;
 	if (t.out_len) {
 		n = 0;
 		if (ret != 1 || bpf_probe_read_user(&n, sizeof(n), (void *)t.out_len))
-			return 0;
+			n = 0;
 	}
-	if (ret <= 0 || n == 0 || n > (1ULL << 31))
-		return 0;
 	struct tls_session_key k = { .session = t.session, .tgid = id >> 32 };
-	if (t.sk) {
-		struct tls_session v = { .sk = t.sk, .fd = t.fd };
-		bpf_map_update_elem(&TLS_SESSIONS, &k, &v, BPF_ANY);
-	} else {
-		struct tls_session *v = bpf_map_lookup_elem(&TLS_SESSIONS, &k);
-		if (!v) {
-			count(DT_CNT_DROP_TLS_NO_SOCKET);
-			return 0;
+	struct tls_session *v = tls_session_of(&t, &k);
+	__u32 d = t.direction == DT_DIR_EGRESS;
+	if (ret <= 0 || n == 0 || n > (1ULL << 31)) {
+		/* No plaintext (yet): what ciphertext it moved belongs to the next call's bytes. */
+		if (v && t.seq_set && !v->pending[d]) {
+			v->pending[d] = 1;
+			v->pending_seq[d] = t.enter_seq;
 		}
-		t.sk = v->sk;
-		t.fd = v->fd;
+		return 0;
+	}
+	if (!v) {
+		count(DT_CNT_DROP_TLS_NO_SOCKET);
+		return 0;
+	}
+	if (v->pending[d]) {
+		t.enter_seq = v->pending_seq[d];
+		t.seq_set = 1;
+		v->pending[d] = 0;
 	}
 	tls_record(&t, n);
 	return 0;
@@ -2621,45 +2687,45 @@ static __always_inline int tls_exit(long ret)
 SEC("uprobe")
 int BPF_KPROBE(ssl_read_enter, void *ssl, void *buf)
 {
-	return tls_enter((__u64)ssl, (__u64)buf, 0, DT_SYS_SSL_READ, DT_DIR_INGRESS);
+	return tls_enter(ctx, (__u64)ssl, (__u64)buf, 0, DT_SYS_SSL_READ, DT_DIR_INGRESS);
 }
 
 SEC("uprobe")
 int BPF_KPROBE(ssl_read_ex_enter, void *ssl, void *buf, __u64 num, void *readbytes)
 {
-	return tls_enter((__u64)ssl, (__u64)buf, (__u64)readbytes, DT_SYS_SSL_READ, DT_DIR_INGRESS);
+	return tls_enter(ctx, (__u64)ssl, (__u64)buf, (__u64)readbytes, DT_SYS_SSL_READ, DT_DIR_INGRESS);
 }
 
 SEC("uprobe")
 int BPF_KPROBE(ssl_write_enter, void *ssl, void *buf)
 {
-	return tls_enter((__u64)ssl, (__u64)buf, 0, DT_SYS_SSL_WRITE, DT_DIR_EGRESS);
+	return tls_enter(ctx, (__u64)ssl, (__u64)buf, 0, DT_SYS_SSL_WRITE, DT_DIR_EGRESS);
 }
 
 SEC("uprobe")
 int BPF_KPROBE(ssl_write_ex_enter, void *ssl, void *buf, __u64 num, void *written)
 {
-	return tls_enter((__u64)ssl, (__u64)buf, (__u64)written, DT_SYS_SSL_WRITE, DT_DIR_EGRESS);
+	return tls_enter(ctx, (__u64)ssl, (__u64)buf, (__u64)written, DT_SYS_SSL_WRITE, DT_DIR_EGRESS);
 }
 
 /* ssize_t gnutls_record_recv(gnutls_session_t, void *, size_t), and _send. */
 SEC("uprobe")
 int BPF_KPROBE(gnutls_recv_enter, void *session, void *buf)
 {
-	return tls_enter((__u64)session, (__u64)buf, 0, DT_SYS_GNUTLS_RECV, DT_DIR_INGRESS);
+	return tls_enter(ctx, (__u64)session, (__u64)buf, 0, DT_SYS_GNUTLS_RECV, DT_DIR_INGRESS);
 }
 
 SEC("uprobe")
 int BPF_KPROBE(gnutls_send_enter, void *session, void *buf)
 {
-	return tls_enter((__u64)session, (__u64)buf, 0, DT_SYS_GNUTLS_SEND, DT_DIR_EGRESS);
+	return tls_enter(ctx, (__u64)session, (__u64)buf, 0, DT_SYS_GNUTLS_SEND, DT_DIR_EGRESS);
 }
 
 /* Every C library's read and write functions return here. */
 SEC("uretprobe")
 int BPF_KRETPROBE(tls_return, long ret)
 {
-	return tls_exit(ret);
+	return tls_exit(ret, PT_REGS_SP(ctx));
 }
 
 #if defined(__TARGET_ARCH_x86)
@@ -2675,11 +2741,16 @@ int BPF_KRETPROBE(tls_return, long ret)
 #define GO_IFACE_DATA 8
 #define GO_NETFD_SYSFD 16
 
-static __always_inline long go_tls_fd(__u64 conn)
+static __always_inline long go_tls_fd(__u64 conn, __u64 ip)
 {
-	__u64 data = 0, netfd = 0;
+	__u64 itab = 0, data = 0, netfd = 0;
 	__s64 fd = -1;
 
+	if (bpf_probe_read_user(&itab, sizeof(itab), (void *)conn))
+		return -1;
+	__s64 delta = itab - ip;
+	if (!bpf_map_lookup_elem(&GO_TCPCONN_ITABS, &delta))
+		return -1; /* not a *net.TCPConn: a wrapper, a pipe, TLS inside TLS */
 	if (bpf_probe_read_user(&data, sizeof(data), (void *)(conn + GO_IFACE_DATA)) || !data ||
 	    bpf_probe_read_user(&netfd, sizeof(netfd), (void *)data) || !netfd ||
 	    bpf_probe_read_user(&fd, sizeof(fd), (void *)(netfd + GO_NETFD_SYSFD)))
@@ -2694,7 +2765,7 @@ static __always_inline int go_tls_enter(struct pt_regs *ctx, __u8 syscall, __u8 
 
 	if (!traced(id >> 32))
 		return 0;
-	long fd = go_tls_fd(ctx->ax);
+	long fd = go_tls_fd(ctx->ax, ctx->ip);
 	struct sock *sk = inet_sock_of_fd(fd, &l4);
 	if (!sk || l4 != IPPROTO_TCP)
 		return 0;
