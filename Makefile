@@ -90,6 +90,7 @@ demo-cluster: setup
 bench: setup
 	$(VPY) bench/overhead/run.py
 	$(VPY) bench/overhead/hook_times.py
+	$(VPY) bench/overhead/tls.py
 	$(VPY) bench/throughput/run.py
 	$(VPY) bench/spans/run.py
 
@@ -108,8 +109,9 @@ $(VENV)/.bench-installed: pyproject.toml
 	$(VPY) -m pip install -q -e '.[server,test,bench]'
 	touch $@
 
-# The agent under saturating nginx (wrk) and redis-server (redis-benchmark), A/B/A in one run
-# (bench/app_impact/run.py; as root, about 1.5 minutes). ARGS passes options, e.g. ARGS="--quick".
+# The agent under saturating nginx over http and https (wrk), redis-server (redis-benchmark) and
+# memcached (memcaslap), A/B/A in one run (bench/app_impact/run.py; as root, about 3 minutes).
+# ARGS passes options, e.g. ARGS="--quick".
 bench-app-impact: setup
 	$(VPY) bench/app_impact/run.py $(ARGS)
 
