@@ -161,7 +161,12 @@ def test_curl_and_nginx_over_tls_give_the_spans_of_plain_http(collector, store, 
     assert_tls(tls_spans, "openssl")
     assert not any("tls" in s.attributes for s in plain_spans)
     assert_only_plaintext_written(tls_recs)
-    assert (seq_joined if version == "1.1" else stream_joined)(tls_spans) == 3
+    if (
+        version == "1.1"
+    ):  # all but a first request nginx read ahead within the handshake (see the two-host test)
+        assert seq_joined(tls_spans) >= 2
+    else:
+        assert stream_joined(tls_spans) == 3
 
 
 def test_wget_with_gnutls_traced_by_name_from_an_agent_started_first(tmp_path, cert):
@@ -446,8 +451,17 @@ def test_seq_join_over_tls_across_two_namespaces_with_an_agent_each(tmp_path, ce
     assert [(d["kind"], d["attributes"].get("tls")) for d in b] == [("SERVER", True)] * 3
     linked = associated(tmp_path, a + b)
     servers = [d for d in linked.values() if d["kind"] == "SERVER"]
-    assert sorted(d["link_method"] for d in servers) == ["seq-join"] * 3
-    for s in servers:
+    # A first request that nginx's OpenSSL read ahead within the handshake is returned by an
+    # SSL_read that moves no ciphertext: its range is empty, at the record's end, and it is not
+    # seq-joined (README, limitations). How often depends on timing; the others must be.
+    joined = [d for d in servers if d["link_method"] == "seq-join"]
+    read_ahead = [d for d in servers if d["link_method"] != "seq-join"]
+    assert len(joined) >= 2, [
+        (d["name"], d.get("req_seq"), d["attributes"].get("http2.stream_id")) for d in a + b
+    ]
+    assert all(d["req_seq"] is None or d["req_seq"][0] not in {c["req_seq"][0] for c in a if c["req_seq"]}
+               for d in read_ahead)  # fmt: skip
+    for s in joined:
         c = linked[s["parent_span_id"]]
         assert c["host"] == "host-a" and c["trace_id"] == s["trace_id"] and c["name"] == s["name"]
 

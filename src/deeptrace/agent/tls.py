@@ -28,12 +28,14 @@ from deeptrace.agent.libbpf import BpfError, BpfObject
 
 # (program, symbol, return probe) per library; every C function returns through tls_return.
 OPENSSL_PROBES = (
+    ("ssl_handshake_enter", "SSL_do_handshake"),
     ("ssl_read_enter", "SSL_read"),
     ("ssl_read_ex_enter", "SSL_read_ex"),
     ("ssl_write_enter", "SSL_write"),
     ("ssl_write_ex_enter", "SSL_write_ex"),
 )
 GNUTLS_PROBES = (
+    ("gnutls_handshake_enter", "gnutls_handshake"),
     ("gnutls_recv_enter", "gnutls_record_recv"),
     ("gnutls_send_enter", "gnutls_record_send"),
 )

@@ -2660,6 +2660,8 @@ static __always_inline int tls_exit(long ret, __u64 sp)
 	}
 	struct tls_session_key k = { .session = t.session, .tgid = id >> 32 };
 	struct tls_session *v = tls_session_of(&t, &k);
+	if (!t.syscall)
+		return 0; /* a handshake: it tied the session to its socket, it has no plaintext */
 	__u32 d = t.direction == DT_DIR_EGRESS;
 	if (ret <= 0 || n == 0 || n > (1ULL << 31)) {
 		/* No plaintext (yet): what ciphertext it moved belongs to the next call's bytes. */
@@ -2706,6 +2708,22 @@ SEC("uprobe")
 int BPF_KPROBE(ssl_write_ex_enter, void *ssl, void *buf, __u64 num, void *written)
 {
 	return tls_enter(ctx, (__u64)ssl, (__u64)buf, (__u64)written, DT_SYS_SSL_WRITE, DT_DIR_EGRESS);
+}
+
+/* int SSL_do_handshake(SSL *) (SSL_accept and SSL_connect call it): no plaintext, but its
+ * socket syscalls tie the session to its socket, for a first SSL_read that returns what the
+ * handshake already read (nginx reads ahead) and so makes none. */
+SEC("uprobe")
+int BPF_KPROBE(ssl_handshake_enter, void *ssl)
+{
+	return tls_enter(ctx, (__u64)ssl, 0, 0, 0, DT_DIR_NONE);
+}
+
+/* int gnutls_handshake(gnutls_session_t), likewise. */
+SEC("uprobe")
+int BPF_KPROBE(gnutls_handshake_enter, void *session)
+{
+	return tls_enter(ctx, (__u64)session, 0, 0, 0, DT_DIR_NONE);
 }
 
 /* ssize_t gnutls_record_recv(gnutls_session_t, void *, size_t), and _send. */
