@@ -290,10 +290,12 @@ def print_table(rows: dict[str, dict]) -> None:
               f"{_ratio(r['traced_cost_over_minimal_cost']):>15} {r['untraced_over_floor']:10.3f}")  # fmt: skip
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def bench_args(description: str, repeats: int) -> argparse.Namespace:
+    """The options of the overhead benchmarks, parsed; and this process pinned to the runner's
+    CPU, the other left to the agent's reader."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--calls", type=int, default=100_000)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=repeats)
     ap.add_argument("--quick", action="store_true", help="20,000 calls, 1 repeat: a smoke run")
     # The loop makes a record every ~1-2 us, faster than the Python reader decodes
     # them (~2.5 us each): the default 16 MiB ring would fill within one run and drop.
@@ -303,10 +305,14 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.calls, args.repeats = 20_000, 1
-
     if (os.cpu_count() or 1) < 2:
         raise SystemExit("needs two CPUs: one for the measured loop, one for the agent's reader")
     os.sched_setaffinity(0, {RUNNER_CPU})
+    return args
+
+
+def main() -> None:
+    args = bench_args(__doc__.split("\n")[0], repeats=3)
     loop, objects = build()
     samples = {c: {s: [] for s in DATA_SYSCALLS} for c in CONFIGS}
     records = Counter()

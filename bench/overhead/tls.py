@@ -35,7 +35,6 @@ The last line of output is one JSON object with every figure.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -56,6 +55,7 @@ from run import (  # the syscall benchmark's pinning, reader and clean-sample he
     RUNNER_CPU,
     Attached,
     Reader,
+    bench_args,
     bpf_step,
     make,
     measure_clean,
@@ -215,20 +215,7 @@ def print_table(rows: dict[str, dict]) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--calls", type=int, default=100_000)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--quick", action="store_true", help="20,000 calls, 1 repeat: a smoke run")
-    ap.add_argument("--ring-mib", type=int, default=64, help="agent ring buffer size (power of two)")
-    ap.add_argument("--max-wait", type=float, default=600,
-                    help="seconds to wait per sample for other tracers to unload before keeping it anyway")  # fmt: skip
-    args = ap.parse_args()
-    if args.quick:
-        args.calls, args.repeats = 20_000, 1
-
-    if (os.cpu_count() or 1) < 2:
-        raise SystemExit("needs two CPUs: one for the measured loop, one for the agent's reader")
-    os.sched_setaffinity(0, {RUNNER_CPU})
+    args = bench_args(__doc__.split("\n")[0], repeats=5)
     loop, empty = build()
     # The idle copy: set up, waiting for its start line until the end of the run.
     idle = subprocess.Popen(
