@@ -290,6 +290,16 @@ def print_table(rows: dict[str, dict]) -> None:
               f"{_ratio(r['traced_cost_over_minimal_cost']):>15} {r['untraced_over_floor']:10.3f}")  # fmt: skip
 
 
+def print_conditions(drops: dict[str, int], unclean: int) -> None:
+    """What a reader of the figures needs to trust them: records lost, the machine's load, and
+    samples taken while another tracer was loaded."""
+    lost = {k: v for k, v in drops.items() if v}
+    print(f"drops (Collector.drops(), summed over runs): total {sum(lost.values())} {lost or ''}")
+    print(f"load average during the run: {os.getloadavg()[0]:.2f} (1 min); other work on these CPUs adds noise")
+    if unclean:
+        print(f"WARNING: {unclean} samples were taken while another process had BPF tracing programs loaded")
+
+
 def bench_args(description: str, repeats: int) -> argparse.Namespace:
     """The options of the overhead benchmarks, parsed; and this process pinned to the runner's
     CPU, the other left to the agent's reader."""
@@ -346,13 +356,7 @@ def main() -> None:
     print(
         f"records read: traced {records['traced']} ({measured} measured calls), untraced {records['untraced']}"
     )
-    lost = {k: v for k, v in drops.items() if v}
-    print(f"drops (Collector.drops(), summed over runs): total {sum(lost.values())} {lost or ''}")
-    print(
-        f"load average during the run: {os.getloadavg()[0]:.2f} (1 min); other work on these CPUs adds noise"
-    )
-    if unclean:
-        print(f"WARNING: {unclean} samples were taken while another process had BPF tracing programs loaded")
+    print_conditions(drops, unclean)
     print(f"target traced-base <= {TARGET_RATIO} x (floor-base): worst "
           f"{'n/a (floor not above base)' if worst_ratio is None else f'{worst_ratio:.2f}'} -> "
           f"{'met' if ratio_met else 'NOT met'}")  # fmt: skip

@@ -59,6 +59,7 @@ from run import (  # the syscall benchmark's pinning, reader and clean-sample he
     bpf_step,
     make,
     measure_clean,
+    print_conditions,
     reading,
 )
 
@@ -263,13 +264,7 @@ def main() -> None:
           f"untraced {records['untraced']}, notls {records['notls']}")  # fmt: skip
     print("kernel TLS counters (summed over runs): "
           + ", ".join(f"{k} {v}" for k, v in sorted(tls_counters.items()) if v))  # fmt: skip
-    lost = {k: v for k, v in drops.items() if v}
-    print(f"drops (Collector.drops(), summed over runs): total {sum(lost.values())} {lost or ''}")
-    print(
-        f"load average during the run: {os.getloadavg()[0]:.2f} (1 min); other work on these CPUs adds noise"
-    )
-    if unclean:
-        print(f"WARNING: {unclean} samples were taken while another process had BPF tracing programs loaded")
+    print_conditions(drops, unclean)
     print(json.dumps({
         "benchmark": "overhead_tls", "calls": args.calls, "repeats": args.repeats, "payload_bytes": PAYLOAD,
         "protocol": session["protocol"], "cipher": session["cipher"], "libssl": libssl,

@@ -29,7 +29,16 @@ from deeptrace.capture.records import (
     XFLAG_UNANSWERED,
     Record,
 )
-from deeptrace.capture.spans import SAMPLING_WEIGHT, TLS, TLS_LIBRARY, Endpoint, Pairing, Span, SpanJson, make_span
+from deeptrace.capture.spans import (
+    SAMPLING_WEIGHT,
+    TLS,
+    TLS_LIBRARY,
+    Endpoint,
+    Pairing,
+    Span,
+    SpanJson,
+    make_span,
+)
 from deeptrace.capture.streams import OrderedStream
 from deeptrace.protocols.base import ConnectionParser, Message
 
