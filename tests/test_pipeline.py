@@ -188,3 +188,20 @@ def test_a_span_the_pipeline_makes_has_the_keys_of_the_one_schema_and_ingest_tak
     ranges = {f.name for f in schema.FIELDS if f.range}
     assert set(COLUMN_NAMES) == {f.name for f in schema.FIELDS} - ranges | {
         f"{r}_{end}" for r in ranges for end in ("start", "end")}  # fmt: skip
+
+
+def test_tls_plaintext_read_ahead_has_no_range_of_its_own():
+    """A TLS read that moved no ciphertext (the handshake read the request ahead) finds the
+    socket's seq already past its bytes: that number is the next request's, so its span must
+    carry no range rather than the next span's key."""
+    from dataclasses import replace
+
+    from deeptrace.capture.records import FLAG_TLS
+
+    c = Conn()
+    first, answer = c.rec("ingress", REQ), c.rec("egress", RESP)
+    first = replace(first, flags=FLAG_TLS, enter_seq=first.exit_seq)  # nothing moved: both at the end
+    second, answer2 = c.rec("ingress", REQ), c.rec("egress", RESP)
+    recs = [first, replace(answer, flags=FLAG_TLS), replace(second, flags=FLAG_TLS), replace(answer2, flags=FLAG_TLS)]
+    spans = SpanPipeline(host="h").push(recs)
+    assert [s.req_seq for s in spans] == [None, (second.enter_seq, second.enter_seq + len(REQ))]

@@ -93,10 +93,14 @@ def assert_only_plaintext_written(recs: list) -> None:
 
 
 def seq_joined(spans: list) -> int:
-    """Client spans whose request bytes (their ciphertext's TCP range) a server span has too."""
-    servers = {tuple(s.req_seq) for s in spans if s.kind == "SERVER" and s.req_seq}
-    clients = [s for s in spans if s.kind == "CLIENT" and s.req_seq]
-    return sum(tuple(c.req_seq) in servers for c in clients)
+    """Client spans whose request bytes (their ciphertext's TCP range) a server span has too,
+    each the same request (a range given to the wrong span would join the wrong calls)."""
+    servers = {tuple(s.req_seq): s for s in spans if s.kind == "SERVER" and s.req_seq}
+    assert len(servers) == sum(s.kind == "SERVER" and bool(s.req_seq) for s in spans), "one range, two spans"
+    clients = [c for c in spans if c.kind == "CLIENT" and c.req_seq]
+    joined = [(c, servers[tuple(c.req_seq)]) for c in clients if tuple(c.req_seq) in servers]
+    assert all(c.req_head == s.req_head for c, s in joined), "a client span joined to another request's server span"
+    return len(joined)
 
 
 def stream_joined(spans: list) -> int:
@@ -311,7 +315,9 @@ def test_go_net_http_over_tls(collector, store, gotls, version):
     assert_tls(spans, "go")
     assert_only_plaintext_written(recs)
     if version == "h1":
-        assert seq_joined(spans) == 3
+        # The server's handshake may read the first request along with the client's Finished:
+        # its Read moves no ciphertext, so that span has no range to join on (README).
+        assert seq_joined(spans) >= 2
         # Go writes a Date header: the sizes are the same, the bytes are not.
         assert sorted(map(shape, spans)) == sorted(map(shape, spans_of(plain_recs)))
     else:

@@ -28,6 +28,8 @@ def to_chunk(rec: Record) -> Chunk:
     # (a record the kernel assembled from several calls says when its first byte moved).
     start = rec.enter_ns if rec.direction == "egress" or rec.flags & FLAG_ASSEMBLED else rec.exit_ns
     seq = rec.enter_seq if rec.l4 == "tcp" else None
+    if rec.flags & FLAG_TLS and rec.exit_seq == rec.enter_seq:
+        seq = None  # TLS plaintext read ahead earlier: no ciphertext of its own to number it
     return Chunk(rec.payload, rec.size, start, rec.exit_ns, rec.tid, seq)
 
 

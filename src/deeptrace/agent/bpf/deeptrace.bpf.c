@@ -2598,6 +2598,9 @@ static __always_inline void tls_record(struct tls_call *t, __u64 n)
 		.syscall = t->syscall,
 		.l4 = IPPROTO_TCP,
 	};
+	/* A call that moved no ciphertext (its plaintext was read ahead, inside the handshake or
+	 * an earlier call) gets an empty range: the socket's seq now numbers later bytes, and
+	 * would give it the key of the next request's span. */
 	a.enter_seq = t->seq_set ? t->enter_seq : tcp_seq(a.sk, IPPROTO_TCP, t->direction);
 	struct conn *c;
 	struct scratch *s = begin_record(&a, t->direction, DT_ROLE_UNKNOWN, false, &c);
@@ -2612,7 +2615,7 @@ static __always_inline void tls_record(struct tls_call *t, __u64 n)
 	s->rec.ret = n;
 	s->rec.size = n;
 	s->rec.enter_seq = a.enter_seq;
-	s->rec.exit_seq = tcp_seq(a.sk, IPPROTO_TCP, t->direction);
+	s->rec.exit_seq = t->seq_set ? tcp_seq(a.sk, IPPROTO_TCP, t->direction) : a.enter_seq;
 	__u32 cap = capture_limit();
 	__u32 captured = copy_user(s, 0, n < cap ? n : cap, a.buf);
 	if (!(s->rec.flags & DT_FLAG_SAMPLED_OUT))
