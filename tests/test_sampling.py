@@ -19,7 +19,7 @@ from deeptrace.agent.selection import Selection
 from deeptrace.capture.exchanges import ExchangeSpans
 from deeptrace.capture.pipeline import SpanPipeline
 from deeptrace.capture.records import SAMPLE_SHIFT_MAX, exchange_dtype
-from deeptrace.capture.spans import SAMPLING_WEIGHT, json_lines
+from deeptrace.capture.spans import SAMPLING_WEIGHT, ProcessInfo, json_lines
 from deeptrace.server.metrics import Metrics
 
 # ---- the level control ----
@@ -88,12 +88,28 @@ def _http_exchange(shift: int) -> np.ndarray:
 
 @pytest.mark.parametrize("shift", [0, 3])
 def test_an_exchange_span_carries_its_weight_on_both_paths(shift):
-    spans = ExchangeSpans("h", lambda pid, comm: comm)
+    spans = ExchangeSpans(SpanPipeline(host="h").endpoint)
     (span,) = spans.spans(_http_exchange(shift), 0)
     (fast,) = spans.json(_http_exchange(shift), 0)
     assert span.attributes.get(SAMPLING_WEIGHT) == (8 if shift else None)
     assert json_lines([span.to_json_dict()]).count("sampling.weight") == (1 if shift else 0)
     assert json_lines([fast]).count('"sampling.weight":8') == (1 if shift else 0)
+
+
+def test_an_exchange_span_carries_its_process_resource_on_both_paths():
+    """The fast path encodes attributes once per distinct heads: the process's container is part
+    of that key, so two processes' equal exchanges keep their own."""
+    where = {}
+    pipeline = SpanPipeline(host="h", process_info=lambda pid, comm: ProcessInfo(comm, where[pid]))
+    spans = ExchangeSpans(pipeline.endpoint)
+    first, second = _http_exchange(0), _http_exchange(0)
+    second["tgid"], second["conn_id"] = first["tgid"] + 1, first["conn_id"] + 1
+    where[int(first["tgid"][0])] = (("container.id", "a" * 64),)
+    where[int(second["tgid"][0])] = (("container.id", "b" * 64),)
+    both = np.concatenate([first, second])
+    assert [s.attributes["container.id"] for s in spans.spans(both, 0)] == ["a" * 64, "b" * 64]
+    lines = json_lines(spans.json(both, 0)).splitlines()
+    assert ['"container.id":"' + c * 64 in line for c, line in zip("ab", lines)] == [True, True]
 
 
 # ---- metrics scaled by weight ----

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from deeptrace.agent.services import ServiceNames, from_cmdline
+from deeptrace.agent.services import Processes, from_cmdline
 
 
 @pytest.mark.parametrize("argv, name", [
@@ -34,12 +34,12 @@ def test_environment_name_wins_over_command_line():
     env = dict(os.environ, OTEL_SERVICE_NAME="checkout")
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env=env)
     try:
-        names = ServiceNames()
+        names = Processes()
         deadline = time.monotonic() + 5
-        while names(proc.pid, "python3") != "checkout" and time.monotonic() < deadline:
-            names = ServiceNames()  # the first read may race the exec
+        while names(proc.pid, "python3").service != "checkout" and time.monotonic() < deadline:
+            names = Processes()  # the first read may race the exec
             time.sleep(0.05)
-        assert names(proc.pid, "python3") == "checkout"
+        assert names(proc.pid, "python3").service == "checkout"
     finally:
         proc.kill()
         proc.wait()
@@ -48,4 +48,4 @@ def test_environment_name_wins_over_command_line():
 def test_a_process_that_is_gone_keeps_its_comm():
     proc = subprocess.Popen(["true"])
     proc.wait()
-    assert ServiceNames()(proc.pid, "true") == "true"
+    assert Processes()(proc.pid, "true").service == "true"

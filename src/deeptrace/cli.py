@@ -81,8 +81,8 @@ def _algorithm_option(fn):
 
 
 def _run(opts: dict, on_batch, on_tick=None, on_end=None, on_exchanges=None, assemble=(), sampling=False,
-         dns_ports=(53,)) -> None:  # fmt: skip
-    """Run the collector until --duration or a signal: on_batch(records, out) for each
+         dns_ports=(53,), on_start=None) -> None:  # fmt: skip
+    """Run the collector until --duration or a signal: on_start(collector) once it runs, on_batch(records, out) for each
     batch, on_exchanges(events, wall_offset_ns, out) for each batch of exchanges the kernel
     assembled (of the protocols in `assemble`; DNS on `dns_ports`), on_tick(out) about once a
     second, on_end(collector, out) after the last batch. sampling: connections sampled under
@@ -102,6 +102,8 @@ def _run(opts: dict, on_batch, on_tick=None, on_end=None, on_exchanges=None, ass
                                  assemble=tuple(assemble) if on_exchanges else (), sampling=sampling,
                                  dns_ports=tuple(dns_ports))  # fmt: skip
         with Collector(config) as collector, _open_out(opts["out_path"]) as out:
+            if on_start:
+                on_start(collector)
             click.echo(f"deeptrace: tracing {_describe(sel, collector)}; Ctrl-C to stop", err=True)
             deadline = time.monotonic() + opts["duration"] if opts["duration"] is not None else None
             next_tick = time.monotonic() + 1
@@ -181,17 +183,25 @@ def record(fmt, **opts) -> None:
               "framed in user space.")
 @click.option("--no-sampling", is_flag=True, help="Never sample: under overload, what finds the ring buffer full "
               "is lost (counted) instead of whole connections being left out (spans then carry sampling.weight).")
+@click.option("--kube/--no-kube", "kube_mode", default=None, help="Name spans after Kubernetes pods and workloads, "
+              "read from the API server (pods of this node, watched). Default: on when a service-account token "
+              "is mounted (running in a cluster).")
+@click.option("--node-name", envvar="NODE_NAME", show_envvar=True, default=None,
+              help="With Kubernetes: this node's name (the DaemonSet passes spec.nodeName).")
 def agent(timeout_s, fmt, stats_interval, host_name, associate, algorithm, no_header_ids, hold, server_url,
-          token, spool_dir, spool_max_bytes, agent_id, no_kernel_exchanges, no_sampling, dns_ports,
-          **opts) -> None:  # fmt: skip
+          token, spool_dir, spool_max_bytes, agent_id, no_kernel_exchanges, no_sampling, dns_ports, kube_mode,
+          node_name, **opts) -> None:  # fmt: skip
     """Trace processes and write one JSON span per request/response exchange (or ship them to a
     server with --server)."""
-    from deeptrace.agent.services import ServiceNames
+    from deeptrace.agent.services import Processes
     from deeptrace.capture.pipeline import SpanPipeline
     from deeptrace.capture.records import EXCHANGE_PROTOCOLS  # every one the kernel can assemble, by default
     from deeptrace.capture.spans import format_text, json_lines
 
-    pipeline = SpanPipeline(host=host_name, timeout_ns=int(timeout_s * 1e9), service_name=ServiceNames())
+    kube = _kube_metadata(kube_mode, node_name)
+    processes = Processes(kube)
+    pipeline = SpanPipeline(host=host_name, timeout_ns=int(timeout_s * 1e9), process_info=processes,
+                            peer_name=kube.peer_name if kube is not None else None)  # fmt: skip
     shipper, kernel = None, {"drops": 0, "sampled": 0, "sample_level": 0}  # counted on this thread, read by the heartbeat's
     if server_url is not None:
         from click.core import ParameterSource
@@ -278,6 +288,8 @@ def agent(timeout_s, fmt, stats_interval, host_name, associate, algorithm, no_he
             line = (f"deeptrace: records {st.records} exchanges {st.exchanges} spans {st.spans} drops {drops} "
                     f"sampled away {_sampled_away(counters)} (level {collector.sampling.level}) "
                     f"open connections {pipeline.open_connections}")  # fmt: skip
+            if kube is not None:
+                line += f"; kubernetes: {kube.stats.describe()}"
             click.echo(line + (f"; {shipper.stats.describe()}" if shipper is not None else ""), err=True)
 
     def end(collector, out) -> None:
@@ -291,8 +303,10 @@ def agent(timeout_s, fmt, stats_interval, host_name, associate, algorithm, no_he
     try:
         _run(opts, lambda batch, out: write(pipeline.push(batch), out), tick, end, on_exchanges=exchanges,
              assemble=() if no_kernel_exchanges else EXCHANGE_PROTOCOLS[1:], sampling=not no_sampling,
-             dns_ports=dns_ports)  # fmt: skip
+             dns_ports=dns_ports, on_start=lambda collector: processes.use_kernel_cgroups(collector.cgroup_id))  # fmt: skip
     finally:
+        if kube is not None:
+            kube.stop()
         if shipper is not None:
             # Seals the open batch; what the server does not take within the grace time stays spooled.
             shipper.close(timeout_s=5.0)
@@ -410,6 +424,29 @@ def _describe_tls(collector) -> str:
     stats = collector.tls.stats
     attached = ", ".join(f"{os.path.basename(name)} ({library})" for name, library in sorted(stats.attached.items()))
     return f"; TLS plaintext from {attached or 'the TLS libraries traced processes map, when they do'}"
+
+
+def _kube_metadata(mode: bool | None, node_name: str | None):
+    """The pod watch, started (None when off). Asked for (--kube) and impossible is an error;
+    found by itself (a service-account token) and impossible is a warning."""
+    if mode is False:
+        return None
+    from deeptrace.agent import kube
+
+    if mode is None and not kube.in_cluster():
+        return None
+    try:
+        metadata = kube.KubeMetadata.from_environment(node_name)
+    except DeepTraceError as e:
+        if mode:
+            _fail(e)
+        click.echo(f"deeptrace: warning: no Kubernetes metadata: {e}", err=True)
+        return None
+    metadata.start()
+    synced = metadata.wait_synced(timeout=10.0)
+    click.echo(f"deeptrace: kubernetes: node {metadata.node_name}, "
+               + (metadata.stats.describe() if synced else "first list still on its way"), err=True)  # fmt: skip
+    return metadata
 
 
 def _sampled_away(counters: dict[str, int]) -> int:

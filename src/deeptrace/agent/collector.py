@@ -163,6 +163,7 @@ class Collector:
         obj = self._obj
         # Key and value sizes come from the object; those this module packs are checked once here.
         self._pids = self._sized(obj.map("PIDS"), _U32.size, _U32.size)
+        self._cgroups = self._sized(obj.map("CGROUPS"), _U32.size, _U64.size)
         self._comms = self._sized(obj.map("COMMS"), TASK_COMM_LEN, _U32.size)
         self._counters = self._sized(obj.map("COUNTERS"), _U32.size, _U64.size)
         self._records = obj.map("RECORDS")
@@ -231,6 +232,11 @@ class Collector:
     def untrace(self, pid: int) -> None:
         self._pids.delete(_U32.pack(pid))
         self.traced.discard(pid)
+
+    def cgroup_id(self, tgid: int) -> int | None:
+        """The cgroup v2 id the process opened its latest connection in (None: none seen)."""
+        value = self._cgroups.lookup(_U32.pack(tgid))
+        return _U64.unpack(value)[0] if value else None
 
     def kernel_traced(self) -> set[int]:
         """The PIDS map as the kernel sees it (includes children it added on fork)."""

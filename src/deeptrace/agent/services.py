@@ -1,16 +1,30 @@
-"""Service names for traced processes, read from /proc without touching the process.
+"""Service names and whereabouts of traced processes, read from /proc without touching them.
 
-A thread's comm says `python` or `event_engine`; a service map needs `catalog`. In order:
-the process's own OTEL_SERVICE_NAME (the OpenTelemetry convention, so a service that
-already declares its name keeps it), then what its command line says it runs (a script,
-a `-m` module, an app given to gunicorn/uvicorn, a jar), then the process's comm.
+A thread's comm says `python` or `event_engine`; a service map needs `catalog`. In order
+(OpenTelemetry's rules): the process's own OTEL_SERVICE_NAME (a service that already
+declares its name keeps it); in Kubernetes, its pod's `app.kubernetes.io/name` label, then
+its workload's name (agent/kube.py); then what its command line says it runs (a script, a
+`-m` module, an app given to gunicorn/uvicorn, a jar); then the process's comm.
+
+Where it runs (its cgroup, container, pod: agent/containers.py, agent/kube.py) goes on
+every span of it as attributes (ProcessInfo.resource).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import time
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from deeptrace.agent.containers import CgroupReader
+from deeptrace.capture.spans import ProcessInfo
+
+if TYPE_CHECKING:
+    from deeptrace.agent.kube import KubeMetadata
 
 MAX_CACHED = 8192
 INTERPRETERS = re.compile(r"^(python[\d.]*|pypy[\d.]*|node|nodejs|ruby[\d.]*|perl[\d.]*|php[\d.]*|java|bash|sh)$")
@@ -99,20 +113,46 @@ def _cmdline(pid: int) -> list[str]:
     return [a.decode(errors="replace") for a in raw.rstrip(b"\0").split(b"\0")] if raw else []
 
 
-class ServiceNames:
-    """pid -> service name, cached: a process's name is looked up once per connection it
-    opens at most, and /proc reads are not free. A process gone before the lookup keeps its
-    comm."""
+class Processes:
+    """(pid, comm) -> ProcessInfo, cached: a process is looked up once per connection it opens
+    at most, and /proc reads are not free. comm is in the key, so an exec'd or reused pid is
+    read again. A process gone before the lookup keeps its comm. A pod the Kubernetes
+    metadata does not know yet (its watch event still on the way) is asked for again after
+    RETRY_S."""
 
-    def __init__(self) -> None:
-        self._cache: OrderedDict[tuple[int, str], str] = OrderedDict()
+    RETRY_S = 5.0
 
-    def __call__(self, pid: int, comm: str) -> str:
-        key = (pid, comm)  # comm in the key: an exec'd or reused pid gets looked up again
-        name = self._cache.get(key)
-        if name is None:
-            name = _environ_name(pid) or from_cmdline(_cmdline(pid)) or comm
-            self._cache[key] = name
-            if len(self._cache) > MAX_CACHED:
-                self._cache.popitem(last=False)
-        return name
+    def __init__(self, kube: KubeMetadata | None = None, cgroups: CgroupReader | None = None) -> None:
+        self.kube = kube
+        self._cgroups = cgroups or CgroupReader()
+        self._cache: OrderedDict[tuple[int, str], tuple[ProcessInfo, float]] = OrderedDict()
+
+    def use_kernel_cgroups(self, cgroup_id_of: Callable[[int], int | None]) -> None:
+        """Name the containers of processes gone before their first lookup too (CgroupReader)."""
+        self._cgroups = CgroupReader(cgroup_id_of)
+
+    def __call__(self, pid: int, comm: str) -> ProcessInfo:
+        key = (pid, comm)
+        hit = self._cache.get(key)
+        now = time.monotonic()
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        info, complete = self._describe(pid, comm)
+        self._cache[key] = (info, math.inf if complete else now + self.RETRY_S)
+        if len(self._cache) > MAX_CACHED:
+            self._cache.popitem(last=False)
+        return info
+
+    def _describe(self, pid: int, comm: str) -> tuple[ProcessInfo, bool]:
+        container = self._cgroups(pid)
+        pod = None
+        if self.kube is not None and container is not None:
+            pod = (container.id and self.kube.pod_by_container(container.id)) or (
+                container.pod_uid and self.kube.pod_by_uid(container.pod_uid)) or None  # fmt: skip
+        resource = container.attributes() if container else {}
+        if pod is not None:
+            resource.update(pod.attributes(container.id))
+        service = (_environ_name(pid) or (pod.service_name() if pod else None) or from_cmdline(_cmdline(pid))
+                   or comm)  # fmt: skip
+        complete = pod is not None or self.kube is None or container is None or not container.pod_uid
+        return ProcessInfo(service, tuple(resource.items())), complete

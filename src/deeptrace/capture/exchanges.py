@@ -131,10 +131,12 @@ _SIDES: dict[int, tuple[Callable[[bytes], Request], Callable[[bytes, int], Respo
 }
 
 
-def _attributes(req: Request, resp: Response, sample_shift: int) -> dict:
+def _attributes(req: Request, resp: Response, sample_shift: int, resource: tuple = ()) -> dict:
     attrs = {**req[2], **resp[2]}
     if sample_shift:
         attrs[SAMPLING_WEIGHT] = 1 << sample_shift
+    if resource:
+        attrs.update(resource)
     return attrs
 
 
@@ -190,19 +192,19 @@ class _Columns:
 class ExchangeSpans:
     """Turns arrays of exchange events into spans; keeps bounded caches between batches."""
 
-    def __init__(self, host: str, service_name: Callable[[int, str], str]) -> None:
-        self.host = host
-        self.service_name = service_name
+    def __init__(self, endpoint: Callable[..., Endpoint]) -> None:
+        self.endpoint = endpoint  # (pid, comm, laddr, lport, raddr, rport, conn id) -> Endpoint (the pipeline's)
         self._endpoints: dict[tuple[int, int], tuple[Endpoint, str]] = {}  # -> (endpoint, span kind)
         self._requests: dict[tuple[int, bytes], Request] = {}
         self._responses: dict[tuple[int, bytes, int], Response] = {}
-        self._attributes: dict[tuple, dict | msgspec.Raw] = {}  # (request key, response key, shift) -> encoded
+        # (request key, response key, shift, endpoint's resource) -> encoded
+        self._attributes: dict[tuple, dict | msgspec.Raw] = {}
 
     def spans(self, events: np.ndarray, wall_offset_ns: int) -> list[Span]:
         c = _Columns(events, wall_offset_ns)
         out = []
         for i, endpoint, kind, _, req, _, resp in self._sides(c, events):
-            attrs, req_head, resp_head = _attributes(req, resp, c.shift[i]), req[3], resp[3]
+            attrs, req_head, resp_head = _attributes(req, resp, c.shift[i], endpoint.resource), req[3], resp[3]
             if c.ident is not None and c.ident[i] is not None:
                 attrs, req_head, resp_head = _identified(c.ident[i], attrs, req_head, resp_head)
             out.append(Span(kind, req[1], req[0], endpoint, c.start[i], c.end[i], resp[0], resp[1], c.req_tid[i],
@@ -221,7 +223,8 @@ class ExchangeSpans:
         idents = c.ident
         for i, e, kind, req_key, req, resp_key, resp in self._sides(c, events):
             shift = c.shift[i]
-            attrs = attributes.get((req_key, resp_key, shift)) or self._encoded(req_key, resp_key, shift, req, resp)
+            attrs = (attributes.get((req_key, resp_key, shift, e.resource))
+                     or self._encoded(req_key, resp_key, shift, e.resource, req, resp))  # fmt: skip
             req_head, resp_head = req[3], resp[3]
             if idents is not None and idents[i] is not None:
                 attrs, req_head, resp_head = _identified(idents[i], attrs, req_head, resp_head)
@@ -247,6 +250,7 @@ class ExchangeSpans:
             attrs, req_head = {**req[2], NO_RESPONSE: reason}, req[3]
             if c.shift[i]:
                 attrs[SAMPLING_WEIGHT] = 1 << c.shift[i]
+            attrs.update(endpoint.resource)
             if c.ident is not None and c.ident[i] is not None:
                 attrs, req_head, _ = _identified(c.ident[i], attrs, req_head, b"")
             out.append(Span(kind, req[1], req[0], endpoint, c.start[i], req_end_ns[i] + wall_offset_ns, "error",
@@ -267,15 +271,15 @@ class ExchangeSpans:
             resp = responses.get(resp_key) or self._response(resp_key)
             yield i, endpoint, kind, req_key, req, resp_key, resp
 
-    def _encoded(self, req_key, resp_key, shift: int, req: Request, resp: Response) -> dict | msgspec.Raw:
+    def _encoded(self, req_key, resp_key, shift: int, resource: tuple, req: Request, resp: Response) -> dict | msgspec.Raw:
         if len(self._attributes) >= _CACHE_LIMIT:
             self._attributes.clear()
-        attrs = _attributes(req, resp, shift)
+        attrs = _attributes(req, resp, shift, resource)
         try:
             attrs = msgspec.Raw(_ENCODER.encode(attrs))
         except UnicodeEncodeError:
             pass  # lone surrogates: json_lines writes this span as json.dumps does
-        self._attributes[(req_key, resp_key, shift)] = attrs
+        self._attributes[(req_key, resp_key, shift, resource)] = attrs
         return attrs
 
     def _endpoint(self, key: tuple[int, int], event) -> tuple[Endpoint, str]:
@@ -284,9 +288,9 @@ class ExchangeSpans:
         family = socket.AF_INET6 if int(event["family"]) == socket.AF_INET6 else socket.AF_INET
         width = 16 if family == socket.AF_INET6 else 4
         comm = bytes(event["comm"]).split(b"\0", 1)[0].decode(errors="replace")
-        endpoint = Endpoint(self.service_name(key[0], comm), self.host, key[0],
-                            socket.inet_ntop(family, bytes(event["laddr"])[:width]), int(event["lport"]),
-                            socket.inet_ntop(family, bytes(event["raddr"])[:width]), int(event["rport"]), key[1])  # fmt: skip
+        endpoint = self.endpoint(key[0], comm, socket.inet_ntop(family, bytes(event["laddr"])[:width]),
+                                 int(event["lport"]), socket.inet_ntop(family, bytes(event["raddr"])[:width]),
+                                 int(event["rport"]), key[1])  # fmt: skip
         self._endpoints[key] = known = (
             endpoint,
             "SERVER" if int(event["role"]) == _ROLE_SERVER else "CLIENT",

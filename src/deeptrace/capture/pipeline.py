@@ -30,13 +30,16 @@ from deeptrace.capture.records import (
     Record,
 )
 from deeptrace.capture.spans import (
+    PEER_SERVICE,
     SAMPLING_WEIGHT,
     TLS,
     TLS_LIBRARY,
     Endpoint,
     Pairing,
+    ProcessInfo,
     Span,
     SpanJson,
+    comm_only,
     make_span,
 )
 from deeptrace.capture.streams import OrderedStream
@@ -89,16 +92,17 @@ class _Connection:
 
 class SpanPipeline:
     def __init__(self, host: str | None = None, timeout_ns: int = 30_000_000_000,
-                 service_name: Callable[[int, str], str] | None = None) -> None:  # fmt: skip
+                 process_info: Callable[[int, str], ProcessInfo] = comm_only,
+                 peer_name: Callable[[str], str | None] | None = None) -> None:  # fmt: skip
         self.host = host or socket.gethostname()
-        # (pid, comm) -> service; the live agent reads /proc (agent/services.py), replays keep comm.
-        self.service_name = service_name or (lambda pid, comm: comm)
+        self.process_info = process_info  # (pid, comm) -> service and where it runs
+        self.peer_name = peer_name  # remote address -> its name (a Kubernetes pod or Service)
         self.timeout_ns = timeout_ns
         self.stats = PipelineStats()
         self._conns: OrderedDict[tuple, _Connection] = OrderedDict()
         # UDP: (tgid, conn id) -> the keys of its peers' connections, which its close ends.
         self._peers: dict[tuple[int, int], set[tuple]] = {}
-        self._exchanges = ExchangeSpans(self.host, self.service_name)
+        self._exchanges = ExchangeSpans(self.endpoint)
         self._timed_out: dict[tuple[int, int], None] = {}  # (conn id, request seq) of expire_exchanges
 
     @property
@@ -247,14 +251,22 @@ class SpanPipeline:
             self._close(oldest, rec.exit_ns, spans, reason="evicted")
         if len(key) > 2:
             self._peers.setdefault(key[:2], set()).add(key)
-        service = self.service_name(rec.tgid, rec.comm)
-        endpoint = Endpoint(service, self.host, rec.tgid, rec.laddr, rec.lport, rec.raddr, rec.rport, rec.conn_id)
+        endpoint = self.endpoint(rec.tgid, rec.comm, rec.laddr, rec.lport, rec.raddr, rec.rport, rec.conn_id)
         conn = _Connection(endpoint, rec.l4, {d: OrderedStream(self.stats) for d in ("ingress", "egress")},
                            sample_shift=rec.sample_shift)  # fmt: skip
         if rec.role in ("client", "server"):
             conn.request_direction = "ingress" if rec.role == "server" else "egress"
         self._conns[key] = conn
         return conn
+
+    def endpoint(self, pid: int, comm: str, laddr: str, lport: int, raddr: str, rport: int, conn_id: int) -> Endpoint:
+        """One side of a connection, named: its process's service and resource, its peer's name."""
+        info = self.process_info(pid, comm)
+        resource = info.resource
+        peer = self.peer_name(raddr) if self.peer_name is not None else None
+        if peer:
+            resource = (*resource, (PEER_SERVICE, peer))
+        return Endpoint(info.service, self.host, pid, laddr, lport, raddr, rport, conn_id, resource)
 
     def _decrypted(self, conn: _Connection, rec: Record) -> None:
         """The connection's first plaintext from a TLS library: what came before on it was the
@@ -338,6 +350,8 @@ class SpanPipeline:
         if conn.tls_library:
             span.attributes[TLS] = True
             span.attributes[TLS_LIBRARY] = conn.tls_library
+        if conn.endpoint.resource:
+            span.attributes.update(conn.endpoint.resource)
         spans.append(span)
         self.stats.spans += 1
 

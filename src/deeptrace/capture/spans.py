@@ -64,6 +64,8 @@ SAMPLING_WEIGHT = "sampling.weight"
 # Attributes of a span read as plaintext at a TLS library: True, and which library.
 TLS = "tls"
 TLS_LIBRARY = "tls.library"
+# OpenTelemetry's name of the service at the other end, where the agent knows it (Kubernetes).
+PEER_SERVICE = "peer.service"
 # Attribute of a request's span that got no response: why (timeout, connection closed, ...).
 NO_RESPONSE = "deeptrace.no_response"
 
@@ -80,6 +82,22 @@ class Endpoint:
     raddr: str
     rport: int
     conn_id: int
+    # Attributes every span of this side carries: where the process runs (container,
+    # Kubernetes pod) and, where known, the peer's name. (key, value) pairs: hashable, shared.
+    resource: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessInfo:
+    """What spans say about a process: its service name and where it runs (Endpoint.resource)."""
+
+    service: str
+    resource: tuple[tuple[str, str], ...] = ()
+
+
+def comm_only(pid: int, comm: str) -> ProcessInfo:
+    """Replays and tests: a process is its comm (the live agent reads /proc, agent/services.py)."""
+    return ProcessInfo(comm)
 
 
 @dataclass(slots=True)

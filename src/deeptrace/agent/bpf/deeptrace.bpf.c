@@ -163,6 +163,15 @@ struct {
 	__type(value, __u32);
 } PIDS SEC(".maps");
 
+/* tgid -> the cgroup (v2 id) it opened its latest connection in: user space names a process's
+ * container from /proc/PID/cgroup, and from this once a short-lived process is gone. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, __u64);
+} CGROUPS SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 64);
@@ -516,6 +525,9 @@ static __always_inline struct conn *conn_of(__u64 sk, __u8 role, bool fresh)
 		count(DT_CNT_DROP_CONN_MAP_FULL);
 		return NULL;
 	}
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	__u64 cgroup = bpf_get_current_cgroup_id();
+	bpf_map_update_elem(&CGROUPS, &tgid, &cgroup, BPF_ANY);
 	return bpf_map_lookup_elem(&CONNS, &sk);
 }
 
