@@ -263,6 +263,25 @@ def test_network_and_deeptrace_attributes(receivers, exporters):
     assert redis["deeptrace.status_code"] == "WRONGTYPE"
 
 
+def test_where_a_process_runs_goes_on_the_resource(receivers, exporters):
+    """Container and Kubernetes attributes are the process's, not the call's: OTel puts them on
+    the Resource, and two pods of one service are two resources."""
+    pod = {"k8s.namespace.name": "shop", "k8s.pod.name": "checkout-7d4b9c8f6d-x2k9p", "container.id": "ab" * 32,
+           "deeptrace.cgroup.path": "/kubepods.slice/x.scope"}  # fmt: skip
+    spans = three_service_trace()
+    spans[2]["attributes"] = {**pod, "http.route": "/orders"}
+    spans[3]["attributes"] = {**pod, "k8s.pod.name": "checkout-7d4b9c8f6d-q8w7e", "db.redis.key": "cart:7"}
+    got = by_span_id(export(receivers, exporters, spans)[0])
+    (res_a, served), (res_b, call) = got[bytes.fromhex("2222222222222222")], got[bytes.fromhex("3333333333333333")]
+    assert res_a["k8s.namespace.name"] == res_b["k8s.namespace.name"] == "shop" and res_a["service.name"] == "orders"
+    assert (res_a["k8s.pod.name"], res_b["k8s.pod.name"]) == ("checkout-7d4b9c8f6d-x2k9p", "checkout-7d4b9c8f6d-q8w7e")
+    assert res_a["container.id"] == "ab" * 32 and res_a["deeptrace.cgroup.path"] == "/kubepods.slice/x.scope"
+    assert attrs(served.attributes)["http.route"] == "/orders" and "k8s.pod.name" not in attrs(served.attributes)
+    assert "container.id" not in attrs(call.attributes) and attrs(call.attributes)["db.redis.key"] == "cart:7"
+    frontend_resource = got[bytes.fromhex("00f067aa0ba902b7")][0]
+    assert not any(k.startswith(("k8s.", "container.")) for k in frontend_resource)
+
+
 def test_status_mapping(receivers, exporters):
     base = {"start": T0, "trace_id": TRACE, "parent": None}
     spans = [

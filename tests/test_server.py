@@ -416,3 +416,16 @@ def test_the_store_is_given_once_and_a_store_nobody_knows_is_refused_naming_it(t
     r = serve("--store", "clickhouse://user:secret@127.0.0.1:1/traces")  # nothing listens on port 1
     assert r.returncode == 2 and "cannot open the store clickhouse://127.0.0.1:1/traces" in r.stderr
     assert "secret" not in r.stderr
+
+
+def test_a_call_nothing_traced_answers_is_named_by_the_agent_given_peer_name():
+    """An agent in Kubernetes names an address it knows (a Service's ClusterIP): the service
+    map shows that name instead of the bare address, and a bad value falls back to it."""
+    from deeptrace.server.linker import set_peer_services
+
+    named = {"span_id": "a", "kind": "CLIENT", "protocol": "redis", "raddr": "10.96.0.12", "rport": 6379,
+             "attributes": {"peer.service": "cache.shop"}}  # fmt: skip
+    odd = {**named, "span_id": "b", "attributes": {"peer.service": 7}}
+    plain = {**named, "span_id": "c", "attributes": {}}
+    set_peer_services([named, odd, plain], [])
+    assert [d["peer_service"] for d in (named, odd, plain)] == ["cache.shop"] + ["redis 10.96.0.12:6379"] * 2

@@ -75,6 +75,10 @@ class Field:
     range: bool = False
 
 
+# Span attributes that say where its process runs (container, Kubernetes pod, cgroup): the
+# same on every span of the process, so OTLP export moves them to the span's Resource.
+RESOURCE_ATTRIBUTE_PREFIXES = ("k8s.", "container.", "deeptrace.cgroup.")
+
 # THE span, one definition: every key, in the order the agent writes them. The agent's
 # layout (SpanJson), what ingest takes (Span), the store's columns (server/store/schema.py)
 # and the CLI's check of a span file all come from here.

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from deeptrace.association.streaming import CALLER, StreamingAssociator
-from deeptrace.capture.spans import new_id
+from deeptrace.capture.spans import PEER_SERVICE, new_id
 from deeptrace.server import ingest
 from deeptrace.server.cluster import Membership, RemoteEnds
 from deeptrace.server.store.base import DeadLetter, Store, StoreUnavailable
@@ -349,7 +349,8 @@ def _per_batch(spans: list[dict], dead: list[DeadLetter]) -> Counter:
 
 def set_peer_services(out: list[dict], window: list[dict], remote: RemoteEnds | None = None) -> None:
     """Who each call went to: the service whose SERVER span it is joined to (here, or by
-    another server), or, for peers nothing traced answers for, the protocol and address
+    another server), or, for peers nothing traced answers for, the name the agent gave the
+    address (`peer.service`: a Kubernetes pod or Service), else the protocol and address
     (`redis 10.0.0.5:6379`). A SERVER span's peer is its caller."""
     by_id = {d["span_id"]: d for d in window}
     for d in out:
@@ -369,4 +370,6 @@ def set_peer_services(out: list[dict], window: list[dict], remote: RemoteEnds | 
                 d["peer_service"] = named[d["span_id"]]
     for d in unnamed:
         if not d.get("peer_service"):
-            d["peer_service"] = f"{d.get('protocol') or 'tcp'} {d.get('raddr', '?')}:{d.get('rport', '?')}"
+            named = (d.get("attributes") or {}).get(PEER_SERVICE)
+            d["peer_service"] = named if isinstance(named, str) and named else (
+                f"{d.get('protocol') or 'tcp'} {d.get('raddr', '?')}:{d.get('rport', '?')}")  # fmt: skip

@@ -2,8 +2,10 @@
 
 Mapping decisions (the OTLP receiving side is any OpenTelemetry collector or backend):
 
-- Resource = the process that saw the exchange: `service.name`, `host.name`, `process.pid`.
-  Spans are grouped by that triple, one ScopeSpans each, scope `deeptrace` and our version.
+- Resource = the process that saw the exchange: `service.name`, `host.name`, `process.pid`,
+  and where it runs: the span attributes named `k8s.*`, `container.*`, `deeptrace.cgroup.*`
+  (schema.RESOURCE_ATTRIBUTE_PREFIXES) move there. Spans are grouped by resource, one
+  ScopeSpans each, scope `deeptrace` and our version.
 - Status: an `ok` span is exported as UNSET, not OK. The OTel trace API says instrumentation
   SHOULD leave the status unset unless there is an error, OK being reserved for an application
   developer or operator who explicitly marks the operation successful. DeepTrace is
@@ -49,6 +51,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from deeptrace import __version__
+from deeptrace.schema import RESOURCE_ATTRIBUTE_PREFIXES
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +129,10 @@ def convert_spans(spans: Iterable[dict]) -> Conversion:
         else:
             groups.setdefault(key, []).append(span)
     request = ExportTraceServiceRequest()
-    for (service, host, pid), members in groups.items():
+    for (service, host, pid, where), members in groups.items():
         rs = request.resource_spans.add()
         rs.resource.attributes.extend(_resource_attributes(service, host, pid))
+        rs.resource.attributes.extend(KeyValue(key=k, value=AnyValue(string_value=v)) for k, v in where)
         scope_spans = rs.scope_spans.add()
         scope_spans.scope.name = SCOPE_NAME
         scope_spans.scope.version = __version__
@@ -168,8 +172,12 @@ def _convert_span(s: object) -> tuple[tuple, trace_pb2.Span]:
         span.status.code = trace_pb2.Status.STATUS_CODE_ERROR
         span.status.message = "" if code is None else _text(str(code))
     attributes, dropped = _merged_attributes(s, kind)
+    where = tuple((k, _text(v)) for k, v in attributes.items()
+                  if k.startswith(RESOURCE_ATTRIBUTE_PREFIXES) and isinstance(v, str))  # fmt: skip
+    for k, _ in where:
+        del attributes[k]
     span.dropped_attributes_count = dropped + _add_attributes(span, attributes)
-    return _resource_key(s), span
+    return (*_resource_key(s), where), span
 
 
 def _required_id(s: dict, key: str) -> str:
