@@ -189,6 +189,32 @@ def test_search_filters_sorts_pages_and_counts(store):
         assert [t.trace_id for t in found] == [s["trace_id"] for s in want] and total == len(want), what
 
 
+def test_search_by_attributes_whose_names_hold_dots(store):
+    """OpenTelemetry's names (k8s.namespace.name, container.id): each one key, matched whole. Not
+    a path into the name's parts, nor a key that only ends or begins like it, nor a longer value."""
+    where = [
+        {"k8s.namespace.name": "shop", "k8s.workload.name": "checkout", "k8s.pod.name": "checkout-7d9f-x2k4q",
+         "container.id": "c0ffee" + "1" * 58},
+        {"k8s.namespace.name": "staging", "k8s.workload.name": "checkout", "namespace.name": "shop"},
+        {"k8s.namespace": "shop", "k8s.workload.name": "checkout-v2"},
+        {"k8s.namespace.name.old": "shop", "k8s_namespace_name": "shop"},
+    ]  # fmt: skip
+    spans = [make(t, 1, "SERVER", "front", 10 * t, 5, attributes=a) for t, a in enumerate(where, start=1)]
+    store.write_spans(spans, [])
+    cases = {
+        "namespace": ({"k8s.namespace.name": "shop"}, [1]),
+        "namespace and workload, on one span": ({"k8s.namespace.name": "shop", "k8s.workload.name": "checkout"}, [1]),
+        "workload in any namespace": ({"k8s.workload.name": "checkout"}, [2, 1]),
+        "a key that ends like another": ({"namespace.name": "shop"}, [2]),
+        "pod": ({"k8s.pod.name": "checkout-7d9f-x2k4q"}, [1]),
+        "container": ({"container.id": "c0ffee" + "1" * 58}, [1]),
+        "no such namespace": ({"k8s.namespace.name": "checkout"}, []),
+    }  # fmt: skip
+    for what, (attributes, want) in cases.items():
+        found, total = store.search(TraceQuery(T0, T0 + 10**12, attributes=attributes))
+        assert [t.trace_id for t in found] == [spans[i - 1]["trace_id"] for i in want] and total == len(want), what
+
+
 def test_services_operations_map_and_series(store):
     store.write_spans(shop(), [])
     assert store.services() == ["api", "front"]

@@ -2,8 +2,9 @@
 
 A `deeptrace server` subprocess is filled through its ingest API with the traces of
 tests/ui_seed.py (nginx -> gateway -> users/redis/postgres, a 2,000-span batch trace, some
-failures), then headless Chromium drives every page: search, scatter, waterfall, span
-detail, service map, agents. Screenshots of each page go to tests/artifacts/ui/.
+failures, a few traces from Kubernetes pods and a Docker container), then headless Chromium
+drives every page: search, scatter, waterfall, span detail, service map, agents.
+Screenshots of each page go to tests/artifacts/ui/.
 
 The browser is Debian's chromium (Playwright's own download is not used). Where it cannot
 run the tests are skipped with the reason, except under DEEPTRACE_REQUIRE_BROWSER=1 (CI),
@@ -161,17 +162,17 @@ def test_search_filters_sort_paging_and_url_state(page, server, seed):
     assert result_ids(page) == [t["trace_id"] for t in slow["traces"]]
     assert seed.traces[result_ids(page)[0]]["kind"] == "report"
 
-    # Paging: 41 traces are three pages of 20.
+    # Paging: 47 traces are three pages of 20.
     page.goto("/#/traces")
     search_ready(page)
     seen = set(result_ids(page))
     search_and_wait(page, lambda: page.click("#page-next"))
     assert "offset=20" in page.url
-    assert "21–40 of 41" in page.inner_text("#results-summary")
+    assert f"21–40 of {len(seed.traces)}" in page.inner_text("#results-summary")
     seen |= set(result_ids(page))
     search_and_wait(page, lambda: page.click("#page-next"))
     seen |= set(result_ids(page))
-    assert len(result_ids(page)) == 1 and page.is_disabled("#page-next")
+    assert len(result_ids(page)) == len(seed.traces) - 40 and page.is_disabled("#page-next")
     assert seen == set(seed.traces)
 
     # A time range with nothing in it says so.
@@ -385,9 +386,9 @@ def test_with_read_auth_the_ui_works_after_logging_in(browser, tmp_path):
 def test_agents_table(page, seed):
     open_view(page, "#/agents", "#agents[data-state=ready]")
     rows_ = page.locator("#agents tr.agent-row")
-    assert rows_.count() == len(seed.agents) == 4
+    assert rows_.count() == len(seed.agents) == 7
     text = page.inner_text("#agents")
-    for host in ["web-1", "gw-1", "users-1", "batch-1"]:
+    for host in ["web-1", "gw-1", "users-1", "batch-1", "node-a", "node-b", "docker-1"]:
         assert host in text
     assert "6.8.0-45-generic" in text and "48 MiB" in text and "1,998" in text
     assert "disk refused 2 batches, 140 spans" in text  # batch-1's spool writes that failed
@@ -411,6 +412,106 @@ def test_stale_agents_are_marked(page):
     assert old.get_attribute("data-stale") == "1"
     assert "stale" in old.inner_text() and "1 min ago" in old.inner_text()
     assert "1 stale" in page.inner_text("#agents-summary")
+
+
+# --- Kubernetes and containers ------------------------------------------------------------
+
+
+def placed_traces(seed, namespace=None, workload=None, pod=None) -> list[str]:
+    """The seeded traces with a span in that namespace, workload and pod (those given, on one span)."""
+    want = [namespace, workload, pod]
+    return [t for t, e in seed.traces.items()
+            if any(all(w is None or w == p for w, p in zip(want, place)) for place in e.get("places", []))]  # fmt: skip
+
+
+def test_search_by_namespace_workload_and_pod_in_the_url(page, seed):
+    open_view(page, "#/traces", "#results[data-state=ready]")
+    page.fill("#search-form input[name=namespace]", "shop")
+    page.fill("#search-form input[name=workload]", "checkout")
+    search_and_wait(page, lambda: page.click("#search-button"))
+    assert "namespace=shop" in page.url and "workload=checkout" in page.url
+    shop_checkouts = placed_traces(seed, "shop", "checkout")
+    assert len(shop_checkouts) == 4  # not staging's workload of the same name
+    assert sorted(result_ids(page)) == sorted(shop_checkouts)
+
+    # The URL is the state: a reload gives the same filters and results.
+    page.reload()
+    search_ready(page)
+    assert page.input_value("#search-form input[name=namespace]") == "shop"
+    assert page.input_value("#search-form input[name=workload]") == "checkout"
+    assert sorted(result_ids(page)) == sorted(shop_checkouts)
+
+    # A workload is found by its name in every namespace, and on any span of a trace (cart answers checkout).
+    page.fill("#search-form input[name=namespace]", "")
+    search_and_wait(page, lambda: page.click("#search-button"))
+    assert "namespace=" not in page.url
+    assert sorted(result_ids(page)) == sorted(placed_traces(seed, workload="checkout")) and len(result_ids(page)) == 5
+    page.fill("#search-form input[name=workload]", "cart")
+    search_and_wait(page, lambda: page.press("#search-form input[name=workload]", "Enter"))
+    assert sorted(result_ids(page)) == sorted(shop_checkouts)
+
+    # One of checkout's two pods, from a link.
+    pod = ui_seed.PODS["checkout-a"].name
+    page.goto(f"/#/traces?pod={pod}")
+    search_ready(page)
+    assert page.input_value("#search-form input[name=pod]") == pod
+    assert page.input_value("#search-form input[name=workload]") == ""
+    assert sorted(result_ids(page)) == sorted(placed_traces(seed, pod=pod)) and len(result_ids(page)) == 2
+
+    # Beside a typed attribute filter: both apply.
+    page.goto(f"/#/traces?namespace=shop&attr=k8s.pod.name%3D{ui_seed.PODS['checkout-b'].name}")
+    search_ready(page)
+    assert ui_seed.PODS["checkout-b"].name in page.inner_text("#attr-chips")
+    assert sorted(result_ids(page)) == sorted(placed_traces(seed, "shop", pod=ui_seed.PODS["checkout-b"].name))
+    page.goto("/#/traces?namespace=nowhere")
+    search_ready(page)
+    assert "No traces match" in page.inner_text("#results")
+
+
+def test_span_detail_says_which_pod_and_container_it_ran_in(page, seed):
+    pod, cart = ui_seed.PODS["checkout-b"], ui_seed.PODS["cart"]
+    trace_id = placed_traces(seed, pod=pod.name)[0]
+    open_view(page, f"#/trace/{trace_id}", "#waterfall[data-state=ready]")
+    assert page.inner_text("#trace-k8s") == "shop/cart · shop/checkout"
+    got = rows(page)  # checkout SERVER > checkout CLIENT > cart SERVER
+    assert [r["text"].split()[0] for r in got] == ["checkout", "checkout", "cart"]
+    page.click(f".wf-row[data-span-id='{got[0]['id']}'] .wf-op")
+    page.wait_for_selector("#span-detail:not([hidden])")
+    assert page.text_content("#detail-k8s h3") == "Kubernetes"
+    k8s = page.inner_text("#detail-k8s")
+    for text in ["shop", "deployment/checkout", pod.name, pod.uid, "node-b", "Burstable"]:
+        assert text in k8s, text
+    container = page.inner_text("#detail-container")
+    assert "containerd" in container and pod.container_id[:12] in container and pod.container_id not in container
+    assert page.get_attribute("#detail-container span[title]", "title") == pod.container_id
+    shot(page, "trace-k8s")
+
+    # The callee: a StatefulSet's pod. Its workload links to the workload's traces in its namespace.
+    page.click(f".wf-row[data-span-id='{got[2]['id']}'] .wf-op")
+    page.wait_for_function(f"document.querySelector('#span-detail').innerText.includes('{got[2]['id']}')")
+    k8s = page.inner_text("#detail-k8s")
+    assert "statefulset/cart" in k8s and cart.name in k8s and "Guaranteed" in k8s and pod.name not in k8s
+    page.click("#detail-k8s a:text-is('statefulset/cart')")
+    search_ready(page)
+    assert "namespace=shop" in page.url and "workload=cart" in page.url
+    assert sorted(result_ids(page)) == sorted(placed_traces(seed, "shop", "cart"))
+
+    # A span of no container: neither group.
+    plain = users_traces(seed, errors=False)[0]
+    open_view(page, f"#/trace/{plain}", "#waterfall[data-state=ready]")
+    page.click(f".wf-row[data-span-id='{rows(page)[0]['id']}'] .wf-op")
+    page.wait_for_selector("#span-detail:not([hidden])")
+    assert page.locator("#detail-k8s, #detail-container, #trace-k8s").count() == 0
+
+    # A container on a plain Docker host: the container group alone.
+    docker = next(t for t, e in seed.traces.items() if e["kind"] == "docker")
+    open_view(page, f"#/trace/{docker}", "#waterfall[data-state=ready]")
+    page.click(".wf-rows .wf-row .wf-op")
+    page.wait_for_selector("#span-detail:not([hidden])")
+    assert page.locator("#detail-k8s, #trace-k8s").count() == 0
+    container = page.inner_text("#detail-container")
+    cid = ui_seed.INVOICES_CONTAINER["container.id"]
+    assert "invoices" in container and "docker" in container and cid[:12] in container
 
 
 # --- Errors -------------------------------------------------------------------------------

@@ -6,12 +6,19 @@ send them (each span is its own trace; the server links them):
     client -> nginx (web-1) -> gateway (gw-1) -> redis            (untraced, seen as CLIENT spans)
                                               -> users (users-1) -> postgres (untraced)
     client -> nginx -> reports (batch-1) -> redis x 1997           (one 2,000-span trace)
+    ingress -> checkout (2 pods) -> cart                           (Kubernetes: namespace shop)
+    ingress -> checkout                                            (namespace staging)
+    client -> invoices                                             (a container on a plain Docker host)
 
 Each nginx->gateway, gateway->users and nginx->reports call has a CLIENT span and a SERVER
 span on mirrored 4-tuples of one keep-alive connection with the same req_seq, so the server's
 seq-join links them exactly; gateway->users also carries x-request-id in and out (header-id);
 the other calls out of a process are left to inference. Some traces fail: a statement timeout
 in postgres turns into 500/502 up the chain, a Redis WRONGTYPE error stays local.
+
+The Kubernetes and Docker traces carry the agent's attributes of where a process runs (pod,
+workload, namespace, container), on hosts of their own, so the shop's traces and figures stay
+as they are.
 
 Run by hand against a server: python tests/ui_seed.py http://127.0.0.1:8700 TOKEN
 """
@@ -37,9 +44,47 @@ HOSTS = {  # service -> (host, pid, address, listening port)
     "reports": ("batch-1", 4501, "10.1.0.60", 9000),
     "postgres": (None, None, "10.1.0.40", 5432),
     "redis": (None, None, "10.1.0.50", 6379),
+    "checkout": ("node-a", 5101, "10.244.1.12", 8080),  # pod checkout-...-7xk2p; the others in PODS
+    "cart": ("node-b", 6101, "10.244.2.23", 8080),
+    "invoices": ("docker-1", 7101, "172.17.0.3", 8000),
 }
 KERNELS = {"web-1": "6.1.0-27-amd64", "gw-1": "6.1.0-27-amd64", "users-1": "6.8.0-45-generic",
-           "batch-1": "5.15.0-119-generic"}  # fmt: skip
+           "batch-1": "5.15.0-119-generic", "node-a": "6.6.54-cos", "node-b": "6.6.54-cos",
+           "docker-1": "6.1.0-27-amd64"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Pod:
+    namespace: str
+    kind: str  # of its workload
+    workload: str
+    name: str
+    uid: str
+    node: str
+    pid: int
+    ip: str
+    container_id: str
+    qos: str = "Burstable"
+
+    def attributes(self) -> dict:
+        """What the agent adds to the spans of a process in this pod."""
+        return {"k8s.namespace.name": self.namespace, "k8s.pod.name": self.name, "k8s.pod.uid": self.uid,
+                "k8s.node.name": self.node, f"k8s.{self.kind}.name": self.workload, "k8s.workload.kind": self.kind,
+                "k8s.workload.name": self.workload, "k8s.pod.qos_class": self.qos, "k8s.container.name": self.workload,
+                "container.id": self.container_id, "container.runtime": "containerd"}  # fmt: skip
+
+
+PODS = {
+    "checkout-a": Pod("shop", "deployment", "checkout", "checkout-6b7f9c8d4-7xk2p", "3f1c2a7e-8b4d-4e6f-9a1b-2c3d4e5f6a7b",
+                      "node-a", 5101, "10.244.1.12", "5c0ffee" + "1" * 57),
+    "checkout-b": Pod("shop", "deployment", "checkout", "checkout-6b7f9c8d4-m9q4z", "8e2d4b6c-1a3f-4b5d-8c7e-9f0a1b2c3d4e",
+                      "node-b", 5201, "10.244.2.17", "5c0ffee" + "2" * 57),
+    "cart": Pod("shop", "statefulset", "cart", "cart-0", "0b1c2d3e-4f5a-4b6c-8d7e-8f9a0b1c2d3e",
+                "node-b", 6101, "10.244.2.23", "ca47" + "3" * 60, qos="Guaranteed"),
+    "checkout-staging": Pod("staging", "deployment", "checkout", "checkout-5f4d7c9b8-q2w3e",
+                            "6a5b4c3d-2e1f-4a0b-9c8d-7e6f5a4b3c2d", "node-a", 5301, "10.244.1.40", "5747" + "4" * 60),
+}  # fmt: skip
+INVOICES_CONTAINER = {"container.name": "invoices", "container.id": "d0c4e7" + "5" * 58, "container.runtime": "docker"}
 
 
 @dataclass
@@ -288,6 +333,7 @@ def build(now_ns: int | None = None, n_users: int = 28, n_catalog: int = 12, big
         b.spans[-1]["tid"] = b.spans[-1]["resp_tid"] = rtid
     traces[trace_id] = {"kind": "report", "spans": len(b.spans) - first, "errors": 0,
                         "root_name": "POST /api/reports/{name}", "url_path": path}  # fmt: skip
+    traces |= _placed_traces(b, now_ns, span_every, n)
 
     agents = {}
     for host, *_ in HOSTS.values():
@@ -303,6 +349,61 @@ def build(now_ns: int | None = None, n_users: int = 28, n_catalog: int = 12, big
                       "sent_spans": n, "send_failures": 0},
         }  # fmt: skip
     return Seed(b.spans, agents, traces)
+
+
+def _placed_traces(b: _Builder, now_ns: int, span_every: int, n: int) -> dict[str, dict]:
+    """Traces from Kubernetes pods and a Docker container, half a slot after shop traces spread
+    over the ten minutes: four checkouts in namespace shop (two checkout pods taking turns, each
+    calling cart), one in namespace staging (a workload of the same name), one from a plain
+    Docker host (a container, no pod). Each expectation lists (namespace, workload, pod) per span."""
+    ingress = "10.244.0.5"  # the ingress controller's pod: not traced
+    ports = itertools.count(47000)
+    traces: dict[str, dict] = {}
+
+    def place(d: dict, pod: Pod, *, local: bool = True) -> None:
+        """A span as the pod's process gives it: its node, pid and address, and the agent's attributes.
+        `local`: the span's own end is in the pod (else the pod is the remote end, its caller)."""
+        if local:
+            d.update(host=pod.node, pid=pod.pid, tid=pod.pid + 1, resp_tid=pod.pid + 1, laddr=pod.ip)
+            d["attributes"] = {**d["attributes"], **pod.attributes()}
+        else:
+            d["raddr"] = pod.ip
+
+    def root(service: str, name: str, path: str, start: int, end: int, body: bytes, trace_id: str, attrs: dict) -> dict:
+        req = _http_req("POST", path, "shop.example", body=body)
+        return b.span("SERVER", service, name, "http1", start, end, laddr=HOSTS[service][2], lport=HOSTS[service][3],
+                      raddr=ingress, rport=next(ports), conn_id=next(ports), req=req, resp=_http_resp(200, "OK", b"{}"),
+                      attributes=_http_attrs("POST", path, 200) | attrs, trace_id=trace_id)  # fmt: skip
+
+    for j, key in enumerate(["checkout-a", "checkout-b", "checkout-a", "checkout-b", "checkout-staging", "invoices"]):
+        t = now_ns - 600 * 10**9 + (2 + j * n // 6) * span_every + span_every // 2
+        trace_id = f"{0xC8500000 + j:08x}{j:024x}"
+        first = len(b.spans)
+        dur = (6 + 3 * j) * MS
+        if key == "invoices":
+            path = "/api/invoices"
+            root("invoices", "POST /api/invoices", path, t, t + dur, b'{"order":42}', trace_id, INVOICES_CONTAINER)
+            places = [(None, None, None)]
+        else:
+            pod = PODS[key]
+            path = "/api/checkout"
+            place(root("checkout", "POST /api/checkout", path, t, t + dur, b'{"cart":"c-17"}', trace_id, {}), pod)
+            places = [(pod.namespace, pod.workload, pod.name)]
+            if pod.namespace == "shop":
+                cart = PODS["cart"]
+                conn = _Conn("checkout", "cart", 25_000_000 + j * 1_000_000)
+                creq = _http_req("GET", "/carts/c-17", "cart.shop.svc")
+                client, server = b.call(conn, "GET /carts/{id}", "http1", t + 1 * MS, t + dur - 1 * MS, creq,
+                                        _http_resp(200, "OK", b'{"items":3}'), server=True,
+                                        c_attrs=_http_attrs("GET", "/carts/c-17", 200))  # fmt: skip
+                place(client, pod)
+                place(server, cart)
+                place(server, pod, local=False)
+                places += [places[0], (cart.namespace, cart.workload, cart.name)]
+        traces[trace_id] = {"kind": "docker" if key == "invoices" else "k8s", "spans": len(b.spans) - first,
+                            "errors": 0, "root_name": b.spans[first]["name"], "url_path": path,
+                            "places": places}  # fmt: skip
+    return traces
 
 
 def send(base_url: str, token: str, seed: Seed) -> None:

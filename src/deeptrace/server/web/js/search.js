@@ -10,11 +10,19 @@ import {
 
 const PAGE_SIZES = [20, 50, 100, 200];
 const DEFAULTS = { range: "1h", sort: "start", order: "desc", limit: "20", offset: "0" };
+// Kubernetes filters: their own fields and URL keys, sent as the API's attribute filter on the
+// agent's attributes. The workload's name is DeepTrace's one key for every kind of workload.
+const K8S_FILTERS = [
+  { key: "namespace", attr: "k8s.namespace.name", label: "Namespace" },
+  { key: "workload", attr: "k8s.workload.name", label: "Workload" },
+  { key: "pod", attr: "k8s.pod.name", label: "Pod" },
+];
 
 /** The search state from the hash, with defaults filled in. */
 function stateFrom(params) {
   const s = {};
-  for (const k of ["service", "operation", "status", "min", "max", "range", "from", "to", "sort", "order", "limit", "offset", "log"]) {
+  for (const k of ["service", "operation", "status", "min", "max", "range", "from", "to", "sort", "order", "limit", "offset", "log",
+    ...K8S_FILTERS.map((k) => k.key)]) {
     s[k] = params.get(k) ?? DEFAULTS[k] ?? "";
   }
   s.attr = params.getAll("attr").filter((a) => a.includes("="));
@@ -64,6 +72,10 @@ export function mount(root, _arg, params) {
     order: h("select", { name: "order", "aria-label": "Order" }, h("option", { value: "desc" }, "desc"), h("option", { value: "asc" }, "asc")),
     limit: h("select", { name: "limit", "aria-label": "Page size" }, PAGE_SIZES.map((n) => h("option", { value: String(n) }, `${n} / page`))),
   };
+  for (const k of K8S_FILTERS) {
+    f[k.key] = h("input", { name: k.key, type: "text", placeholder: k.label.toLowerCase(), "aria-label": `Kubernetes ${k.label.toLowerCase()}`,
+      title: `${k.attr} (exact)`, size: "12" });
+  }
   const attrChips = h("span", { class: "chips", id: "attr-chips" });
   const customRange = h("span", { class: "custom-range" }, f.from, h("span", { class: "muted" }, "to"), f.to);
 
@@ -71,6 +83,7 @@ export function mount(root, _arg, params) {
     field("Service", f.service), field("Operation", f.operation), field("Status", f.status),
     field("Duration", h("span", { class: "pair" }, f.min, h("span", { class: "muted" }, "–"), f.max)),
     field("Time", h("span", { class: "pair" }, f.range, customRange)),
+    field("Kubernetes", h("span", { class: "pair" }, K8S_FILTERS.map((k) => f[k.key]))),
     field("Attributes", h("span", { class: "pair" }, f.attrInput, attrChips)),
     field("Sort", h("span", { class: "pair" }, f.sort, f.order, f.limit)),
     h("div", { class: "field actions" }, h("button", { type: "submit", class: "primary", id: "search-button" }, "Search")),
@@ -158,6 +171,7 @@ export function mount(root, _arg, params) {
       min: f.min.value, max: f.max.value, range: f.range.value, from: f.from.value, to: f.to.value,
       sort: f.sort.value, order: f.order.value, limit: f.limit.value, attr: [...attrs], offset: "0",
     };
+    for (const k of K8S_FILTERS) next[k.key] = f[k.key].value.trim();
     go(next);
   });
 
@@ -186,6 +200,7 @@ export function mount(root, _arg, params) {
     f.sort.value = state.sort;
     f.order.value = state.order;
     f.limit.value = state.limit;
+    for (const k of K8S_FILTERS) f[k.key].value = state[k.key];
     logToggle.checked = state.log === "1";
     attrs = [...state.attr];
     renderChips();
@@ -246,7 +261,9 @@ export function mount(root, _arg, params) {
     const [start_ns, end_ns] = rangeToNs(state.range, state.from, state.to);
     const q = {
       service: state.service, operation: state.operation, status: state.status,
-      min_duration_ms: state.min, max_duration_ms: state.max, start_ns, end_ns, attr: state.attr,
+      min_duration_ms: state.min, max_duration_ms: state.max, start_ns, end_ns,
+      // After the typed ones: for the same key the API keeps the last, so the field wins.
+      attr: [...state.attr, ...K8S_FILTERS.filter((k) => state[k.key]).map((k) => `${k.attr}=${state[k.key]}`)],
       sort: state.sort, order: state.order, limit: state.limit, offset: state.offset,
     };
     results.dataset.state = "loading";

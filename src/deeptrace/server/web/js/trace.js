@@ -72,6 +72,24 @@ export function linkLabel(span) {
   return c === null || c === undefined ? span.link_method : `${span.link_method} ${Number(c).toFixed(2)}`;
 }
 
+// The agent names a span's pod and container with OpenTelemetry's attributes; k8s.workload.* are
+// DeepTrace's own, one key whatever the kind. Spans that carry only OpenTelemetry's per-kind keys
+// still name their workload: the first of these found.
+const WORKLOAD_KINDS = ["deployment", "statefulset", "daemonset", "cronjob", "job", "replicaset"];
+
+export function workloadOf(a) {
+  if (a["k8s.workload.name"]) return { kind: a["k8s.workload.kind"] || "", name: String(a["k8s.workload.name"]) };
+  const kind = WORKLOAD_KINDS.find((k) => a[`k8s.${k}.name`]);
+  return kind ? { kind, name: String(a[`k8s.${kind}.name`]) } : null;
+}
+
+/** "namespace/workload" (or the half that is known) of a span that ran in a pod, else null. */
+function placeLabel(a) {
+  const ns = a["k8s.namespace.name"];
+  const wl = workloadOf(a);
+  return ns && wl ? `${ns}/${wl.name}` : ns || (wl && wl.name) || null;
+}
+
 function rowTemplate() {
   const t = document.createElement("template");
   t.innerHTML = `<div class="wf-row" role="row"><div class="wf-name" role="gridcell"><button type="button" class="wf-toggle" aria-expanded="true" tabindex="-1"></button><span class="svc-dot"></span><span class="wf-svc"></span><span class="wf-op"></span><span class="wf-tags"></span></div><div class="wf-link" role="gridcell"></div><div class="wf-timeline" role="gridcell"><div class="wf-bar"></div><span class="wf-dur"></span></div></div>`;
@@ -207,6 +225,7 @@ export function mount(root, traceId, params) {
     for (const s of spans) if (s.link_method) methods.set(s.link_method, (methods.get(s.link_method) || 0) + 1);
     const rootSpan = rows.length ? rows[0].span : null;
     const roots = rows.filter((r) => r.depth === 0).length;
+    const placed = [...new Set(spans.map((s) => placeLabel(s.attributes || {})).filter(Boolean))].sort();
     clear(head).append(
       h("div", { class: "trace-title" },
         h("a", { href: "#/traces", class: "back", title: "Back to the search" }, "‹ Search"),
@@ -220,6 +239,7 @@ export function mount(root, traceId, params) {
         fact("Errors", errors ? h("span", { class: "badge error" }, fmtNumber(errors)) : "0"),
         fact("Roots", String(roots)),
         fact("Links", [...methods].map(([m, n]) => `${m} ${n}`).join(" · ") || "–"),
+        placed.length ? fact("Kubernetes", h("span", { id: "trace-k8s" }, placed.join(" · "))) : null,
         fact("Services", h("span", null, services.map((s) => h("span", { class: "svc-chip", style: `--svc:${serviceColor(s)}` }, s))))),
     );
   }
@@ -315,6 +335,7 @@ export function mount(root, traceId, params) {
         kv("Sizes", `request ${fmtBytes(s.req_size)} · response ${fmtBytes(s.resp_size)}`),
         kv("TCP seq", h("span", { class: "mono small" }, `req ${seqText(s.req_seq)} · resp ${seqText(s.resp_seq)}`)),
       )),
+      ...placeGroups(s.attributes || {}, kv),
       h("h3", null, `Attributes (${attrs.length})`),
       attrs.length ? h("table", { class: "kv attrs" }, h("tbody", null,
         attrs.map(([k, v]) => kv(k, h("span", { class: "mono" }, typeof v === "string" ? v : JSON.stringify(v))))))
@@ -325,6 +346,40 @@ export function mount(root, traceId, params) {
     );
     detail.hidden = false;
     body.classList.add("with-detail");
+  }
+
+  /**
+   * Where the span ran: a Kubernetes group and a Container group, each with only the rows its
+   * attributes give, and absent without them (a plain Docker host has a container but no pod;
+   * most spans off a cluster have neither). Namespace, workload and pod link to their traces.
+   */
+  function placeGroups(a, kv) {
+    const val = (k) => (a[k] === undefined || a[k] === null || a[k] === "" ? null : String(a[k]));
+    const ns = val("k8s.namespace.name");
+    const wl = workloadOf(a);
+    const pod = val("k8s.pod.name");
+    const search = (text, what, p) => h("a", { href: hashFor("traces", "", ns ? { namespace: ns, ...p } : p), title: `Search the traces of this ${what}` }, text);
+    const group = (id, title, trs) => (trs.some(Boolean) ? h("div", { id }, h("h3", null, title), h("table", { class: "kv" }, h("tbody", null, trs))) : null);
+    const wlText = wl && (wl.kind ? `${wl.kind}/${wl.name}` : wl.name);
+    const id = val("container.id");
+    return [
+      group("detail-k8s", "Kubernetes", [
+        ns ? kv("Namespace", search(ns, "namespace", {})) : null,
+        // The search knows a workload by DeepTrace's key: a span named only by OpenTelemetry's gets no link.
+        wl ? kv("Workload", val("k8s.workload.name") ? search(wlText, "workload", { workload: wl.name }) : wlText) : null,
+        pod ? kv("Pod", search(pod, "pod", { pod })) : null,
+        val("k8s.pod.uid") ? kv("Pod UID", h("span", { class: "mono small" }, val("k8s.pod.uid"))) : null,
+        val("k8s.node.name") ? kv("Node", val("k8s.node.name")) : null,
+        val("k8s.pod.qos_class") ? kv("QoS class", val("k8s.pod.qos_class")) : null,
+      ]),
+      group("detail-container", "Container", [
+        // The pod spec's name (Kubernetes), else the runtime's own name where a span has one.
+        val("k8s.container.name") || val("container.name") ? kv("Name", val("k8s.container.name") || val("container.name")) : null,
+        // Short as `docker ps` shows it; the whole id is in the title and the attributes below.
+        id ? kv("ID", h("span", { class: "mono", title: id }, id.length > 12 ? id.slice(0, 12) : id)) : null,
+        val("container.runtime") ? kv("Runtime", val("container.runtime")) : null,
+      ]),
+    ].filter(Boolean); // the panel is filled by DOM append, which would print a null
   }
 
   function head_(title, b64, size, id) {
