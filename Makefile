@@ -16,6 +16,8 @@ APT_PACKAGES := clang llvm libbpf1 libbpf-dev bpftool gcc libc6-dev make \
                 curl wget openssl libssl-dev wrk dnsmasq-base bind9-dnsutils tshark \
                 rabbitmq-server nats-server mosquitto \
                 iproute2 procps chromium golang-go clickhouse-server clickhouse-client
+# deploy/ (tests/test_deploy.py): the systemd unit run under its capabilities, the Helm chart's renderer.
+APT_PACKAGES += util-linux strace systemd golang-github-masterminds-sprig-dev golang-gopkg-yaml.v3-dev
 
 .PHONY: all setup deps node venv web bpf test demo demo-two-hosts demo-cluster bench bench-accuracy bench-accuracy-foreign bench-app-impact bench-server clean
 
