@@ -75,7 +75,7 @@ V1 = "\n".join([
 V2 = f"0::/system.slice/docker-{ID}.scope"
 # A hybrid host where the sandbox keeps some v1 controllers elsewhere (as on our test machines).
 HYBRID = "\n".join(["9:name=systemd:/", "8:pids:/docker/" + ID, "4:memory:/process_api/07ac58d4797684d7fb2ed3e6", "0::/"])
-HOST_SERVICE = "\n".join(["1:name=systemd:/system.slice/nginx.service", "0::/system.slice/nginx.service"])
+HOST_SERVICE = "1:name=systemd:/system.slice/nginx.service\n0::/system.slice/nginx.service"
 
 
 @pytest.mark.parametrize("text, path, v2", [
@@ -166,6 +166,21 @@ def test_a_process_in_a_pod_cgroup_is_read_with_its_cgroup_id(cgroups):
     assert CgroupReader()(p.pid) is None  # gone
 
 
+def test_a_process_in_no_container_keeps_its_cgroup_path(cgroups):
+    unit = cgroups.make(V2_ROOT / "system.slice" / "shop-worker.service")
+    p = in_cgroup(unit, ["sleep", "30"])
+    try:
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{p.pid}/comm").read_text().strip() != "sleep" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        attrs = CgroupReader()(p.pid).attributes()
+    finally:
+        p.kill()
+        p.wait()
+    assert attrs == {"deeptrace.cgroup.path": "/system.slice/shop-worker.service",
+                     "deeptrace.cgroup.id": str(os.stat(unit).st_ino)}  # fmt: skip
+
+
 def test_spans_of_processes_in_container_cgroups_carry_their_context(cgroups, tmp_path):
     """A server in a Kubernetes pod's container (cgroup v2, systemd driver), curl in a Docker
     container (v2) and in another (v1, cgroupfs driver), traced by `deeptrace agent`."""
@@ -211,7 +226,7 @@ def test_spans_of_processes_in_container_cgroups_carry_their_context(cgroups, tm
         assert (a["container.id"], a["container.runtime"], a["k8s.pod.uid"], a["k8s.pod.qos_class"]) == (
             ID, "containerd", UID, "Burstable")  # fmt: skip
         assert a["deeptrace.cgroup.id"] == str(os.stat(server_cg).st_ino)
-        assert a["deeptrace.cgroup.path"] == "/" + str(server_cg.relative_to(V2_ROOT))
+        assert "deeptrace.cgroup.path" not in a  # the ids say it all
     first, second = (c["attributes"] for c in clients)
     assert (first["container.id"], first["container.runtime"]) == (other, "docker")
     assert "deeptrace.cgroup.id" in first and "k8s.pod.uid" not in first
@@ -313,3 +328,25 @@ users: [{{name: agent, user: {{token: not-checked}}}}]
         "container.runtime": "containerd"}  # fmt: skip
     assert call["service"] == "curl" and call["attributes"]["peer.service"] == "checkout"
     assert "k8s.pod.name" not in call["attributes"]
+
+
+def test_read_from_inside_a_cgroup_namespace(tmp_path):
+    """The agent in a pod (hostPID, its own cgroup namespace) reads other pods' cgroups relative
+    to its own (`/../..`): the container is still named; the kernel's id finds the full path in
+    the host's hierarchy the DaemonSet mounts."""
+    host = tmp_path / "cgroup"
+    scope = host / "kubepods.slice" / "kubepods-burstable.slice" / f"kubepods-burstable-pod{SYSTEMD_UID}.slice" / (
+        f"cri-containerd-{ID}.scope")  # fmt: skip
+    scope.mkdir(parents=True)
+    proc = tmp_path / "proc"
+    (proc / "self").mkdir(parents=True)
+    (proc / "self" / "mountinfo").write_text(f"30 25 0:26 / {host} rw,nosuid - cgroup2 cgroup2 rw\n")
+    (proc / "42").mkdir()
+    (proc / "42" / "cgroup").write_text(
+        f"0::/../../kubepods-burstable-pod{SYSTEMD_UID}.slice/cri-containerd-{ID}.scope\n")  # fmt: skip
+    alone = CgroupReader(proc=str(proc))(42)
+    assert (alone.id, alone.pod_uid, alone.cgroup_id) == (ID, UID, None)
+    with_kernel = CgroupReader(lambda pid: os.stat(scope).st_ino, proc=str(proc))(42)
+    assert (with_kernel.id, with_kernel.pod_uid, with_kernel.qos_class) == (ID, UID, "Burstable")
+    assert with_kernel.cgroup_id == os.stat(scope).st_ino
+    assert with_kernel.cgroup == "/" + str(scope.relative_to(host))

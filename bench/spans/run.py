@@ -96,24 +96,24 @@ def capture_exchanges(start_server, load, seconds: float):
     return np.concatenate(batches), wall
 
 
-def replay_exchanges(events, wall: int, batch: int = 4096, runs: int = 3) -> dict:
+def replay_exchanges(events, wall: int, batch: int = 4096, runs: int = 3, new_pipeline=None) -> dict:
     """The agent's path for assembled exchanges when it writes JSON lines (`deeptrace agent
     --out`): events -> SpanJson -> JSON lines."""
     best = None
     for _ in range(runs):
-        pipeline = SpanPipeline(host="bench")
-        n = 0
+        pipeline = new_pipeline() if new_pipeline else SpanPipeline(host="bench")
+        n = written = 0
         t0 = time.perf_counter()
         for i in range(0, len(events), batch):
             spans = pipeline.push_exchanges_json(events[i : i + batch], wall)
-            json_lines(spans)
+            written += len(json_lines(spans))
             n += len(spans)
         dt = time.perf_counter() - t0
         if best is None or dt < best[0]:
-            best = (dt, n)
-    dt, n = best
+            best = (dt, n, written)
+    dt, n, written = best
     return {"exchanges": len(events), "spans": n, "seconds": round(dt, 3), "spans_per_s": round(n / dt),
-            "us_per_span": round(dt / max(n, 1) * 1e6, 2)}  # fmt: skip
+            "us_per_span": round(dt / max(n, 1) * 1e6, 2), "bytes_per_span": round(written / max(n, 1))}  # fmt: skip
 
 
 def wrk(port: int, seconds: float) -> subprocess.Popen:
@@ -320,10 +320,10 @@ LOADS = {"amqp": amqp_load, "nats": nats_load, "mqtt": mqtt_load, "thrift": thri
          "kafka": kafka_load, "mongodb": mongodb_load, "dns": dns_load}  # fmt: skip
 
 
-def replay(records: list, batch: int = 512, runs: int = 3) -> dict:
+def replay(records: list, batch: int = 512, runs: int = 3, new_pipeline=None) -> dict:
     best = None
     for _ in range(runs):
-        pipeline = SpanPipeline(host="bench")
+        pipeline = new_pipeline() if new_pipeline else SpanPipeline(host="bench")
         spans = []
         t0 = time.perf_counter()
         for i in range(0, len(records), batch):
