@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,10 @@ UID = "0f2b3c4d-1a2b-4c5d-8e9f-0123456789ab"
 SYSTEMD_UID = UID.replace("-", "_")
 
 
+KIND_PATH = ("/kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/"
+             f"kubelet-kubepods-besteffort-pod{SYSTEMD_UID}.slice/cri-containerd-{ID}.scope")
+
+
 @pytest.mark.parametrize("path, runtime, cid, pod_uid, qos", [
     # Kubernetes, systemd driver: QoS slice, pod slice (dashes become underscores), runtime scope
     (f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{SYSTEMD_UID}.slice/cri-containerd-{ID}.scope",
@@ -35,6 +40,12 @@ SYSTEMD_UID = UID.replace("-", "_")
     (f"/kubepods/burstable/pod{UID}/{ID}", None, ID, UID, "Burstable"),
     (f"/kubepods/pod{UID}/{ID}", None, ID, UID, "Guaranteed"),
     (f"/kubepods/besteffort/pod{UID}", None, None, UID, "BestEffort"),  # the pod's own cgroup
+    # kind, or a kubelet with --cgroup-root: prefixed slices
+    (KIND_PATH, "containerd", ID, UID, "BestEffort"),
+    # read from inside a cgroup namespace (the agent in a pod): relative to the reader's cgroup
+    (f"/../../../besteffort/pod{UID}/{ID}", None, ID, UID, "BestEffort"),
+    (f"/../../pod{UID}/{ID}", None, ID, UID, None),
+    (f"/../../kubepods-besteffort-pod{SYSTEMD_UID}.slice/crio-{ID}.scope", "cri-o", ID, UID, "BestEffort"),
     # plain container hosts
     (f"/system.slice/docker-{ID}.scope", "docker", ID, None, None),
     (f"/docker/{ID}", "docker", ID, None, None),
@@ -58,6 +69,15 @@ SYSTEMD_UID = UID.replace("-", "_")
 def test_container_and_pod_from_cgroup_paths(path, runtime, cid, pod_uid, qos):
     c = parse_cgroup_path(path)
     assert (c.runtime, c.id, c.pod_uid, c.qos_class) == (runtime, cid, pod_uid, qos)
+
+
+def test_a_cgroup_name_that_is_not_utf8_is_read(tmp_path):
+    """Any user can name a cgroup of their own subtree with any bytes."""
+    proc = tmp_path / "proc"
+    (proc / "7").mkdir(parents=True)
+    (proc / "7" / "cgroup").write_bytes(b"0::/user.slice/user-1000.slice/user@1000.service/app.slice/caf\xe9\n")
+    c = CgroupReader(proc=str(proc))(7)
+    assert c.cgroup.endswith("/app.slice/caf\ufffd") and c.id is None
 
 
 def test_hostile_cgroup_paths_never_raise():
@@ -265,6 +285,9 @@ def test_processes_retry_a_pod_the_metadata_does_not_know_yet():
     processes.RETRY_S = 0.0
     first = processes(os.getpid(), "python3")
     assert dict(first.resource)["container.id"] == cid and "k8s.pod.name" not in dict(first.resource)
+    # The pod is known, but its status does not list this container's id yet (the kubelet
+    # reports it a moment after the container starts): asked again too.
+    assert processes._complete(where, replace(pod, containers={})) is False
     kube.known = pod
     second = dict(processes(os.getpid(), "python3").resource)
     assert (second["k8s.pod.name"], second["k8s.namespace.name"], second["k8s.workload.name"]) == (

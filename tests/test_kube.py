@@ -606,3 +606,11 @@ users:
         assert metadata.peer_name("10.96.120.15") == "checkout"
     finally:
         metadata.stop()
+
+
+def test_a_terminating_pod_gives_its_ip_up():
+    """A pod being deleted can still say Running; its IP may already be a new pod's."""
+    obj = copy.deepcopy(pods_by_name()["checkout-7d4b9c8f6d-x2k9p"])
+    assert ("ip", "10.244.1.17") in set(kube._pod_keys(Pod.from_api(obj)))
+    obj["metadata"]["deletionTimestamp"] = "2024-05-14T10:00:00Z"
+    assert not [k for k in kube._pod_keys(Pod.from_api(obj)) if k[0] == "ip"]

@@ -205,3 +205,21 @@ def test_tls_plaintext_read_ahead_has_no_range_of_its_own():
     recs = [first, replace(answer, flags=FLAG_TLS), replace(second, flags=FLAG_TLS), replace(answer2, flags=FLAG_TLS)]
     spans = SpanPipeline(host="h").push(recs)
     assert [s.req_seq for s in spans] == [None, (second.enter_seq, second.enter_seq + len(REQ))]
+
+
+def test_a_client_span_names_its_peer_and_a_server_span_does_not():
+    """peer.service is OpenTelemetry's name for the service a call went to: on CLIENT spans only.
+    Connections of one process to one peer share one resource tuple (the exchange path caches
+    encoded attributes by it)."""
+    from deeptrace.capture.spans import ProcessInfo
+
+    pod = (("k8s.pod.name", "checkout-x"),)
+    pipeline = SpanPipeline(host="h", process_info=lambda pid, comm: ProcessInfo("checkout", pod),
+                            peer_name=lambda ip: "users")  # fmt: skip
+    client, server = Conn(role="client", conn_id=1), Conn(role="server", conn_id=2)
+    call = pipeline.push([client.rec("egress", REQ), client.rec("ingress", RESP)])
+    served = pipeline.push([server.rec("ingress", REQ), server.rec("egress", RESP)])
+    assert call[0].attributes["peer.service"] == "users" and call[0].attributes["k8s.pod.name"] == "checkout-x"
+    assert "peer.service" not in served[0].attributes and served[0].attributes["k8s.pod.name"] == "checkout-x"
+    again = pipeline.endpoint(10, "svc", "127.0.0.1", 80, "127.0.0.1", 5555, 9, client=True)
+    assert again.resource is pipeline.endpoint(10, "svc", "127.0.0.1", 81, "127.0.0.1", 5555, 8, client=True).resource

@@ -51,7 +51,8 @@ _SCOPES = (
 _PLAIN_ID = re.compile(rf"^{_ID}$")  # cgroupfs drivers: the id alone
 _PARENT_RUNTIME = {"docker": "docker", "libpod_parent": "podman"}
 _UID = r"([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})"
-_POD_SYSTEMD = re.compile(rf"^kubepods(?:-(burstable|besteffort))?-pod{_UID}\.slice$")
+# kind and kubelets given --cgroup-root prefix the slices ("kubelet-kubepods-...").
+_POD_SYSTEMD = re.compile(rf"^(?:[\w.-]+-)?kubepods(?:-(burstable|besteffort))?-pod{_UID}\.slice$")
 _POD_CGROUPFS = re.compile(rf"^pod{_UID}$")
 _QOS = {None: "Guaranteed", "burstable": "Burstable", "besteffort": "BestEffort"}
 
@@ -67,10 +68,16 @@ class Container:
     pod_uid: str | None = None  # Kubernetes
     qos_class: str | None = None  # Guaranteed, Burstable, BestEffort
 
+    @property
+    def relative(self) -> bool:
+        """Read from inside a cgroup namespace and not found in the host's hierarchy: the path
+        is relative to the reader's own cgroup (`/../..`)."""
+        return "/.." in self.cgroup
+
     def attributes(self) -> dict[str, str]:
         # The path only where it says more than the ids (a systemd unit, a slice): a container's
-        # is ~190 bytes on every span, and its ids carry all it says.
-        out = {} if self.id or self.pod_uid else {CGROUP_PATH: self.cgroup}
+        # is ~190 bytes on every span, and its ids carry all it says. A relative one says little.
+        out = {} if self.id or self.pod_uid or self.relative else {CGROUP_PATH: self.cgroup}
         if self.cgroup_id is not None:
             out[CGROUP_ID] = str(self.cgroup_id)
         for key, value in ((CONTAINER_ID, self.id), (CONTAINER_RUNTIME, self.runtime), (POD_UID, self.pod_uid),
@@ -88,9 +95,12 @@ def parse_cgroup_path(path: str) -> Container:
         if m := _POD_SYSTEMD.match(part):
             pod_uid, qos = m.group(2).replace("_", "-"), _QOS[m.group(1)]
             continue
-        if (m := _POD_CGROUPFS.match(part)) and i > 0 and parts[0] == "kubepods":
+        # cgroupfs driver: under kubepods (or, read from inside a cgroup namespace, under "..":
+        # the path is relative to the reader's own cgroup, and "kubepods" may be above it).
+        if (m := _POD_CGROUPFS.match(part)) and i > 0 and ("kubepods" in parts[:i] or parts[0] == ".."):
             pod_uid = m.group(1).replace("_", "-")
-            qos = _QOS[parts[1]] if len(parts) > 2 and parts[1] in ("burstable", "besteffort") else "Guaranteed"
+            above = parts[i - 1]
+            qos = _QOS[above] if above in ("burstable", "besteffort") else "Guaranteed" if above == "kubepods" else None
             continue
         for pattern, name in _SCOPES:
             if m := pattern.match(part):
@@ -142,7 +152,7 @@ class CgroupReader:
     def __call__(self, pid: int) -> Container | None:
         """None when nothing places the process (gone and never seen, or at the root)."""
         try:
-            with open(f"{self._proc}/{pid}/cgroup") as f:
+            with open(f"{self._proc}/{pid}/cgroup", errors="replace") as f:  # a cgroup's name is any bytes
                 text = f.read()
         except OSError:
             return self._from_kernel(pid)

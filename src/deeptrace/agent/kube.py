@@ -103,6 +103,7 @@ class Pod:
     containers: dict[str, str]  # container id (hex, no runtime prefix) -> container name
     host_network: bool
     phase: str | None = None  # Pending, Running, Succeeded, Failed, Unknown
+    deleting: bool = False  # metadata.deletionTimestamp set: on its way out
 
     @classmethod
     def from_api(cls, obj: dict[str, Any]) -> Pod:
@@ -137,6 +138,7 @@ class Pod:
             containers=containers,
             host_network=bool(spec.get("hostNetwork")),
             phase=status.get("phase"),
+            deleting=bool(meta.get("deletionTimestamp")),
         )
 
     def attributes(self, container_id: str | None = None) -> dict[str, str]:
@@ -290,8 +292,9 @@ def _pod_keys(pod: Pod) -> Iterable[tuple[str, str]]:
     for container_id in pod.containers:
         yield "container", container_id
     # A host-network pod's IPs are the node's, shared by every such pod and by the node itself:
-    # they name none of them. A finished pod's IP may already be another pod's.
-    if not pod.host_network and pod.running:
+    # they name none of them. A finished pod's IP may already be another pod's, and so may a
+    # terminating one's (a late event of it must not take the IP back from the new pod).
+    if not pod.host_network and pod.running and not pod.deleting:
         for ip in pod.ips:
             yield "ip", ip
 

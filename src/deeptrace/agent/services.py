@@ -144,7 +144,10 @@ class Processes:
         return info
 
     def _describe(self, pid: int, comm: str) -> tuple[ProcessInfo, bool]:
-        container = self._cgroups(pid)
+        try:
+            container = self._cgroups(pid)
+        except (OSError, ValueError):  # what /proc holds is not ours to trust: never fatal
+            container = None
         pod = None
         if self.kube is not None and container is not None:
             pod = (container.id and self.kube.pod_by_container(container.id)) or (
@@ -154,5 +157,16 @@ class Processes:
             resource.update(pod.attributes(container.id))
         service = (_environ_name(pid) or (pod.service_name() if pod else None) or from_cmdline(_cmdline(pid))
                    or comm)  # fmt: skip
-        complete = pod is not None or self.kube is None or container is None or not container.pod_uid
-        return ProcessInfo(service, tuple(resource.items())), complete
+        return ProcessInfo(service, tuple(resource.items())), self._complete(container, pod)
+
+    def _complete(self, container, pod) -> bool:
+        """Whether a later look could say more: the kernel's cgroup id not yet found in the
+        hierarchy, or (with Kubernetes) a container the pod watch does not know yet (its pod's
+        event, or the container's id in the pod's status, comes a moment after it starts)."""
+        if container is None:
+            return True
+        if container.relative and container.cgroup_id is None:
+            return False
+        if self.kube is None or not (container.id or container.pod_uid):
+            return True
+        return pod is not None and (not container.id or container.id in pod.containers)

@@ -292,7 +292,7 @@ class ExchangeSpans:
         comm = bytes(event["comm"]).split(b"\0", 1)[0].decode(errors="replace")
         endpoint = self.endpoint(key[0], comm, socket.inet_ntop(family, bytes(event["laddr"])[:width]),
                                  int(event["lport"]), socket.inet_ntop(family, bytes(event["raddr"])[:width]),
-                                 int(event["rport"]), key[1])  # fmt: skip
+                                 int(event["rport"]), key[1], client=int(event["role"]) != _ROLE_SERVER)  # fmt: skip
         self._endpoints[key] = known = (
             endpoint,
             "SERVER" if int(event["role"]) == _ROLE_SERVER else "CLIENT",

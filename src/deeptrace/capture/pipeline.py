@@ -97,6 +97,7 @@ class SpanPipeline:
         self.host = host or socket.gethostname()
         self.process_info = process_info  # (pid, comm) -> service and where it runs
         self.peer_name = peer_name  # remote address -> its name (a Kubernetes pod or Service)
+        self._with_peer: dict[tuple[int, str], tuple[tuple, tuple]] = {}  # (id(resource), peer) -> (resource, with it)
         self.timeout_ns = timeout_ns
         self.stats = PipelineStats()
         self._conns: OrderedDict[tuple, _Connection] = OrderedDict()
@@ -251,7 +252,8 @@ class SpanPipeline:
             self._close(oldest, rec.exit_ns, spans, reason="evicted")
         if len(key) > 2:
             self._peers.setdefault(key[:2], set()).add(key)
-        endpoint = self.endpoint(rec.tgid, rec.comm, rec.laddr, rec.lport, rec.raddr, rec.rport, rec.conn_id)
+        endpoint = self.endpoint(rec.tgid, rec.comm, rec.laddr, rec.lport, rec.raddr, rec.rport, rec.conn_id,
+                                 client=rec.role == "client")  # fmt: skip
         conn = _Connection(endpoint, rec.l4, {d: OrderedStream(self.stats) for d in ("ingress", "egress")},
                            sample_shift=rec.sample_shift)  # fmt: skip
         if rec.role in ("client", "server"):
@@ -259,13 +261,23 @@ class SpanPipeline:
         self._conns[key] = conn
         return conn
 
-    def endpoint(self, pid: int, comm: str, laddr: str, lport: int, raddr: str, rport: int, conn_id: int) -> Endpoint:
-        """One side of a connection, named: its process's service and resource, its peer's name."""
+    def endpoint(self, pid: int, comm: str, laddr: str, lport: int, raddr: str, rport: int, conn_id: int,
+                 client: bool = False) -> Endpoint:  # fmt: skip
+        """One side of a connection, named: its process's service and resource, and for a client
+        its peer's name (OpenTelemetry's peer.service: the service a call went to)."""
         info = self.process_info(pid, comm)
         resource = info.resource
-        peer = self.peer_name(raddr) if self.peer_name is not None else None
+        peer = self.peer_name(raddr) if client and self.peer_name is not None else None
         if peer:
-            resource = (*resource, (PEER_SERVICE, peer))
+            # One tuple per (process resource, peer), not per connection: the exchange path
+            # caches encoded attributes by resource.
+            key = (id(resource), peer)
+            hit = self._with_peer.get(key)
+            if hit is None or hit[0] is not resource:
+                if len(self._with_peer) >= 4096:
+                    self._with_peer.clear()
+                hit = self._with_peer[key] = (resource, (*resource, (PEER_SERVICE, peer)))
+            resource = hit[1]
         return Endpoint(info.service, self.host, pid, laddr, lport, raddr, rport, conn_id, resource)
 
     def _decrypted(self, conn: _Connection, rec: Record) -> None:

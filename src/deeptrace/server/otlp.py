@@ -172,8 +172,8 @@ def _convert_span(s: object) -> tuple[tuple, trace_pb2.Span]:
         span.status.code = trace_pb2.Status.STATUS_CODE_ERROR
         span.status.message = "" if code is None else _text(str(code))
     attributes, dropped = _merged_attributes(s, kind)
-    where = tuple((k, _text(v)) for k, v in attributes.items()
-                  if k.startswith(RESOURCE_ATTRIBUTE_PREFIXES) and isinstance(v, str))  # fmt: skip
+    where = tuple(sorted((k, _text(v)) for k, v in attributes.items()
+                         if k.startswith(RESOURCE_ATTRIBUTE_PREFIXES) and isinstance(v, str)))  # fmt: skip
     for k, _ in where:
         del attributes[k]
     span.dropped_attributes_count = dropped + _add_attributes(span, attributes)
