@@ -213,6 +213,10 @@ def test_search_by_attributes_whose_names_hold_dots(store):
     for what, (attributes, want) in cases.items():
         found, total = store.search(TraceQuery(T0, T0 + 10**12, attributes=attributes))
         assert [t.trace_id for t in found] == [spans[i - 1]["trace_id"] for i in want] and total == len(want), what
+    # The trace list says where each root ran: its namespace and workload, "" where unknown.
+    found, _ = store.search(TraceQuery(T0, T0 + 10**12, sort="start", descending=False))
+    assert [(t.root_namespace, t.root_workload) for t in found] == [("shop", "checkout"), ("staging", "checkout"),
+                                                                     ("", "checkout-v2"), ("", "")]  # fmt: skip
 
 
 def test_services_operations_map_and_series(store):

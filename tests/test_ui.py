@@ -433,6 +433,8 @@ def test_search_by_namespace_workload_and_pod_in_the_url(page, seed):
     shop_checkouts = placed_traces(seed, "shop", "checkout")
     assert len(shop_checkouts) == 4  # not staging's workload of the same name
     assert sorted(result_ids(page)) == sorted(shop_checkouts)
+    # Each row says where its root ran.
+    assert page.locator("#results .k8s-where").all_inner_texts() == ["shop/checkout"] * 4
 
     # The URL is the state: a reload gives the same filters and results.
     page.reload()

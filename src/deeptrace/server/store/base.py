@@ -48,6 +48,9 @@ class TraceSummary:
     span_count: int
     error_count: int
     services: list[str]
+    # Where the root span's process runs, when the agent knew (Kubernetes): "" when not.
+    root_namespace: str = ""
+    root_workload: str = ""
 
 
 @dataclass

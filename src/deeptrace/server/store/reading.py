@@ -4,6 +4,7 @@ together from its three queries, empty time buckets filled in) done here, once."
 
 from __future__ import annotations
 
+import json
 from abc import abstractmethod
 
 from deeptrace.server.store import sql
@@ -104,12 +105,25 @@ class SqlSpanReader(SpanReader):
 
 
 def _summary(trace_id: str, spans: list[tuple]) -> TraceSummary:
-    """spans: (service, name, start_ns, end_ns, parent_span_id, status) of one trace."""
+    """spans: (service, name, start_ns, end_ns, parent_span_id, status, attributes) of one trace."""
     roots = [s for s in spans if s[4] is None] or spans
     root = min(roots, key=lambda s: s[2])
     t0, t1 = min(s[2] for s in spans), max(s[3] for s in spans)
+    namespace, workload = _where(root[6])
     return TraceSummary(trace_id, root[0], root[1], t0, t1 - t0, len(spans), sum(s[5] == "error" for s in spans),
-                        sorted({s[0] for s in spans}))  # fmt: skip
+                        sorted({s[0] for s in spans}), namespace, workload)  # fmt: skip
+
+
+def _where(attributes: str | None) -> tuple[str, str]:
+    """The Kubernetes namespace and workload in a span's attributes (JSON text), "" if none."""
+    if not attributes or '"k8s.' not in attributes:  # most spans: no parse
+        return "", ""
+    try:
+        a = json.loads(attributes)
+    except ValueError:
+        return "", ""
+    namespace, workload = a.get("k8s.namespace.name"), a.get("k8s.workload.name")
+    return (namespace if isinstance(namespace, str) else "", workload if isinstance(workload, str) else "")
 
 
 def red(row, seconds: float) -> Red:

@@ -91,7 +91,7 @@ def search(d: Dialect, q: TraceQuery) -> tuple[str, list, str, list]:
 def trace_members(n: int) -> str:
     """Enough of each of n traces to sum it up: span count, errors, root, services, extent."""
     marks = ", ".join("?" * n)
-    return (f"SELECT trace_id, service, name, start_ns, end_ns, parent_span_id, status FROM spans "
+    return (f"SELECT trace_id, service, name, start_ns, end_ns, parent_span_id, status, attributes FROM spans "
             f"WHERE trace_id IN ({marks})")  # fmt: skip
 
 

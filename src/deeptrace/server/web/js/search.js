@@ -324,6 +324,8 @@ export function mount(root, _arg, params) {
           h("a", { href: link, class: "trace-link" },
             h("span", { class: "svc-dot", style: `--svc:${serviceColor(t.root_service || "")}` }),
             h("strong", null, t.root_service || "?"), " ", t.root_name || ""),
+          // Where the root ran, when the agent knew (Kubernetes): namespace/workload.
+          t.root_namespace ? h("div", { class: "muted small k8s-where" }, [t.root_namespace, t.root_workload].filter(Boolean).join("/")) : null,
           h("div", { class: "muted mono small" }, t.trace_id)),
         h("td", { class: "num nowrap" },
           h("div", { class: "dur-cell" }, h("span", null, fmtDuration(t.duration_ns)),
