@@ -105,7 +105,7 @@ def test_the_workload_comes_from_the_owner_references():
         "cart-5d8f7c6b9-zt4wq": ("deployment", "cart"),
         "orders-db-0": ("statefulset", "orders-db"),
         "kube-proxy-7xk2m": ("daemonset", "kube-proxy"),
-        "report-28417680-4x7vn": ("job", "report-28417680"),  # a CronJob's, but that is not guessed
+        "report-28417680-4x7vn": ("cronjob", "report"),  # a CronJob's run: <cronjob>-<scheduled minute>
         "legacy-worker-9kq2d": ("replicaset", "legacy-worker"),  # no pod-template-hash: no Deployment
         "debug-shell": (None, None),  # no owner
         "etcd-node-a": (None, None),  # a static pod's mirror, owned by its Node
@@ -208,8 +208,13 @@ def test_attributes_have_opentelemetrys_names():
                                             "k8s.workload.name": "orders-db"}  # fmt: skip
     assert workload_keys("kube-proxy-7xk2m") == {"k8s.daemonset.name": "kube-proxy", "k8s.workload.kind": "daemonset",
                                                  "k8s.workload.name": "kube-proxy"}  # fmt: skip
-    assert workload_keys("report-28417680-4x7vn") == {"k8s.job.name": "report-28417680", "k8s.workload.kind": "job",
-                                                      "k8s.workload.name": "report-28417680"}  # fmt: skip
+    assert workload_keys("report-28417680-4x7vn") == {"k8s.cronjob.name": "report", "k8s.job.name": "report-28417680",
+                                                      "k8s.workload.kind": "cronjob", "k8s.workload.name": "report"}  # fmt: skip
+    # A Job named by hand stays a Job.
+    obj = pods_by_name()["report-28417680-4x7vn"]
+    obj["metadata"]["ownerReferences"][0]["name"] = "migrate-2"
+    assert Pod.from_api(obj).attributes()["k8s.workload.name"] == "migrate-2"
+    assert "k8s.cronjob.name" not in Pod.from_api(obj).attributes()
     assert workload_keys("legacy-worker-9kq2d") == {"k8s.replicaset.name": "legacy-worker",
                                                     "k8s.workload.kind": "replicaset",
                                                     "k8s.workload.name": "legacy-worker"}  # fmt: skip
@@ -226,7 +231,7 @@ def test_service_name_follows_opentelemetrys_order():
     # The workload's name; a bare pod has none (the process's own rule names it).
     assert parsed("checkout-7d4b9c8f6d-x2k9p").service_name() == "checkout"
     assert parsed("kube-proxy-7xk2m").service_name() == "kube-proxy"
-    assert parsed("report-28417680-4x7vn").service_name() == "report-28417680"
+    assert parsed("report-28417680-4x7vn").service_name() == "report"  # every run of the CronJob
     assert parsed("debug-shell").service_name() is None
     # app.kubernetes.io/name before the workload; app.kubernetes.io/instance (a Helm release,
     # shared by a chart's components) is not used.

@@ -66,6 +66,7 @@ SERVICE_NAME_ANNOTATION = "resource.opentelemetry.io/service.name"
 NAME_LABEL = "app.kubernetes.io/name"
 
 # A pod whose phase is one of these has stopped: its IP may already be another pod's.
+CRONJOB_RUN = re.compile(r"^(.+)-[0-9]{8,}$")  # a CronJob's Job: <cronjob>-<scheduled minute>
 FINISHED_PHASES = ("Succeeded", "Failed")
 # A pod's annotations may hold up to 256 KiB (a whole manifest in kubectl's last-applied one):
 # longer values are not kept, so that what is held is bounded in bytes as well as in pods.
@@ -104,6 +105,7 @@ class Pod:
     host_network: bool
     phase: str | None = None  # Pending, Running, Succeeded, Failed, Unknown
     deleting: bool = False  # metadata.deletionTimestamp set: on its way out
+    job: str | None = None  # a CronJob's pod: the Job (the run) it belongs to
 
     @classmethod
     def from_api(cls, obj: dict[str, Any]) -> Pod:
@@ -139,6 +141,8 @@ class Pod:
             host_network=bool(spec.get("hostNetwork")),
             phase=status.get("phase"),
             deleting=bool(meta.get("deletionTimestamp")),
+            job=next((o.get("name") for o in meta.get("ownerReferences") or () if o.get("kind") == "Job"), None)
+            if kind == "cronjob" else None,
         )
 
     def attributes(self, container_id: str | None = None) -> dict[str, str]:
@@ -152,6 +156,8 @@ class Pod:
         if self.workload_kind and self.workload_name:
             if self.workload_kind in OTEL_WORKLOAD_KINDS:
                 out[f"k8s.{self.workload_kind}.name"] = self.workload_name
+            if self.workload_kind == "cronjob" and self.job:
+                out["k8s.job.name"] = self.job
             out[WORKLOAD_KIND] = self.workload_kind
             out[WORKLOAD_NAME] = self.workload_name
         if container_id:
@@ -189,9 +195,11 @@ def _workload(owners: list[dict[str, Any]], labels: dict[str, str]) -> tuple[str
     - A ReplicaSet whose name is `<deployment>-<pod-template-hash>`, the pod carrying that
       `pod-template-hash` label, belongs to the Deployment (that is how the Deployment
       controller names them); any other ReplicaSet is reported as itself.
-    - A Job is reported as the Job. A CronJob names its Jobs `<cronjob>-<scheduled minute>`,
-      but a Job so named by hand cannot be told apart from the pod, and the pod does not carry
-      the CronJob's name, so no CronJob is guessed.
+    - A Job named `<name>-<8 or more digits>` is a CronJob's run (the CronJob controller names
+      its Jobs after the scheduled minute, 8 digits since 1973): reported as the CronJob, so
+      its runs are one service, not one each (the pod does not carry the CronJob's name, and
+      asking for the Job's owner would be an API call per run). `k8s.job.name` still names the
+      run. A Job named so by hand would be taken for a CronJob's; any other Job is itself.
     - StatefulSet, DaemonSet, ReplicationController and others (operators' own kinds): the
       owner's kind in lower case and its name. A static pod's mirror is owned by its Node,
       which is no workload: such a pod is bare (None, None), as is a pod with no owner.
@@ -206,6 +214,8 @@ def _workload(owners: list[dict[str, Any]], labels: dict[str, str]) -> tuple[str
         template_hash = labels.get("pod-template-hash")
         if template_hash and name.endswith("-" + template_hash) and len(name) > len(template_hash) + 1:
             return "deployment", name[: -len(template_hash) - 1]
+    if kind == "Job" and (m := CRONJOB_RUN.match(name)):
+        return "cronjob", m.group(1)
     return kind.lower(), name
 
 
