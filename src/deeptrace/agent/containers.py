@@ -159,12 +159,12 @@ class CgroupReader:
         path, is_v2 = cgroup_of(text)
         if path is None:
             return None
-        if "/.." in path:
+        found = parse_cgroup_path(path)
+        if found.relative:
             # Read from inside a cgroup namespace (the agent in a pod): the path is relative to
             # our own cgroup. The kernel's id names the cgroup in the host's hierarchy (which
             # the DaemonSet mounts); else the relative path still names the container.
-            return self._from_kernel(pid) or parse_cgroup_path(path)
-        found = parse_cgroup_path(path)
+            return self._from_kernel(pid) or found
         if is_v2 and self._v2_mount:
             try:
                 found = replace(found, cgroup_id=os.stat(self._v2_mount + path).st_ino)
